@@ -1,0 +1,3 @@
+from msk.core.cli import main
+
+main()

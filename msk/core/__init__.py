@@ -1,0 +1,1 @@
+"""Core of msk: hook specifications, registry, I/O, datasets, training loops, metrics, CLI."""

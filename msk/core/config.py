@@ -1,0 +1,53 @@
+"""Typed configuration: every job's options are a pydantic model, loadable from YAML.
+
+Each job defines its model next to its code (``IngestConfig`` in :mod:`msk.core.ingest`, ...)
+by subclassing :class:`MskConfig`; :func:`load_config` reads a YAML file into it and applies
+command-line overrides, with errors that name the file and the offending field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from msk.core.errors import ConfigError
+
+C = TypeVar("C", bound="MskConfig")
+
+
+class MskConfig(BaseModel):
+    """Base of msk's configs: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
+    """Build ``cls`` from the YAML file at ``path`` (optional) updated with non-None ``overrides``."""
+    data: dict[str, Any] = {}
+    where = "options"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of option: value, got {type(loaded).__name__}")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{where}: invalid {cls.__name__}: {problems}") from None

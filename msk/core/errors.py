@@ -1,0 +1,40 @@
+"""Errors and the machine-readable reasons an input is quarantined for.
+
+Every input of an ingest ends in the manifest either as ``ok`` or quarantined with one of the
+:class:`QuarantineReason` values below plus a human-readable detail; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class QuarantineReason(str, Enum):
+    EMPTY = "empty"  # zero-byte file
+    CORRUPT = "corrupt"  # truncated or malformed file, pixel data that does not decode
+    NOT_AN_IMAGE = "not_an_image"  # neither DICOM nor a readable PNG/JPEG
+    NO_PIXEL_DATA = "no_pixel_data"  # DICOM without an image (SR, presentation state, ...)
+    UNSUPPORTED_SYNTAX = "unsupported_syntax"  # transfer syntax no installed decoder handles
+    UNSUPPORTED_IMAGE = "unsupported_image"  # photometric interpretation / layout msk cannot render
+    TOO_LARGE = "too_large"  # dimensions or file size above the configured cap
+    DUPLICATE = "duplicate"  # same content (SHA-256) as an earlier input
+    READ_ERROR = "read_error"  # the file could not be read (permissions, I/O error)
+
+
+class MskError(Exception):
+    """Base class of msk's user-facing errors (the CLI prints their message, no traceback)."""
+
+
+class QuarantineError(MskError):
+    """An input that cannot be used; carries the reason that goes into the manifest."""
+
+    def __init__(self, reason: QuarantineReason, detail: str, source: str = ""):
+        self.reason = QuarantineReason(reason)
+        self.detail = detail
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{self.reason.value}: {detail}")
+
+
+class ConfigError(MskError):
+    """An invalid configuration file or option."""

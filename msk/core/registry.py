@@ -1,0 +1,224 @@
+"""The plugin registry: loads built-in and third-party plugins and looks components up by name.
+
+Modelled on datasette's ``plugins.py``: the built-in plugins in :data:`DEFAULT_PLUGINS` are
+registered through the same hooks as third-party ones, which arrive through the entry-point
+group ``msk``. Lookups take a kind and a name; names may be listed with shell wildcards like
+timm's ``list_models("resnet*")``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from msk.core import hookspecs
+from msk.core.specs import ComponentSpec, EntitySet
+
+DEFAULT_PLUGINS = (
+    "msk.plugins.entity_sets",
+    "msk.plugins.encoders",
+    "msk.plugins.clusterers",
+    "msk.plugins.retrievers",
+    "msk.plugins.fusion_heads",
+)
+
+#: kind -> hook name. The order is the pipeline order used by ``msk plugins``.
+KINDS: dict[str, str] = {
+    "entity_set": "msk_entity_sets",
+    "encoder": "msk_encoders",
+    "clusterer": "msk_clusterers",
+    "retriever": "msk_retrievers",
+    "fusion_head": "msk_fusion_heads",
+}
+
+
+class UnknownComponentError(LookupError):
+    """A name that no registered plugin provides; the message lists the available names."""
+
+
+class PluginConflictError(RuntimeError):
+    """Two plugins register the same name for the same kind."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A spec together with where it came from."""
+
+    kind: str
+    spec: Any  # ComponentSpec or EntitySet
+    plugin: str  # plugin (module) name
+    origin: str  # "msk <version> (built-in)" or "<distribution> <version>"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Registry:
+    """All components contributed by the registered plugins, by kind and name."""
+
+    def __init__(self, *, load_entrypoints: bool = True, plugins: tuple[str, ...] = DEFAULT_PLUGINS):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        for modname in plugins:
+            self.pm.register(importlib.import_module(modname), name=modname)
+        if load_entrypoints:
+            self.pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        self._catalog: dict[str, dict[str, Registered]] | None = None
+
+    # -- building the catalogue --------------------------------------------------------------
+
+    def _origins(self) -> dict[int, str]:
+        from msk import __version__
+
+        origins = {id(p): f"msk {__version__} (built-in)" for p in self.pm.get_plugins()
+                   if (self.pm.get_name(p) or "").startswith("msk.")}
+        for plugin, dist in self.pm.list_plugin_distinfo():
+            origins[id(plugin)] = f"{dist.project_name} {dist.version}"
+        return origins
+
+    def _build_catalog(self) -> dict[str, dict[str, Registered]]:
+        origins = self._origins()
+        catalog: dict[str, dict[str, Registered]] = {}
+        for kind, hook_name in KINDS.items():
+            entries: dict[str, Registered] = {}
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                specs = impl.function() or []
+                for spec in specs:
+                    _check_spec(kind, spec, impl.plugin_name)
+                    if spec.name in entries:
+                        raise PluginConflictError(
+                            f"{kind} {spec.name!r} is registered by both "
+                            f"{entries[spec.name].plugin!r} and {impl.plugin_name!r}"
+                        )
+                    entries[spec.name] = Registered(
+                        kind, spec, impl.plugin_name,
+                        origins.get(id(impl.plugin), "registered at run time"),
+                    )
+            catalog[kind] = dict(sorted(entries.items()))
+        return catalog
+
+    @property
+    def catalog(self) -> dict[str, dict[str, Registered]]:
+        if self._catalog is None:
+            self._catalog = self._build_catalog()
+        return self._catalog
+
+    def register(self, plugin: Any, name: str | None = None) -> None:
+        """Register a plugin object or module at run time (tests, notebooks)."""
+        self.pm.register(plugin, name=name)
+        self._catalog = None
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self._catalog = None
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _kind(self, kind: str) -> dict[str, Registered]:
+        if kind not in KINDS:
+            raise ValueError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+        return self.catalog[kind]
+
+    def entries(self, kind: str, pattern: str = "*") -> list[Registered]:
+        """Registered entries of ``kind`` whose name matches ``pattern`` (shell wildcards)."""
+        return [r for n, r in self._kind(kind).items() if fnmatch.fnmatchcase(n, pattern)]
+
+    def names(self, kind: str, pattern: str = "*") -> list[str]:
+        """Names of ``kind`` matching ``pattern``, e.g. ``names("encoder", "resnet*")``."""
+        return [r.name for r in self.entries(kind, pattern)]
+
+    def lookup(self, kind: str, name: str) -> Registered:
+        """The entry for ``name``: an exact name first, then a family (``timm/*``) it matches."""
+        entries = self._kind(kind)
+        key = name.strip()
+        if key in entries:
+            return entries[key]
+        for entry in entries.values():
+            if "*" in entry.name and fnmatch.fnmatchcase(key, entry.name):
+                return entry
+        available = ", ".join(entries) or "(none registered)"
+        close = [n for n in entries if key.lower() in n.lower() or n.lower() in key.lower()]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownComponentError(
+            f"no {kind.replace('_', ' ')} named {name!r}.{hint} Available: {available}. "
+            f"Run `msk plugins` to see every registered component."
+        )
+
+    def get(self, kind: str, name: str) -> Any:
+        """The spec registered for ``name`` (a :class:`ComponentSpec` or :class:`EntitySet`)."""
+        return self.lookup(kind, name).spec
+
+    def build(self, kind: str, name: str, **options: Any) -> Any:
+        """Build the component ``name`` of ``kind`` with ``options``."""
+        spec = self.get(kind, name)
+        if not isinstance(spec, ComponentSpec):
+            raise TypeError(f"{kind} {name!r} is data, not a buildable component")
+        return spec.build(name=name, **options)
+
+
+def _check_spec(kind: str, spec: Any, plugin: str) -> None:
+    from msk.core import specs as s
+
+    expected = {
+        "entity_set": s.EntitySet, "encoder": s.EncoderSpec, "clusterer": s.ClustererSpec,
+        "retriever": s.RetrieverSpec, "fusion_head": s.FusionHeadSpec,
+    }[kind]
+    if not isinstance(spec, expected):
+        raise TypeError(
+            f"plugin {plugin!r} returned {type(spec).__name__} from {KINDS[kind]}; "
+            f"expected {expected.__name__}"
+        )
+    if spec.name != spec.name.strip().lower() or not spec.name or spec.name.count("*") > 1:
+        raise ValueError(
+            f"plugin {plugin!r}: {kind} name {spec.name!r} must be non-empty, lower case, "
+            f"without surrounding spaces and with at most one '*'"
+        )
+
+
+_lock = threading.Lock()
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry (built on first use)."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            _registry = Registry()
+        return _registry
+
+
+def reset_registry() -> None:
+    """Forget the process-wide registry (the next :func:`get_registry` reloads plugins)."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
+# Short forms for the common lookups.
+
+
+def entity_set(name: str) -> EntitySet:
+    return get_registry().get("entity_set", name)
+
+
+def build_encoder(name: str, **options: Any) -> Any:
+    return get_registry().build("encoder", name, **options)
+
+
+def build_clusterer(name: str, **options: Any) -> Any:
+    return get_registry().build("clusterer", name, **options)
+
+
+def build_retriever(name: str, **options: Any) -> Any:
+    return get_registry().build("retriever", name, **options)
+
+
+def build_fusion_head(name: str, **options: Any) -> Any:
+    return get_registry().build("fusion_head", name, **options)

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real public data in ../shared/data and one Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MSK_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real public DICOMs and BTXRD metadata); skips where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set MSK_SHARED_DATA to its path)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def pseudonym_key(monkeypatch) -> bytes:
+    """A fixed pseudonymisation key in the environment (never a real one)."""
+    key = b"test-key-0123456789abcdef"
+    monkeypatch.setenv("MSK_PSEUDONYM_KEY", key.decode())
+    return key

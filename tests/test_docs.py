@@ -1,0 +1,42 @@
+"""Every hook is documented, and every CLI command has --help with an example."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from msk.core import hookspecs
+from msk.core.cli import app
+from msk.core.registry import KINDS
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+
+
+def _hooks():
+    return [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+            if name.startswith("msk_")]
+
+
+def test_every_hookspec_is_a_registry_kind():
+    assert sorted(_hooks()) == sorted(KINDS.values())
+
+
+@pytest.mark.parametrize("hook", _hooks())
+def test_hook_is_documented(hook):
+    assert f"### {hook}\n" in DOCS.read_text(), f"{hook} has no section in {DOCS}"
+    doc = inspect.getdoc(getattr(hookspecs, hook)) or ""
+    assert ":return:" in doc, f"{hook}'s docstring does not say what it returns"
+
+
+def _commands():
+    return sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_command_help_has_an_example(command):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output and f"msk {command}" in result.output

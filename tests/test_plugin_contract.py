@@ -1,0 +1,94 @@
+"""Every registered plugin, built-in or third-party, honours its hook's contract.
+
+Parametrised over the live registry, so a newly installed plugin is checked by the same tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from msk.core.registry import get_registry
+from msk.core.specs import Malignancy
+
+
+def _entries(kind):
+    return [pytest.param(e, id=e.name) for e in get_registry().entries(kind)]
+
+
+@pytest.mark.parametrize("entry", _entries("entity_set"))
+def test_entity_set_contract(entry):
+    es = entry.spec
+    assert len(es) >= 2 and es.kind in ("region", "tumour")
+    assert len(set(es.names)) == len(es) and len({e.code for e in es.entities}) == len(es)
+    for i, e in enumerate(es.entities):
+        assert es.index(e.name) == i and es.index(e.code) == i
+        if es.kind == "tumour":
+            assert isinstance(e.malignancy, Malignancy), f"{e.name} lacks a malignancy grade"
+        for site in e.sites:  # sites name regions of the SAM-X set
+            get_registry().get("entity_set", "samx-regions").index(site)
+
+
+@pytest.mark.parametrize("entry", _entries("encoder"))
+def test_encoder_contract(entry):
+    import torch
+
+    name = entry.spec.example_name
+    for in_chans in (1, 3):
+        enc = get_registry().build("encoder", name, in_chans=in_chans).eval()
+        assert isinstance(enc.feature_dim, int) and enc.feature_dim > 0
+        with torch.no_grad():
+            out = enc(torch.rand(2, in_chans, 64, 64))
+        assert out.shape == (2, enc.feature_dim) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("entry", _entries("clusterer"))
+def test_clusterer_contract(entry):
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 10
+    truth = np.repeat(np.arange(3), 40)
+    x = (centres[truth] + rng.normal(size=(120, 8))).astype(np.float32)
+    clusterer = get_registry().build("clusterer", entry.spec.example_name)
+    res = clusterer.fit(x, k=3, seed=0)
+    assert res.labels.shape == (120,) and res.centroids.shape == (3, 8)
+    assert normalized_mutual_info_score(truth, res.labels) > 0.99
+    with pytest.raises(ValueError, match="k=200 clusters need at least 200 points"):
+        clusterer.fit(x, k=200, seed=0)
+    x[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        clusterer.fit(x, k=3, seed=0)
+
+
+@pytest.mark.parametrize("entry", _entries("retriever"))
+def test_retriever_contract(entry, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"img-{i}" for i in range(300)]
+    index = get_registry().build("retriever", entry.spec.example_name, dim=32)
+    index.train(x)
+    index.add(x, ids)
+    assert index.ntotal == 300
+    res = index.search(x[:20], k=5)
+    assert len(res.ids) == 20 and all(len(r) == 5 for r in res.ids)
+    hits = np.mean([row[0] == f"img-{i}" for i, row in enumerate(res.ids)])
+    assert hits >= 0.9, f"{entry.name}: a stored vector should be its own nearest neighbour"
+    loaded = type(index).load(index.save(tmp_path / "index"))
+    assert loaded.search(x[:20], k=5).ids == res.ids
+
+
+@pytest.mark.parametrize("entry", _entries("fusion_head"))
+def test_fusion_head_contract(entry):
+    import torch
+
+    build = get_registry().build
+    for image_dim, meta_dim in ((16, 6), (16, 0), (0, 6)):
+        head = build("fusion_head", entry.spec.example_name, image_dim=image_dim,
+                     meta_dim=meta_dim, num_classes=3).eval()
+        img = torch.rand(4, image_dim) if image_dim else None
+        meta = torch.rand(4, meta_dim) if meta_dim else None
+        with torch.no_grad():
+            logits = head(img, meta)
+        assert logits.shape == (4, 3) and torch.isfinite(logits).all()

@@ -1,0 +1,113 @@
+"""The plugin registry: lookups, wildcards, clear errors, conflicts, origins."""
+
+from __future__ import annotations
+
+import pytest
+
+from msk.core import hookspecs
+from msk.core.registry import (
+    KINDS, PluginConflictError, Registry, UnknownComponentError, entity_set, get_registry,
+)
+from msk.core.specs import ClustererSpec, EncoderSpec
+
+
+def test_every_kind_has_builtins():
+    reg = get_registry()
+    for kind in ("entity_set", "encoder", "clusterer", "retriever", "fusion_head"):
+        assert reg.names(kind), f"no built-in {kind}"
+
+
+def test_names_with_wildcards():
+    reg = get_registry()
+    assert reg.names("encoder", "resnet*") == ["resnet18", "resnet34", "resnet50"]
+    assert reg.names("encoder", "nothing*") == []
+
+
+def test_unknown_name_lists_available_and_suggests():
+    with pytest.raises(UnknownComponentError) as exc:
+        get_registry().get("encoder", "resnet")
+    msg = str(exc.value)
+    assert "no encoder named 'resnet'" in msg
+    assert "Did you mean resnet18, resnet34, resnet50" in msg
+    assert "tiny-cnn" in msg
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="unknown component kind 'encoders'"):
+        get_registry().names("encoders")
+
+
+def test_family_names_resolve_to_their_spec():
+    reg = get_registry()
+    assert reg.get("encoder", "timm/efficientnet_b0").name == "timm/*"
+    assert reg.get("encoder", "resnet18").name == "resnet18"  # exact wins over a family
+
+
+def test_builtins_report_builtin_origin():
+    for kind in KINDS:
+        for entry in get_registry().entries(kind):
+            assert entry.plugin.startswith("msk.plugins."), entry
+            assert entry.origin.endswith("(built-in)")
+
+
+def test_entity_sets_content():
+    regions = entity_set("samx-regions")
+    assert len(regions) == 28 and regions.kind == "region"
+    assert regions.index("Chest") == regions.index("thorax")
+    tumours = entity_set("bone-tumours")
+    assert len(tumours) == 10
+    assert {e.malignancy.value for e in tumours.entities} == {"benign", "intermediate", "malignant"}
+    assert tumours.get("Ewing").malignancy.value == "malignant"
+    assert len(entity_set("btxrd")) == 9
+    with pytest.raises(KeyError, match="'osteoma' is not in entity set 'bone-tumours'"):
+        tumours.index("osteoma")
+
+
+class _Dupe:
+    @hookspecs.hookimpl
+    def msk_encoders(self):
+        return [EncoderSpec("tiny-cnn", lambda name, **o: None, "a second tiny-cnn")]
+
+
+class _WrongType:
+    @hookspecs.hookimpl
+    def msk_clusterers(self):
+        return [EncoderSpec("not-a-clusterer", lambda name, **o: None)]
+
+
+class _BadName:
+    @hookspecs.hookimpl
+    def msk_clusterers(self):
+        return [ClustererSpec("KMeans ", lambda name, **o: None)]
+
+
+def test_duplicate_names_are_an_error_naming_both_plugins():
+    reg = Registry(load_entrypoints=False)
+    reg.register(_Dupe(), name="dupe-plugin")
+    with pytest.raises(PluginConflictError, match="'tiny-cnn' is registered by both 'msk.plugins.encoders' and 'dupe-plugin'"):
+        reg.names("encoder")
+
+
+@pytest.mark.parametrize("plugin, match", [
+    (_WrongType(), "returned EncoderSpec from msk_clusterers; expected ClustererSpec"),
+    (_BadName(), "name 'KMeans ' must be non-empty, lower case"),
+])
+def test_malformed_specs_are_rejected(plugin, match):
+    reg = Registry(load_entrypoints=False)
+    reg.register(plugin, name="bad-plugin")
+    with pytest.raises((TypeError, ValueError), match=match):
+        reg.names("clusterer")
+
+
+def test_runtime_registration_and_unregistration():
+    class Extra:
+        @hookspecs.hookimpl
+        def msk_clusterers(self):
+            return [ClustererSpec("my-kmeans", lambda name, **o: ("built", name, o))]
+
+    reg = Registry(load_entrypoints=False)
+    reg.register(Extra(), name="extra")
+    assert reg.build("clusterer", "my-kmeans", k=3) == ("built", "my-kmeans", {"k": 3})
+    assert reg.lookup("clusterer", "my-kmeans").origin == "registered at run time"
+    reg.unregister("extra")
+    assert "my-kmeans" not in reg.names("clusterer")
