@@ -35,6 +35,9 @@ class QuarantineError(MskError):
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{self.reason.value}: {detail}")
 
+    def __reduce__(self):  # picklable across Ray worker boundaries
+        return (type(self), (self.reason, self.detail, self.source))
+
 
 class ConfigError(MskError):
     """An invalid configuration file or option."""
