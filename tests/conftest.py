@@ -41,3 +41,14 @@ def pseudonym_key(monkeypatch) -> bytes:
     key = b"test-key-0123456789abcdef"
     monkeypatch.setenv("MSK_PSEUDONYM_KEY", key.decode())
     return key
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread avoids oversubscription on a 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

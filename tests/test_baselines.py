@@ -27,12 +27,7 @@ FAST_MLP = MlpConfig(hidden=[16], max_epochs=60, patience=8, batch_size=32, lr=0
 FAST_XGB = XgbConfig(n_estimators=40, early_stopping_rounds=10, n_jobs=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def patients(n_patients: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:

@@ -21,12 +21,7 @@ from msk.core.registry import build_fusion_head
 SITES = ["hand", "humerus", "tibia", "femur", "foot"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
