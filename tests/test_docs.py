@@ -31,12 +31,20 @@ def test_hook_is_documented(hook):
     assert ":return:" in doc, f"{hook}'s docstring does not say what it returns"
 
 
-def _commands():
-    return sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+def _commands(group=None, prefix=()):
+    """Every leaf command of the CLI as a tuple of words, sub-commands included."""
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    for name, cmd in sorted(group.commands.items()):
+        if hasattr(cmd, "commands"):  # a group
+            yield from _commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,)
 
 
-@pytest.mark.parametrize("command", _commands())
+@pytest.mark.parametrize("command", list(_commands()), ids=" ".join)
 def test_command_help_has_an_example(command):
-    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "Example" in result.output and f"msk {command}" in result.output
+    assert "Example" in result.output and f"msk {' '.join(command)}" in result.output

@@ -120,6 +120,96 @@ def _print_ingest(report) -> None:
 
 
 @app.command()
+def cluster(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder (checkpoints, history, assignments)"),
+    k: Optional[int] = typer.Option(None, help="number of clusters [default: 1000]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs [default: 10]"),
+    encoder: Optional[str] = typer.Option(None, help="encoder name, see `msk plugins encoder` [default: resnet18]"),
+    image_size: Optional[int] = typer.Option(None, help="input side length [default: 128]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process [default: 1]"),
+    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Self-supervised DeepCluster: alternate k-means on features and training on the clusters.
+
+    Logs NMI between consecutive epochs' assignments; re-running the same RUN resumes.
+
+    [b]Example[/b]: [cyan]msk cluster out/ingest out/cluster --k 1000 --epochs 10 --encoder resnet18[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
+
+    cfg = load_config(DeepClusterConfig, config, k=k, epochs=epochs, encoder=encoder,
+                      image_size=image_size, num_workers=num_workers, use_gpu=use_gpu)
+    images, table = from_ingest(ingest_dir, columns=["image_id", "image", "height", "width"])
+    result = run_deepcluster(images, cfg, out=run_dir, image_ids=table["image_id"].to_pylist())
+    out.print(result.table())
+    out.print(f"assignments: {result.out / 'assignments.csv'}")
+    out.print(f"checkpoint:  {result.checkpoint}")
+
+
+clusters_app = typer.Typer(help="Label DeepCluster clusters by hand: contact sheets in, weak labels out.",
+                           no_args_is_help=True)
+app.add_typer(clusters_app, name="clusters")
+
+
+def _run_images_and_k(run_dir: Path, ingest_dir: Path | None):
+    from msk.core.config import load_config
+    from msk.core.deepcluster import DeepClusterConfig, from_ingest, load_assignments
+
+    cfg = load_config(DeepClusterConfig, run_dir / "config.yaml")
+    images = None
+    if ingest_dir is not None:
+        images, _ = from_ingest(ingest_dir, columns=["image_id", "image", "height", "width"])
+    return images, load_assignments(run_dir), cfg.k
+
+
+@clusters_app.command("export")
+def clusters_export(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk cluster`"),
+    to: Path = typer.Option(..., "--to", help="folder for the contact sheets, index.html and labels.csv"),
+    per_sheet: int = typer.Option(36, help="thumbnails per cluster"),
+) -> None:
+    """Write one contact sheet per cluster, an HTML index and a labels.csv to fill in.
+
+    [b]Example[/b]: [cyan]msk clusters export out/ingest out/cluster --to out/sheets[/cyan]
+    """
+    from msk.core.labelling import export_clusters
+
+    images, assignments, k = _run_images_and_k(run_dir, ingest_dir)
+    index = export_clusters(images, assignments, to, per_sheet=per_sheet, k=k)
+    out.print(f"contact sheets: {index}")
+    out.print(f"fill in:        {to / 'labels.csv'} (a region name or 'discard' per cluster)")
+
+
+@clusters_app.command("apply")
+def clusters_apply(
+    labels_file: Path = typer.Argument(..., metavar="LABELS", help="filled-in labels.csv or YAML"),
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk cluster`"),
+    region_set: str = typer.Option("samx-regions", help="entity set the names belong to"),
+    save: Optional[Path] = typer.Option(None, help="weak labels CSV [default: RUN/weak_labels.csv]"),
+) -> None:
+    """Merge same-named clusters into weak classes, drop discarded ones, report class counts.
+
+    [b]Example[/b]: [cyan]msk clusters apply out/sheets/labels.csv out/cluster[/cyan]
+    """
+    import csv
+
+    from msk.core.labelling import apply_labels
+
+    _, assignments, k = _run_images_and_k(run_dir, None)
+    weak = apply_labels(labels_file, assignments, region_set=region_set, k=k)
+    with open(run_dir / "assignments.csv", newline="") as f:
+        image_ids = [row["image_id"] for row in csv.DictReader(f)]
+    target = save or run_dir / "weak_labels.csv"
+    weak.save(target, image_ids)
+    out.print(weak.table())
+    out.print(f"weak labels: {target}")
+
+
+@app.command()
 def demo(
     out_dir: Path = typer.Argument(Path("out/demo"), metavar="OUT", help="output folder"),
     n: int = typer.Option(300, "--n", help="number of synthetic files"),
