@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msk.core.registry import build_fusion_head, get_registry
-from msk.plugins.fusion_heads import HEADS
+from msk.plugins.fusion_models import HEADS
 
 NAMES = sorted(HEADS)
 
@@ -75,7 +75,7 @@ def test_input_errors(name):
 
 
 def test_unknown_head_name():
-    from msk.plugins.fusion_heads import build
+    from msk.plugins.fusion_models import build
 
     with pytest.raises(ValueError, match="fusion head 'mlp'; known: concat, gated, film"):
         build("mlp", image_dim=1, meta_dim=1, num_classes=2)

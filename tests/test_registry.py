@@ -111,3 +111,14 @@ def test_runtime_registration_and_unregistration():
     assert reg.lookup("clusterer", "my-kmeans").origin == "registered at run time"
     reg.unregister("extra")
     assert "my-kmeans" not in reg.names("clusterer")
+
+
+def test_listing_plugins_does_not_import_torch():
+    """`msk plugins` and entity-set look-ups stay cheap: heavy modules load on build only."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from msk.core.registry import get_registry; r = get_registry(); "
+            "[r.names(k) for k in r.catalog]; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
