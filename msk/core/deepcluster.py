@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -47,10 +44,11 @@ from msk.core.checkpoint import load_checkpoint, load_state, save_checkpoint
 from msk.core.config import MskConfig
 from msk.core.errors import ConfigError, MskError
 from msk.core.registry import build_clusterer, build_encoder
+from msk.core.workers import Workers, run_workers
 
 __all__ = [
     "CollapseWarning", "DeepClusterConfig", "DeepClusterError", "DeepClusterNet",
-    "DeepClusterResult", "LocalWorkers", "RayWorkers", "cluster_features", "deepcluster_loop",
+    "DeepClusterResult", "cluster_features", "deepcluster_loop",
     "extract_features", "fix_empty_clusters", "from_ingest", "history_table", "l2_normalize",
     "latest_checkpoint", "load_assignments", "pca_whiten", "read_history", "run_deepcluster",
     "train_one_epoch", "uniform_cluster_indices",
@@ -338,109 +336,6 @@ def train_one_epoch(model, images: np.ndarray, labels: np.ndarray, indices: np.n
     return total / max(seen, 1)
 
 
-# -- where the loop runs: this process or Ray Train workers -----------------------------------
-
-
-class Workers(Protocol):
-    """What :func:`deepcluster_loop` needs from its execution environment."""
-
-    rank: int
-    world_size: int
-    device: Any
-
-    def prepare(self, model): ...
-
-    def all_sum(self, array: np.ndarray) -> np.ndarray: ...
-
-    def broadcast(self, array: np.ndarray | None, shape: tuple[int, ...], dtype) -> np.ndarray: ...
-
-    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
-
-    def restored_checkpoint(self) -> Path | None: ...
-
-
-class LocalWorkers:
-    """A single process: no Ray, no communication."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, use_gpu: bool = False):
-        if use_gpu and not torch.cuda.is_available():
-            raise DeepClusterError("use_gpu=True but torch sees no CUDA device")
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-
-    def prepare(self, model):
-        return model.to(self.device)
-
-    def all_sum(self, array):
-        return array
-
-    def broadcast(self, array, shape, dtype):
-        return array
-
-    def report(self, metrics, checkpoint):
-        pass
-
-    def restored_checkpoint(self):
-        return None
-
-
-class RayWorkers:
-    """One Ray Train worker: rank, device, DDP and collectives over ``torch.distributed``."""
-
-    def __init__(self) -> None:
-        import ray.train
-        import ray.train.torch
-
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
-
-    def prepare(self, model):
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)
-
-    def _distributed(self) -> bool:
-        return self.world_size > 1 and dist.is_initialized()
-
-    def all_sum(self, array):
-        if not self._distributed():
-            return array
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)  # NCCL: on GPU
-        dist.all_reduce(tensor)
-        return tensor.cpu().numpy()
-
-    def broadcast(self, array, shape, dtype):
-        if not self._distributed():
-            return array
-        tensor = torch.from_numpy(array) if self.rank == 0 else torch.empty(shape, dtype=dtype)
-        tensor = tensor.to(self.device)
-        dist.broadcast(tensor, src=0)
-        return tensor.cpu().numpy()
-
-    def report(self, metrics, checkpoint):
-        import ray.train
-
-        clean = {k: v for k, v in metrics.items() if v is not None}
-        if checkpoint is None:
-            ray.train.report(clean)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy2(checkpoint, Path(tmp) / "encoder.pt")
-            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    def restored_checkpoint(self):
-        """The checkpoint Ray Train restores after a worker failure, if any (copied locally)."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        local = Path(tempfile.mkdtemp(prefix="msk-deepcluster-"))
-        return Path(checkpoint.to_directory(str(local))) / "encoder.pt"
-
-
 # -- the run folder ----------------------------------------------------------------------------
 
 
@@ -575,8 +470,8 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
                      image_ids: Sequence[str] | None = None, progress: bool = False) -> None:
     """All epochs of DeepCluster on one worker; rank 0 clusters and writes ``out``.
 
-    Runs unchanged in this process (:class:`LocalWorkers`) and inside a Ray Train worker
-    (:class:`RayWorkers`). Continues after the newest checkpoint in ``out`` (or the one Ray
+    Runs unchanged in this process (:class:`msk.core.workers.LocalWorkers`) and inside a Ray Train worker
+    (:class:`msk.core.workers.RayWorkers`). Continues after the newest checkpoint in ``out`` (or the one Ray
     restores after a failure). Every worker extracts the features of its share of the images;
     rank 0 clusters all of them and broadcasts the assignments; every worker trains on its share
     of the uniformly sampled indices, with gradients averaged by DDP.
@@ -730,11 +625,17 @@ def run_deepcluster(images: np.ndarray, config: DeepClusterConfig | None = None,
     ground_truth = None if ground_truth is None else [str(g) for g in ground_truth]
     image_ids = None if image_ids is None else [str(i) for i in image_ids]
 
-    if config.num_workers == 0:
-        deepcluster_loop(config, images, out, LocalWorkers(config.use_gpu),
-                         ground_truth=ground_truth, image_ids=image_ids, progress=progress)
-    else:
-        _run_ray_train(images, config, out, ground_truth=ground_truth, image_ids=image_ids)
+    payload = {"config": config.model_dump(mode="json"), "images": images, "out": str(out),
+               "ground_truth": ground_truth, "image_ids": image_ids,
+               "progress": progress and config.num_workers == 0}
+    try:
+        run_workers(_worker_loop, payload, num_workers=config.num_workers,
+                    use_gpu=config.use_gpu, storage=out, name="deepcluster")
+    except DeepClusterError:
+        raise
+    except MskError as exc:
+        raise DeepClusterError(str(exc)) from exc
+    if config.num_workers:
         for row in read_history(out):  # the workers' warnings stay in their processes
             _warn_collapse(row, config.collapse_threshold)
 
@@ -745,39 +646,11 @@ def run_deepcluster(images: np.ndarray, config: DeepClusterConfig | None = None,
     return result
 
 
-def _ray_train_loop(loop_config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the Ray Train run: :func:`deepcluster_loop` on a worker."""
-    import ray
-
-    images = ray.get(loop_config["images"])
-    deepcluster_loop(DeepClusterConfig.model_validate(loop_config["config"]), images,
-                     Path(loop_config["out"]), RayWorkers(),
-                     ground_truth=loop_config["ground_truth"], image_ids=loop_config["image_ids"])
-
-
-def _run_ray_train(images: np.ndarray, config: DeepClusterConfig, out: Path, *,
-                   ground_truth, image_ids) -> None:
-    """Run every epoch as one ``TorchTrainer`` fit (Ray is started if it is not running)."""
-    import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if not ray.is_initialized():
-        ray.init()
-    trainer = TorchTrainer(
-        _ray_train_loop,
-        train_loop_config={"images": ray.put(images), "config": config.model_dump(mode="json"),
-                           "out": str(out), "ground_truth": ground_truth, "image_ids": image_ids},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
-        run_config=RunConfig(name=f"deepcluster-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                             storage_path=str(out / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:  # ray.train.TrainingFailedError wraps the worker's exception
-        cause = exc.__cause__ or exc
-        raise DeepClusterError(f"DeepCluster training failed on a Ray Train worker: {cause}") from exc
+def _worker_loop(payload: dict[str, Any], workers: Workers) -> None:
+    """The loop as :func:`msk.core.workers.run_workers` calls it (here or on a Ray worker)."""
+    deepcluster_loop(DeepClusterConfig.model_validate(payload["config"]), payload["images"],
+                     Path(payload["out"]), workers, ground_truth=payload["ground_truth"],
+                     image_ids=payload["image_ids"], progress=payload["progress"])
 
 
 def history_table(history: list[dict[str, Any]]):

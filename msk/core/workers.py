@@ -1,0 +1,169 @@
+"""Where a training loop runs: in this process, or on Ray Train workers.
+
+Training loops in msk (DeepCluster, supervised classifiers) are written once against the small
+:class:`Workers` interface (rank, device, model preparation, two collectives, reporting) and run
+either in the calling process (``num_workers=0``: tests, notebooks, one GPU box) or as one
+``TorchTrainer`` run on a Ray cluster (``num_workers>=1``, CPU or GPU, DDP). One Ray Train run
+covers all epochs, so its start-up cost (~15-20 s on a 2-core machine) is paid once per job.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from msk.core.errors import MskError
+
+
+class Workers(Protocol):
+    """What a training loop needs from its execution environment."""
+
+    rank: int
+    world_size: int
+    device: Any
+
+    def prepare(self, model): ...
+
+    def all_sum(self, array: np.ndarray) -> np.ndarray: ...
+
+    def broadcast(self, array: np.ndarray | None, shape: tuple[int, ...], dtype) -> np.ndarray: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
+
+    def restored_checkpoint(self) -> Path | None: ...
+
+
+class LocalWorkers:
+    """A single process: no Ray, no communication."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, use_gpu: bool = False):
+        if use_gpu and not torch.cuda.is_available():
+            raise MskError("use_gpu=True but torch sees no CUDA device")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+
+    def prepare(self, model):
+        return model.to(self.device)
+
+    def all_sum(self, array):
+        return array
+
+    def broadcast(self, array, shape, dtype):
+        return array
+
+    def report(self, metrics, checkpoint):
+        pass
+
+    def restored_checkpoint(self):
+        return None
+
+
+class RayWorkers:
+    """One Ray Train worker: rank, device, DDP and collectives over ``torch.distributed``."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+    def all_sum(self, array):
+        if not self._distributed():
+            return array
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)  # NCCL: on GPU
+        dist.all_reduce(tensor)
+        return tensor.cpu().numpy()
+
+    def broadcast(self, array, shape, dtype):
+        if not self._distributed():
+            return array
+        tensor = torch.from_numpy(array) if self.rank == 0 else torch.empty(shape, dtype=dtype)
+        tensor = tensor.to(self.device)
+        dist.broadcast(tensor, src=0)
+        return tensor.cpu().numpy()
+
+    def report(self, metrics, checkpoint):
+        import ray.train
+
+        clean = {k: v for k, v in metrics.items() if v is not None}
+        if checkpoint is None:
+            ray.train.report(clean)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy2(checkpoint, Path(tmp) / Path(checkpoint).name)
+            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def restored_checkpoint(self):
+        """The checkpoint Ray Train restores after a worker failure, if any (copied locally)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        local = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="msk-restore-")))
+        files = sorted(local.glob("*.pt"))
+        return files[0] if files else None
+
+
+LoopFn = Callable[[dict[str, Any], Workers], None]
+
+
+def _ray_entry(loop: LoopFn, payload: dict[str, Any]) -> None:
+    import ray
+
+    payload = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in payload.items()}
+    loop(payload, RayWorkers())
+
+
+def run_workers(loop: LoopFn, payload: dict[str, Any], *, num_workers: int, use_gpu: bool,
+                storage: Path, name: str) -> None:
+    """Run ``loop(payload, workers)`` here (``num_workers=0``) or on Ray Train workers.
+
+    On Ray, numpy arrays in ``payload`` travel through the object store (``ray.put``), Ray is
+    started if it is not running (``RAY_ADDRESS`` picks a cluster), run state goes under
+    ``storage/ray`` and a failure on a worker is raised here as an :class:`MskError`.
+    """
+    if num_workers == 0:
+        loop(payload, LocalWorkers(use_gpu))
+        return
+
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    shipped = {k: ray.put(v) if isinstance(v, np.ndarray) else v for k, v in payload.items()}
+    trainer = TorchTrainer(
+        functools.partial(_ray_entry, loop),
+        train_loop_config=shipped,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                             storage_path=str(Path(storage).absolute() / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:  # ray.train.TrainingFailedError wraps the worker's exception
+        cause = exc.__cause__ or exc
+        raise MskError(f"{name} failed on a Ray Train worker: {cause}") from exc
