@@ -1,0 +1,368 @@
+"""Supervised training of image models (sorter, transfer learning, baselines, fusion models).
+
+One loop, written against :class:`msk.core.workers.Workers`, runs in this process
+(``num_workers=0``) or as one Ray Train run over all epochs (``num_workers>=1``; CPU or GPU,
+DDP). Every epoch it trains on an equal share of a seeded shuffle per worker, evaluates on the
+validation arrays on rank 0, writes ``history.csv`` and a checkpoint, keeps ``best.pt`` (lowest
+validation loss, or last epoch without validation) and stops early after ``patience`` epochs
+without improvement. A run folder that holds checkpoints is resumed after its last epoch.
+
+Models take ``images [B, 1, S, S]`` (normalised grey, see :mod:`msk.core.augment`) and, for
+fusion models, ``meta [B, D]``: ``model(images)`` or ``model(images, meta)`` -> logits.
+Checkpoints are :mod:`msk.core.checkpoint` encoder checkpoints (so any trained model's encoder
+can initialise the next one: DeepCluster -> sorter -> downstream task) with the rest of the model
+under ``extra["head"]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from msk.core.augment import encoder_in_chans, eval_transform, input_layer, to_tensor, train_transform
+from msk.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from msk.core.config import MskConfig
+from msk.core.errors import MskError
+from msk.core.registry import build_encoder
+from msk.core.workers import Workers, run_workers
+
+__all__ = [
+    "FitResult", "ImageClassifier", "TrainConfig", "TrainError", "build_classifier",
+    "class_weights", "fit", "fit_classifier", "load_model", "predict_logits",
+]
+
+
+class TrainError(MskError):
+    """Bad training input or a run folder that cannot be resumed."""
+
+
+class TrainConfig(MskConfig):
+    """Options of supervised training (YAML keys of ``--config``)."""
+
+    encoder: str = Field("resnet18", description="encoder registry name (`msk plugins encoder`)")
+    init: str = Field("random", description="'random' or an msk checkpoint whose encoder starts training")
+    sobel: bool | None = Field(None, description="Sobel input layer; None: as the init checkpoint (else off)")
+    image_size: int = Field(128, ge=8, description="side of the network input")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: bool = Field(True, description="random crops, flips, rotation, brightness/contrast")
+    aug_prob: float = Field(0.8, ge=0, le=1, description="share of training images augmented")
+    class_weighting: Literal["none", "median_frequency"] = Field(
+        "none", description="loss weights per class: median frequency balancing (Eigen & Fergus)")
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val loss")
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    seed: int = 0
+
+
+class ImageClassifier(nn.Module):
+    """Fixed input layer (Sobel or identity) -> encoder -> optional fusion head or linear head."""
+
+    def __init__(self, encoder_name: str, num_classes: int, *, sobel: bool = False,
+                 head: nn.Module | None = None):
+        super().__init__()
+        self.encoder_name, self.sobel, self.num_classes = encoder_name, sobel, num_classes
+        self.input = input_layer(sobel)
+        self.encoder = build_encoder(encoder_name, in_chans=encoder_in_chans(sobel))
+        self.head = head if head is not None else nn.Linear(self.encoder.feature_dim, num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.input(images))
+
+    def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.features(images)
+        return self.head(feats) if isinstance(self.head, nn.Linear) else self.head(feats, meta)
+
+
+def build_classifier(config: TrainConfig, num_classes: int, head: nn.Module | None = None) -> ImageClassifier:
+    """The model ``config`` describes, with the encoder weights of ``config.init`` loaded."""
+    sobel = bool(config.sobel)
+    ckpt = None
+    if config.init != "random":
+        ckpt = load_checkpoint(config.init)
+        saved_sobel = bool(ckpt.config.get("sobel", False))
+        if config.sobel is None:
+            sobel = saved_sobel
+        elif config.sobel != saved_sobel:
+            raise CheckpointError(f"{config.init}: encoder was trained with sobel={saved_sobel}; "
+                                  f"the config asks for sobel={config.sobel}")
+    model = ImageClassifier(config.encoder, num_classes, sobel=sobel, head=head)
+    if ckpt is not None:
+        load_state(model.encoder, ckpt, arch=config.encoder)
+    return model
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+class _Arrays(Dataset):
+    """``((image[, meta]), label)`` items; augmentation applied with probability ``aug_prob``."""
+
+    def __init__(self, images, labels, meta, image_size: int, augment: bool, aug_prob: float, seed: int):
+        self.images, self.labels, self.meta = images, labels, meta
+        self.plain = eval_transform(image_size)
+        self.augmented = train_transform(image_size) if augment else None
+        self.aug_prob = aug_prob
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = to_tensor(self.images[i])
+        use_aug = self.augmented is not None and self.rng.random() < self.aug_prob
+        x = (self.augmented if use_aug else self.plain)(image)
+        inputs = (x,) if self.meta is None else (x, torch.from_numpy(self.meta[i]))
+        return inputs, int(self.labels[i])
+
+
+def _check_arrays(images, labels, meta, what: str) -> None:
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise TrainError(f"{what} images must be uint8 [N, S, S]; got {images.dtype} {images.shape}")
+    if len(labels) != len(images):
+        raise TrainError(f"{what}: {len(labels)} labels for {len(images)} images")
+    if meta is not None and (len(meta) != len(images) or not np.isfinite(meta).all()):
+        raise TrainError(f"{what}: metadata must be finite with one row per image")
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Median frequency balancing: ``w_c = median(f) / f_c`` over the classes present."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = np.median(counts[present]) / counts[present]
+    return weights.astype(np.float32)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds")
+
+
+@dataclass
+class FitResult:
+    """Outcome of :func:`fit`: the best model (on the CPU, eval mode) and the run's history."""
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best: Path
+    out: Path
+
+
+def _ckpt_path(out: Path, epoch: int) -> Path:
+    return out / "checkpoints" / f"epoch-{epoch:03d}.pt"
+
+
+def _latest(out: Path) -> Path | None:
+    files = sorted((out / "checkpoints").glob("epoch-*.pt"))
+    return files[-1] if files else None
+
+
+def _save(path: Path, model: nn.Module, config: TrainConfig, epoch: int, **extra) -> Path:
+    inner = getattr(model, "module", model)
+    return save_checkpoint(
+        path, inner.encoder, arch=inner.encoder_name, in_chans=encoder_in_chans(inner.sobel),
+        config={**config.model_dump(mode="json"), "sobel": inner.sobel}, epoch=epoch,
+        head={k: v.detach().cpu() for k, v in inner.head.state_dict().items()},
+        num_classes=inner.num_classes, **extra)
+
+
+def _evaluate(model: nn.Module, loader: DataLoader, loss_fn, device) -> tuple[float, float]:
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    with torch.no_grad():
+        for inputs, y in loader:
+            inputs = [t.to(device) for t in inputs]
+            logits = model(*inputs)
+            y = y.to(device)
+            loss_sum += float(loss_fn(logits, y)) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
+def _loop(payload: dict[str, Any], workers: Workers) -> None:
+    """All epochs on one worker; rank 0 evaluates, checkpoints and writes ``history.csv``."""
+    config = TrainConfig.model_validate(payload["config"])
+    out = Path(payload["out"])
+    images, labels, meta = payload["images"], payload["labels"], payload.get("meta")
+    torch.manual_seed(config.seed)
+    model = payload["build"]()
+    start, history, best_loss, best_epoch = 1, [], float("inf"), 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    resume = workers.restored_checkpoint() or _latest(out)
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        load_state(model.encoder, ckpt, arch=model.encoder_name)
+        model.head.load_state_dict(ckpt.extra["head"])
+        optimizer.load_state_dict(ckpt.extra["optimizer"])
+        start, history = ckpt.epoch + 1, list(ckpt.extra.get("history", []))
+        best_loss, best_epoch = float(ckpt.extra.get("best_loss", best_loss)), int(ckpt.extra.get("best_epoch", 0))
+    model = workers.prepare(model)
+    device = workers.device
+    weights = None
+    if config.class_weighting == "median_frequency":
+        weights = torch.from_numpy(class_weights(labels, payload["num_classes"])).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    eval_loss = nn.CrossEntropyLoss()
+    val = None
+    if payload.get("val_images") is not None and workers.rank == 0:
+        val = DataLoader(_Arrays(payload["val_images"], payload["val_labels"], payload.get("val_meta"),
+                                 config.image_size, False, 0.0, 0), batch_size=config.batch_size)
+    rank, world = workers.rank, workers.world_size
+    per_worker = (len(images) // world // config.batch_size) * config.batch_size or len(images) // world
+    for epoch in range(start, config.epochs + 1):
+        began = time.perf_counter()
+        order = np.random.default_rng(config.seed + epoch).permutation(len(images))
+        mine = order[rank * per_worker:(rank + 1) * per_worker]
+        data = _Arrays(images[mine], labels[mine], None if meta is None else meta[mine],
+                       config.image_size, config.augment, config.aug_prob, config.seed + 1000 * epoch + rank)
+        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, drop_last=len(mine) > config.batch_size,
+                            generator=torch.Generator().manual_seed(config.seed + epoch))
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for inputs, y in loader:
+            inputs = [t.to(device) for t in inputs]
+            y = y.to(device)
+            loss = loss_fn(model(*inputs), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+        totals = workers.all_sum(np.array([loss_sum, seen], np.float64))
+        row = {"epoch": epoch, "train_loss": round(float(totals[0] / max(totals[1], 1)), 5),
+               "val_loss": None, "val_accuracy": None}
+        stop = np.zeros(1, np.int64)
+        path = None
+        if rank == 0:
+            inner = getattr(model, "module", model)
+            if val is not None:
+                row["val_loss"], row["val_accuracy"] = (round(v, 5) for v in _evaluate(inner, val, eval_loss, device))
+            row["seconds"] = round(time.perf_counter() - began, 3)
+            history.append(row)
+            score = row["val_loss"] if row["val_loss"] is not None else -epoch
+            improved = score < best_loss
+            if improved:
+                best_loss, best_epoch = score, epoch
+            path = _save(_ckpt_path(out, epoch), inner, config, epoch, optimizer=optimizer.state_dict(),
+                         history=history, best_loss=best_loss, best_epoch=best_epoch)
+            if improved:
+                _save(out / "best.pt", inner, config, epoch, history=history)
+            _write_history(out, history)
+            if config.patience is not None and epoch - best_epoch >= config.patience:
+                stop[0] = 1
+        workers.report(row, path)
+        if workers.broadcast(stop, (1,), torch.int64)[0]:
+            break
+
+
+def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
+    tmp = out / ".history.csv"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, out / "history.csv")
+
+
+def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int] | np.ndarray,
+        num_classes: int, config: TrainConfig, *, out: str | os.PathLike,
+        meta: np.ndarray | None = None, val: tuple | None = None) -> FitResult:
+    """Train the model ``build()`` returns on ``images`` (``uint8 [N, S, S]``) and ``labels``.
+
+    :param build: a picklable zero-argument factory (it runs on every Ray Train worker); the
+        model has ``encoder``, ``encoder_name``, ``sobel``, ``head`` and ``num_classes``
+        attributes like :class:`ImageClassifier`.
+    :param meta: ``float32 [N, D]`` metadata for fusion models (``model(images, meta)``).
+    :param val: ``(images, labels)`` or ``(images, labels, meta)`` evaluated after every epoch;
+        early stopping and ``best.pt`` follow its loss.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    _check_arrays(images, labels, meta, "training")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise TrainError(f"labels must lie in 0..{num_classes - 1}; got {labels.min()}..{labels.max()}")
+    if len(images) < max(2, config.num_workers):
+        raise TrainError(f"{len(images)} training images are too few for {max(1, config.num_workers)} worker(s)")
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    latest = _latest(out)
+    if latest is not None:
+        saved = load_checkpoint(latest)
+        if saved.arch != config.encoder or saved.extra.get("num_classes") != num_classes:
+            raise TrainError(f"{out} holds a run of a {saved.arch!r} encoder with "
+                             f"{saved.extra.get('num_classes')} classes; use a new folder for "
+                             f"{config.encoder!r} with {num_classes} classes")
+    (out / "config.yaml").write_text(config.to_yaml())
+    payload = {"config": config.model_dump(mode="json"), "out": str(out), "build": build,
+               "images": images, "labels": labels, "meta": meta, "num_classes": num_classes}
+    if val is not None:
+        v_images, v_labels, *rest = val
+        v_labels = np.asarray(v_labels, dtype=np.int64)
+        _check_arrays(v_images, v_labels, rest[0] if rest else None, "validation")
+        payload.update(val_images=v_images, val_labels=v_labels, val_meta=rest[0] if rest else None)
+    run_workers(_loop, payload, num_workers=config.num_workers, use_gpu=config.use_gpu,
+                storage=out, name="train")
+    model, ckpt = load_model(out / "best.pt", build)
+    return FitResult(model, list(load_checkpoint(_latest(out)).extra.get("history", [])),
+                     ckpt.epoch, out / "best.pt", out)
+
+
+def _classifier_factory(config: dict[str, Any], num_classes: int) -> ImageClassifier:
+    return build_classifier(TrainConfig.model_validate(config), num_classes)
+
+
+def fit_classifier(images: np.ndarray, labels, num_classes: int, config: TrainConfig, *,
+                   out: str | os.PathLike, val: tuple | None = None) -> FitResult:
+    """Encoder + linear head, initialised from ``config.init``; see :func:`fit`."""
+    import functools
+
+    build = functools.partial(_classifier_factory, config.model_dump(mode="json"), num_classes)
+    return fit(build, images, labels, num_classes, config, out=out, val=val)
+
+
+def load_model(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None):
+    """A trained model from its checkpoint (CPU, eval mode) and the checkpoint itself.
+
+    Without ``build`` the model is an :class:`ImageClassifier` with a linear head.
+    """
+    ckpt = load_checkpoint(path)
+    if "head" not in ckpt.extra:
+        raise CheckpointError(f"{path} holds an encoder without a classifier head "
+                              "(a DeepCluster checkpoint?); use it as `init` for training")
+    if build is None:
+        model = ImageClassifier(ckpt.arch, int(ckpt.extra["num_classes"]),
+                                sobel=bool(ckpt.config.get("sobel", False)))
+    else:
+        model = build()
+    load_state(model.encoder, ckpt, arch=model.encoder_name)
+    model.head.load_state_dict(ckpt.extra["head"])
+    return model.eval(), ckpt
+
+
+def predict_logits(model: nn.Module, images: np.ndarray, *, image_size: int,
+                   meta: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray:
+    """Logits ``float32 [N, C]`` of ``model`` on ``images`` (deterministic view, no grad)."""
+    data = _Arrays(images, np.zeros(len(images), np.int64), meta, image_size, False, 0.0, 0)
+    model.eval()
+    device = next(model.parameters()).device
+    outs = []
+    with torch.no_grad():
+        for inputs, _ in DataLoader(data, batch_size=batch_size):
+            outs.append(model(*[t.to(device) for t in inputs]).float().cpu())
+    return torch.cat(outs).numpy() if outs else np.zeros((0, getattr(model, "num_classes", 0)), np.float32)
