@@ -1,0 +1,140 @@
+"""The ingest manifest: one row per input file, the audit log and the commit marker of an ingest.
+
+An ingest output folder looks like this::
+
+    OUT/
+      ingest.json                      summary of the last run and the config it used
+      shards/part-000000-000.parquet   images + pseudonymised fields (no source paths, no PHI)
+      manifest/part-000000.parquet     every input of chunk 0: path, status, reason, sha256, ...
+
+The manifest is the operator's audit log and stays inside the hospital zone: unlike the
+shards it holds the source paths (relative to SRC), which often embed names or accession
+numbers. Each chunk's manifest part is written last, atomically; a chunk without one was
+interrupted, and :func:`remove_uncommitted` deletes whatever it left behind so it is redone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST_DIR = "manifest"
+SHARDS_DIR = "shards"
+SUMMARY_FILE = "ingest.json"
+
+OK = "ok"
+QUARANTINED = "quarantined"
+
+#: One row per input file, ``ok`` or ``quarantined``; nothing an ingest sees is left out.
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),  # relative to SRC, POSIX separators
+        pa.field("image_id", pa.string(), nullable=False),  # keyed hash of path; the shard key
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "quarantined"
+        pa.field("reason", pa.string()),  # a QuarantineReason value; null when ok
+        pa.field("detail", pa.string()),  # human-readable cause; null when ok
+        pa.field("content_sha256", pa.string()),  # null when the file could not be read
+        pa.field("bytes", pa.int64()),  # file size; null when it could not be stat'ed
+        pa.field("shard", pa.string()),  # shard file relative to OUT; null when quarantined
+    ]
+)
+
+_MANIFEST_PART = re.compile(r"^part-(\d{6})\.parquet$")
+_SHARD_PART = re.compile(r"^part-(\d{6})-\d{3}\.parquet$")
+
+
+def manifest_part_path(out: Path, chunk: int) -> Path:
+    return Path(out) / MANIFEST_DIR / f"part-{chunk:06d}.parquet"
+
+
+def shard_path(out: Path, chunk: int, index: int) -> Path:
+    return Path(out) / SHARDS_DIR / f"part-{chunk:06d}-{index:03d}.parquet"
+
+
+def committed_chunks(out: Path) -> list[int]:
+    """Chunk numbers that have a manifest part, ascending."""
+    folder = Path(out) / MANIFEST_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _MANIFEST_PART.match(p.name)))
+
+
+def read_manifest(out: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """All committed manifest rows of the ingest output ``out``, in input order.
+
+    Returns an empty table with :data:`MANIFEST_SCHEMA` when nothing has been committed yet.
+    """
+    parts = [manifest_part_path(Path(out), c) for c in committed_chunks(Path(out))]
+    schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    if not parts:
+        return schema.empty_table()
+    return pa.concat_tables(pq.read_table(p, columns=columns, schema=schema) for p in parts)
+
+
+def write_manifest_part(out: Path, chunk: int, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write chunk ``chunk``'s manifest part atomically (temp file + rename) and return its path.
+
+    This is the chunk's commit: call it only once all of the chunk's shards are in place.
+    """
+    final = manifest_part_path(out, chunk)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([dict(r) for r in rows], schema=MANIFEST_SCHEMA)
+    tmp = final.with_name(f".{final.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, final)
+    return final
+
+
+def remove_uncommitted(out: Path) -> list[Path]:
+    """Delete shards and temporary files of chunks that have no manifest part; return them.
+
+    Such files are left by an ingest that stopped between writing a chunk's shards and its
+    manifest part. Their inputs are not in the manifest, so the next run processes them again.
+    """
+    out = Path(out)
+    committed = set(committed_chunks(out))
+    removed: list[Path] = []
+    for folder in (out / SHARDS_DIR, out / MANIFEST_DIR):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            m = _SHARD_PART.match(p.name)
+            orphan = (m is not None and int(m.group(1)) not in committed) or p.name.startswith(".")
+            if orphan and p.is_file():
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+@dataclass
+class ManifestState:
+    """What earlier runs already did: the resume point of an ingest."""
+
+    done: set[str] = field(default_factory=set)  # relative paths with a manifest row
+    first_ok: dict[str, str] = field(default_factory=dict)  # content sha256 -> first ok path
+    next_chunk: int = 0
+
+    @classmethod
+    def load(cls, out: Path) -> ManifestState:
+        table = read_manifest(out, columns=["path", "status", "content_sha256"])
+        state = cls(done=set(table.column("path").to_pylist()))
+        for path, status, sha in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            if status == OK and sha is not None:
+                state.first_ok.setdefault(sha, path)
+        chunks = committed_chunks(out)
+        state.next_chunk = chunks[-1] + 1 if chunks else 0
+        return state
+
+
+def committed_shards(out: str | os.PathLike) -> list[Path]:
+    """The shard files referenced by the manifest (those of committed chunks), sorted."""
+    table = read_manifest(out, columns=["shard"])
+    names = {s for s in table.column("shard").to_pylist() if s is not None}
+    return [Path(out) / s for s in sorted(names)]
