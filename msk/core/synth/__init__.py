@@ -14,6 +14,7 @@ and a few deliberately broken files) with a ground-truth CSV.
 from msk.core.synth.cases import SynthCase, plan_case, render_case
 from msk.core.synth.config import SynthConfig, working_syntaxes
 from msk.core.synth.export import COLUMNS, SynthReport, synthesize
+from msk.core.synth.truth import ground_truth_for_ingest
 
-__all__ = ["COLUMNS", "SynthCase", "SynthConfig", "SynthReport", "plan_case", "render_case", "synthesize",
-           "working_syntaxes"]
+__all__ = ["COLUMNS", "SynthCase", "SynthConfig", "SynthReport", "ground_truth_for_ingest", "plan_case",
+           "render_case", "synthesize", "working_syntaxes"]
