@@ -61,9 +61,10 @@ class FusionHeadSpec(ComponentSpec):
 
 @dataclass(frozen=True)
 class RetrieverSpec(ComponentSpec):
-    """Nearest-neighbour index: ``build(name, dim, **options)`` returns an object with
-    ``add(x, ids)``, ``search(q, k) -> (distances, ids)``, ``save(path)``, ``ntotal`` and a
-    class method ``load(path)``."""
+    """Nearest-neighbour index: ``build(name, dim, **options)`` returns a
+    :class:`msk.core.retrieval.Retriever` with ``train(x)``, ``add(x, ids)``,
+    ``search(q, k) -> SearchResult(ids, distances, indices, metric)``, ``save(path)``,
+    ``ntotal`` and a class method ``load(path)``."""
 
 
 class Malignancy(str, Enum):
