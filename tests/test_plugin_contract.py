@@ -35,7 +35,7 @@ def test_encoder_contract(entry):
 
     name = entry.spec.example_name
     for in_chans in (1, 3):
-        enc = get_registry().build("encoder", name, in_chans=in_chans).eval()
+        enc = get_registry().build("encoder", name, in_chans=in_chans, **entry.spec.example_options).eval()
         assert isinstance(enc.feature_dim, int) and enc.feature_dim > 0
         with torch.no_grad():
             out = enc(torch.rand(2, in_chans, 64, 64))
@@ -50,7 +50,7 @@ def test_clusterer_contract(entry):
     centres = rng.normal(size=(3, 8)) * 10
     truth = np.repeat(np.arange(3), 40)
     x = (centres[truth] + rng.normal(size=(120, 8))).astype(np.float32)
-    clusterer = get_registry().build("clusterer", entry.spec.example_name)
+    clusterer = get_registry().build("clusterer", entry.spec.example_name, **entry.spec.example_options)
     res = clusterer.fit(x, k=3, seed=0)
     assert res.labels.shape == (120,) and res.centroids.shape == (3, 8)
     assert normalized_mutual_info_score(truth, res.labels) > 0.99
@@ -67,7 +67,8 @@ def test_retriever_contract(entry, tmp_path):
     x = rng.normal(size=(300, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = [f"img-{i}" for i in range(300)]
-    index = get_registry().build("retriever", entry.spec.example_name, dim=32)
+    index = get_registry().build("retriever", entry.spec.example_name, dim=32,
+                                 **entry.spec.example_options)
     index.train(x)
     index.add(x, ids)
     assert index.ntotal == 300
@@ -86,7 +87,7 @@ def test_fusion_head_contract(entry):
     build = get_registry().build
     for image_dim, meta_dim in ((16, 6), (16, 0), (0, 6)):
         head = build("fusion_head", entry.spec.example_name, image_dim=image_dim,
-                     meta_dim=meta_dim, num_classes=3).eval()
+                     meta_dim=meta_dim, num_classes=3, **entry.spec.example_options).eval()
         img = torch.rand(4, image_dim) if image_dim else None
         meta = torch.rand(4, meta_dim) if meta_dim else None
         with torch.no_grad():

@@ -22,12 +22,15 @@ class ComponentSpec:
     :param description: one line shown by ``msk plugins``.
     :param example: a concrete name to use when ``name`` is a family (for ``msk plugins`` and the
         plugin contract test).
+    :param example_options: options that build a small working instance (the plugin contract
+        test builds with them; e.g. an IVF index with few cells for a few hundred vectors).
     """
 
     name: str
     build: Callable[..., Any]
     description: str = ""
     example: str | None = None
+    example_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_family(self) -> bool:

@@ -252,5 +252,6 @@ def msk_retrievers():
         RetrieverSpec("hnsw", _factory(HNSWRetriever),
                       "HNSW graph, cosine (faiss IndexHNSWFlat; m, ef_construction, ef_search)"),
         RetrieverSpec("ivf", _factory(IVFRetriever),
-                      "inverted file, cosine (faiss IndexIVFFlat; nlist, nprobe); CPU or GPU"),
+                      "inverted file, cosine (faiss IndexIVFFlat; nlist, nprobe); CPU or GPU",
+                      example_options={"nlist": 16, "nprobe": 4}),
     ]
