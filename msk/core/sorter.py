@@ -1,0 +1,729 @@
+"""The anatomical sorter: weak region labels -> a supervised classifier, cross-validated by patient.
+
+The SAM-X workflow's last step. DeepCluster (:mod:`msk.core.deepcluster`) trained an encoder
+without labels, a person named its clusters (:mod:`msk.core.labelling`), and the resulting weak
+label per image now fine-tunes *the same network* (``init`` = the DeepCluster checkpoint) as a
+region classifier:
+
+* **splits** (:func:`plan_splits`): a fixed, patient-level, class-stratified **test set**
+  (``test_size``, 20 %), and ``folds``-fold patient-level cross-validation over the remaining
+  patients (5 folds of 80 %: 64 % train and 16 % validation per fold; ``folds: 4`` gives exactly
+  60/20/20). No patient is on two sides of any split;
+* **training**: one :func:`msk.core.train.fit_classifier` run per fold in ``out/fold-k/``
+  (in this process or as a Ray Train ``TorchTrainer``, a checkpoint per epoch, ``best.pt`` by
+  validation loss). A rerun skips finished folds and resumes an interrupted one;
+* **evaluation**: every fold model on the test set (top-1, top-2) and their ensemble (mean of
+  the softmax outputs), a confusion matrix PNG, the same on an optional external hold-out, and
+  Grad-CAM overlays averaged over the fold models (:mod:`msk.core.gradcam`).
+
+Labels come from a CSV ``image_id,label`` (the ``row,image_id,label`` weak labels that
+``msk clusters apply`` writes, or any such file) or, with the DeepCluster run folder, straight
+from the filled-in cluster labels file. See ``docs/sorter.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from msk.core.checkpoint import CheckpointError
+from msk.core.errors import MskError
+from msk.core.labelling import DISCARD, LabelFileError
+from msk.core.specs import EntitySet
+from msk.core.train import (TrainConfig, TrainError, build_classifier, fit_classifier, load_model,
+                            predict_logits)
+
+__all__ = [
+    "CrossValidation", "Evaluation", "FoldResult", "LabelledImages", "SorterConfig",
+    "SorterEnsemble", "SorterError", "SorterResult", "load_labelled", "load_sorter",
+    "plan_splits", "read_image_labels", "softmax", "sorter_from_ingest", "train_sorter",
+]
+
+#: Options that may differ between a sorter run and its resumption in the same folder.
+RESUMABLE_CHANGES = frozenset({"epochs", "patience", "num_workers", "use_gpu", "gradcam_images"})
+
+
+class SorterError(MskError):
+    """Sorter input that cannot be trained on, or a run folder that cannot be continued."""
+
+
+class SorterConfig(TrainConfig):
+    """Options of ``msk train sorter``: the training options of :class:`TrainConfig` plus the
+    evaluation design. ``init`` is the DeepCluster checkpoint to fine-tune."""
+
+    region_set: str = Field("samx-regions", description="entity set the labels must belong to")
+    folds: int = Field(5, ge=2, description="patient-level cross-validation folds")
+    test_size: float = Field(0.2, gt=0, lt=1, description="share of patients in the fixed test set")
+    small_classes: Literal["error", "drop"] = Field(
+        "error", description="a class with fewer than folds + 1 patients: stop, or leave it out")
+    gradcam_images: int = Field(16, ge=0, description="test images with a Grad-CAM overlay")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers per fold; 0 runs in this process")
+
+    def train_config(self) -> TrainConfig:
+        """The :class:`TrainConfig` part, as each fold's run is given it."""
+        return TrainConfig.model_validate(self.model_dump(include=set(TrainConfig.model_fields)))
+
+
+# -- labelled images ---------------------------------------------------------------------------
+
+
+@dataclass
+class LabelledImages:
+    """Images with a label each: what the sorter and transfer learning train on.
+
+    :param images: ``uint8 [N, S, S]``.
+    :param labels: canonical class name per image.
+    :param patient_ids: pseudonymised patient id per image (the split unit).
+    :param image_ids: ingest image id per image.
+    :param source: where the images came from (for messages).
+    :param notes: what loading had to assume (e.g. images without a patient id).
+    """
+
+    images: np.ndarray
+    labels: list[str]
+    patient_ids: list[str]
+    image_ids: list[str]
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if not (len(self.labels) == len(self.patient_ids) == len(self.image_ids) == n):
+            raise ValueError(f"{n} images, {len(self.labels)} labels, {len(self.patient_ids)} "
+                             f"patient ids and {len(self.image_ids)} image ids")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: np.ndarray | Sequence[int]) -> LabelledImages:
+        index = np.asarray(index, dtype=np.int64)
+        return LabelledImages(self.images[index], [self.labels[i] for i in index],
+                              [self.patient_ids[i] for i in index],
+                              [self.image_ids[i] for i in index], self.source, list(self.notes))
+
+
+def _canonical(entities: EntitySet | None, extra: Sequence[str]):
+    """A function ``(label, path, line) -> canonical name`` that raises
+    :class:`LabelFileError` for a label outside ``entities`` and ``extra`` (without
+    ``entities``: every label, lower-cased)."""
+    from msk.core.labelling import _compact, _unknown_label  # the labelling file's own checks
+
+    extras = {x.strip().lower(): x for x in extra}
+    names = entities.names if entities is not None else []
+    spellings = {key: name for name in names
+                 for key in (name, entities.get(name).code, *entities.get(name).aliases)}
+    compact = {_compact(s): name for s, name in spellings.items()}
+    first_spelling: dict[str, tuple[str, int]] = {}
+
+    def canonical(label: str, path: Path, line: int) -> str:
+        if label.strip().lower() in extras:
+            return extras[label.strip().lower()]
+        if entities is None:
+            return label.strip().lower()
+        try:
+            name = entities.names[entities.index(label)]
+        except KeyError:
+            raise LabelFileError(_unknown_label(f"{path}, line {line}", label, entities.name,
+                                                compact, spellings, first_spelling)) from None
+        first_spelling.setdefault(name, (label, line))
+        return name
+
+    return canonical
+
+
+def read_image_labels(path: str | os.PathLike, entities: EntitySet | None, *,
+                      extra: Sequence[str] = ()) -> dict[str, str]:
+    """``image_id -> canonical label`` from a CSV with the columns ``image_id`` and ``label``.
+
+    Other columns (``row`` of the weak labels of ``msk clusters apply``) are ignored; rows with
+    an empty label or ``discard`` are left out. Every label must be a name, code or alias of
+    ``entities`` (case-insensitive) or one of ``extra`` (e.g. ``"normal"``); without
+    ``entities`` any label is taken, lower-cased. Errors name the file and line: an unknown
+    label (with the closest region as a suggestion, and, for a second spelling of a region
+    written differently before, the line of the first), a row without an image id, and an
+    image labelled twice with different classes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LabelFileError(f"labels file {path} does not exist")
+    canonical = _canonical(entities, extra)
+    labels: dict[str, str] = {}
+    line_of: dict[str, int] = {}
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        fields = [x.strip().lower() for x in reader.fieldnames or []]
+        if "image_id" not in fields or "label" not in fields:
+            hint = (" (this is a cluster labels file: pass the DeepCluster run folder too, or use "
+                    "the weak labels `msk clusters apply` writes)" if "cluster" in fields else "")
+            raise LabelFileError(f"{path}, line 1: expected the columns image_id and label; "
+                                 f"found {reader.fieldnames}{hint}")
+        reader.fieldnames = fields
+        for row in reader:
+            line = reader.line_num
+            label, image_id = (row["label"] or "").strip(), (row["image_id"] or "").strip()
+            if not label or label.lower() == DISCARD:
+                continue
+            if not image_id:
+                raise LabelFileError(f"{path}, line {line}: label {label!r} without an image_id "
+                                     "(weak labels saved without image ids cannot be joined to "
+                                     "the images; `msk clusters apply` writes them)")
+            name = canonical(label, path, line)
+            if labels.get(image_id, name) != name:
+                raise LabelFileError(f"{path}, line {line}: image {image_id} is labelled "
+                                     f"{name!r} but line {line_of[image_id]} says "
+                                     f"{labels[image_id]!r}")
+            labels[image_id] = name
+            line_of.setdefault(image_id, line)
+    if not labels:
+        raise LabelFileError(f"{path}: no image has a label")
+    return labels
+
+
+def _cluster_labels(labels: Path, cluster_run: Path, region_set: str) -> dict[str, str]:
+    """Weak labels from a filled-in cluster labels file and its DeepCluster run folder."""
+    from msk.core.config import load_config
+    from msk.core.deepcluster import DeepClusterConfig, load_assignments
+    from msk.core.labelling import apply_labels
+
+    k = load_config(DeepClusterConfig, cluster_run / "config.yaml").k
+    weak = apply_labels(labels, load_assignments(cluster_run), region_set=region_set, k=k)
+    with (cluster_run / "assignments.csv").open(newline="") as f:
+        image_ids = [row["image_id"] for row in csv.DictReader(f)]
+    if len(image_ids) != len(weak.labels) or not all(image_ids):
+        raise SorterError(f"{cluster_run / 'assignments.csv'} does not give an image id for every "
+                          "image of the run; rerun `msk cluster` from an ingest output")
+    return {i: label for i, label in zip(image_ids, weak.labels) if label is not None}
+
+
+def load_labelled(ingest: str | os.PathLike, labels: str | os.PathLike, *,
+                  entity_set: str | None = "samx-regions", extra_labels: Sequence[str] = (),
+                  cluster_run: str | os.PathLike | None = None) -> LabelledImages:
+    """The labelled images of an ingest output.
+
+    :param labels: a CSV ``image_id,label`` (:func:`read_image_labels`) or, with
+        ``cluster_run``, the filled-in ``labels.csv``/YAML of ``msk clusters export``, applied
+        with :func:`msk.core.labelling.apply_labels` (whose errors are raised unchanged).
+    :param entity_set: the set the labels must belong to; ``None`` takes any label.
+    :param extra_labels: labels accepted besides the entity set's names (``"normal"``).
+    Every labelled image id must be in the ingest output. Images without a patient id count
+    as patients of their own (noted in :attr:`LabelledImages.notes`, with a warning).
+    """
+    import pyarrow.compute as pc
+
+    from msk.core.dataset import images_from_table, read_shards
+    from msk.core.registry import entity_set as get_entity_set
+
+    labels = Path(labels)
+    if cluster_run is not None:
+        by_id = _cluster_labels(labels, Path(cluster_run), entity_set or "samx-regions")
+    else:
+        entities = get_entity_set(entity_set) if entity_set is not None else None
+        by_id = read_image_labels(labels, entities, extra=extra_labels)
+    known = set(read_shards(ingest, columns=["image_id"]).column("image_id").to_pylist())
+    missing = sorted(set(by_id) - known)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise SorterError(f"{labels} labels {len(missing)} of {len(by_id)} image(s) that are not in "
+                          f"the ingest output {ingest}: {shown}; were the labels made for another "
+                          "ingest?")
+    table = read_shards(ingest, columns=["image_id", "image", "height", "width", "patient_id"],
+                        filter=pc.field("image_id").isin(sorted(by_id)))
+    image_ids = table.column("image_id").to_pylist()
+    patients = table.column("patient_id").to_pylist()
+    notes = []
+    anonymous = sum(1 for p in patients if not p)
+    if anonymous:
+        notes.append(f"{anonymous} image(s) have no patient id; each counts as a patient of its own")
+        warnings.warn(f"{ingest}: {notes[-1]}", stacklevel=2)
+    patients = [p if p else f"image:{i}" for p, i in zip(patients, image_ids)]
+    return LabelledImages(images_from_table(table), [by_id[i] for i in image_ids], patients,
+                          image_ids, str(ingest), notes)
+
+
+# -- splits ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrossValidation:
+    """A fixed test set and ``(train, val)`` image indices per fold; see :func:`plan_splits`."""
+
+    test: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]
+
+    def parts(self, n: int) -> tuple[list[str], list[int | None]]:
+        """Per image: ``"test"`` or ``"dev"``, and the fold it validates (``None`` for test)."""
+        part, fold = ["dev"] * n, [None] * n
+        for i in self.test:
+            part[i] = "test"
+        for k, (_, val) in enumerate(self.folds, 1):
+            for i in val:
+                fold[i] = k
+        return part, fold
+
+
+def _patients_per_class(patient_ids: Sequence[str], labels: Sequence[str]) -> dict[str, int]:
+    members: dict[str, set[str]] = defaultdict(set)
+    for p, label in zip(patient_ids, labels):
+        members[label].add(p)
+    return {label: len(p) for label, p in members.items()}
+
+
+def _min_patients(folds: int, test_size: float) -> int:
+    """Fewest patients for which a ``test_size`` test set leaves ``folds`` for the folds."""
+    n = folds + 1
+    while n - max(1, round(test_size * n)) < folds:
+        n += 1
+    return n
+
+
+def plan_splits(patient_ids: Sequence[str], labels: Sequence[str], *, folds: int = 5,
+                test_size: float = 0.2, seed: int = 0) -> CrossValidation:
+    """Patient-level test set plus ``folds``-fold cross-validation over the other patients.
+
+    :func:`msk.core.splits.patient_split` takes ``test_size`` of the patients, stratified by
+    class, as the test set; :func:`msk.core.splits.patient_kfold` (stratified group k-fold)
+    cuts the rest into ``folds`` validation folds, each fold training on the others. With the
+    defaults that is 20 % test and, per fold, 64 % train and 16 % validation.
+    """
+    from msk.core.splits import assert_disjoint_patients, patient_kfold, patient_split
+
+    pids = np.asarray(patient_ids, dtype=object)
+    labels = [str(v) for v in labels]
+    n_patients = len(set(patient_ids))
+    need = _min_patients(folds, test_size)
+    if n_patients < need:
+        raise SorterError(f"{n_patients} patient(s) ({len(labels)} images) are too few for a "
+                          f"{test_size:.0%} test set and {folds} folds: at least {need} are needed; "
+                          "label more images or lower folds")
+    dev, test = patient_split(pids, labels, test_size, seed=seed)
+    dev_labels = [labels[i] for i in dev]
+    plan = []
+    for train, val in patient_kfold(pids[dev], dev_labels, folds, seed=seed):
+        train, val = dev[train], dev[val]
+        for a, b in ((train, val), (train, test), (val, test)):
+            assert_disjoint_patients(pids[a], pids[b])
+        plan.append((train, val))
+    return CrossValidation(test, plan)
+
+
+def _check_classes(data: LabelledImages, config: SorterConfig) -> tuple[LabelledImages, dict[str, int]]:
+    """Enforce ``folds + 1`` patients per class: raise, or drop the class (``small_classes``)."""
+    need = config.folds + 1
+    per_class = _patients_per_class(data.patient_ids, data.labels)
+    small = {c: n for c, n in per_class.items() if n < need}
+    dropped: dict[str, int] = {}
+    if small:
+        images = Counter(data.labels)
+        listing = ", ".join(f"{c!r} ({images[c]} images, {n} patients)" for c, n in sorted(small.items()))
+        if config.small_classes == "error":
+            raise SorterError(
+                f"{len(small)} class(es) have fewer than {need} patients, the least that one test "
+                f"patient and {config.folds} validation folds need: {listing}. Label more images, "
+                "lower folds, merge the class into a neighbour in the labels file, or set "
+                "small_classes: drop")
+        keep = [i for i, c in enumerate(data.labels) if c not in small]
+        dropped = {c: images[c] for c in sorted(small)}
+        data = data.subset(keep)
+        data.notes.append(f"left out {sum(dropped.values())} images of {len(dropped)} small "
+                          f"class(es): {listing}")
+    if len(set(data.labels)) < 2:
+        raise SorterError(f"the labels name {len(set(data.labels))} class(es); a sorter needs two "
+                          "or more")
+    return data, dropped
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``float [N, C]`` logits."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Evaluation:
+    """Scores of the fold models and their ensemble on one labelled set.
+
+    :param fold_top1: top-1 accuracy of each fold model; ``fold_top2`` likewise.
+    :param top1: top-1 accuracy of the ensemble (mean softmax); ``top2`` likewise.
+    :param confusion: ensemble confusion counts ``[C, C]``, rows true, in ``classes`` order.
+    :param left_out: images of classes the sorter was not trained on, per class (not scored).
+    """
+
+    name: str
+    n: int
+    fold_top1: list[float]
+    fold_top2: list[float]
+    top1: float
+    top2: float
+    macro_f1: float
+    confusion: np.ndarray
+    confusion_png: Path
+    predictions_csv: Path
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "n": self.n, "top1": self.top1, "top2": self.top2,
+                "macro_f1": self.macro_f1, "fold_top1": self.fold_top1,
+                "fold_top2": self.fold_top2, "left_out": self.left_out,
+                "confusion_png": self.confusion_png.name, "predictions_csv": self.predictions_csv.name}
+
+
+def _evaluate(name: str, data: LabelledImages, ensemble: SorterEnsemble, out: Path) -> Evaluation:
+    from msk.core.metrics import confusion_matrix, confusion_matrix_png, macro_f1, top_k_accuracy
+
+    classes = ensemble.classes
+    unknown = Counter(c for c in data.labels if c not in classes)
+    if unknown:
+        data = data.subset([i for i, c in enumerate(data.labels) if c in classes])
+    if not len(data):
+        raise SorterError(f"{name}: no image of a class the sorter was trained on "
+                          f"({', '.join(sorted(unknown))} only)")
+    y = np.array([classes.index(c) for c in data.labels])
+    per_fold = ensemble.fold_probabilities(data.images)
+    probs = per_fold.mean(axis=0)
+    k2 = min(2, len(classes))
+    order = np.argsort(-probs, axis=1)
+    predicted = [classes[i] for i in order[:, 0]]
+    cm = confusion_matrix(data.labels, predicted, classes)
+    png = confusion_matrix_png(cm, classes, out / f"confusion_{name}.png",
+                               title=f"sorter, {name} ({len(ensemble.models)}-fold ensemble, "
+                                     f"{len(y)} images)")
+    csv_path = out / f"predictions_{name}.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "patient_id", "label", "predicted", "second", "probability"])
+        for i in range(len(y)):
+            writer.writerow([data.image_ids[i], data.patient_ids[i], data.labels[i], predicted[i],
+                             classes[order[i, 1]] if len(classes) > 1 else "",
+                             f"{probs[i, order[i, 0]]:.4f}"])
+    return Evaluation(
+        name, len(y),
+        [round(top_k_accuracy(p, y, 1), 4) for p in per_fold],
+        [round(top_k_accuracy(p, y, k2), 4) for p in per_fold],
+        round(top_k_accuracy(probs, y, 1), 4), round(top_k_accuracy(probs, y, k2), 4),
+        round(macro_f1(data.labels, predicted, labels=classes), 4), cm, png, csv_path,
+        dict(sorted(unknown.items())))
+
+
+# -- the trained sorter ------------------------------------------------------------------------
+
+
+@dataclass
+class SorterEnsemble:
+    """The fold models of a sorter run; predicts the mean of their softmax outputs."""
+
+    models: list
+    classes: list[str]
+    image_size: int
+
+    def fold_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """``float32 [folds, N, C]``: each fold model's class probabilities."""
+        return np.stack([softmax(predict_logits(m, images, image_size=self.image_size))
+                         for m in self.models]).astype(np.float32)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """``float32 [N, C]``: the ensemble's class probabilities (columns: :attr:`classes`)."""
+        return self.fold_probabilities(images).mean(axis=0)
+
+    def predict(self, images: np.ndarray) -> list[str]:
+        """The most probable region of each image."""
+        return [self.classes[i] for i in self.predict_proba(images).argmax(axis=1)]
+
+
+def load_sorter(out: str | os.PathLike) -> SorterEnsemble:
+    """The fold models (``out/fold-k/best.pt``) and classes of a finished sorter run."""
+    out = Path(out)
+    summary = out / "sorter.json"
+    if not summary.is_file():
+        raise SorterError(f"{out} holds no finished sorter run (no sorter.json); run "
+                          "`msk train sorter` first")
+    info = json.loads(summary.read_text())
+    models = [load_model(out / f"fold-{k}" / "best.pt")[0] for k in range(1, info["folds"] + 1)]
+    return SorterEnsemble(models, list(info["classes"]), int(info["image_size"]))
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldResult:
+    """One fold's run: its folder, best epoch, and sizes."""
+
+    fold: int
+    out: Path
+    best_epoch: int
+    val_top1: float
+    n_train: int
+    n_val: int
+    skipped: bool = False
+
+
+@dataclass
+class SorterResult:
+    """Outcome of :func:`train_sorter`; also written to ``out/sorter.json``."""
+
+    out: Path
+    classes: list[str]
+    folds: list[FoldResult]
+    test: Evaluation
+    holdout: Evaluation | None
+    gradcam: Path | None
+    dropped: dict[str, int]
+    notes: list[str]
+
+    def table(self):
+        """Per-fold and ensemble scores as a rich table."""
+        from rich.table import Table
+
+        table = Table(title=f"sorter: {len(self.classes)} classes, {self.test.n} test images",
+                      title_justify="left")
+        for name in ("model", "best epoch", "val top-1", "test top-1", "test top-2"):
+            table.add_column(name, justify="right")
+        if self.holdout is not None:
+            table.add_column("hold-out top-1", justify="right")
+            table.add_column("hold-out top-2", justify="right")
+        for i, f in enumerate(self.folds):
+            row = [f"fold {f.fold}", str(f.best_epoch), f"{f.val_top1:.3f}",
+                   f"{self.test.fold_top1[i]:.3f}", f"{self.test.fold_top2[i]:.3f}"]
+            if self.holdout is not None:
+                row += [f"{self.holdout.fold_top1[i]:.3f}", f"{self.holdout.fold_top2[i]:.3f}"]
+            table.add_row(*row)
+        row = ["[b]ensemble[/b]", "", "", f"[b]{self.test.top1:.3f}[/b]", f"[b]{self.test.top2:.3f}[/b]"]
+        if self.holdout is not None:
+            row += [f"[b]{self.holdout.top1:.3f}[/b]", f"[b]{self.holdout.top2:.3f}[/b]"]
+        table.add_row(*row)
+        return table
+
+
+def _check_resumable(out: Path, config, resumable: frozenset[str] = RESUMABLE_CHANGES,
+                     what: str = "sorter") -> None:
+    """Raise :class:`SorterError` if ``out/config.yaml`` differs from ``config`` outside
+    ``resumable``."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    changed = sorted(k for k, v in config.model_dump(mode="json").items()
+                     if k not in resumable and k in saved and saved[k] != v)
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {v!r}" for k in changed
+                            for v in [config.model_dump(mode="json")[k]])
+        raise SorterError(f"{out} holds a {what} run with other options ({details}); use a new "
+                          f"output folder, or the same options (only "
+                          f"{', '.join(sorted(resumable))} may change)")
+
+
+def _write_splits(out: Path, data: LabelledImages, plan: CrossValidation) -> None:
+    """Write ``out/splits.csv``, or check that an earlier run's is the same."""
+    part, fold = plan.parts(len(data))
+    rows = [[data.image_ids[i], data.patient_ids[i], data.labels[i], part[i],
+             "" if fold[i] is None else str(fold[i])] for i in range(len(data))]
+    header = ["image_id", "patient_id", "label", "part", "val_fold"]
+    path = out / "splits.csv"
+    if path.is_file():
+        with path.open(newline="") as f:
+            saved = list(csv.reader(f))
+        if saved != [header, *rows]:
+            raise SorterError(f"{path} was written for other images or labels than this run's; "
+                              "use a new output folder for new data")
+        return
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def _train_fold(k: int, data: LabelledImages, y: np.ndarray, train: np.ndarray, val: np.ndarray,
+                n_classes: int, config: SorterConfig, out: Path) -> FoldResult:
+    fold_out = out / f"fold-{k}"
+    marker = fold_out / "fold.json"
+    budget = {"epochs": config.epochs, "patience": config.patience}
+    if marker.is_file() and (fold_out / "best.pt").is_file():
+        done = json.loads(marker.read_text())
+        if done.get("budget") == budget:
+            return FoldResult(k, fold_out, done["best_epoch"], done["val_top1"], len(train),
+                              len(val), skipped=True)
+    try:
+        result = fit_classifier(data.images[train], y[train], n_classes, config.train_config(),
+                                out=fold_out, val=(data.images[val], y[val]))
+    except (TrainError, CheckpointError) as exc:
+        raise SorterError(f"fold {k} ({fold_out}): {exc}") from exc
+    logits = predict_logits(result.model, data.images[val], image_size=config.image_size)
+    val_top1 = round(float((logits.argmax(1) == y[val]).mean()), 4)
+    marker.write_text(json.dumps({"fold": k, "best_epoch": result.best_epoch, "val_top1": val_top1,
+                                  "n_train": len(train), "n_val": len(val), "budget": budget}))
+    return FoldResult(k, fold_out, result.best_epoch, val_top1, len(train), len(val))
+
+
+def _gradcam(data: LabelledImages, ensemble: SorterEnsemble, count: int, out: Path) -> Path | None:
+    """Overlays of the fold-averaged Grad-CAM of the ensemble's prediction, ``count`` images
+    taken round-robin over the classes (deterministic)."""
+    from PIL import Image
+
+    from msk.core.gradcam import mean_cam, overlay, save_overlays
+
+    if count == 0 or not len(data):
+        return None
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(data.labels):
+        by_class[c].append(i)
+    queues = [by_class[c] for c in ensemble.classes if by_class[c]]
+    chosen: list[int] = []
+    for rank in range(max(len(q) for q in queues)):
+        chosen += [q[rank] for q in queues if rank < len(q)]
+    chosen = np.array(sorted(chosen[:count]))
+    images = data.images[chosen]
+    probs = ensemble.predict_proba(images)
+    targets = probs.argmax(axis=1)
+    cams = mean_cam(ensemble.models, images, targets, image_size=ensemble.image_size)
+    folder = out / "gradcam"
+    folder.mkdir(parents=True, exist_ok=True)
+    titles = []
+    for j, i in enumerate(chosen):
+        pred = ensemble.classes[targets[j]]
+        titles.append(f"{data.labels[i]} -> {pred} ({probs[j, targets[j]]:.2f})")
+        Image.fromarray(overlay(images[j], cams[j])).save(folder / f"{data.image_ids[i]}.png")
+    np.savez_compressed(folder / "cams.npz", image_ids=np.array([data.image_ids[i] for i in chosen]),
+                        cams=cams.astype(np.float16), targets=targets)
+    return save_overlays(images, cams, out / "gradcam.png", titles=titles,
+                         title=f"Grad-CAM, mean of {len(ensemble.models)} fold models "
+                               "(label -> predicted)")
+
+
+def _check_external(data: LabelledImages, holdout: LabelledImages) -> None:
+    from msk.core.splits import PatientOverlapError, assert_disjoint_patients
+
+    try:
+        assert_disjoint_patients(data.patient_ids, holdout.patient_ids)
+    except PatientOverlapError as exc:
+        raise SorterError(f"the external hold-out {holdout.source} shares patients with the "
+                          f"training data {data.source}: {exc}") from exc
+
+
+def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
+                 out: str | os.PathLike, holdout: LabelledImages | None = None,
+                 progress: bool = True) -> SorterResult:
+    """Cross-validate a region sorter on ``data`` and evaluate it; see the module docstring.
+
+    :param holdout: an external labelled set (another ingest), scored like the test set.
+    :param out: run folder::
+
+        config.yaml  splits.csv  sorter.json  fold-k/ (a train.py run: checkpoints/, best.pt,
+        history.csv, fold.json)  confusion_test.png  predictions_test.csv  gradcam.png
+        gradcam/  [confusion_holdout.png  predictions_holdout.csv]
+
+    A rerun with the same ``out`` skips finished folds and resumes an interrupted one; other
+    options than :data:`RESUMABLE_CHANGES` are an error.
+    """
+    from msk.core.registry import entity_set
+
+    config = config or SorterConfig()
+    out = Path(out).absolute()
+    entities = entity_set(config.region_set)
+    outside = sorted({c for c in data.labels if c not in entities.names})
+    if outside:
+        raise SorterError(f"{data.source}: labels {outside} are not regions of {entities.name}")
+    if holdout is not None:
+        _check_external(data, holdout)
+    data, dropped = _check_classes(data, config)
+    classes = [c for c in entities.names if c in set(data.labels)]
+    y = np.array([classes.index(c) for c in data.labels], dtype=np.int64)
+    plan = plan_splits(data.patient_ids, data.labels, folds=config.folds,
+                       test_size=config.test_size, seed=config.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, config)
+    try:
+        build_classifier(config.train_config(), len(classes))  # a bad init fails here, not in fold 1
+    except CheckpointError as exc:
+        raise SorterError(f"cannot fine-tune from init={config.init}: {exc}") from exc
+    _write_splits(out, data, plan)
+    (out / "config.yaml").write_text(config.to_yaml())
+
+    folds = []
+    with _progress(progress) as bar:
+        task = bar.add_task(f"sorter: {config.folds} folds", total=config.folds)
+        for k, (train, val) in enumerate(plan.folds, 1):
+            bar.update(task, description=f"sorter: fold {k}/{config.folds} ({len(train)} train, "
+                                         f"{len(val)} val images)")
+            folds.append(_train_fold(k, data, y, train, val, len(classes), config, out))
+            bar.advance(task)
+
+    ensemble = SorterEnsemble([load_model(f.out / "best.pt")[0] for f in folds], classes,
+                              config.image_size)
+    test = _evaluate("test", data.subset(plan.test), ensemble, out)
+    held = _evaluate("holdout", holdout, ensemble, out) if holdout is not None else None
+    cam = _gradcam(data.subset(plan.test), ensemble, config.gradcam_images, out)
+    notes = list(data.notes) + (list(holdout.notes) if holdout is not None else [])
+    result = SorterResult(out, classes, folds, test, held, cam, dropped, notes)
+    (out / "sorter.json").write_text(json.dumps({
+        "classes": classes, "folds": config.folds, "image_size": config.image_size,
+        "n_images": len(data), "n_test": len(plan.test), "dropped": dropped, "notes": notes,
+        "fold_results": [{"fold": f.fold, "best_epoch": f.best_epoch, "val_top1": f.val_top1,
+                          "n_train": f.n_train, "n_val": f.n_val} for f in folds],
+        "test": test.summary(), "holdout": held.summary() if held else None,
+    }, indent=2))
+    return result
+
+
+def sorter_from_ingest(ingest: str | os.PathLike, labels: str | os.PathLike,
+                       config: SorterConfig | None = None, *, out: str | os.PathLike,
+                       cluster_run: str | os.PathLike | None = None,
+                       holdout_ingest: str | os.PathLike | None = None,
+                       holdout_labels: str | os.PathLike | None = None,
+                       progress: bool = True) -> SorterResult:
+    """:func:`train_sorter` on the labelled images of an ingest output (``msk train sorter``).
+
+    :param labels: weak labels CSV (``row,image_id,label`` or ``image_id,label``), or with
+        ``cluster_run`` the filled-in cluster labels file.
+    :param holdout_ingest: a second ingest output with ``holdout_labels`` (``image_id,label``),
+        the external hold-out.
+    """
+    config = config or SorterConfig()
+    if (holdout_ingest is None) != (holdout_labels is None):
+        raise SorterError("an external hold-out needs both its ingest folder and its labels file")
+    data = load_labelled(ingest, labels, entity_set=config.region_set, cluster_run=cluster_run)
+    holdout = None
+    if holdout_ingest is not None:
+        holdout = load_labelled(holdout_ingest, holdout_labels, entity_set=config.region_set)
+    return train_sorter(data, config, out=out, holdout=holdout, progress=progress)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def advance(self, *args, **kwargs):
+        pass
+
+
+def _progress(enabled: bool):
+    """A rich progress bar on stderr (or a stand-in that shows nothing)."""
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True))

@@ -1,0 +1,338 @@
+"""The region sorter: weak labels in, patient-level cross-validation, scores, Grad-CAM out."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from msk.core.checkpoint import save_checkpoint
+from msk.core.labelling import LabelFileError
+from msk.core.registry import entity_set
+from msk.core.sorter import (
+    LabelledImages, SorterConfig, SorterError, load_labelled, load_sorter, plan_splits,
+    read_image_labels, train_sorter,
+)
+from msk.core.train import TrainConfig, fit_classifier
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REGIONS = ("hand", "knee", "skull")
+
+
+def drawings(n: int, seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Three learnable classes: a horizontal bar, a vertical bar, a bright square."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, size=(n, size, size)).astype(np.uint8)
+    classes = np.arange(n) % 3
+    for img, c in zip(images, classes):
+        o = rng.integers(4, size - 12)
+        if c == 0:
+            img[o:o + 4, 2:-2] = 220
+        elif c == 1:
+            img[2:-2, o:o + 4] = 220
+        else:
+            img[o:o + 10, o:o + 10] = 220
+    return images, classes
+
+
+def labelled(n: int = 60, seed: int = 0, prefix: str = "p") -> LabelledImages:
+    """``n`` images, two per patient (both of the patient's class)."""
+    images, classes = drawings(n, seed)
+    order = np.argsort(classes, kind="stable")  # patients hold images of one class
+    images, classes = images[order], classes[order]
+    return LabelledImages(images, [REGIONS[c] for c in classes],
+                          [f"{prefix}{i // 2}" for i in range(n)],
+                          [f"{prefix}-img{i}" for i in range(n)], source="memory")
+
+
+def fast(**kw) -> SorterConfig:
+    return SorterConfig(**{"encoder": "tiny-cnn", "image_size": 32, "epochs": 2, "batch_size": 16,
+                           "lr": 5e-3, "augment": False, "folds": 2, "num_workers": 0,
+                           "gradcam_images": 4, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sorter")
+    holdout = labelled(18, seed=3, prefix="h")
+    return train_sorter(labelled(), fast(), out=out, holdout=holdout, progress=False), out
+
+
+# -- splits ------------------------------------------------------------------------------------
+
+
+def test_splits_are_patient_level_with_a_fixed_test_set():
+    data = labelled(100)
+    plan = plan_splits(data.patient_ids, data.labels, folds=4, test_size=0.2, seed=1)
+    pids = np.array(data.patient_ids)
+    assert len(set(pids[plan.test])) == 10  # 20 % of 50 patients
+    vals = np.concatenate([val for _, val in plan.folds])
+    assert sorted(np.concatenate([vals, plan.test])) == list(range(100))  # each image once
+    for train, val in plan.folds:
+        assert not set(pids[train]) & set(pids[val])
+        assert not set(pids[train]) & set(pids[plan.test])
+        assert len(train) + len(val) + len(plan.test) == 100
+    # stratified: every class is in the test set and in every validation fold
+    labels = np.array(data.labels)
+    assert set(labels[plan.test]) == set(REGIONS)
+    assert all(set(labels[val]) == set(REGIONS) for _, val in plan.folds)
+
+
+def test_too_few_patients_for_the_folds():
+    data = labelled(10)  # 5 patients
+    with pytest.raises(SorterError, match=r"5 patient\(s\) \(10 images\) are too few for a 20% "
+                                          r"test set and 5 folds: at least 6 are needed"):
+        plan_splits(data.patient_ids, data.labels, folds=5)
+
+
+def test_a_class_with_too_few_patients(tmp_path):
+    data = labelled(60)
+    keep = [i for i, c in enumerate(data.labels) if c != "skull"] + \
+           [i for i, c in enumerate(data.labels) if c == "skull"][:4]  # 2 skull patients
+    small = data.subset(keep)
+    with pytest.raises(SorterError, match=r"fewer than 3 patients.*'skull' \(4 images, 2 patients\)"
+                                          r".*small_classes: drop"):
+        train_sorter(small, fast(), out=tmp_path, progress=False)
+    assert not (tmp_path / "fold-1").exists()
+
+
+def test_small_classes_can_be_dropped(tmp_path):
+    data = labelled(60)
+    keep = [i for i, c in enumerate(data.labels) if c != "skull"] + \
+           [i for i, c in enumerate(data.labels) if c == "skull"][:2]
+    result = train_sorter(data.subset(keep), fast(epochs=1, small_classes="drop", gradcam_images=0),
+                          out=tmp_path, progress=False)
+    assert result.classes == ["hand", "knee"]
+    assert result.dropped == {"skull": 2}
+    assert "left out 2 images of 1 small class(es)" in result.notes[0]
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def test_scores_confusion_matrix_and_predictions(run):
+    result, out = run
+    assert result.classes == ["hand", "knee", "skull"]  # entity-set order
+    test = result.test
+    assert test.n == 12 and test.confusion.sum() == 12  # 6 of 30 patients
+    assert len(test.fold_top1) == 2 and all(0 <= a <= 1 for a in test.fold_top1)
+    assert test.top1 <= test.top2 and all(t1 <= t2 for t1, t2 in zip(test.fold_top1, test.fold_top2))
+    assert test.top1 >= 0.5, test  # three easy classes, two epochs: well above chance (1/3)
+    assert test.confusion_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(test.predictions_csv.open()))
+    assert len(rows) == 12 and set(rows[0]) == {"image_id", "patient_id", "label", "predicted",
+                                                "second", "probability"}
+    assert (test.top1 * 12) == pytest.approx(sum(r["label"] == r["predicted"] for r in rows))
+    summary = json.loads((out / "sorter.json").read_text())
+    assert summary["test"]["top2"] == test.top2 and summary["folds"] == 2
+
+
+def test_holdout_is_scored_like_the_test_set(run):
+    result, out = run
+    assert result.holdout.n == 18 and result.holdout.confusion.sum() == 18
+    assert (out / "confusion_holdout.png").is_file() and (out / "predictions_holdout.csv").is_file()
+
+
+def test_each_fold_is_a_train_run_with_checkpoints(run):
+    result, out = run
+    splits = list(csv.DictReader((out / "splits.csv").open()))
+    assert {r["part"] for r in splits} == {"test", "dev"}
+    for fold in result.folds:
+        assert fold.out == out / f"fold-{fold.fold}"
+        assert len(list((fold.out / "checkpoints").glob("epoch-*.pt"))) == 2
+        assert (fold.out / "best.pt").is_file() and (fold.out / "fold.json").is_file()
+        val = [r for r in splits if r["val_fold"] == str(fold.fold)]
+        assert len(val) == fold.n_val and fold.n_train + fold.n_val == 48
+
+
+def test_gradcam_overlays_average_the_fold_models(run):
+    result, out = run
+    assert result.gradcam == out / "gradcam.png" and result.gradcam.is_file()
+    saved = np.load(out / "gradcam" / "cams.npz")
+    assert saved["cams"].shape == (4, 32, 32)
+    assert len(list((out / "gradcam").glob("*.png"))) == 4
+    # round-robin over classes: the 4 images cover all three classes
+    test_labels = {r["image_id"]: r["label"] for r in csv.DictReader((out / "predictions_test.csv").open())}
+    assert {test_labels[i] for i in saved["image_ids"]} == set(REGIONS)
+
+
+def test_load_sorter_predicts_like_the_run(run):
+    result, out = run
+    sorter = load_sorter(out)
+    assert sorter.classes == result.classes and len(sorter.models) == 2
+    data = labelled(18, seed=3, prefix="h")
+    predicted = sorter.predict(data.images)
+    rows = list(csv.DictReader((out / "predictions_holdout.csv").open()))
+    assert predicted == [r["predicted"] for r in rows]
+
+
+def test_rerun_skips_finished_folds(run, tmp_path):
+    result, out = run
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("epoch-*.pt")}
+    again = train_sorter(labelled(), fast(), out=out, progress=False)
+    assert all(f.skipped for f in again.folds)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("epoch-*.pt")} == mtimes
+    assert again.test.top1 == result.test.top1
+
+
+def test_rerun_with_another_architecture_is_refused(run):
+    _, out = run
+    with pytest.raises(SorterError, match=r"holds a sorter run with other options \(encoder: "
+                                          r"'tiny-cnn' -> 'resnet18'\); use a new output folder"):
+        train_sorter(labelled(), fast(encoder="resnet18"), out=out, progress=False)
+
+
+def test_other_data_in_the_same_folder_is_refused(run):
+    _, out = run
+    with pytest.raises(SorterError, match="splits.csv was written for other images or labels"):
+        train_sorter(labelled(62), fast(), out=out, progress=False)
+
+
+def test_resuming_a_fold_checkpoint_of_another_model_names_the_fold(tmp_path):
+    images, classes = drawings(8)
+    fit_classifier(images, classes % 2, 2, TrainConfig(encoder="tiny-cnn", image_size=32, epochs=1,
+                                                      batch_size=4), out=tmp_path / "fold-1")
+    with pytest.raises(SorterError, match=r"fold 1 \(.*fold-1\): .* holds a run of a 'tiny-cnn' "
+                                          r"encoder with 2 classes"):
+        train_sorter(labelled(), fast(), out=tmp_path, progress=False)
+
+
+def test_init_from_a_checkpoint_of_another_architecture(tmp_path):
+    from msk.core.registry import build_encoder
+
+    ckpt = save_checkpoint(tmp_path / "dc.pt", build_encoder("tiny-cnn", in_chans=2), arch="tiny-cnn",
+                           in_chans=2, config={"sobel": True}, epoch=1)
+    with pytest.raises(SorterError, match=r"cannot fine-tune from init=.*dc.pt: .* holds a 'tiny-cnn' "
+                                          r"encoder; it cannot be loaded into 'resnet18'"):
+        train_sorter(labelled(), fast(encoder="resnet18", init=str(ckpt)), out=tmp_path / "run",
+                     progress=False)
+
+
+def test_fine_tunes_a_deepcluster_checkpoint(tmp_path):
+    """init = a DeepCluster checkpoint (Sobel input): the sorter's fold models start from it."""
+    from msk.core.checkpoint import load_checkpoint
+    from msk.core.deepcluster import DeepClusterConfig, run_deepcluster
+
+    data = labelled()
+    dc = run_deepcluster(data.images, DeepClusterConfig(encoder="tiny-cnn", k=6, epochs=1,
+                                                        image_size=32, pca_dim=8, num_workers=0),
+                         out=tmp_path / "dc", progress=False)
+    result = train_sorter(data, fast(epochs=1, init=str(dc.checkpoint), gradcam_images=1),
+                          out=tmp_path / "sorter", progress=False)
+    saved = load_checkpoint(result.folds[0].out / "best.pt")
+    assert saved.in_chans == 2 and saved.config["sobel"] is True
+    assert saved.config["init"] == str(dc.checkpoint)
+
+
+# -- labels and ingest output ------------------------------------------------------------------
+
+
+def write(path, header, rows):
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def fake_ingest(folder, data: LabelledImages, *, patients=True):
+    """A committed ingest output holding ``data``'s images (one shard, one manifest part)."""
+    from msk.core.manifest import write_manifest_part
+
+    n, size = len(data), data.images.shape[1]
+    (folder / "shards").mkdir(parents=True)
+    pq.write_table(pa.table({
+        "image_id": data.image_ids, "image": [im.tobytes() for im in data.images],
+        "height": pa.array([size] * n, pa.int32()), "width": pa.array([size] * n, pa.int32()),
+        "patient_id": data.patient_ids if patients else [None] * n,
+    }), folder / "shards" / "part-000000-000.parquet")
+    write_manifest_part(folder, 0, [{"path": f"{i}.dcm", "image_id": i, "status": "ok",
+                                     "shard": "shards/part-000000-000.parquet"} for i in data.image_ids])
+    return folder
+
+
+def test_weak_labels_of_clusters_apply_and_plain_csv(tmp_path):
+    regions = entity_set("samx-regions")
+    weak = write(tmp_path / "weak.csv", ["row", "image_id", "label"],
+                 [(0, "a", "Lower Leg"), (1, "b", ""), (2, "c", "chest"), (3, "d", "discard")])
+    assert read_image_labels(weak, regions) == {"a": "lower leg", "c": "thorax"}
+    plain = write(tmp_path / "plain.csv", ["image_id", "label"], [("a", "hand"), ("a", "HAND")])
+    assert read_image_labels(plain, regions) == {"a": "hand"}
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([("a", "lower leg"), ("b", "lowerleg")],
+     r"labels.csv, line 3: 'lowerleg' looks like 'lower leg' but is not one of its spellings in "
+     r"samx-regions; line 2 writes it 'lower leg'"),
+    ([("a", "hnad")], r"line 2: 'hnad' is not a region of samx-regions; did you mean 'hand'\?"),
+    ([("a", "hand"), ("a", "knee")], r"line 3: image a is labelled 'knee' but line 2 says 'hand'"),
+    ([("", "hand")], r"line 2: label 'hand' without an image_id"),
+    ([("a", "")], r"labels.csv: no image has a label"),
+])
+def test_bad_label_files(tmp_path, rows, message):
+    path = write(tmp_path / "labels.csv", ["image_id", "label"], rows)
+    with pytest.raises(LabelFileError, match=message):
+        read_image_labels(path, entity_set("samx-regions"))
+
+
+def test_a_cluster_labels_file_needs_its_run(tmp_path):
+    path = write(tmp_path / "labels.csv", ["cluster", "size", "label"], [(0, 3, "hand")])
+    with pytest.raises(LabelFileError, match="expected the columns image_id and label.*this is a "
+                                             "cluster labels file: pass the DeepCluster run folder"):
+        read_image_labels(path, entity_set("samx-regions"))
+
+
+def test_cluster_labels_with_their_run_surface_labelling_errors(tmp_path):
+    from msk.core.deepcluster import DeepClusterConfig
+
+    data = labelled(6)
+    ingest = fake_ingest(tmp_path / "ingest", data)
+    run = tmp_path / "cluster"
+    run.mkdir()
+    (run / "config.yaml").write_text(DeepClusterConfig(k=3).to_yaml())
+    np.save(run / "assignments.npy", np.array([0, 0, 1, 1, 2, 2]))
+    write(run / "assignments.csv", ["row", "image_id", "cluster"],
+          [(i, data.image_ids[i], i // 2) for i in range(6)])
+    good = write(tmp_path / "labels.csv", ["cluster", "size", "label"],
+                 [(0, 2, "hand"), (1, 2, "Hand"), (2, 2, "discard")])
+    loaded = load_labelled(ingest, good, cluster_run=run)
+    assert loaded.labels == ["hand"] * 4 and loaded.image_ids == data.image_ids[:4]
+    twice = write(tmp_path / "twice.csv", ["cluster", "size", "label"],
+                  [(0, 2, "lower leg"), (1, 2, "lower-leg")])
+    with pytest.raises(LabelFileError, match="'lower-leg' looks like 'lower leg'"):
+        load_labelled(ingest, twice, cluster_run=run)
+
+
+def test_labels_of_images_not_in_the_ingest_output(tmp_path):
+    data = labelled(6)
+    ingest = fake_ingest(tmp_path / "ingest", data)
+    labels = write(tmp_path / "labels.csv", ["image_id", "label"],
+                   [(i, "hand") for i in [*data.image_ids[:2], "zz1", "zz2"]])
+    with pytest.raises(SorterError, match=r"labels 2 of 4 image\(s\) that are not in the ingest "
+                                          r"output .*ingest: zz1, zz2; were the labels made for "
+                                          r"another ingest\?"):
+        load_labelled(ingest, labels)
+
+
+def test_loading_joins_labels_to_images_by_id(tmp_path):
+    data = labelled(6)
+    ingest = fake_ingest(tmp_path / "ingest", data, patients=False)
+    labels = write(tmp_path / "labels.csv", ["image_id", "label"],
+                   [(data.image_ids[4], "knee"), (data.image_ids[1], "skull")])
+    with pytest.warns(UserWarning, match="2 image\\(s\\) have no patient id"):
+        loaded = load_labelled(ingest, labels)
+    assert loaded.image_ids == [data.image_ids[1], data.image_ids[4]]  # ingest order
+    assert loaded.labels == ["skull", "knee"]
+    np.testing.assert_array_equal(loaded.images, data.images[[1, 4]])
+    assert loaded.patient_ids == [f"image:{i}" for i in loaded.image_ids]
+
+
+def test_holdout_sharing_patients_is_refused(tmp_path):
+    data = labelled()
+    with pytest.raises(SorterError, match="external hold-out memory shares patients"):
+        train_sorter(data, fast(), out=tmp_path, holdout=data.subset([0, 1]), progress=False)
