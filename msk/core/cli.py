@@ -209,6 +209,93 @@ def clusters_apply(
     out.print(f"weak labels: {target}")
 
 
+train_app = typer.Typer(help="Supervised training on weak or expert labels.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("sorter")
+def train_sorter(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    labels: Path = typer.Argument(..., metavar="LABELS", help="weak labels CSV (image_id,label) from `msk clusters apply`"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="run folder (folds, checkpoints, report)"),
+    init: Optional[str] = typer.Option(None, help="checkpoint to fine-tune, e.g. the DeepCluster one [default: random]"),
+    encoder: Optional[str] = typer.Option(None, help="encoder name [default: resnet18]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs per fold [default: 10]"),
+    folds: Optional[int] = typer.Option(None, help="cross-validation folds [default: 5]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process [default: 1]"),
+    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+    holdout_ingest: Optional[Path] = typer.Option(None, help="external hold-out ingest folder"),
+    holdout_labels: Optional[Path] = typer.Option(None, help="labels of the external hold-out"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Train the anatomical sorter (SAM-X): patient-level test set + k-fold CV, top-1/top-2,
+    confusion matrix, Grad-CAM averaged over the fold models. Re-running resumes.
+
+    [b]Example[/b]: [cyan]msk train sorter out/ingest out/cluster/weak_labels.csv out/sorter --init out/cluster/checkpoints/epoch-010.pt[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.sorter import SorterConfig, sorter_from_ingest
+
+    cfg = load_config(SorterConfig, config, init=init, encoder=encoder, epochs=epochs, folds=folds,
+                      num_workers=num_workers, use_gpu=use_gpu)
+    result = sorter_from_ingest(ingest_dir, labels, cfg, out=out_dir, holdout_ingest=holdout_ingest,
+                                holdout_labels=holdout_labels)
+    out.print(result.table())
+    out.print(f"report: {out_dir}")
+
+
+@train_app.command("transfer")
+def train_transfer(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    labels: Path = typer.Argument(..., metavar="LABELS", help="CSV image_id,label of the downstream task"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="run folder"),
+    arm: list[str] = typer.Option([], "--arm", help="NAME=CHECKPOINT to compare with random init (repeatable)"),
+    cascade: bool = typer.Option(False, help="phase 1 normal vs pathological, phase 2 entity A vs B"),
+    positive: Optional[str] = typer.Option(None, help="positive class for sensitivity/specificity"),
+    epochs: Optional[int] = typer.Option(None, help="epochs per fold [default: 10]"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Fine-tune on a small labelled task from random init and from msk checkpoints, side by side.
+
+    [b]Example[/b]: [cyan]msk train transfer out/ingest task.csv out/transfer --arm deepcluster=out/cluster/checkpoints/epoch-010.pt[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.errors import ConfigError
+    from msk.core.transfer import TransferConfig, transfer_from_ingest
+
+    arms = {"random": "random"}
+    for item in arm:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--arm {item!r}: expected NAME=CHECKPOINT")
+        arms[name] = path
+    cfg = load_config(TransferConfig, config, arms=arms if arm else None, cascade=cascade or None,
+                      positive=positive, epochs=epochs)
+    result = transfer_from_ingest(ingest_dir, labels, cfg, out=out_dir)
+    out.print(result.table())
+    out.print(f"report: {out_dir}")
+
+
+@app.command()
+def serve(
+    config: Path = typer.Argument(..., help="serve config YAML (see msk/serve/serve.example.yaml)"),
+    insecure: bool = typer.Option(False, "--insecure", help="disable bearer-token auth (loud warning)"),
+    host: Optional[str] = typer.Option(None, help="bind address [default: from the config, 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, help="port [default: from the config, 8000]"),
+) -> None:
+    """Serve /v1/sort, /v1/recommend and /v1/classify locally with Ray Serve until Ctrl-C.
+
+    Checkpoints and index come from CONFIG and are checked at start-up; the bearer token from
+    MSK_SERVE_TOKEN or the config's token_file.
+
+    [b]Example[/b]: [cyan]MSK_SERVE_TOKEN=$(cat token) msk serve msk/serve/serve.example.yaml --port 8000[/cyan]
+    """
+    from msk.serve import serve_main
+
+    url = serve_main(config, insecure=insecure, host=host, port=port, blocking=True)
+    out.print(f"stopped serving {url}")
+
+
 @app.command()
 def demo(
     out_dir: Path = typer.Argument(Path("out/demo"), metavar="OUT", help="output folder"),
