@@ -1,0 +1,341 @@
+"""The msk HTTP API on Ray Serve: one FastAPI ingress in front of three model deployments.
+
+::
+
+    HTTP proxy (Serve) -> Gateway (FastAPI: auth, limits, upload decoding, errors)
+                           |-> SorterDeployment      /v1/sort       (@serve.batch)
+                           |-> RecommenderDeployment /v1/recommend  (@serve.batch)
+                           '-> ClassifierDeployment  /v1/classify   (@serve.batch)
+
+The gateway decodes every upload with the ingest's reader and squares it as the ingest did
+(:mod:`msk.serve.inputs`); only the pixels travel on to a model replica. Model calls have a
+timeout (``call_timeout_s``, 504) and a replica that died answers 503 ``model_unavailable``
+until Serve has replaced it. Routes:
+
+=========================  ====  =========================================================
+``GET /healthz``           open  the gateway is up
+``GET /readyz``            open  every configured model answers (503 ``not_ready`` if not)
+``GET /v1/models``         auth  what each model is (classes, input size, k, ...)
+``POST /v1/sort``          auth  image -> top-k regions (``?k=``, ``?gradcam=true``)
+``POST /v1/recommend``     auth  image -> k similar previous patients + entity vote (``?k=``)
+``POST /v1/classify``      auth  image + metadata JSON -> entity probabilities (``?gradcam=true``)
+``/docs``, ``/openapi.json`` open  the OpenAPI schema
+=========================  ====  =========================================================
+
+Entry points: :func:`serve_main` (``msk serve CONFIG``), :func:`build_app` (the ``import_path``
+of a Ray Serve config file, ``serve run msk/serve/serve.example.yaml``) and
+:func:`application` (a bound application for ``serve.run``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from os import PathLike
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.security import HTTPBearer
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from msk.core.config import load_config
+from msk.core.errors import ConfigError, MskError
+from msk.serve.auth import BearerAuth, resolve_token_digest
+from msk.serve.config import PreprocessConfig, ReplicaConfig, ServeConfig, check_paths
+from msk.serve.errors import ApiError, install_error_handlers
+from msk.serve.inputs import RAW_TYPES, ClinicalMetadata, Radiograph, decode_radiograph, parse_metadata, read_upload
+from msk.serve.replica import Rejection
+from msk.serve.schemas import ClassifyResponse, ErrorResponse, Health, Ready, RecommendResponse, SortResponse
+
+__all__ = ["API_VERSION", "Gateway", "ModelClients", "ServeError", "application", "build_app", "create_api",
+           "serve_main"]
+
+API_VERSION = "v1"
+#: Endpoint name (route and deployment method) -> the model's name (its config section).
+ENDPOINTS = {"sort": "sorter", "recommend": "recommender", "classify": "classifier"}
+READY_TIMEOUT_S = 5.0
+
+logger = logging.getLogger("ray.serve.msk")
+
+
+class ServeError(MskError):
+    """The application could not be started."""
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    return RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+
+# -- the ingress --------------------------------------------------------------------------------
+
+
+class ModelClients:
+    """The model deployments behind the gateway: calls with a timeout, failures as :class:`ApiError`.
+
+    :param handles: endpoint name (``sort``, ``recommend``, ``classify``) -> deployment handle
+        (anything whose ``handle.method.remote(*args)`` is awaitable) of the configured models.
+    """
+
+    def __init__(self, handles: Mapping[str, Any], call_timeout_s: float):
+        self.handles = dict(handles)
+        self.call_timeout_s = float(call_timeout_s)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.handles)
+
+    async def call(self, model: str, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """``method(*args)`` of the ``model`` deployment; a :class:`Rejection` is raised as its error."""
+        handle = self.handles.get(model)
+        if handle is None:
+            raise ApiError(503, "not_configured", f"this server has no {ENDPOINTS.get(model, model)} "
+                           f"(/{API_VERSION}/{model})")
+        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
+        try:
+            result = await asyncio.wait_for(getattr(handle, method).remote(*args), timeout_s)
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"the {ENDPOINTS[model]} did not answer within {timeout_s:g} s") from None
+        except _unavailable_errors() as exc:
+            logger.warning("%s unavailable (%s)", ENDPOINTS[model], type(exc).__name__)
+            raise ApiError(503, "model_unavailable", f"the {ENDPOINTS[model]} is restarting or overloaded; retry "
+                           "shortly", headers={"Retry-After": "2"}) from None
+        if isinstance(result, Rejection):
+            raise ApiError(result.status, result.code, result.message)
+        return result
+
+
+@serve.deployment(name="gateway")
+@serve.ingress()
+class Gateway:
+    """The FastAPI ingress deployment; each replica builds its app in :meth:`__serve_build_asgi_app__`.
+
+    :param settings: ``call_timeout_s``, ``max_upload_bytes``, ``preprocess`` (a
+        :class:`PreprocessConfig` dump), ``token_digest`` (``None``: no authentication) and
+        ``debug_routes``.
+    :param sorter, recommender, classifier: handles of the configured model deployments.
+    """
+
+    def __init__(self, settings: dict[str, Any], sorter: DeploymentHandle | None = None,
+                 recommender: DeploymentHandle | None = None, classifier: DeploymentHandle | None = None):
+        self.settings = settings
+        handles = {"sort": sorter, "recommend": recommender, "classify": classifier}
+        self.models = ModelClients({n: h for n, h in handles.items() if h is not None}, settings["call_timeout_s"])
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.settings, self.models)
+
+
+def _upload_body(with_metadata: bool) -> dict[str, Any]:
+    """OpenAPI request body of an image endpoint (the route reads the body itself)."""
+    properties: dict[str, Any] = {"image": {"type": "string", "format": "binary",
+                                            "description": "DICOM, PNG or JPEG file (the content decides)"}}
+    if with_metadata:
+        properties["metadata"] = {"type": "string", "contentMediaType": "application/json",
+                                  "contentSchema": ClinicalMetadata.model_json_schema(),
+                                  "example": '{"sex": "F", "age": 15, "site": "femur", "view": "frontal"}'}
+    content: dict[str, Any] = {"multipart/form-data": {"schema": {
+        "type": "object", "properties": properties, "required": list(properties)}}}
+    if not with_metadata:
+        content.update({t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(RAW_TYPES)})
+    return {"requestBody": {"required": True, "content": content}}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in {
+        400: "malformed request", 401: "missing or invalid Bearer token", 413: "body above max_upload_bytes",
+        415: "not an accepted content type, or not DICOM/PNG/JPEG",
+        422: "unreadable image (with its quarantine reason), invalid metadata or parameters",
+        500: "internal error", 503: "model not configured or unavailable", 504: "model timeout"}.items()}
+
+
+def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
+    """The FastAPI app of one gateway replica (see :class:`Gateway` for ``settings``)."""
+    import msk
+
+    preprocess = PreprocessConfig.model_validate(settings["preprocess"])
+
+    async def radiograph(data: bytes) -> Radiograph:
+        """Decode an upload as the ingest would (in a thread: DICOM decoding is CPU work)."""
+        return await asyncio.to_thread(decode_radiograph, data, preprocess)
+
+    api = FastAPI(title="msk", version=msk.__version__,
+                  summary="Musculoskeletal radiograph models: anatomical sorter, similar-patient "
+                          "recommender, image + metadata classifier.")
+    install_error_handlers(api, max_body_bytes=int(settings["max_upload_bytes"]))
+    auth = BearerAuth(settings.get("token_digest"))
+    dependencies = [Depends(auth)]
+    if auth.digest is not None:
+        dependencies.insert(0, Depends(HTTPBearer(auto_error=False, description="the MSK_SERVE_TOKEN")))
+    v1 = APIRouter(prefix=f"/{API_VERSION}", dependencies=dependencies, responses=ERROR_RESPONSES)
+
+    @api.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The gateway is up (says nothing about the models: see /readyz)."""
+        return {"status": "ok"}
+
+    @api.get("/readyz", response_model=Ready, tags=["health"], responses={503: {"model": ErrorResponse}})
+    async def readyz() -> dict[str, Any]:
+        """Every configured model answers within a few seconds."""
+        names = list(models)
+        results = await asyncio.gather(*(models.call(n, "describe", timeout_s=READY_TIMEOUT_S) for n in names),
+                                       return_exceptions=True)
+        failed = [f"{n} ({r.code})" for n, r in zip(names, results) if isinstance(r, ApiError)]
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, ApiError):
+                raise r
+        if failed:
+            raise ApiError(503, "not_ready", f"not ready: {', '.join(failed)}")
+        return {"status": "ready", "models": {n: "ready" for n in names}}
+
+    @v1.get("/models", tags=["models"])
+    async def list_models() -> dict[str, Any]:
+        """What each configured model is: classes, input size, k, vocabulary."""
+        names = list(models)
+        described = await asyncio.gather(*(models.call(n, "describe") for n in names))
+        return {"preprocess": preprocess.model_dump(mode="json", exclude={"ingest"}),
+                "models": dict(zip(names, described))}
+
+    @v1.post("/sort", response_model=SortResponse, response_model_exclude_none=True, tags=["models"],
+             openapi_extra=_upload_body(False))
+    async def sort(request: Request, k: int | None = Query(None, ge=1, le=100, description="regions to return"),
+                   gradcam: bool = Query(False, description="add a Grad-CAM PNG of the top region")) -> Any:
+        """Anatomical region of a radiograph: the top-k regions with probabilities."""
+        image = await radiograph((await read_upload(request)).data)
+        return await models.call("sort", "sort", image.pixels, k, gradcam)
+
+    @v1.post("/recommend", response_model=RecommendResponse, tags=["models"], openapi_extra=_upload_body(False))
+    async def recommend(request: Request, k: int | None = Query(None, ge=1, le=100, description="neighbours")) -> Any:
+        """The k most similar previous patients' images (pseudonymised ids) and their entity vote."""
+        image = await radiograph((await read_upload(request)).data)
+        return await models.call("recommend", "recommend", image.pixels, k)
+
+    @v1.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True, tags=["models"],
+             openapi_extra=_upload_body(True))
+    async def classify(request: Request, gradcam: bool = Query(False, description="add a Grad-CAM PNG")) -> Any:
+        """Entity probabilities of a lesion from the radiograph and the patient's clinical metadata."""
+        upload = await read_upload(request)
+        metadata = parse_metadata(upload.metadata)
+        image = await radiograph(upload.data)
+        return await models.call("classify", "classify", image.pixels, image.source_shape,
+                                  metadata.model_dump(), gradcam)
+
+    if settings.get("debug_routes"):
+        @v1.post("/debug/crash/{model}", tags=["debug"], include_in_schema=False)
+        async def crash(model: str) -> dict[str, str]:
+            """Kill the model's replica process (tests of recovery)."""
+            try:
+                await models.call(model, "crash")
+            except ApiError as exc:
+                if exc.code != "model_unavailable":  # the expected outcome: the replica died
+                    raise
+            return {"status": "crashed", "model": model}
+
+        @v1.post("/debug/stall/{model}", tags=["debug"], include_in_schema=False)
+        async def stall(model: str, seconds: float = Query(..., gt=0, le=600)) -> dict[str, str]:
+            """A model call that takes ``seconds`` (tests of the timeout)."""
+            return {"status": await models.call(model, "stall", seconds)}
+
+    api.include_router(v1)
+    return api
+
+
+# -- building and starting ------------------------------------------------------------------------
+
+
+def _options(config: ReplicaConfig) -> dict[str, Any]:
+    """``Deployment.options`` of a gateway or model config."""
+    gpus = 1 if getattr(config, "use_gpu", False) else 0
+    return {"num_replicas": config.replicas, "max_ongoing_requests": config.max_ongoing_requests,
+            "health_check_period_s": config.health_check_period_s,
+            "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": gpus}}
+
+
+def application(config: ServeConfig):
+    """The bound Serve application of ``config``, after checking every path and model.
+
+    Raises :class:`ConfigError` (missing checkpoint or index, classes that do not fit, no
+    token) before anything is deployed.
+    """
+    from msk.serve.classifier import ClassifierDeployment, load_classifier_model
+    from msk.serve.recommender import RecommenderDeployment, inspect_recommender
+    from msk.serve.sorter import SorterDeployment, inspect_sorter
+
+    config = check_paths(config)
+    digest = resolve_token_digest(config.token_file, insecure=config.insecure)
+    preprocess = config.preprocess.model_dump(mode="json")
+    bound: dict[str, Any] = {}
+    if config.sorter is not None:
+        inspect_sorter(config.sorter)
+        bound["sorter"] = SorterDeployment.options(**_options(config.sorter)).bind(
+            config.sorter.model_dump(mode="json"), config.debug_routes)
+    if config.recommender is not None:
+        inspect_recommender(config.recommender)
+        bound["recommender"] = RecommenderDeployment.options(**_options(config.recommender)).bind(
+            config.recommender.model_dump(mode="json"), config.debug_routes)
+    if config.classifier is not None:
+        load_classifier_model(config.classifier, config.preprocess)  # fails here, not in a replica
+        bound["classifier"] = ClassifierDeployment.options(**_options(config.classifier)).bind(
+            config.classifier.model_dump(mode="json"), preprocess, config.debug_routes)
+    settings = {"call_timeout_s": config.call_timeout_s, "max_upload_bytes": config.max_upload_bytes,
+                "preprocess": preprocess, "token_digest": digest, "debug_routes": config.debug_routes}
+    return Gateway.options(**_options(config.gateway)).bind(settings, **bound)
+
+
+def build_app(args: dict[str, Any]):
+    """Application builder for Ray Serve config files (``import_path: msk.serve.app:build_app``);
+    ``args`` are the keys of :class:`ServeConfig`."""
+    try:
+        config = ServeConfig.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid msk serve args: {problems}") from None
+    return application(config)
+
+
+def serve_main(config_path: str | PathLike | None, *, insecure: bool = False, host: str | None = None,
+               port: int | None = None, blocking: bool = True) -> str:
+    """``msk serve CONFIG``: check the config, start Ray and Serve locally, deploy, and wait.
+
+    :param insecure: serve without authentication (a loud warning says so).
+    :param host, port: override the config's ``host``/``port``.
+    :param blocking: wait until Ctrl-C, then shut Serve down; ``False`` returns at once
+        (Serve keeps running in this Ray session: ``ray.serve.shutdown()`` stops it).
+    :return: the base URL, e.g. ``http://127.0.0.1:8000``.
+    """
+    import ray
+
+    config = load_config(ServeConfig, config_path, host=host, port=port, insecure=True if insecure else None)
+    app = application(config)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    serve.start(proxy_location="HeadOnly", http_options={
+        "host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
+    started = time.perf_counter()
+    try:
+        serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
+    except Exception as exc:  # noqa: BLE001 - Serve raises RuntimeError and others; say where to look
+        raise ServeError(f"the {config.app_name!r} application did not start: {str(exc).splitlines()[0]} "
+                         "(the replica logs under the Ray session's logs/serve/ say why)") from exc
+    url = f"http://{config.host}:{config.port}"
+    logger.info("msk serve: %s ready in %.1f s", url, time.perf_counter() - started)
+    if blocking:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        console.print(f"[bold green]msk serve[/] on {url} ({', '.join(config.models)}); "
+                      f"API docs: {url}/docs. Ctrl-C stops.")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("msk serve: shutting down")
+        finally:
+            serve.shutdown()
+    return url
+

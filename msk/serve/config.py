@@ -1,0 +1,212 @@
+"""Typed configuration of ``msk serve``: which models answer which endpoint, and how.
+
+One YAML file (or the ``args`` of the application in a Ray Serve config file, see
+``msk/serve/serve.example.yaml``) holds a :class:`ServeConfig`::
+
+    preprocess: {ingest: out/ingest}          # decode + square exactly as this ingest did
+    sorter: {checkpoint: out/sorter}          # /v1/sort
+    recommender: {path: out/recommender}      # /v1/recommend
+    classifier:                               # /v1/classify
+      checkpoint: out/fusion/best.pt
+      metadata_encoder: out/fusion/metadata_encoder.json
+      head: concat
+
+A model left out has no replica; its endpoint answers 503 ``not_configured``. Every path is
+checked by :func:`check_paths` before anything starts, so a typo fails at start-up with the
+field and the path, not in a replica log.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from msk.core.config import MskConfig
+from msk.core.errors import ConfigError
+
+__all__ = [
+    "ClassifyConfig", "GatewayConfig", "ModelConfig", "PreprocessConfig", "RecommendConfig",
+    "ReplicaConfig", "RoiConfig", "ServeConfig", "SortConfig", "check_paths",
+]
+
+MiB = 1 << 20
+
+
+class PreprocessConfig(MskConfig):
+    """How an upload becomes the square ``uint8`` image the models were trained on.
+
+    The decoder is the ingest's (:func:`msk.core.dicom.read_image`) and the square the
+    ingest's (:func:`msk.core.ingest.square_image`); the models then apply their own eval
+    transform. ``image_size`` and ``resize`` must be those of the ingest that made the
+    training images: set ``ingest`` to read them from its ``ingest.json``.
+    """
+
+    ingest: Path | None = Field(None, description="ingest output folder whose ingest.json gives image_size, resize, max_pixels")
+    image_size: int = Field(256, ge=8, le=8192, description="side of the square image (the ingest's image_size)")
+    resize: Literal["pad", "stretch"] = Field("pad", description="the ingest's resize mode")
+    max_pixels: int = Field(50_000_000, gt=0, description="larger images are refused (422, reason too_large)")
+
+    def resolved(self) -> PreprocessConfig:
+        """This config with the values of ``ingest``'s ``ingest.json`` filled in.
+
+        A value set explicitly that contradicts the ingest's is an error: the models would
+        see images prepared unlike their training images.
+        """
+        if self.ingest is None:
+            return self
+        summary = Path(self.ingest) / "ingest.json"
+        try:
+            saved = json.loads(summary.read_text())["config"]
+        except FileNotFoundError:
+            raise ConfigError(f"preprocess.ingest: {summary} does not exist (not an ingest output folder?)") from None
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"preprocess.ingest: {summary} is unreadable ({exc})") from None
+        values = {k: saved[k] for k in ("image_size", "resize", "max_pixels") if k in saved}
+        clash = {k: (getattr(self, k), v) for k, v in values.items()
+                 if k in self.model_fields_set and getattr(self, k) != v}
+        if clash:
+            detail = ", ".join(f"{k}: {mine!r} here, {theirs!r} in {summary}" for k, (mine, theirs) in clash.items())
+            raise ConfigError(f"preprocess contradicts the ingest it names ({detail}); drop the "
+                              "explicit value(s)")
+        return self.model_copy(update=values)
+
+
+class ReplicaConfig(MskConfig):
+    """Ray Serve options of one deployment."""
+
+    replicas: int = Field(1, ge=1, description="number of replicas")
+    num_cpus: float = Field(0.5, ge=0, description="logical CPUs Ray reserves per replica")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica works on at once")
+    health_check_period_s: float = Field(10.0, gt=0, description="how often Serve checks a replica is alive")
+
+
+class ModelConfig(ReplicaConfig):
+    """Options shared by the three model deployments."""
+
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch: requests per forward pass (1: no batching)")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch: longest wait to fill a batch")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+    use_gpu: bool = Field(False, description="one GPU per replica")
+
+
+class SortConfig(ModelConfig):
+    """``/v1/sort``: the anatomical sorter."""
+
+    checkpoint: Path = Field(description="a sorter run folder (sorter.json, fold-k/best.pt: the fold "
+                                         "ensemble) or one classifier checkpoint (.pt)")
+    classes: list[str] | None = Field(None, description="class names of a single checkpoint, in output "
+                                                        "order; default: the checkpoint's, else samx-regions")
+    top_k: int = Field(3, ge=1, description="regions returned when the request does not say")
+
+
+class RecommendConfig(ModelConfig):
+    """``/v1/recommend``: similar previous patients and a vote on their entity."""
+
+    path: Path = Field(description="a saved recommender folder (msk.core.recommender)")
+    encoder: Path | None = Field(None, description="encoder checkpoint; default: the one the index was built with")
+    k: int | None = Field(None, ge=1, description="neighbours when the request does not say; default: the recommender's")
+
+
+class RoiConfig(MskConfig):
+    """Lesion crops: the request's metadata gives the lesion ``box`` (uploaded-image pixels)."""
+
+    margin: float = Field(0.15, ge=0, description="margin on each side, a fraction of the lesion's longer side")
+    size: int = Field(64, ge=8, description="side of the crop (the fusion run's roi_size)")
+
+
+class ClassifyConfig(ModelConfig):
+    """``/v1/classify``: radiograph + clinical metadata -> entity probabilities."""
+
+    checkpoint: Path = Field(description="a trained classifier checkpoint (msk.core.train / msk.core.fusion)")
+    metadata_encoder: Path | None = Field(None, description="the fitted MetadataEncoder (JSON) of a fusion model")
+    head: str | None = Field(None, description="fusion head the model was trained with (concat, gated, film); "
+                                               "None: a linear head (image-only model)")
+    hidden: list[int] = Field([64, 32], min_length=1, description="metadata MLP widths of the fusion head")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    classes: list[str] | None = Field(None, description="entity names in output order; default: the "
+                                                        "checkpoint's, else entity_set's")
+    entity_set: str | None = Field(None, description="registry entity set naming the classes")
+    roi: RoiConfig | None = Field(None, description="classify the lesion crop around metadata.box")
+
+
+class GatewayConfig(ReplicaConfig):
+    """The HTTP ingress (FastAPI) deployment; it decodes uploads, so give it CPU too."""
+
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class ServeConfig(MskConfig):
+    """Options of ``msk serve`` (YAML keys of its config file)."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP proxy listens on")
+    port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float = Field(60.0, gt=0, description="Serve's end-to-end HTTP timeout (a backstop)")
+    call_timeout_s: float = Field(30.0, gt=0, description="longest wait for a model's answer (504 after)")
+    max_upload_bytes: int = Field(64 * MiB, ge=1024, description="larger request bodies are refused (413)")
+    token_file: Path | None = Field(None, description="file holding the Bearer token (env MSK_SERVE_TOKEN wins)")
+    insecure: bool = Field(False, description="no authentication at all (never on a network)")
+    debug_routes: bool = Field(False, description="/v1/debug/{crash,stall}/{model}: for tests only")
+    app_name: str = Field("msk", description="Ray Serve application name")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    sorter: SortConfig | None = None
+    recommender: RecommendConfig | None = None
+    classifier: ClassifyConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.sorter is None and self.recommender is None and self.classifier is None:
+            raise ValueError("no model to serve: configure at least one of sorter, recommender, classifier")
+        if self.call_timeout_s >= self.request_timeout_s:
+            raise ValueError(f"call_timeout_s ({self.call_timeout_s:g}) must be below request_timeout_s "
+                             f"({self.request_timeout_s:g}), or Serve's timeout fires first")
+        return self
+
+    @property
+    def models(self) -> dict[str, ModelConfig]:
+        """The configured models by endpoint name (``sort``, ``recommend``, ``classify``)."""
+        named = {"sort": self.sorter, "recommend": self.recommender, "classify": self.classifier}
+        return {name: cfg for name, cfg in named.items() if cfg is not None}
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).expanduser().absolute()
+
+
+def check_paths(config: ServeConfig) -> ServeConfig:
+    """A copy of ``config`` with absolute paths, every one checked to exist.
+
+    Raises :class:`~msk.core.errors.ConfigError` naming the field and the path; replicas run in
+    other processes (and other working directories), so relative paths are resolved here.
+    """
+    def need(field: str, path: Path | None, kind: Literal["file", "dir", "any"]) -> Path | None:
+        path = _absolute(path)
+        if path is None:
+            return None
+        if not path.exists():
+            raise ConfigError(f"{field}: {path} does not exist")
+        if kind == "file" and not path.is_file():
+            raise ConfigError(f"{field}: {path} is not a file")
+        if kind == "dir" and not path.is_dir():
+            raise ConfigError(f"{field}: {path} is not a folder")
+        return path
+
+    update: dict = {"token_file": need("token_file", config.token_file, "file")}
+    pre = config.preprocess.model_copy(update={"ingest": need("preprocess.ingest", config.preprocess.ingest, "dir")})
+    update["preprocess"] = pre.resolved()
+    if config.sorter is not None:
+        update["sorter"] = config.sorter.model_copy(
+            update={"checkpoint": need("sorter.checkpoint", config.sorter.checkpoint, "any")})
+    if config.recommender is not None:
+        update["recommender"] = config.recommender.model_copy(update={
+            "path": need("recommender.path", config.recommender.path, "dir"),
+            "encoder": need("recommender.encoder", config.recommender.encoder, "file")})
+    if config.classifier is not None:
+        update["classifier"] = config.classifier.model_copy(update={
+            "checkpoint": need("classifier.checkpoint", config.classifier.checkpoint, "file"),
+            "metadata_encoder": need("classifier.metadata_encoder", config.classifier.metadata_encoder, "file")})
+    return config.model_copy(update=update)

@@ -1,0 +1,64 @@
+"""Response bodies of the HTTP API (they make the OpenAPI schema at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = ["ClassifyResponse", "ErrorInfo", "ErrorResponse", "Health", "Probability", "Ready",
+           "RecommendResponse", "SortResponse"]
+
+GRADCAM = "base64 PNG (only with ?gradcam=true): Grad-CAM of the top class over the model's input image"
+
+
+class Probability(BaseModel):
+    name: str = Field(description="class name (region or entity)")
+    probability: float = Field(ge=0, le=1)
+
+
+class SortResponse(BaseModel):
+    regions: list[Probability] = Field(description="the k most probable regions, most probable first")
+    gradcam_png: str | None = Field(None, description=GRADCAM)
+
+
+class Neighbour(BaseModel):
+    """A previous patient's image: pseudonymised ids only."""
+
+    patient_id: str | None
+    study_id: str | None
+    image_id: str
+    distance: float = Field(description="1 - cosine similarity (hamming bits for an lsh index); smaller is nearer")
+    entity: str = Field(description="the confirmed entity of that image")
+
+
+class RecommendResponse(BaseModel):
+    entity: str = Field(description="the entity the neighbours vote for")
+    confidence: float = Field(description="its share of the vote")
+    shares: dict[str, float] = Field(description="every voted entity's share (sums to 1), largest first")
+    neighbours: list[Neighbour] = Field(description="the k nearest previous images, nearest first")
+
+
+class ClassifyResponse(BaseModel):
+    entities: list[Probability] = Field(description="every entity, most probable first")
+    metadata_used: bool = Field(description="false for an image-only model (metadata validated, not used)")
+    gradcam_png: str | None = Field(None, description=GRADCAM)
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="machine-readable error code (see docs/serve.md)")
+    message: str
+    reason: str | None = Field(None, description="quarantine reason of an unreadable image")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    models: dict[str, Literal["ready"]] = Field(description="the configured models (details: /v1/models)")

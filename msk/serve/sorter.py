@@ -1,0 +1,133 @@
+"""``/v1/sort``: the anatomical sorter as a Ray Serve deployment (top-k regions, Grad-CAM).
+
+The model is what ``msk train sorter`` wrote: a run folder (``sorter.json`` + ``fold-k/best.pt``)
+is served as its fold ensemble (mean of the fold models' softmax, as the sorter evaluates it:
+:class:`msk.core.sorter.SorterEnsemble`); a single classifier checkpoint is served alone, with
+its class names from the config, the checkpoint (``extra["classes"]``) or, for 28 outputs, the
+``samx-regions`` entity set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from msk.core.errors import ConfigError
+from msk.serve.config import SortConfig
+from msk.serve.replica import ModelReplica, gradcam_png
+
+__all__ = ["SorterDeployment", "inspect_sorter", "load_sorter_model"]
+
+REGION_SET = "samx-regions"
+
+
+def _classes_of(checkpoint: Path, num_classes: int, configured: list[str] | None,
+                saved: list[str] | None) -> list[str]:
+    from msk.core.registry import entity_set
+
+    classes = configured or saved
+    if classes is None:
+        regions = entity_set(REGION_SET).names
+        if len(regions) != num_classes:
+            raise ConfigError(f"sorter.checkpoint {checkpoint}: {num_classes} outputs and no class names; "
+                              f"list them in sorter.classes (in output order)")
+        classes = regions
+    if len(classes) != num_classes:
+        raise ConfigError(f"sorter: {checkpoint} has {num_classes} outputs but {len(classes)} class names are given")
+    return [str(c) for c in classes]
+
+
+def inspect_sorter(config: SortConfig) -> dict[str, Any]:
+    """The sorter's class names, input size and checkpoint files, checked without building it.
+
+    Raises :class:`ConfigError` naming the file for anything that would fail in a replica.
+    """
+    from msk.core.checkpoint import CheckpointError, load_checkpoint
+
+    path = Path(config.checkpoint)
+    if path.is_dir():
+        summary = path / "sorter.json"
+        if not summary.is_file():
+            raise ConfigError(f"sorter.checkpoint: {path} is a folder without sorter.json (not a finished "
+                              "`msk train sorter` run); name a run folder or a .pt checkpoint")
+        try:
+            info = json.loads(summary.read_text())
+            folds, classes, image_size = int(info["folds"]), list(info["classes"]), int(info["image_size"])
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"sorter.checkpoint: {summary} is unreadable ({exc})") from None
+        files = [path / f"fold-{k}" / "best.pt" for k in range(1, folds + 1)]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ConfigError(f"sorter.checkpoint: the run {path} lacks {', '.join(missing)}")
+        if config.classes is not None and list(config.classes) != classes:
+            raise ConfigError(f"sorter.classes contradicts {summary} ({classes}); leave it out for a run folder")
+        return {"classes": classes, "image_size": image_size, "checkpoints": files}
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"sorter.checkpoint: {exc}") from None
+    if "head" not in ckpt.extra or "image_size" not in ckpt.config:
+        raise ConfigError(f"sorter.checkpoint: {path} is not a trained classifier (no head or image_size); "
+                          "a DeepCluster encoder must be fine-tuned first (`msk train sorter`)")
+    classes = _classes_of(path, int(ckpt.extra["num_classes"]), config.classes, ckpt.extra.get("classes"))
+    return {"classes": classes, "image_size": int(ckpt.config["image_size"]), "checkpoints": [path]}
+
+
+def load_sorter_model(config: SortConfig):
+    """The :class:`~msk.core.sorter.SorterEnsemble` the config names (CPU, eval mode)."""
+    from msk.core.sorter import SorterEnsemble
+    from msk.core.train import load_model
+
+    info = inspect_sorter(config)
+    models = [load_model(path)[0] for path in info["checkpoints"]]
+    return SorterEnsemble(models, info["classes"], info["image_size"])
+
+
+@serve.deployment(name="sorter")
+class SorterDeployment(ModelReplica):
+    """One replica of the sorter; concurrent requests share forward passes (``@serve.batch``)."""
+
+    batched = "_probabilities"
+
+    def __init__(self, config: dict[str, Any], debug: bool = False):
+        self.config = SortConfig.model_validate(config)
+        self.ensemble = load_sorter_model(self.config)
+        self.configure(self.config, debug=debug)
+        self.ensemble.models = [m.to(self.device) for m in self.ensemble.models]
+        self.lock = threading.Lock()  # Grad-CAM hooks must not see another request's forward pass
+
+    def _predict(self, images: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return self.ensemble.predict_proba(images)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return list(await asyncio.to_thread(self._predict, np.stack(images)))
+
+    def _gradcam(self, image: np.ndarray, target: int) -> str:
+        from msk.core.gradcam import mean_cam
+
+        with self.lock:
+            cam = mean_cam(self.ensemble.models, image[None], [target], image_size=self.ensemble.image_size)[0]
+        return gradcam_png(image, cam)
+
+    async def sort(self, image: np.ndarray, k: int | None = None, gradcam: bool = False) -> dict[str, Any]:
+        """The ``k`` most probable regions of a square ``uint8`` image, most probable first."""
+        probs = await self._probabilities(image)
+        classes = self.ensemble.classes
+        k = min(k or self.config.top_k, len(classes))
+        order = np.argsort(-probs, kind="stable")[:k]
+        result: dict[str, Any] = {"regions": [{"name": classes[i], "probability": float(probs[i])} for i in order]}
+        if gradcam:
+            result["gradcam_png"] = await asyncio.to_thread(self._gradcam, image, int(order[0]))
+        return result
+
+    async def describe(self) -> dict[str, Any]:
+        return {"classes": list(self.ensemble.classes), "image_size": self.ensemble.image_size,
+                "models": len(self.ensemble.models), "top_k": self.config.top_k}

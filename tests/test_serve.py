@@ -1,0 +1,605 @@
+"""``msk serve``: the HTTP API on Ray Serve, end to end on 127.0.0.1.
+
+Serve starts once for the module with all three models (trained here in seconds: a tiny CNN
+on 32 px bars, a flat-index recommender over its embeddings, a concat fusion model); the tests
+then drive it over HTTP with httpx: happy paths (PNG, DICOM, raw body), the error contract,
+PHI, a replica crash and a bounded load test. Config and token checks run without Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from msk.core.config import load_config
+from msk.core.errors import ConfigError
+from msk.serve.auth import TOKEN_ENV, BearerAuth, InsecureServingWarning, resolve_token_digest, token_digest
+from msk.serve.config import ServeConfig
+from msk.serve.errors import ApiError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-" + "x" * 24
+REGIONS = ["femur", "tibia", "humerus"]  # bar classes 0, 1, 2 of bars()
+ENTITIES = ["osteochondroma", "osteosarcoma"]
+SITES = ["femur", "tibia", "humerus"]
+SOURCE, SQUARE = 64, 32  # uploaded image side; the "ingest" square the models were trained on
+CALL_TIMEOUT_S = 5.0
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+def bars(n: int, seed: int = 0, size: int = SOURCE) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes: a horizontal bar, a vertical bar, a bright square (on noise)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, size=(n, size, size)).astype(np.uint8)
+    labels = np.arange(n) % 3
+    for img, y in zip(images, labels):
+        o = rng.integers(size // 8, size - size // 3)
+        if y == 0:
+            img[o:o + size // 8, 4:-4] = 220
+        elif y == 1:
+            img[4:-4, o:o + size // 8] = 220
+        else:
+            img[o:o + size // 3, o:o + size // 3] = 220
+    return images, labels
+
+
+def squares(images: np.ndarray) -> np.ndarray:
+    """The training images: what the ingest (and so the server) makes of the uploads."""
+    from msk.core.ingest import square_image
+
+    return np.stack([square_image(im / 255.0, SQUARE) for im in images])
+
+
+def pillow_file(image: np.ndarray, format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def png(image: np.ndarray) -> bytes:
+    return pillow_file(image, "PNG")
+
+
+def jpeg(image: np.ndarray) -> bytes:
+    return pillow_file(image, "JPEG")
+
+
+def dicom(image: np.ndarray, phi: str = "Doe^Jane") -> bytes:
+    """An 8-bit CR DICOM whose window maps 0..255 to [0, 1] exactly as PNG decoding does."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = pydicom.uid.ComputedRadiographyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID = "CR", phi, f"{phi}-ID"
+    ds.InstitutionName, ds.PatientBirthDate = f"{phi} hospital", "19700101"
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    ds.PixelData = image.tobytes()
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+IMAGES, LABELS = bars(6, seed=99)  # query images, not trained on
+HORIZONTAL = IMAGES[0]
+META = {"sex": "F", "age": 15, "site": "femur", "view": "frontal"}
+
+
+# -- models and server ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
+    """Sorter checkpoint, recommender folder, fusion checkpoint + metadata encoder, token file."""
+    import pandas as pd
+
+    from msk.core.embed import Embedder, embeddings_table
+    from msk.core.fusion import fit_fusion
+    from msk.core.metadata import MetadataEncoder, MetadataSchema
+    from msk.core.recommender import Recommender
+    from msk.core.train import TrainConfig, fit_classifier
+
+    root = tmp_path_factory.mktemp("serve")
+    images, labels = bars(60)
+    x = squares(images)
+    train = TrainConfig(encoder="tiny-cnn", image_size=SQUARE, epochs=3, batch_size=16, lr=5e-3, augment=False)
+    sorter = fit_classifier(x, labels, 3, train, out=root / "sorter").best
+
+    embedder = Embedder(sorter)
+    ids = {"image_id": [f"img-{i:03d}" for i in range(len(x))],
+           "patient_id": [f"pat-{i // 2:03d}" for i in range(len(x))],
+           "study_id": [f"std-{i // 2:03d}" for i in range(len(x))]}
+    table = embeddings_table(ids, embedder.embed_images(x), embedder.info)
+    Recommender.build(table, [REGIONS[y] for y in labels], retriever="flat", k=3).save(root / "recommender")
+
+    frame = pd.DataFrame({"image_id": ids["image_id"], "sex": ["F", "M"] * 30,
+                          "age": np.linspace(5, 70, 60), "site": [SITES[y] for y in labels],
+                          "view": ["frontal", "lateral"] * 30})
+    encoder = MetadataEncoder(MetadataSchema(sites=SITES)).fit(frame)
+    encoder.save(root / "metadata_encoder.json")
+    fusion = fit_fusion(x, labels % 2, encoder.transform(frame), 2, train, out=root / "fusion",
+                        head="concat", hidden=(8,), dropout=0.1).best
+
+    token = root / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    return {"root": root, "sorter": sorter, "recommender": root / "recommender", "fusion": fusion,
+            "metadata_encoder": root / "metadata_encoder.json", "token": token}
+
+
+def serve_config(files: dict[str, Path], port: int) -> dict:
+    replica = {"num_cpus": 0.25, "health_check_period_s": 1.0}
+    return {
+        "port": port, "call_timeout_s": CALL_TIMEOUT_S, "request_timeout_s": 30, "max_upload_bytes": 1 << 20,
+        "token_file": str(files["token"]), "debug_routes": True,
+        "preprocess": {"image_size": SQUARE, "resize": "pad"},
+        "gateway": {"num_cpus": 0.25},
+        "sorter": {"checkpoint": str(files["sorter"]), "classes": REGIONS, **replica},
+        "recommender": {"path": str(files["recommender"]), **replica},
+        "classifier": {"checkpoint": str(files["fusion"]), "metadata_encoder": str(files["metadata_encoder"]),
+                       "head": "concat", "hidden": [8], "dropout": 0.1, "classes": ENTITIES, **replica},
+    }
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, model_files) -> str:
+    """Serve running the three models on 127.0.0.1 (started once for the module)."""
+    from ray import serve
+
+    from msk.serve.app import serve_main
+
+    path = model_files["root"] / "serve.yaml"
+    path.write_text(yaml.safe_dump(serve_config(model_files, _free_port())))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(TOKEN_ENV, raising=False)  # the token file's token, not one from the environment
+        url = serve_main(path, blocking=False)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture
+def client(server) -> httpx.Client:
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        yield c
+
+
+def post_image(client: httpx.Client, route: str, data: bytes, *, metadata: dict | str | None = None,
+               filename: str = "image", **params) -> httpx.Response:
+    form = None if metadata is None else {"metadata": metadata if isinstance(metadata, str) else json.dumps(metadata)}
+    return client.post(route, files={"image": (filename, data, "application/octet-stream")}, data=form,
+                       params=params)
+
+
+def assert_error(response: httpx.Response, status: int, code: str, reason: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    if reason is not None:
+        assert error["reason"] == reason
+    return error
+
+
+# -- contract and health --------------------------------------------------------------------------
+
+
+def test_health_readiness_and_openapi(server):
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{server}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["models"] == {"sort": "ready", "recommend": "ready",
+                                                                    "classify": "ready"}
+    schema = httpx.get(f"{server}/openapi.json").json()
+    assert {"/v1/sort", "/v1/recommend", "/v1/classify", "/v1/models"} <= set(schema["paths"])
+    assert not any(p.startswith("/v1/debug") for p in schema["paths"])
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    body = schema["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["required"] == ["image", "metadata"]
+    assert body["properties"]["metadata"]["contentSchema"]["properties"]["sex"]["enum"] == ["M", "F"]
+
+
+def test_models_describes_what_is_served(client):
+    described = client.get("/v1/models").json()
+    assert described["preprocess"]["image_size"] == SQUARE
+    assert described["models"]["sort"]["classes"] == REGIONS
+    assert described["models"]["recommend"]["images"] == 60
+    assert described["models"]["classify"]["sites"] == SITES
+
+
+# -- happy paths ----------------------------------------------------------------------------------
+
+
+def test_sort_png_dicom_and_raw_body_agree(client):
+    by_png = post_image(client, "/v1/sort", png(HORIZONTAL), k=2)
+    assert by_png.status_code == 200, by_png.text
+    regions = by_png.json()["regions"]
+    assert [r["name"] for r in regions][0] == "femur" and len(regions) == 2
+    assert regions[0]["probability"] >= regions[1]["probability"] > 0
+    by_dicom = post_image(client, "/v1/sort", dicom(HORIZONTAL), k=3).json()["regions"]
+    raw = client.post("/v1/sort", content=dicom(HORIZONTAL), headers={"Content-Type": "application/dicom"})
+    assert raw.json() == {"regions": by_dicom}
+    assert sum(r["probability"] for r in by_dicom) == pytest.approx(1.0, abs=1e-5)
+    # the DICOM path is the ingest's reader + square: the same pixels as the PNG, the same answer
+    for a, b in zip(regions, by_dicom):
+        assert a["name"] == b["name"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+    assert "gradcam_png" not in by_png.json()
+    by_jpeg = client.post("/v1/sort", content=jpeg(HORIZONTAL), headers={"Content-Type": "image/jpeg"})
+    assert by_jpeg.json()["regions"][0]["name"] == "femur"
+
+
+def test_sort_predicts_every_bar_class(client):
+    predicted = [post_image(client, "/v1/sort", png(im), k=1).json()["regions"][0]["name"] for im in IMAGES]
+    assert sum(p == REGIONS[y] for p, y in zip(predicted, LABELS)) >= 5
+
+
+def test_gradcam_png_and_no_phi_in_responses_or_logs(client, ray_session):
+    marker = f"Phi{uuid.uuid4().hex[:12]}"
+    data = dicom(HORIZONTAL, phi=f"{marker}^Jane")
+    responses = [post_image(client, "/v1/sort", data, filename=f"{marker}.dcm", gradcam="true"),
+                 post_image(client, "/v1/recommend", data, filename=f"{marker}.dcm"),
+                 post_image(client, "/v1/classify", data, metadata=META, filename=f"{marker}.dcm", gradcam="true"),
+                 post_image(client, "/v1/sort", data[: len(data) // 2], filename=f"{marker}.dcm")]
+    assert [r.status_code for r in responses] == [200, 200, 200, 422]
+    for r in responses:
+        assert marker not in r.text
+    cam = Image.open(io.BytesIO(base64.b64decode(responses[0].json()["gradcam_png"])))
+    assert cam.format == "PNG" and cam.size == (SQUARE, SQUARE) and cam.mode == "RGB"
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    time.sleep(1.0)  # let the replicas flush their log files
+    leaked = [p.name for p in logs.rglob("*") if p.is_file() and marker.encode() in p.read_bytes()]
+    assert not leaked, f"PHI marker in Ray logs: {leaked}"
+
+
+def test_recommend_returns_pseudonymised_neighbours_and_a_vote(client):
+    answer = post_image(client, "/v1/recommend", png(HORIZONTAL)).json()
+    assert len(answer["neighbours"]) == 3  # the recommender's k
+    assert answer["entity"] == "femur" and answer["confidence"] == answer["shares"]["femur"]
+    assert sum(answer["shares"].values()) == pytest.approx(1.0)
+    distances = [n["distance"] for n in answer["neighbours"]]
+    assert distances == sorted(distances)
+    for n in answer["neighbours"]:
+        assert n["patient_id"].startswith("pat-") and n["study_id"].startswith("std-")
+        assert n["image_id"].startswith("img-") and n["entity"] in REGIONS
+    five = post_image(client, "/v1/recommend", dicom(HORIZONTAL), k=5).json()
+    assert len(five["neighbours"]) == 5
+    assert_error(post_image(client, "/v1/recommend", png(HORIZONTAL), k=4), 422, "invalid_request")
+
+
+def test_classify_image_and_metadata(client):
+    answer = post_image(client, "/v1/classify", png(HORIZONTAL), metadata=META, gradcam="true").json()
+    assert [e["name"] for e in answer["entities"]] in (ENTITIES, ENTITIES[::-1])
+    assert sum(e["probability"] for e in answer["entities"]) == pytest.approx(1.0, abs=1e-5)
+    assert answer["metadata_used"] is True and answer["gradcam_png"]
+    other = post_image(client, "/v1/classify", dicom(HORIZONTAL), metadata={**META, "sex": "M", "age": None}).json()
+    assert other["entities"] != answer["entities"]  # the metadata reaches the model
+
+
+# -- the error contract -----------------------------------------------------------------------------
+
+
+def test_unsupported_types_and_unreadable_images(client):
+    assert_error(client.post("/v1/sort", content=b"hello", headers={"Content-Type": "text/plain"}),
+                 415, "unsupported_media_type")
+    assert_error(post_image(client, "/v1/sort", b"just some text, not an image"), 415,
+                 "unsupported_media_type", reason="not_an_image")
+    data = dicom(HORIZONTAL)
+    assert_error(post_image(client, "/v1/sort", data[: len(data) - 1000]), 422, "unreadable_image", reason="corrupt")
+    assert_error(post_image(client, "/v1/sort", b""), 422, "unreadable_image", reason="empty")
+    assert_error(client.post("/v1/sort", files={"file": ("x", png(HORIZONTAL))}), 422, "invalid_request")
+    assert_error(client.post("/v1/sort", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data"}),
+                 400, "malformed_request")  # no boundary
+
+
+def test_oversize_uploads_are_refused(client):
+    big = b"\0" * ((1 << 20) + 1)
+    assert_error(post_image(client, "/v1/sort", big), 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: the limit is enforced while streaming
+        for _ in range(40):
+            yield b"\0" * 65536
+
+    assert_error(client.post("/v1/sort", content=chunks(), headers={"Content-Type": "application/dicom"}),
+                 413, "payload_too_large")
+
+
+def test_missing_or_invalid_token(server):
+    assert_error(httpx.post(f"{server}/v1/sort", content=png(HORIZONTAL), headers={"Content-Type": "image/png"}),
+                 401, "unauthorized")
+    wrong = httpx.post(f"{server}/v1/sort", content=png(HORIZONTAL),
+                       headers={"Content-Type": "image/png", "Authorization": "Bearer " + "y" * 40})
+    assert_error(wrong, 401, "unauthorized")
+    assert wrong.headers["www-authenticate"].startswith("Bearer")
+    assert_error(httpx.get(f"{server}/v1/models", headers={"Authorization": f"Basic {TOKEN}"}), 401, "unauthorized")
+
+
+@pytest.mark.parametrize("metadata, fragment", [
+    (None, "is required"),
+    ("{sex: F}", "not valid JSON"),
+    ({"sex": "X", "age": 15}, "sex"),
+    ({"sex": "F", "age": 130}, "age"),
+    ({"sex": "F", "site": "femur", "name": "Jane"}, "name"),
+    ({"sex": "F", "site": "skull"}, "vocabulary"),
+])
+def test_malformed_metadata(client, metadata, fragment):
+    response = post_image(client, "/v1/classify", png(HORIZONTAL), metadata=metadata)
+    assert fragment in assert_error(response, 422, "invalid_metadata")["message"]
+
+
+def test_bad_parameters_and_routes(client):
+    assert_error(post_image(client, "/v1/sort", png(HORIZONTAL), k=0), 422, "invalid_request")
+    assert_error(client.get("/v1/sort"), 405, "method_not_allowed")
+    assert_error(client.get("/v2/sort"), 404, "not_found")
+
+
+def test_model_timeout_is_a_json_504(client):
+    started = time.perf_counter()
+    assert_error(client.post("/v1/debug/stall/sort", params={"seconds": CALL_TIMEOUT_S + 2}), 504, "timeout")
+    assert time.perf_counter() - started < CALL_TIMEOUT_S + 2
+
+
+# -- load and recovery ------------------------------------------------------------------------------
+
+
+async def _load(url: str, n: int, concurrency: int, route: str = "/v1/sort") -> tuple[list[int], list[float]]:
+    data = png(HORIZONTAL)
+    statuses, latencies = [], []
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        async def one() -> None:
+            async with semaphore:
+                began = time.perf_counter()
+                r = await c.post(route, content=data, headers={"Content-Type": "image/png"})
+                latencies.append(time.perf_counter() - began)
+                statuses.append(r.status_code)
+        await asyncio.gather(*(one() for _ in range(n)))
+    return statuses, latencies
+
+
+def test_bounded_load(server):
+    statuses, latencies = asyncio.run(_load(server, 200, 8))
+    assert statuses == [200] * 200
+    p50, p99 = (1000 * float(np.percentile(latencies, q)) for q in (50, 99))
+    print(f"\n/v1/sort load: 200 requests, 8 concurrent: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+          f"mean {1000 * statistics.mean(latencies):.1f} ms")
+    assert p99 < 1000 * CALL_TIMEOUT_S
+
+
+def test_replica_crash_mid_load_recovers(client, server):
+    async def scenario():
+        load = asyncio.create_task(_load(server, 60, 4))
+        await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            crashed = await c.post("/v1/debug/crash/sort", timeout=30)
+        return crashed, await load
+
+    crashed, (statuses, _) = asyncio.run(scenario())
+    assert crashed.json() == {"status": "crashed", "model": "sort"}
+    assert set(statuses) <= {200, 503, 504}, statuses  # in flight at the crash: a JSON 503/504, nothing else
+    deadline = time.monotonic() + 60
+    while post_image(client, "/v1/sort", png(HORIZONTAL)).status_code != 200:
+        assert time.monotonic() < deadline, "the sorter replica did not come back within 60 s"
+        time.sleep(0.5)
+    after = [post_image(client, "/v1/sort", png(HORIZONTAL)).status_code for _ in range(10)]
+    assert after == [200] * 10
+
+
+# -- start-up checks (no Serve) ---------------------------------------------------------------------
+
+
+def test_missing_checkpoint_or_index_fails_at_startup(model_files, tmp_path, monkeypatch):
+    from msk.serve.app import application
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    good = serve_config(model_files, 8000)
+    cases = [("sorter", "checkpoint", tmp_path / "nope.pt", "sorter.checkpoint: .*nope.pt does not exist"),
+             ("recommender", "path", tmp_path / "no-index", "recommender.path: .*no-index does not exist"),
+             ("classifier", "metadata_encoder", tmp_path / "enc.json", "classifier.metadata_encoder: .*does not exist")]
+    for section, key, path, match in cases:
+        config = ServeConfig.model_validate({**good, section: {**good[section], key: str(path)}})
+        with pytest.raises(ConfigError, match=match):
+            application(config)
+    (tmp_path / "empty").mkdir()
+    config = ServeConfig.model_validate({**good, "recommender": {**good["recommender"], "path": str(tmp_path / "empty")}})
+    with pytest.raises(ConfigError, match="not a saved recommender"):
+        application(config)
+    config = ServeConfig.model_validate({**good, "classifier": {**good["classifier"], "head": None,
+                                                                "metadata_encoder": None}})
+    with pytest.raises(ConfigError, match="holds a fusion head; set classifier.head"):
+        application(config)
+
+
+def test_sorter_run_folder_is_served_as_its_fold_ensemble(model_files, tmp_path):
+    import shutil
+
+    from msk.serve.config import SortConfig
+    from msk.serve.sorter import load_sorter_model
+
+    run = tmp_path / "sorter-run"
+    for k in (1, 2):
+        (run / f"fold-{k}").mkdir(parents=True)
+        shutil.copy(model_files["sorter"], run / f"fold-{k}" / "best.pt")
+    (run / "sorter.json").write_text(json.dumps({"classes": REGIONS, "folds": 2, "image_size": SQUARE}))
+    ensemble = load_sorter_model(SortConfig(checkpoint=run))
+    assert len(ensemble.models) == 2 and ensemble.classes == REGIONS
+    probs = ensemble.predict_proba(squares(IMAGES[:1]))
+    assert REGIONS[int(probs.argmax())] == "femur"
+    with pytest.raises(ConfigError, match="sorter.classes contradicts"):
+        load_sorter_model(SortConfig(checkpoint=run, classes=REGIONS[::-1]))
+    (run / "fold-2" / "best.pt").unlink()
+    with pytest.raises(ConfigError, match="lacks .*fold-2/best.pt"):
+        load_sorter_model(SortConfig(checkpoint=run))
+    with pytest.raises(ConfigError, match="3 outputs and no class names; list them in sorter.classes"):
+        load_sorter_model(SortConfig(checkpoint=model_files["sorter"]))
+
+
+def test_classifier_crops_the_lesion_and_checks_the_vocabulary(model_files):
+    from msk.serve.classifier import load_classifier_model
+    from msk.serve.config import ClassifyConfig, PreprocessConfig
+    from msk.serve.replica import Rejection
+
+    config = ClassifyConfig(checkpoint=model_files["fusion"], metadata_encoder=model_files["metadata_encoder"],
+                            head="concat", hidden=[8], dropout=0.1, classes=ENTITIES, roi={"size": 24})
+    classifier = load_classifier_model(config, PreprocessConfig(image_size=SQUARE))
+    image = squares(IMAGES[:1])[0]
+    crop, meta = classifier.prepare(image, (SOURCE, SOURCE), {**META, "box": (4, 10, 40, 30)})
+    assert crop.shape == (24, 24) and crop.dtype == np.uint8 and meta.shape == (classifier.encoder.dim,)
+    assert classifier.probabilities(crop[None], meta[None]).sum() == pytest.approx(1.0)
+    refusals = [classifier.prepare(image, (SOURCE, SOURCE), META),  # no box for a ROI model
+                classifier.prepare(image, (SOURCE, SOURCE), {**META, "box": (100, 100, 120, 120)}),
+                classifier.prepare(image, (SOURCE, SOURCE), {**META, "site": "skull", "box": (4, 10, 40, 30)})]
+    assert all(isinstance(r, Rejection) and r.code == "invalid_metadata" for r in refusals)
+    assert "box" in refusals[0].message and "vocabulary" in refusals[2].message
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ConfigError, match="no model to serve"):
+        load_config(ServeConfig, None)
+    with pytest.raises(ConfigError, match="call_timeout_s .* must be below request_timeout_s"):
+        load_config(ServeConfig, None, sorter={"checkpoint": "x.pt"}, call_timeout_s=60, request_timeout_s=30)
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    (ingest / "ingest.json").write_text(json.dumps({"config": {"image_size": 128, "resize": "stretch",
+                                                               "max_pixels": 1000}}))
+    from msk.serve.config import PreprocessConfig
+
+    assert PreprocessConfig(ingest=ingest).resolved().model_dump(exclude={"ingest"}) == {
+        "image_size": 128, "resize": "stretch", "max_pixels": 1000}
+    with pytest.raises(ConfigError, match="image_size: 256 here, 128 in"):
+        PreprocessConfig(ingest=ingest, image_size=256).resolved()
+
+
+def test_example_config_is_a_serve_config_file():
+    from ray.serve.schema import ServeDeploySchema
+
+    from msk.serve.app import build_app
+
+    raw = yaml.safe_load((REPO / "msk" / "serve" / "serve.example.yaml").read_text())
+    deploy = ServeDeploySchema.model_validate(raw)
+    [app] = deploy.applications
+    assert app.import_path == "msk.serve.app:build_app"
+    config = ServeConfig.model_validate(app.args)
+    assert set(config.models) == {"sort", "recommend", "classify"}
+    assert config.request_timeout_s == raw["http_options"]["request_timeout_s"]
+    assert callable(build_app)
+    with pytest.raises(ConfigError, match="invalid msk serve args: sorter.top_k"):
+        build_app({**app.args, "sorter": {**app.args["sorter"], "top_k": 0}})
+
+
+def test_token_from_env_or_file_and_insecure_warns(tmp_path, monkeypatch):
+    file = tmp_path / "token"
+    file.write_text("file-token-0123456789\n")
+    file.chmod(0o600)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert resolve_token_digest(file, insecure=False) == token_digest("file-token-0123456789")
+    monkeypatch.setenv(TOKEN_ENV, "env-token-0123456789")
+    assert resolve_token_digest(file, insecure=False) == token_digest("env-token-0123456789")
+    monkeypatch.setenv(TOKEN_ENV, "short")
+    with pytest.raises(ConfigError, match="at least 16"):
+        resolve_token_digest(None, insecure=False)
+    monkeypatch.delenv(TOKEN_ENV)
+    with pytest.raises(ConfigError, match="no API token: set MSK_SERVE_TOKEN or token_file"):
+        resolve_token_digest(None, insecure=False)
+    with pytest.warns(InsecureServingWarning, match="AUTHENTICATION IS DISABLED"):
+        assert resolve_token_digest(None, insecure=True) is None
+
+
+def test_bearer_auth_checks_the_digest():
+    from starlette.requests import Request
+
+    def request(header: str | None) -> Request:
+        headers = [] if header is None else [(b"authorization", header.encode())]
+        return Request({"type": "http", "headers": headers})
+
+    auth = BearerAuth(token_digest(TOKEN))
+    asyncio.run(auth(request(f"Bearer {TOKEN}")))
+    for header in (None, "Bearer", f"bearer {TOKEN}x", f"Token {TOKEN}"):
+        with pytest.raises(ApiError) as info:
+            asyncio.run(auth(request(header)))
+        assert info.value.status == 401
+    asyncio.run(BearerAuth(None)(request(None)))  # insecure: everything passes
+
+
+# -- the gateway's app without Serve (fake model handles) ----------------------------------------
+
+
+class FakeHandle:
+    """Stands in for a DeploymentHandle: ``handle.method.remote(*args)`` runs ``methods[method]``."""
+
+    def __init__(self, **methods):
+        self.methods = methods
+
+    def __getattr__(self, method: str):
+        fn = self.methods[method]
+        return type("Method", (), {"remote": staticmethod(lambda *args: fn(*args))})
+
+
+def gateway_client(handles: dict, *, token: str | None = TOKEN, timeout_s: float = 0.5):
+    from starlette.testclient import TestClient
+
+    from msk.serve.app import ModelClients, create_api
+
+    settings = {"call_timeout_s": timeout_s, "max_upload_bytes": 1 << 20,
+                "preprocess": {"image_size": SQUARE}, "debug_routes": False,
+                "token_digest": None if token is None else token_digest(token)}
+    return TestClient(create_api(settings, ModelClients(handles, timeout_s)), raise_server_exceptions=False)
+
+
+def test_gateway_failures_are_json_without_serve():
+    from ray.exceptions import ActorDiedError
+
+    async def leaks_phi(*_):
+        raise RuntimeError("Doe^Jane's scan broke the model")
+
+    async def died(*_):
+        raise ActorDiedError()
+
+    async def never(*_):
+        await asyncio.sleep(60)
+
+    body = {"content": png(HORIZONTAL), "headers": {"Content-Type": "image/png"}}
+    with gateway_client({"sort": FakeHandle(sort=leaks_phi), "recommend": FakeHandle(recommend=died),
+                         "classify": FakeHandle(classify=never)}, token=None) as c:
+        internal = c.post("/v1/sort", **body)  # no token needed: insecure
+        assert_error(internal, 500, "internal")
+        assert "Doe" not in internal.text
+        unavailable = c.post("/v1/recommend", **body)
+        assert_error(unavailable, 503, "model_unavailable")
+        assert unavailable.headers["retry-after"] == "2"
+        assert_error(c.post("/v1/classify", files={"image": ("x", png(HORIZONTAL))}, data={"metadata": json.dumps(META)}),
+                     504, "timeout")
+        assert "securitySchemes" not in c.get("/openapi.json").json().get("components", {})
+    authorized = {"content": png(HORIZONTAL), "headers": {"Content-Type": "image/png",
+                                                          "Authorization": f"Bearer {TOKEN}"}}
+    with gateway_client({}) as c:
+        assert_error(c.post("/v1/sort", **body), 401, "unauthorized")
+        assert_error(c.post("/v1/sort", **authorized), 503, "not_configured")
+        assert c.get("/readyz").json() == {"status": "ready", "models": {}}
