@@ -277,6 +277,70 @@ def train_transfer(
 
 
 @app.command()
+def embed(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    checkpoint: Path = typer.Argument(..., help="msk checkpoint (DeepCluster encoder or trained classifier)"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="folder for embeddings.parquet"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """L2-normalised embeddings of every ingested image (Ray Data, batched; GPU when configured).
+
+    [b]Example[/b]: [cyan]msk embed out/ingest out/cluster/checkpoints/epoch-010.pt out/embeddings[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.embed import EmbedConfig, embed as run_embed
+
+    report = run_embed(ingest_dir, checkpoint, out_dir, load_config(EmbedConfig, config))
+    out.print(f"{report.n_images} embeddings of dimension {report.dim} in {report.seconds:.1f} s")
+    out.print(f"embeddings: {report.file}")
+
+
+eval_app = typer.Typer(help="Evaluation protocols (patient-level splits, repeated, with baselines).",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("recommender")
+def eval_recommender(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    labels: Path = typer.Argument(..., metavar="LABELS", help="CSV image_id,entity (optional x0,y0,x1,y1 lesion box)"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="report folder (tables, gallery, confusion matrices)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Vote over the k most similar previous patients vs CNN/transformer classifiers, 3 seeds,
+    patient-level 80/20, ANOVA + Tukey HSD; Markdown/CSV table and a retrieval gallery.
+
+    [b]Example[/b]: [cyan]msk eval recommender out/ingest labels.csv out/eval-recommender[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.recommender_eval import RecommenderEvalConfig, evaluate_recommender
+
+    result = evaluate_recommender(ingest_dir, labels, out_dir, load_config(RecommenderEvalConfig, config))
+    out.print(result.summary.to_string())
+    out.print(f"report: {result.out}")
+
+
+@eval_app.command("fusion")
+def eval_fusion(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    metadata: Path = typer.Argument(..., metavar="METADATA", help="CSV of image_id, entity and clinical metadata"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="report folder"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Image-only vs metadata-only vs fusion vs XGBoost under patient-level k-fold CV, with fold
+    ensembles, confusion matrix, GradientShap per metadata feature and Grad-CAM.
+
+    [b]Example[/b]: [cyan]msk eval fusion out/ingest metadata.csv out/eval-fusion[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.fusion import FusionConfig, evaluate_fusion
+
+    result = evaluate_fusion(ingest_dir, metadata, load_config(FusionConfig, config), out=out_dir)
+    out.print(result.table.to_string())
+    out.print(f"report: {out_dir}")
+
+
+@app.command()
 def serve(
     config: Path = typer.Argument(..., help="serve config YAML (see msk/serve/serve.example.yaml)"),
     insecure: bool = typer.Option(False, "--insecure", help="disable bearer-token auth (loud warning)"),
