@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from msk.core.checkpoint import CheckpointError, save_checkpoint
+from msk.core.errors import MskError
 from msk.core.dataset import images_from_table, read_shards
 from msk.core.embed import (
     EMBEDDINGS_FILE, EmbedConfig, EmbedError, Embedder, embed, embedding_matrix, encoder_info,
@@ -155,7 +156,7 @@ def test_map_source_box_follows_the_letterbox():
     assert map_source_box((0, 0, 160, 320), (320, 160), 64) == (16.0, 0.0, 48.0, 64.0)
     assert map_source_box((80, 160, 80, 160), (320, 160), 64) == (32.0, 32.0, 32.0, 32.0)
     assert map_source_box((0, 0, 160, 320), (320, 160), 64, "stretch") == (0.0, 0.0, 64.0, 64.0)
-    with pytest.raises(EmbedError, match="empty"):
+    with pytest.raises(MskError, match="empty"):  # raised by msk.core.ingest.map_box_to_square
         map_source_box((0, 0, 1, 1), (0, 10), 64)
 
 

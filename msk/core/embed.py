@@ -45,6 +45,7 @@ from pydantic import Field
 
 from msk.core.config import MskConfig
 from msk.core.errors import MskError
+from msk.core.ingest import map_box_to_square
 
 __all__ = [
     "EMBEDDINGS_FILE", "EmbedConfig", "EmbedError", "EmbedReport", "Embedder", "EncoderInfo",
@@ -281,26 +282,8 @@ def _unit_rows(x: np.ndarray, ids: Sequence[str] | None) -> np.ndarray:
 # -- regions of interest -----------------------------------------------------------------------
 
 
-def map_source_box(box: Sequence[float], source_shape: tuple[int, int], size: int,
-                   resize: Literal["pad", "stretch"] = "pad") -> tuple[float, float, float, float]:
-    """Map ``(x0, y0, x1, y1)`` in source-image pixels into the ``size`` x ``size`` shard image.
-
-    Mirrors :func:`msk.core.ingest.square_image`: ``pad`` scales the longer side to ``size``
-    (the shorter side to ``round(side * scale)``) and centres the result; ``stretch`` scales
-    each axis to ``size``.
-    """
-    h, w = (int(v) for v in source_shape)
-    if h < 1 or w < 1:
-        raise EmbedError(f"source image size {h}x{w} is empty; cannot map a lesion box into it")
-    if resize == "stretch":
-        new_w, new_h = size, size
-    else:
-        scale = size / max(h, w)
-        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    left, top = (size - new_w) // 2, (size - new_h) // 2
-    sx, sy = new_w / w, new_h / h
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return x0 * sx + left, y0 * sy + top, x1 * sx + left, y1 * sy + top
+#: Lesion boxes in source pixels -> shard pixels (one implementation, next to the resize).
+map_source_box = map_box_to_square
 
 
 def roi_crops(images: np.ndarray, boxes: Sequence[Sequence[float]], size: int, *,

@@ -55,6 +55,7 @@ from msk.core.checkpoint import CheckpointError, load_checkpoint, load_state
 from msk.core.config import MskConfig
 from msk.core.errors import ConfigError, MskError
 from msk.core.metadata import DICOM_VIEWS, MetadataEncoder, MetadataError, MetadataSchema, join_images
+from msk.core.ingest import map_box_to_square
 from msk.core.registry import build_encoder, build_fusion_head, entity_set
 from msk.core.splits import patient_kfold, patient_split
 from msk.core.train import FitResult, ImageClassifier, TrainConfig, fit, load_model, predict_logits
@@ -254,22 +255,8 @@ class FusionData:
         return h.hexdigest()[:16]
 
 
-def letterbox_box(box: Sequence[float], source_shape: tuple[int, int], size: int,
-                  resize: Literal["pad", "stretch"] = "pad") -> tuple[float, float, float, float]:
-    """Map ``(x0, y0, x1, y1)`` in a ``(height, width)`` source image into the ``size`` x
-    ``size`` image :func:`msk.core.ingest.square_image` made from it (same rounding)."""
-    h, w = (int(v) for v in source_shape)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"source shape {source_shape} is empty")
-    if resize == "stretch":
-        new_w, new_h = size, size
-    else:
-        scale = size / max(h, w)
-        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    left, top = (size - new_w) // 2, (size - new_h) // 2
-    sx, sy = new_w / w, new_h / h
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy
+#: Lesion boxes in source pixels -> ingest image pixels (see :func:`msk.core.ingest.map_box_to_square`).
+letterbox_box = map_box_to_square
 
 
 def _read_metadata(metadata: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:

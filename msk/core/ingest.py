@@ -38,7 +38,7 @@ import stat
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -210,6 +210,25 @@ def square_image(pixels: np.ndarray, size: int, mode: Literal["pad", "stretch"] 
 
 def _os_error(exc: OSError) -> str:
     return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def map_box_to_square(box: Sequence[float], source_shape: tuple[int, int], size: int,
+                      resize: Literal["pad", "stretch"] = "pad") -> tuple[float, float, float, float]:
+    """Map ``(x0, y0, x1, y1)`` in a ``(height, width)`` source image into the ``size`` x ``size``
+    image :func:`square_image` makes from it: ``pad`` scales the longer side to ``size`` (the
+    shorter to ``round(side * scale)``) and centres it; ``stretch`` scales each axis to ``size``."""
+    h, w = (int(v) for v in source_shape)
+    if h < 1 or w < 1:
+        raise MskError(f"source image size {h}x{w} is empty; cannot map a box into it")
+    if resize == "stretch":
+        new_w, new_h = size, size
+    else:
+        scale = size / max(h, w)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    sx, sy = new_w / w, new_h / h
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy
 
 
 def _file_size(path: Path, rel: str) -> int:
