@@ -78,6 +78,36 @@ def config(args):
     )
 
 
+def deploy(args, ingest_dir: Path, labels, result) -> None:
+    """The deployable artefact: ``embed`` (Ray Data) every lesion ROI with seed 0's CNN encoder,
+    build and save an LSH recommender of all of them, load it and time queries."""
+    from msk.core.embed import EmbedConfig, embed, embedding_matrix, read_embeddings, read_rois
+    from msk.core.recommender import Recommender
+
+    checkpoint = result.out / f"seed-{args.seeds.split(',')[0]}" / "cnn" / "best.pt"
+    report = embed(ingest_dir, checkpoint, args.work / "embed", EmbedConfig(batch_size=128),
+                   rois=read_rois(labels))
+    print(f"\nembed (Ray Data, 1 actor): {report.n_images} lesion ROIs, {report.dim}-d, "
+          f"{report.seconds:.1f} s ({report.n_images / report.seconds:.0f} images/s, Ray start-up included)")
+    table = read_embeddings(args.work / "embed")
+    entity = dict(zip(labels["image_id"], labels["entity"]))
+    began = time.perf_counter()
+    Recommender.build(table, entity, retriever=args.retriever, k=args.k).save(args.work / "recommender")
+    built = time.perf_counter() - began
+    began = time.perf_counter()
+    recommender = Recommender.load(args.work / "recommender", expect_dim=report.dim)
+    loaded = time.perf_counter() - began
+    queries = embedding_matrix(table)[:200]
+    began = time.perf_counter()
+    for q in queries:
+        recommender.recommend(q)
+    per_query = (time.perf_counter() - began) / len(queries) * 1000
+    size = sum(f.stat().st_size for f in (args.work / "recommender").iterdir()) / 2**20
+    print(f"recommender ({recommender!r}): build + save {built:.2f} s, load {loaded * 1000:.0f} ms, "
+          f"{size:.2f} MiB on disk, {per_query:.2f} ms per single-image recommendation "
+          f"(vote + linkage, {len(queries)} queries)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="output folder (and data, with --synth)")
@@ -92,6 +122,7 @@ def main() -> None:
     ap.add_argument("--retriever", default="lsh")
     ap.add_argument("--k", type=int, default=3, help="the recommender's k in the comparison")
     ap.add_argument("--whole-image", action="store_true", help="whole 128-px images instead of ROI crops")
+    ap.add_argument("--no-deploy", action="store_true", help="skip the embed + save/load timing step")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a busy 2-core machine, 2 threads were 25x slower)")
     args = ap.parse_args()
@@ -110,8 +141,6 @@ def main() -> None:
     labels.to_csv(args.work / "labels.csv", index=False)
     cfg = config(args)
     result = evaluate_recommender(ingest_dir, labels, args.work / "eval", cfg)
-    total = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\n{result.n_images} lesion images of {result.n_patients} patients, "
           f"{len(result.classes)} entities; {'ROI crops' if cfg.roi else 'whole images'} at "
           f"{cfg.image_size} px; retriever {cfg.retriever}; seeds {cfg.seeds}; "
@@ -121,7 +150,11 @@ def main() -> None:
     print("\nmean seconds per seed (training + prediction; recommenders: encoder + embedding + "
           "index + vote):")
     print(", ".join(f"{m} {s:.0f}" for m, s in seconds.items() if not m.endswith(("k=1", "k=5", "k=7"))))
-    print(f"\ntotal {total / 60:.1f} min, peak RSS {peak:.0f} MiB; outputs in {result.out}")
+    if not args.no_deploy:
+        deploy(args, ingest_dir, labels, result)
+    total = time.perf_counter() - began
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\ntotal {total / 60:.1f} min, peak RSS {peak:.0f} MiB; outputs in {args.work}")
 
 
 if __name__ == "__main__":
