@@ -51,14 +51,15 @@ from torch import nn
 
 from msk.core.augment import encoder_in_chans, eval_transform, to_tensor
 from msk.core.baselines import METRICS, XgbConfig, classification_metrics, fit_xgboost
-from msk.core.checkpoint import CheckpointError, load_checkpoint, load_state
+from msk.core.checkpoint import load_state
 from msk.core.config import MskConfig
 from msk.core.errors import ConfigError, MskError
 from msk.core.metadata import DICOM_VIEWS, MetadataEncoder, MetadataError, MetadataSchema, join_images
 from msk.core.ingest import map_box_to_square
 from msk.core.registry import build_encoder, build_fusion_head, entity_set
 from msk.core.splits import patient_kfold, patient_split
-from msk.core.train import FitResult, ImageClassifier, TrainConfig, fit, load_model, predict_logits
+from msk.core.train import (FitResult, ImageClassifier, TrainConfig, fit, init_checkpoint, load_model,
+                            predict_logits)
 
 __all__ = [
     "BOX_COLUMNS", "FusionClassifier", "FusionConfig", "FusionData", "FusionResult",
@@ -163,15 +164,7 @@ def build_fusion_model(train: TrainConfig | dict[str, Any], num_classes: int, *,
     """The model ``train`` describes (``encoder``, ``sobel``) with the encoder weights of
     ``train.init`` loaded, as :func:`msk.core.train.build_classifier` does for linear heads."""
     config = train if isinstance(train, TrainConfig) else TrainConfig.model_validate(train)
-    ckpt = None if config.init == "random" else load_checkpoint(config.init)
-    sobel = bool(config.sobel)
-    if ckpt is not None:
-        saved = bool(ckpt.config.get("sobel", False))
-        if config.sobel is None:
-            sobel = saved
-        elif config.sobel != saved:
-            raise CheckpointError(f"{config.init}: encoder was trained with sobel={saved}; "
-                                  f"the config asks for sobel={config.sobel}")
+    ckpt, sobel = init_checkpoint(config)
     model = FusionClassifier(config.encoder, num_classes, head=head, meta_dim=meta_dim,
                              use_image=use_image, sobel=sobel, hidden=hidden, dropout=dropout,
                              encoder_options=encoder_options)

@@ -39,7 +39,7 @@ from msk.core.workers import Workers, run_workers
 
 __all__ = [
     "FitResult", "ImageClassifier", "TrainConfig", "TrainError", "build_classifier",
-    "class_weights", "fit", "fit_classifier", "load_model", "predict_logits",
+    "class_weights", "fit", "fit_classifier", "init_checkpoint", "load_model", "predict_logits",
 ]
 
 
@@ -87,18 +87,22 @@ class ImageClassifier(nn.Module):
         return self.head(feats) if isinstance(self.head, nn.Linear) else self.head(feats, meta)
 
 
+def init_checkpoint(config: TrainConfig):
+    """``(checkpoint or None, sobel)``: the ``config.init`` checkpoint and the input layer it
+    needs (``config.sobel`` when given, which must then agree with the checkpoint)."""
+    if config.init == "random":
+        return None, bool(config.sobel)
+    ckpt = load_checkpoint(config.init)
+    saved = bool(ckpt.config.get("sobel", False))
+    if config.sobel is not None and config.sobel != saved:
+        raise CheckpointError(f"{config.init}: encoder was trained with sobel={saved}; "
+                              f"the config asks for sobel={config.sobel}")
+    return ckpt, saved
+
+
 def build_classifier(config: TrainConfig, num_classes: int, head: nn.Module | None = None) -> ImageClassifier:
     """The model ``config`` describes, with the encoder weights of ``config.init`` loaded."""
-    sobel = bool(config.sobel)
-    ckpt = None
-    if config.init != "random":
-        ckpt = load_checkpoint(config.init)
-        saved_sobel = bool(ckpt.config.get("sobel", False))
-        if config.sobel is None:
-            sobel = saved_sobel
-        elif config.sobel != saved_sobel:
-            raise CheckpointError(f"{config.init}: encoder was trained with sobel={saved_sobel}; "
-                                  f"the config asks for sobel={config.sobel}")
+    ckpt, sobel = init_checkpoint(config)
     model = ImageClassifier(config.encoder, num_classes, sobel=sobel, head=head)
     if ckpt is not None:
         load_state(model.encoder, ckpt, arch=config.encoder)
