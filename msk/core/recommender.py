@@ -250,12 +250,17 @@ class Recommender:
             raise RecommenderError(f"{directory}: not a saved recommender (no {META_FILE})") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RecommenderError(f"{meta_path}: unreadable ({exc})") from None
-        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict):
+            raise RecommenderError(f"{meta_path}: not a recommender description (not a JSON object)")
+        version = meta.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise RecommenderError(
-                f"{meta_path}: recommender format {version!r} (msk {meta.get('msk_version', '?') if isinstance(meta, dict) else '?'}); "
+                f"{meta_path}: recommender format {version!r} (msk {meta.get('msk_version', '?')}); "
                 f"this msk ({_msk_version()}) reads format {FORMAT_VERSION} or older: upgrade msk")
-        dim = meta.get("dim")
+        missing = sorted({"dim", "k", "weighting"} - meta.keys())
+        if missing:
+            raise RecommenderError(f"{meta_path}: corrupt, lacks {', '.join(missing)}")
+        dim = meta["dim"]
         if expect_dim is not None and dim != expect_dim:
             raise RecommenderError(
                 f"{directory}: the recommender holds {dim}-d embeddings, but {expect_dim}-d were "

@@ -41,6 +41,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from msk.core.config import MskConfig
+from msk.core.deepcluster import DeepClusterConfig
 from msk.core.errors import MskError
 
 if TYPE_CHECKING:
@@ -101,9 +102,9 @@ class RecommenderEvalConfig(MskConfig):
     embeddings: list[str] = Field(
         ["deepcluster", "cnn"], min_length=1,
         description="encoders of the recommender: 'deepcluster', a classifier name, or a checkpoint path")
-    deepcluster: dict[str, Any] = Field(
-        default_factory=lambda: {"encoder": "resnet18", "k": 100, "epochs": 5},
-        description="DeepClusterConfig options for 'deepcluster' (image_size, seed, workers are set here)")
+    deepcluster: DeepClusterConfig = Field(
+        default_factory=lambda: DeepClusterConfig(encoder="resnet18", k=100, epochs=5),
+        description="DeepCluster for 'deepcluster' (image_size, seed and num_workers are set per run)")
     retriever: str = Field("lsh", description="retriever registry name (lsh: the recommender's default)")
     retriever_options: dict[str, Any] = Field(default_factory=dict)
     ks: list[int] = Field([1, 3, 5, 7], min_length=1, description="neighbours that vote")
@@ -315,11 +316,10 @@ def _train_classifier(spec: ClassifierSpec, data: EvalData, train_idx: np.ndarra
 
 def _deepcluster_checkpoint(data: EvalData, train_idx: np.ndarray, config: RecommenderEvalConfig,
                             seed: int, out: Path) -> Path:
-    from msk.core.deepcluster import DeepClusterConfig, run_deepcluster
+    from msk.core.deepcluster import run_deepcluster
 
-    options = {**config.deepcluster, "image_size": config.image_size, "seed": seed,
-               "num_workers": config.num_workers}
-    dc_config = DeepClusterConfig(**options)
+    dc_config = config.deepcluster.model_copy(update={
+        "image_size": config.image_size, "seed": seed, "num_workers": config.num_workers})
     result = run_deepcluster(data.images[train_idx], dc_config, out=out, progress=False,
                              image_ids=[data.image_ids[i] for i in train_idx])
     return result.checkpoint
