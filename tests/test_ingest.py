@@ -144,6 +144,12 @@ def test_every_input_is_in_the_manifest_with_its_reason(ingested):
     assert (out / "ingest.json").is_file()
 
 
+def test_manifest_names_the_node_that_decoded_each_file(ingested, ray_session):
+    _, out, _, _ = ingested
+    nodes = set(read_manifest(out, columns=["node"]).column("node").to_pylist())
+    assert nodes == {ray_session.get_runtime_context().get_node_id()}  # one local node
+
+
 def test_quarantine_details_name_the_cause(ingested):
     _, out, _, _ = ingested
     rows = {r["path"]: r for r in read_manifest(out).to_pylist()}
@@ -271,6 +277,24 @@ def test_resume_after_losing_the_last_manifest_part(tmp_path, ray_session):
     _assert_complete(out)
 
 
+def test_an_ingest_written_before_the_node_column_still_resumes(tmp_path, ray_session):
+    src = build_archive(tmp_path / "export")
+    out, cfg = tmp_path / "out", config(tmp_path)
+    ingest(src, out, cfg, progress=False)
+    parts = sorted((out / "manifest").glob("part-*.parquet"))
+    for part in parts:  # as msk wrote them before the manifest had a `node` column
+        pq.write_table(pq.read_table(part).drop_columns(["node"]), part)
+    parts[-1].unlink()  # and interrupted before its last commit
+
+    report = ingest(src, out, cfg, progress=False)
+    assert report.n_skipped_existing == cfg.chunk_files * (len(parts) - 1)
+    assert manifest_status(out) == EXPECTED
+    _assert_complete(out)
+    nodes = read_manifest(out, columns=["node"]).column("node").to_pylist()
+    assert nodes[:report.n_skipped_existing] == [None] * report.n_skipped_existing
+    assert None not in nodes[report.n_skipped_existing:]  # the redone chunk records its node
+
+
 def _decode_or_die(batch, *, _real=ingest_module._decode_batch, **kwargs):
     """A decode that kills its worker process (like a decoder segfault) on files named CRASH*."""
     if any(Path(p).name.startswith("CRASH") for p in batch.column("path").to_pylist()):
@@ -292,6 +316,7 @@ def test_a_file_that_kills_its_worker_is_quarantined_alone(tmp_path, ray_session
         "CRASH.png": "corrupt", **{f"img{i}.png": "ok" for i in range(5)}}
     assert "failed in its batch and again alone" in rows["CRASH.png"]["detail"]
     assert rows["CRASH.png"]["content_sha256"] == rows["img1.png"]["content_sha256"]
+    assert rows["CRASH.png"]["node"] is None and rows["img1.png"]["node"] is not None
     assert report.n_ok == 5
 
 

@@ -431,10 +431,34 @@ def test_missing_checkpoint_or_index_fails_at_startup(model_files, tmp_path, mon
     config = ServeConfig.model_validate({**good, "recommender": {**good["recommender"], "path": str(tmp_path / "empty")}})
     with pytest.raises(ConfigError, match="not a saved recommender"):
         application(config)
-    config = ServeConfig.model_validate({**good, "classifier": {**good["classifier"], "head": None,
-                                                                "metadata_encoder": None}})
-    with pytest.raises(ConfigError, match="holds a fusion head; set classifier.head"):
+    config = ServeConfig.model_validate({**good, "classifier": {**good["classifier"], "hidden": [16]}})
+    with pytest.raises(ConfigError, match=r"classifier.hidden=\[16\] but .* was trained with hidden=\[8\]"):
         application(config)
+
+
+def test_fusion_checkpoint_records_its_head_for_serving(model_files):
+    """A fusion checkpoint carries head, hidden and dropout: the serve config need not repeat them;
+    an older checkpoint without the record still needs them."""
+    from msk.core.checkpoint import load_checkpoint, save_checkpoint
+    from msk.serve.classifier import load_classifier_model
+    from msk.serve.config import ClassifyConfig, PreprocessConfig
+
+    preprocess = PreprocessConfig(image_size=SQUARE, resize="pad")
+    bare = ClassifyConfig(checkpoint=model_files["fusion"], metadata_encoder=model_files["metadata_encoder"],
+                          classes=ENTITIES)
+    model = load_classifier_model(bare, preprocess)
+    ckpt = load_checkpoint(model_files["fusion"])
+    assert ckpt.extra["architecture"]["head"] == "concat" and ckpt.extra["architecture"]["hidden"] == [8]
+    assert model.model.architecture == ckpt.extra["architecture"]
+
+    old = model_files["root"] / "old-fusion.pt"
+    extra = {k: v for k, v in ckpt.extra.items() if k != "architecture"}
+    save_checkpoint(old, model.model.encoder, arch=ckpt.arch, in_chans=ckpt.in_chans, config=ckpt.config,
+                    epoch=ckpt.epoch, **extra)
+    with pytest.raises(ConfigError, match="holds a fusion head; set classifier.head"):
+        load_classifier_model(bare.model_copy(update={"checkpoint": old}), preprocess)
+    explicit = bare.model_copy(update={"checkpoint": old, "head": "concat", "hidden": [8], "dropout": 0.1})
+    assert load_classifier_model(explicit, preprocess).model.architecture["hidden"] == [8]
 
 
 def test_sorter_run_folder_is_served_as_its_fold_ensemble(model_files, tmp_path):

@@ -50,6 +50,21 @@ def test_learns_checkpoints_and_predicts(tmp_path):
                                predict_logits(res.model, vx[:5], image_size=32), atol=1e-5)
 
 
+def test_class_names_and_per_epoch_scores_are_recorded(tmp_path):
+    x, y = bars(48)
+    seen = []
+
+    def score(model):  # runs after every epoch, model in eval mode
+        seen.append(model.training)
+        return {"val_custom": float(len(seen))}
+
+    res = fit_classifier(x, y, 3, fast(epochs=2), out=tmp_path, classes=["h", "v", "sq"], score=score)
+    assert seen == [False, False] and [r["val_custom"] for r in res.history] == [1.0, 2.0]
+    assert load_checkpoint(res.best).extra["classes"] == ["h", "v", "sq"]
+    with pytest.raises(TrainError, match="2 class names for 3 classes"):
+        fit_classifier(x, y, 3, fast(epochs=1), out=tmp_path / "other", classes=["h", "v"])
+
+
 def test_resume_continues_after_last_epoch(tmp_path):
     x, y = bars(48)
     fit_classifier(x, y, 3, fast(epochs=2), out=tmp_path)

@@ -336,8 +336,48 @@ def eval_fusion(
     from msk.core.fusion import FusionConfig, evaluate_fusion
 
     result = evaluate_fusion(ingest_dir, metadata, load_config(FusionConfig, config), out=out_dir)
-    out.print(result.table.to_string())
+    out.print(result.markdown())
     out.print(f"report: {out_dir}")
+
+
+@app.command()
+def tune(
+    task: str = typer.Argument(..., metavar="TASK", help="sorter, fusion or recommender"),
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    labels: Path = typer.Argument(..., metavar="LABELS", help="the labels the task's command takes: "
+                                  "weak labels (sorter), metadata CSV (fusion), image_id,entity CSV (recommender)"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="result folder: best.yaml, trials.csv, trials/"),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="trials [default: 8]"),
+    space: Optional[Path] = typer.Option(None, help="search space YAML [default: tune/TASK.yaml]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers per trial; 0 = in the trial [default: 1]"),
+    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+    max_concurrent: Optional[int] = typer.Option(None, help="trials at once [default: what the cluster fits]"),
+    seed: Optional[int] = typer.Option(None, help="sampler seed [default: 0]"),
+    scheduler: Optional[str] = typer.Option(None, help="asha (stop poor trials early) or fifo [default: asha]"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="the task's config YAML that trials "
+                                          "start from (the options the space leaves alone)"),
+) -> None:
+    """Search hyperparameters with Ray Tune (ASHA; each trial a Ray Train run) and write the
+    best config as YAML for the task's training command (`msk train sorter`, `msk eval fusion`,
+    `msk eval recommender` with --config).
+
+    [b]Example[/b]: [cyan]msk tune sorter out/ingest out/cluster/weak_labels.csv out/tune-sorter --samples 16 --use-gpu[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.tuning import TuneOptions, get_task, load_space, load_task_data, tune_task
+
+    spec = get_task(task)
+    base = load_config(spec.config_cls, config)
+    options = load_config(TuneOptions, None, samples=samples, num_workers=num_workers, use_gpu=use_gpu,
+                          max_concurrent=max_concurrent, seed=seed, scheduler=scheduler)
+    checked = load_space(task, space, base) if space is not None else None
+    result = tune_task(task, load_task_data(task, ingest_dir, labels, base), out=out_dir,
+                       space=checked, base=base, options=options)
+    out.print(result.trials.to_string(index=False))
+    out.print(result.summary())
+    command = {"sorter": "msk train sorter INGEST LABELS OUT", "fusion": "msk eval fusion INGEST METADATA OUT",
+               "recommender": "msk eval recommender INGEST LABELS OUT"}[task]
+    out.print(f"next: {command} --config {result.best_yaml}")
 
 
 @app.command()

@@ -151,6 +151,10 @@ class FusionClassifier(ImageClassifier):
                                       hidden=tuple(hidden), dropout=dropout)
         if not use_image:
             self.encoder.requires_grad_(False)  # not in the optimiser's way, nor DDP's
+        #: saved in every checkpoint (``extra["architecture"]``) so that serving rebuilds the model
+        self.architecture = {"head": head, "hidden": list(hidden), "dropout": float(dropout),
+                             "meta_dim": int(meta_dim), "use_image": bool(use_image),
+                             "encoder_options": dict(encoder_options or {})}
 
     def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         features = self.features(images) if self.use_image else None
@@ -177,13 +181,14 @@ def fit_fusion(images: np.ndarray, labels: Sequence[int] | np.ndarray, meta: np.
                num_classes: int, config: TrainConfig, *, out: str | os.PathLike,
                head: str = "concat", use_image: bool = True, hidden: Sequence[int] = (64, 32),
                dropout: float = 0.2, encoder_options: dict[str, Any] | None = None,
-               val: tuple | None = None) -> FitResult:
+               val: tuple | None = None, classes: Sequence[str] | None = None) -> FitResult:
     """Train a :class:`FusionClassifier` end to end with :func:`msk.core.train.fit`.
 
     :param images: ``uint8 [N, S, S]``; also required by the metadata-only model (the loader
         is shared), which then trains without augmentation.
     :param meta: ``float32 [N, D]`` encoded metadata, or ``None`` for the image-only model.
     :param val: ``(images, labels)`` or ``(images, labels, meta)`` for early stopping.
+    :param classes: class names in label order (saved in the checkpoints for serving).
     """
     if not use_image and meta is None:
         raise ValueError("a model without the image branch needs metadata (meta is None)")
@@ -193,7 +198,7 @@ def fit_fusion(images: np.ndarray, labels: Sequence[int] | np.ndarray, meta: np.
                               head=head, meta_dim=0 if meta is None else int(meta.shape[1]),
                               use_image=use_image, hidden=tuple(hidden), dropout=dropout,
                               encoder_options=encoder_options)
-    return fit(build, images, labels, num_classes, config, out=out, meta=meta, val=val)
+    return fit(build, images, labels, num_classes, config, out=out, meta=meta, val=val, classes=classes)
 
 
 def image_features(model: ImageClassifier, images: np.ndarray, *, image_size: int,
@@ -505,6 +510,14 @@ def _plan(data: FusionData, dev: np.ndarray, test: np.ndarray, config: FusionCon
     return folds
 
 
+def plan_folds(data: FusionData, config: FusionConfig) -> tuple[np.ndarray, np.ndarray, list[_Fold]]:
+    """``(dev, test, folds)``: the patient-level held-out split and the folds of the development
+    rows that :func:`evaluate_fusion` trains on (tuning uses ``folds[0]``)."""
+    dev, test = patient_split(data.groups, data.labels, test_size=config.test_fraction,
+                              seed=config.seed)
+    return dev, test, _plan(data, dev, test, config)
+
+
 @dataclass
 class _Trained:
     """A fold model: ``logits(rows)`` for any rows of the data, and how its training went."""
@@ -548,7 +561,7 @@ def _train_fold(model: _Model, data: FusionData, dev: np.ndarray, fold: _Fold,
         train, val = dev[fold.train], dev[fold.val]
         val_set = (data.images[val], data.labels[val], *([meta_of(val)] if model.use_meta else []))
         result = fit_fusion(data.images[train], data.labels[train], meta_of(train), num_classes,
-                            model.train, out=run, val=val_set, **options)
+                            model.train, out=run, val=val_set, classes=data.classes, **options)
         net = result.model
         info = {"epochs": len(result.history), "best_epoch": result.best_epoch}
         fold.encoder.save(run / "metadata_encoder.json")
@@ -653,9 +666,7 @@ def evaluate_fusion(source: str | os.PathLike | np.ndarray | FusionData,
         data = load_fusion_data(source, metadata, config)
     out = Path(out)
     models = _models(config)
-    dev, test = patient_split(data.groups, data.labels, test_size=config.test_fraction,
-                              seed=config.seed)
-    folds = _plan(data, dev, test, config)
+    dev, test, folds = plan_folds(data, config)
     _check_out(out, config, data.fingerprint())
 
     y_test = data.labels[test]

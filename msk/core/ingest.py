@@ -131,6 +131,7 @@ _DECODED_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
         pa.field("content_sha256", pa.string()),
         pa.field("bytes", pa.int64()),
+        pa.field("node", pa.string()),
         *[SHARD_SCHEMA.field(name).with_nullable(True) for name in SHARD_SCHEMA.names],
     ]
 )
@@ -296,9 +297,19 @@ def process_file(src: Path, rel: str, config: IngestConfig, pseudonymiser: Pseud
     return row
 
 
+def _this_node() -> str | None:
+    """The Ray node id of this process; ``None`` outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def _decode_batch(batch: pa.Table, *, src: Path, config: IngestConfig, pseudonymiser: Pseudonymiser) -> pa.Table:
-    """Ray Data ``map_batches`` function: one decoded row per input path, in the same order."""
-    rows = [process_file(src, rel, config, pseudonymiser) for rel in batch.column("path").to_pylist()]
+    """Ray Data ``map_batches`` function: one decoded row per input path, in the same order,
+    each stamped with the node that decoded it (the manifest's ``node`` column)."""
+    node = _this_node()
+    rows = [process_file(src, rel, config, pseudonymiser) | {"node": node}
+            for rel in batch.column("path").to_pylist()]
     return pa.Table.from_pylist(rows, schema=_DECODED_SCHEMA)
 
 

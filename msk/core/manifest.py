@@ -11,6 +11,11 @@ The manifest is the operator's audit log and stays inside the hospital zone: unl
 shards it holds the source paths (relative to SRC), which often embed names or accession
 numbers. Each chunk's manifest part is written last, atomically; a chunk without one was
 interrupted, and :func:`remove_uncommitted` deletes whatever it left behind so it is redone.
+
+The ``node`` column records the Ray node that decoded each file, so an ingest on a cluster
+shows how its work was spread. Columns added to :data:`MANIFEST_SCHEMA` over time read as
+null from parts written before them (:func:`read_manifest` reads every part with the current
+schema), so an older output folder still resumes.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("content_sha256", pa.string()),  # null when the file could not be read
         pa.field("bytes", pa.int64()),  # file size; null when it could not be stat'ed
         pa.field("shard", pa.string()),  # shard file relative to OUT; null when quarantined
+        # Ray node id of the worker that decoded the file; null when no worker returned a row
+        # (the file crashed every worker it ran in) and in parts written before msk recorded it
+        pa.field("node", pa.string()),
     ]
 )
 
@@ -70,6 +78,7 @@ def read_manifest(out: str | os.PathLike, columns: list[str] | None = None) -> p
     """All committed manifest rows of the ingest output ``out``, in input order.
 
     Returns an empty table with :data:`MANIFEST_SCHEMA` when nothing has been committed yet.
+    Every part is read with the current schema: a column missing from an older part is null.
     """
     parts = [manifest_part_path(Path(out), c) for c in committed_chunks(Path(out))]
     schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])

@@ -80,6 +80,7 @@ class TrainingBudget(MskConfig):
     batch_size: int = Field(32, ge=2)
     weight_decay: float = Field(1e-4, ge=0)
     augment: bool = True
+    aug_prob: float = Field(0.8, ge=0, le=1, description="share of training images augmented")
     class_weighting: Literal["none", "median_frequency"] = "none"
 
 
@@ -298,20 +299,24 @@ class _OptionsClassifier:
         return model
 
 
-def _train_classifier(spec: ClassifierSpec, data: EvalData, train_idx: np.ndarray,
-                      config: RecommenderEvalConfig, seed: int, out: Path):
-    from msk.core.train import TrainConfig, fit, fit_classifier
+def train_classifier(spec: ClassifierSpec, data: EvalData, train_idx: np.ndarray,
+                     config: RecommenderEvalConfig, seed: int, out: Path, *, use_gpu: bool = False,
+                     val_idx: np.ndarray | None = None, score=None):
+    """Train ``spec`` on ``data[train_idx]`` with the config's budget (:func:`msk.core.train.fit`;
+    ``val_idx`` and ``score`` as its ``val`` and ``score``)."""
+    from msk.core.train import TrainConfig, fit
 
     budget = config.training
     train_config = TrainConfig(
         encoder=spec.encoder, image_size=config.image_size, epochs=budget.epochs, lr=budget.lr,
         batch_size=budget.batch_size, weight_decay=budget.weight_decay, augment=budget.augment,
-        class_weighting=budget.class_weighting, num_workers=config.num_workers, seed=seed)
+        aug_prob=budget.aug_prob, class_weighting=budget.class_weighting,
+        num_workers=config.num_workers, use_gpu=use_gpu, seed=seed)
     images, y = data.images[train_idx], data.y[train_idx]
-    if spec.encoder_options:
-        build = _OptionsClassifier(spec.encoder, spec.encoder_options, len(data.classes))
-        return fit(build, images, y, len(data.classes), train_config, out=out)
-    return fit_classifier(images, y, len(data.classes), train_config, out=out)
+    val = None if val_idx is None else (data.images[val_idx], data.y[val_idx])
+    build = _OptionsClassifier(spec.encoder, spec.encoder_options, len(data.classes))
+    return fit(build, images, y, len(data.classes), train_config, out=out, val=val, score=score,
+               classes=data.classes)
 
 
 def _deepcluster_checkpoint(data: EvalData, train_idx: np.ndarray, config: RecommenderEvalConfig,
@@ -360,7 +365,7 @@ def evaluate_split(data: EvalData, train_idx: np.ndarray, test_idx: np.ndarray,
     for spec in config.classifiers:
         log(f"seed {seed}: training {spec.name} ({spec.encoder})")
         began = time.perf_counter()
-        fitted = _train_classifier(spec, data, train_idx, config, seed, out / spec.name)
+        fitted = train_classifier(spec, data, train_idx, config, seed, out / spec.name)
         logits = predict_logits(fitted.model, data.images[test_idx], image_size=config.image_size)
         pred = np.asarray(data.classes, dtype=object)[logits.argmax(1)].astype(str)
         outcome.rows.append({**common, "model": spec.name, "kind": "classifier", "k": None,

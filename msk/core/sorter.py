@@ -547,7 +547,7 @@ def _write_splits(out: Path, data: LabelledImages, plan: CrossValidation) -> Non
 
 
 def _train_fold(k: int, data: LabelledImages, y: np.ndarray, train: np.ndarray, val: np.ndarray,
-                n_classes: int, config: SorterConfig, out: Path) -> FoldResult:
+                classes: list[str], config: SorterConfig, out: Path) -> FoldResult:
     fold_out = out / f"fold-{k}"
     marker = fold_out / "fold.json"
     budget = {"epochs": config.epochs, "patience": config.patience}
@@ -557,8 +557,8 @@ def _train_fold(k: int, data: LabelledImages, y: np.ndarray, train: np.ndarray, 
             return FoldResult(k, fold_out, done["best_epoch"], done["val_top1"], len(train),
                               len(val), skipped=True)
     try:
-        result = fit_classifier(data.images[train], y[train], n_classes, config.train_config(),
-                                out=fold_out, val=(data.images[val], y[val]))
+        result = fit_classifier(data.images[train], y[train], len(classes), config.train_config(),
+                                out=fold_out, val=(data.images[val], y[val]), classes=classes)
     except (TrainError, CheckpointError) as exc:
         raise SorterError(f"fold {k} ({fold_out}): {exc}") from exc
     logits = predict_logits(result.model, data.images[val], image_size=config.image_size)
@@ -613,6 +613,24 @@ def _check_external(data: LabelledImages, holdout: LabelledImages) -> None:
                           f"training data {data.source}: {exc}") from exc
 
 
+def prepare_sorter_data(data: LabelledImages, config: SorterConfig):
+    """``(data, dropped, classes, y, plan)``: the images :func:`train_sorter` keeps (small
+    classes dropped or refused as configured), their class names in region-set order, class
+    indices, and the patient-level test set + folds. Tuning trains on ``plan.folds[0]``."""
+    from msk.core.registry import entity_set
+
+    entities = entity_set(config.region_set)
+    outside = sorted({c for c in data.labels if c not in entities.names})
+    if outside:
+        raise SorterError(f"{data.source}: labels {outside} are not regions of {entities.name}")
+    data, dropped = _check_classes(data, config)
+    classes = [c for c in entities.names if c in set(data.labels)]
+    y = np.array([classes.index(c) for c in data.labels], dtype=np.int64)
+    plan = plan_splits(data.patient_ids, data.labels, folds=config.folds,
+                       test_size=config.test_size, seed=config.seed)
+    return data, dropped, classes, y, plan
+
+
 def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
                  out: str | os.PathLike, holdout: LabelledImages | None = None,
                  progress: bool = True) -> SorterResult:
@@ -628,21 +646,11 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
     A rerun with the same ``out`` skips finished folds and resumes an interrupted one; other
     options than :data:`RESUMABLE_CHANGES` are an error.
     """
-    from msk.core.registry import entity_set
-
     config = config or SorterConfig()
     out = Path(out).absolute()
-    entities = entity_set(config.region_set)
-    outside = sorted({c for c in data.labels if c not in entities.names})
-    if outside:
-        raise SorterError(f"{data.source}: labels {outside} are not regions of {entities.name}")
     if holdout is not None:
         _check_external(data, holdout)
-    data, dropped = _check_classes(data, config)
-    classes = [c for c in entities.names if c in set(data.labels)]
-    y = np.array([classes.index(c) for c in data.labels], dtype=np.int64)
-    plan = plan_splits(data.patient_ids, data.labels, folds=config.folds,
-                       test_size=config.test_size, seed=config.seed)
+    data, dropped, classes, y, plan = prepare_sorter_data(data, config)
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, config)
     try:
@@ -658,7 +666,7 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
         for k, (train, val) in enumerate(plan.folds, 1):
             bar.update(task, description=f"sorter: fold {k}/{config.folds} ({len(train)} train, "
                                          f"{len(val)} val images)")
-            folds.append(_train_fold(k, data, y, train, val, len(classes), config, out))
+            folds.append(_train_fold(k, data, y, train, val, classes, config, out))
             bar.advance(task)
 
     ensemble = SorterEnsemble([load_model(f.out / "best.pt")[0] for f in folds], classes,

@@ -179,6 +179,8 @@ def _latest(out: Path) -> Path | None:
 
 def _save(path: Path, model: nn.Module, config: TrainConfig, epoch: int, **extra) -> Path:
     inner = getattr(model, "module", model)
+    if getattr(inner, "architecture", None) is not None:  # e.g. a fusion model's head options
+        extra["architecture"] = inner.architecture
     return save_checkpoint(
         path, inner.encoder, arch=inner.encoder_name, in_chans=encoder_in_chans(inner.sobel),
         config={**config.model_dump(mode="json"), "sobel": inner.sobel}, epoch=epoch,
@@ -258,16 +260,21 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
             inner = getattr(model, "module", model)
             if val is not None:
                 row["val_loss"], row["val_accuracy"] = (round(v, 5) for v in _evaluate(inner, val, eval_loss, device))
+            if payload.get("score") is not None:
+                inner.eval()
+                with torch.no_grad():
+                    row.update(payload["score"](inner))
             row["seconds"] = round(time.perf_counter() - began, 3)
             history.append(row)
             score = row["val_loss"] if row["val_loss"] is not None else -epoch
             improved = score < best_loss
             if improved:
                 best_loss, best_epoch = score, epoch
-            path = _save(_ckpt_path(out, epoch), inner, config, epoch, optimizer=optimizer.state_dict(),
+            named = {"classes": payload["classes"]} if payload.get("classes") else {}
+            path = _save(_ckpt_path(out, epoch), inner, config, epoch, **named, optimizer=optimizer.state_dict(),
                          history=history, best_loss=best_loss, best_epoch=best_epoch)
             if improved:
-                _save(out / "best.pt", inner, config, epoch, history=history)
+                _save(out / "best.pt", inner, config, epoch, **named, history=history)
             _write_history(out, history)
             if config.patience is not None and epoch - best_epoch >= config.patience:
                 stop[0] = 1
@@ -287,7 +294,9 @@ def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
 
 def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int] | np.ndarray,
         num_classes: int, config: TrainConfig, *, out: str | os.PathLike,
-        meta: np.ndarray | None = None, val: tuple | None = None) -> FitResult:
+        meta: np.ndarray | None = None, val: tuple | None = None,
+        score: Callable[[nn.Module], dict[str, float]] | None = None,
+        classes: Sequence[str] | None = None) -> FitResult:
     """Train the model ``build()`` returns on ``images`` (``uint8 [N, S, S]``) and ``labels``.
 
     :param build: a picklable zero-argument factory (it runs on every Ray Train worker); the
@@ -296,9 +305,16 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
     :param meta: ``float32 [N, D]`` metadata for fusion models (``model(images, meta)``).
     :param val: ``(images, labels)`` or ``(images, labels, meta)`` evaluated after every epoch;
         early stopping and ``best.pt`` follow its loss.
+    :param score: a picklable ``score(model) -> {metric: value}`` called on rank 0 after every
+        epoch (model in eval mode, on the worker's device); its metrics join the epoch's report
+        (e.g. a retrieval metric that Ray Tune schedules on).
+    :param classes: class names in label order, saved in the checkpoints (``extra["classes"]``)
+        so that a served model names its outputs.
     """
     labels = np.asarray(labels, dtype=np.int64)
     _check_arrays(images, labels, meta, "training")
+    if classes is not None and len(classes) != num_classes:
+        raise TrainError(f"{len(classes)} class names for {num_classes} classes")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise TrainError(f"labels must lie in 0..{num_classes - 1}; got {labels.min()}..{labels.max()}")
     if len(images) < max(2, config.num_workers):
@@ -314,7 +330,8 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
                              f"{config.encoder!r} with {num_classes} classes")
     (out / "config.yaml").write_text(config.to_yaml())
     payload = {"config": config.model_dump(mode="json"), "out": str(out), "build": build,
-               "images": images, "labels": labels, "meta": meta, "num_classes": num_classes}
+               "images": images, "labels": labels, "meta": meta, "num_classes": num_classes,
+               "score": score, "classes": None if classes is None else [str(c) for c in classes]}
     if val is not None:
         v_images, v_labels, *rest = val
         v_labels = np.asarray(v_labels, dtype=np.int64)
@@ -332,12 +349,13 @@ def _classifier_factory(config: dict[str, Any], num_classes: int) -> ImageClassi
 
 
 def fit_classifier(images: np.ndarray, labels, num_classes: int, config: TrainConfig, *,
-                   out: str | os.PathLike, val: tuple | None = None) -> FitResult:
+                   out: str | os.PathLike, val: tuple | None = None, score=None,
+                   classes: Sequence[str] | None = None) -> FitResult:
     """Encoder + linear head, initialised from ``config.init``; see :func:`fit`."""
     import functools
 
     build = functools.partial(_classifier_factory, config.model_dump(mode="json"), num_classes)
-    return fit(build, images, labels, num_classes, config, out=out, val=val)
+    return fit(build, images, labels, num_classes, config, out=out, val=val, score=score, classes=classes)
 
 
 def load_model(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None):

@@ -5,12 +5,22 @@ Training loops in msk (DeepCluster, supervised classifiers) are written once aga
 either in the calling process (``num_workers=0``: tests, notebooks, one GPU box) or as one
 ``TorchTrainer`` run on a Ray cluster (``num_workers>=1``, CPU or GPU, DDP). One Ray Train run
 covers all epochs, so its start-up cost (~15-20 s on a 2-core machine) is paid once per job.
+
+Inside a Ray Tune trial (:func:`reporting_to_tune`, see :mod:`msk.core.tuning`) every epoch's
+report also reaches Tune: directly from this process, or from the Ray Train run through Ray's
+``TuneReportCallback``, the Train-inside-Tune pattern Ray documents for Train V2. A Ray Train
+run writes ``workers/rank-<k>.json`` (node id, host, device) into its storage folder, so a run
+on a cluster records where each rank ran.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import json
 import os
+import socket
 import shutil
 import tempfile
 import time
@@ -22,6 +32,22 @@ import torch
 import torch.distributed as dist
 
 from msk.core.errors import MskError
+
+_TO_TUNE = contextvars.ContextVar("msk_report_to_tune", default=False)
+
+
+@contextlib.contextmanager
+def reporting_to_tune():
+    """Within this block (inside a Ray Tune trial function), training reports go to Tune."""
+    token = _TO_TUNE.set(True)
+    try:
+        yield
+    finally:
+        _TO_TUNE.reset(token)
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if v is not None}
 
 
 class Workers(Protocol):
@@ -62,7 +88,10 @@ class LocalWorkers:
         return array
 
     def report(self, metrics, checkpoint):
-        pass
+        if _TO_TUNE.get():
+            import ray.tune
+
+            ray.tune.report(_clean(metrics))
 
     def restored_checkpoint(self):
         return None
@@ -105,7 +134,7 @@ class RayWorkers:
     def report(self, metrics, checkpoint):
         import ray.train
 
-        clean = {k: v for k, v in metrics.items() if v is not None}
+        clean = _clean(metrics)
         if checkpoint is None:
             ray.train.report(clean)
             return
@@ -128,11 +157,24 @@ class RayWorkers:
 LoopFn = Callable[[dict[str, Any], Workers], None]
 
 
-def _ray_entry(loop: LoopFn, payload: dict[str, Any]) -> None:
+def _record_placement(storage: Path, workers: RayWorkers) -> None:
+    import ray
+
+    folder = storage / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{workers.rank}.json").write_text(json.dumps({
+        "rank": workers.rank, "world_size": workers.world_size,
+        "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+        "pid": os.getpid(), "device": str(workers.device)}))
+
+
+def _ray_entry(loop: LoopFn, payload: dict[str, Any], storage: str) -> None:
     import ray
 
     payload = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in payload.items()}
-    loop(payload, RayWorkers())
+    workers = RayWorkers()
+    _record_placement(Path(storage), workers)
+    loop(payload, workers)
 
 
 def run_workers(loop: LoopFn, payload: dict[str, Any], *, num_workers: int, use_gpu: bool,
@@ -141,7 +183,9 @@ def run_workers(loop: LoopFn, payload: dict[str, Any], *, num_workers: int, use_
 
     On Ray, numpy arrays in ``payload`` travel through the object store (``ray.put``), Ray is
     started if it is not running (``RAY_ADDRESS`` picks a cluster), run state goes under
-    ``storage/ray`` and a failure on a worker is raised here as an :class:`MskError`.
+    ``storage/ray``, each rank records where it ran in ``storage/workers/rank-<k>.json`` and
+    a failure on a worker is raised here as an :class:`MskError`. ``storage`` must be shared by
+    the nodes on a cluster (rank 0 writes checkpoints there).
     """
     if num_workers == 0:
         loop(payload, LocalWorkers(use_gpu))
@@ -154,13 +198,19 @@ def run_workers(loop: LoopFn, payload: dict[str, Any], *, num_workers: int, use_
     if not ray.is_initialized():
         ray.init()
     shipped = {k: ray.put(v) if isinstance(v, np.ndarray) else v for k, v in payload.items()}
+    callbacks = []
+    if _TO_TUNE.get():
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    storage = Path(storage).absolute()
     trainer = TorchTrainer(
-        functools.partial(_ray_entry, loop),
+        functools.partial(_ray_entry, loop, storage=str(storage)),
         train_loop_config=shipped,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                             storage_path=str(Path(storage).absolute() / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             storage_path=str(storage / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks),
     )
     try:
         trainer.fit()

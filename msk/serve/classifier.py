@@ -3,8 +3,8 @@
 Two kinds of checkpoint are served, both written by :func:`msk.core.train.fit`:
 
 * a **fusion model** (:class:`msk.core.fusion.FusionClassifier`, from ``msk eval fusion`` /
-  :func:`msk.core.fusion.fit_fusion`): set ``head`` (and ``hidden``/``dropout`` if not the
-  defaults) as trained, and ``metadata_encoder``, the fitted
+  :func:`msk.core.fusion.fit_fusion`): its checkpoint records the head, ``hidden`` and
+  ``dropout`` (older checkpoints: set them as trained); set ``metadata_encoder``, the fitted
   :class:`~msk.core.metadata.MetadataEncoder` saved with ``MetadataEncoder.save``. The request's
   metadata is encoded exactly as the training rows were;
 * an **image-only** classifier (linear head, :func:`msk.core.train.fit_classifier`): the
@@ -141,6 +141,23 @@ class ClassifierModel:
         return gradcam_png(image, cam)
 
 
+_FUSION_DEFAULTS = {"hidden": [64, 32], "dropout": 0.2}
+
+
+def _fusion_options(config: ClassifyConfig, saved: dict[str, Any], path: Path):
+    """``(head, hidden, dropout)``: the config's where set, else the checkpoint's record, else
+    the defaults; a config value that contradicts the record is an error."""
+    chosen = {}
+    for key in ("head", "hidden", "dropout"):
+        given, recorded = getattr(config, key), saved.get(key)
+        if given is not None and recorded is not None and given != recorded:
+            raise ConfigError(f"classifier.{key}={given!r} but {path} was trained with {key}={recorded!r}; "
+                              f"leave {key} out to use the checkpoint's")
+        chosen[key] = given if given is not None else recorded if recorded is not None \
+            else _FUSION_DEFAULTS.get(key)
+    return chosen["head"], chosen["hidden"], chosen["dropout"]
+
+
 def load_classifier_model(config: ClassifyConfig, preprocess: PreprocessConfig) -> ClassifierModel:
     """Build the classifier the config describes; :class:`ConfigError` says what does not fit."""
     from msk.core.checkpoint import CheckpointError, load_checkpoint
@@ -163,7 +180,8 @@ def load_classifier_model(config: ClassifyConfig, preprocess: PreprocessConfig) 
         except (OSError, ValueError, KeyError, MetadataError) as exc:
             raise ConfigError(f"classifier.metadata_encoder: {config.metadata_encoder} is not a saved "
                               f"MetadataEncoder ({exc})") from None
-    if config.head is None:
+    head, hidden, dropout = _fusion_options(config, ckpt.extra.get("architecture") or {}, path)
+    if head is None:
         if not linear:
             raise ConfigError(f"classifier.checkpoint: {path} holds a fusion head; set classifier.head (concat, "
                               "gated or film), hidden and dropout as trained, and metadata_encoder")
@@ -173,19 +191,19 @@ def load_classifier_model(config: ClassifyConfig, preprocess: PreprocessConfig) 
         build = None
     else:
         if linear:
-            raise ConfigError(f"classifier.head={config.head!r} but {path} has a linear head (an image-only "
+            raise ConfigError(f"classifier.head={head!r} but {path} has a linear head (an image-only "
                               "model); leave head out")
         from msk.core.fusion import build_fusion_model
 
         train = {k: v for k, v in ckpt.config.items() if k in TrainConfig.model_fields}
         build = functools.partial(build_fusion_model, {**train, "init": "random"}, num_classes,
-                                  head=config.head, meta_dim=0 if encoder is None else encoder.dim,
-                                  hidden=tuple(config.hidden), dropout=config.dropout)
+                                  head=head, meta_dim=0 if encoder is None else encoder.dim,
+                                  hidden=tuple(hidden), dropout=dropout)
     try:
         model, _ = load_model(path, build)
     except (CheckpointError, RuntimeError, ValueError) as exc:
         first = str(exc).splitlines()[0]
-        raise ConfigError(f"classifier: {path} does not fit head={config.head!r}, hidden={config.hidden}, "
+        raise ConfigError(f"classifier: {path} does not fit head={head!r}, hidden={hidden}, "
                           f"metadata width {0 if encoder is None else encoder.dim}: {first}") from None
     classes = _classes(config, path, num_classes, ckpt.extra.get("classes"))
     return ClassifierModel(model, encoder, classes, int(ckpt.config["image_size"]), config, preprocess)

@@ -9,7 +9,6 @@ One YAML file (or the ``args`` of the application in a Ray Serve config file, se
     classifier:                               # /v1/classify
       checkpoint: out/fusion/best.pt
       metadata_encoder: out/fusion/metadata_encoder.json
-      head: concat
 
 A model left out has no replica; its endpoint answers 503 ``not_configured``. Every path is
 checked by :func:`check_paths` before anything starts, so a typo fails at start-up with the
@@ -123,9 +122,10 @@ class ClassifyConfig(ModelConfig):
     checkpoint: Path = Field(description="a trained classifier checkpoint (msk.core.train / msk.core.fusion)")
     metadata_encoder: Path | None = Field(None, description="the fitted MetadataEncoder (JSON) of a fusion model")
     head: str | None = Field(None, description="fusion head the model was trained with (concat, gated, film); "
-                                               "None: a linear head (image-only model)")
-    hidden: list[int] = Field([64, 32], min_length=1, description="metadata MLP widths of the fusion head")
-    dropout: float = Field(0.2, ge=0, lt=1)
+                                               "None: as the checkpoint records (a linear head if none)")
+    hidden: list[int] | None = Field(None, min_length=1, description="metadata MLP widths of the fusion "
+                                     "head; None: as the checkpoint records, else [64, 32]")
+    dropout: float | None = Field(None, ge=0, lt=1, description="None: as the checkpoint records, else 0.2")
     classes: list[str] | None = Field(None, description="entity names in output order; default: the "
                                                         "checkpoint's, else entity_set's")
     entity_set: str | None = Field(None, description="registry entity set naming the classes")
