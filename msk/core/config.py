@@ -27,22 +27,28 @@ class MskConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` (empty file: ``{}``); a :class:`ConfigError` names
+    the file when it is missing, not YAML, or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping of option: value, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
     """Build ``cls`` from the YAML file at ``path`` (optional) updated with non-None ``overrides``."""
     data: dict[str, Any] = {}
     where = "options"
     if path is not None:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of option: value, got {type(loaded).__name__}")
-        data.update(loaded)
+        where = str(path)
+        data.update(read_yaml_mapping(path))
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return cls.model_validate(data)

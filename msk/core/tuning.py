@@ -50,10 +50,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import yaml
 from pydantic import Field, ValidationError
 
-from msk.core.config import MskConfig
+from msk.core.config import MskConfig, read_yaml_mapping
 from msk.core.errors import ConfigError, MskError
 
 __all__ = ["DISTRIBUTIONS", "SearchSpace", "TASKS", "TuneError", "TuneOptions", "TuneResult",
@@ -173,16 +172,8 @@ def load_space(task: str, source: str | os.PathLike | dict[str, Any], base: MskC
     spec = get_task(task)
     where = "<dict>"
     if not isinstance(source, dict):
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"search space {path} does not exist")
-        try:
-            source = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(source, dict):
-            raise ConfigError(f"{path}: a search space is a mapping of config keys to distributions")
+        where = str(source)
+        source = read_yaml_mapping(source, "search space")
     if not source:
         raise ConfigError(f"{where}: the search space is empty")
     params = tuple(_param(str(k), v, where) for k, v in source.items())
