@@ -24,6 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from msk.core.dicom import read_dicom_header, read_image
 from msk.core.pseudonym import ENV_VAR, PseudonymKeyError, Pseudonymiser, age_in_years, parse_key
+from test_dicom import _to_bytes  # one DICOM serialiser for the reader and pseudonym tests
 
 REPO = Path(__file__).resolve().parents[1]
 OTHER_KEY = b"another-key-with-enough-bytes!!"
@@ -93,12 +94,6 @@ def _phi_dataset() -> Dataset:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = pixels.tobytes()
     return ds
-
-
-def _to_bytes(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def _all_elements(ds: Dataset):

@@ -18,26 +18,11 @@ from msk.core.sorter import (
     read_image_labels, train_sorter,
 )
 from msk.core.train import TrainConfig, fit_classifier
+from test_train import bars as drawings  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REGIONS = ("hand", "knee", "skull")
-
-
-def drawings(n: int, seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Three learnable classes: a horizontal bar, a vertical bar, a bright square."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 40, size=(n, size, size)).astype(np.uint8)
-    classes = np.arange(n) % 3
-    for img, c in zip(images, classes):
-        o = rng.integers(4, size - 12)
-        if c == 0:
-            img[o:o + 4, 2:-2] = 220
-        elif c == 1:
-            img[2:-2, o:o + 4] = 220
-        else:
-            img[o:o + 10, o:o + 10] = 220
-    return images, classes
 
 
 def labelled(n: int = 60, seed: int = 0, prefix: str = "p") -> LabelledImages:
