@@ -48,3 +48,17 @@ def test_command_help_has_an_example(command):
     result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Example" in result.output and f"msk {' '.join(command)}" in result.output
+
+
+def test_option_defaults_show_in_help():
+    """``[default: ...]`` in a help string is literal text, not a rich markup tag."""
+    import inspect
+
+    from msk.core import cli
+
+    hinted = inspect.getsource(cli).count("[default: ")
+    shown = 0
+    for command in _commands():
+        output = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "400"}).output
+        shown += output.count("[default: ")
+    assert hinted > 20 and shown >= hinted, (shown, hinted)

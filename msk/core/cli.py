@@ -63,9 +63,9 @@ def plugins(
 @app.command()
 def synth(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="folder to write the export into"),
-    n: Optional[int] = typer.Option(None, "--n", help="number of files [default: 2000]"),
-    seed: Optional[int] = typer.Option(None, help="random seed [default: 0]"),
-    workers: Optional[int] = typer.Option(None, help="parallel processes [default: 1]"),
+    n: Optional[int] = typer.Option(None, "--n", help="number of files \\[default: 2000]"),
+    seed: Optional[int] = typer.Option(None, help="random seed \\[default: 0]"),
+    workers: Optional[int] = typer.Option(None, help="parallel processes \\[default: 1]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Write a deterministic synthetic PACS export (DICOM files + ground_truth.csv).
@@ -90,7 +90,7 @@ def synth(
 def ingest(
     src: Path = typer.Argument(..., help="folder tree of DICOM/PNG/JPEG files"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="output folder (shards, manifest)"),
-    image_size: Optional[int] = typer.Option(None, help="output side length in px [default: 256]"),
+    image_size: Optional[int] = typer.Option(None, help="output side length in px \\[default: 256]"),
     key_file: Optional[Path] = typer.Option(None, help="pseudonymisation key file (env MSK_PSEUDONYM_KEY wins)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
@@ -123,11 +123,11 @@ def _print_ingest(report) -> None:
 def cluster(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder (checkpoints, history, assignments)"),
-    k: Optional[int] = typer.Option(None, help="number of clusters [default: 1000]"),
-    epochs: Optional[int] = typer.Option(None, help="epochs [default: 10]"),
-    encoder: Optional[str] = typer.Option(None, help="encoder name, see `msk plugins encoder` [default: resnet18]"),
-    image_size: Optional[int] = typer.Option(None, help="input side length [default: 128]"),
-    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process [default: 1]"),
+    k: Optional[int] = typer.Option(None, help="number of clusters \\[default: 1000]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs \\[default: 10]"),
+    encoder: Optional[str] = typer.Option(None, help="encoder name, see `msk plugins encoder` \\[default: resnet18]"),
+    image_size: Optional[int] = typer.Option(None, help="input side length \\[default: 128]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process \\[default: 1]"),
     use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
@@ -189,7 +189,7 @@ def clusters_apply(
     labels_file: Path = typer.Argument(..., metavar="LABELS", help="filled-in labels.csv or YAML"),
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk cluster`"),
     region_set: str = typer.Option("samx-regions", help="entity set the names belong to"),
-    save: Optional[Path] = typer.Option(None, help="weak labels CSV [default: RUN/weak_labels.csv]"),
+    save: Optional[Path] = typer.Option(None, help="weak labels CSV \\[default: RUN/weak_labels.csv]"),
 ) -> None:
     """Merge same-named clusters into weak classes, drop discarded ones, report class counts.
 
@@ -218,11 +218,11 @@ def train_sorter(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     labels: Path = typer.Argument(..., metavar="LABELS", help="weak labels CSV (image_id,label) from `msk clusters apply`"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="run folder (folds, checkpoints, report)"),
-    init: Optional[str] = typer.Option(None, help="checkpoint to fine-tune, e.g. the DeepCluster one [default: random]"),
-    encoder: Optional[str] = typer.Option(None, help="encoder name [default: resnet18]"),
-    epochs: Optional[int] = typer.Option(None, help="epochs per fold [default: 10]"),
-    folds: Optional[int] = typer.Option(None, help="cross-validation folds [default: 5]"),
-    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process [default: 1]"),
+    init: Optional[str] = typer.Option(None, help="checkpoint to fine-tune, e.g. the DeepCluster one \\[default: random]"),
+    encoder: Optional[str] = typer.Option(None, help="encoder name \\[default: resnet18]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: 10]"),
+    folds: Optional[int] = typer.Option(None, help="cross-validation folds \\[default: 5]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process \\[default: 1]"),
     use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
     holdout_ingest: Optional[Path] = typer.Option(None, help="external hold-out ingest folder"),
     holdout_labels: Optional[Path] = typer.Option(None, help="labels of the external hold-out"),
@@ -252,7 +252,7 @@ def train_transfer(
     arm: list[str] = typer.Option([], "--arm", help="NAME=CHECKPOINT to compare with random init (repeatable)"),
     cascade: bool = typer.Option(False, help="phase 1 normal vs pathological, phase 2 entity A vs B"),
     positive: Optional[str] = typer.Option(None, help="positive class for sensitivity/specificity"),
-    epochs: Optional[int] = typer.Option(None, help="epochs per fold [default: 10]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: 10]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Fine-tune on a small labelled task from random init and from msk checkpoints, side by side.
@@ -347,13 +347,13 @@ def tune(
     labels: Path = typer.Argument(..., metavar="LABELS", help="the labels the task's command takes: "
                                   "weak labels (sorter), metadata CSV (fusion), image_id,entity CSV (recommender)"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="result folder: best.yaml, trials.csv, trials/"),
-    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="trials [default: 8]"),
-    space: Optional[Path] = typer.Option(None, help="search space YAML [default: tune/TASK.yaml]"),
-    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers per trial; 0 = in the trial [default: 1]"),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="trials \\[default: 8]"),
+    space: Optional[Path] = typer.Option(None, help="search space YAML \\[default: tune/TASK.yaml]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers per trial; 0 = in the trial \\[default: 1]"),
     use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
-    max_concurrent: Optional[int] = typer.Option(None, help="trials at once [default: what the cluster fits]"),
-    seed: Optional[int] = typer.Option(None, help="sampler seed [default: 0]"),
-    scheduler: Optional[str] = typer.Option(None, help="asha (stop poor trials early) or fifo [default: asha]"),
+    max_concurrent: Optional[int] = typer.Option(None, help="trials at once \\[default: what the cluster fits]"),
+    seed: Optional[int] = typer.Option(None, help="sampler seed \\[default: 0]"),
+    scheduler: Optional[str] = typer.Option(None, help="asha (stop poor trials early) or fifo \\[default: asha]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="the task's config YAML that trials "
                                           "start from (the options the space leaves alone)"),
 ) -> None:
@@ -384,8 +384,8 @@ def tune(
 def serve(
     config: Path = typer.Argument(..., help="serve config YAML (see msk/serve/serve.example.yaml)"),
     insecure: bool = typer.Option(False, "--insecure", help="disable bearer-token auth (loud warning)"),
-    host: Optional[str] = typer.Option(None, help="bind address [default: from the config, 127.0.0.1]"),
-    port: Optional[int] = typer.Option(None, help="port [default: from the config, 8000]"),
+    host: Optional[str] = typer.Option(None, help="bind address \\[default: from the config, 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, help="port \\[default: from the config, 8000]"),
 ) -> None:
     """Serve /v1/sort, /v1/recommend and /v1/classify locally with Ray Serve until Ctrl-C.
 
