@@ -65,6 +65,21 @@ def test_class_names_and_per_epoch_scores_are_recorded(tmp_path):
         fit_classifier(x, y, 3, fast(epochs=1), out=tmp_path / "other", classes=["h", "v"])
 
 
+def test_encoder_options_are_recorded_so_checkpoints_rebuild_alone(tmp_path):
+    """A ViT trained at 24 px (img_size, patch_size options) loads and embeds from its checkpoint."""
+    from msk.core.embed import Embedder
+
+    x, y = bars(24, size=24)
+    options = {"img_size": 24, "patch_size": 8, "depth": 1}
+    res = fit_classifier(x, y, 3, fast(encoder="timm/vit_tiny_patch16_224", encoder_options=options,
+                                       image_size=24, epochs=1), out=tmp_path)
+    assert load_checkpoint(res.best).extra["encoder_options"] == options
+    model, _ = load_model(res.best)
+    np.testing.assert_allclose(predict_logits(model, x[:4], image_size=24),
+                               predict_logits(res.model, x[:4], image_size=24), atol=1e-5)
+    assert Embedder(res.best).embed_images(x[:4]).shape == (4, model.encoder.feature_dim)
+
+
 def test_resume_continues_after_last_epoch(tmp_path):
     x, y = bars(48)
     fit_classifier(x, y, 3, fast(epochs=2), out=tmp_path)

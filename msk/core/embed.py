@@ -121,6 +121,7 @@ def _feature_model(source: Any, image_size: int | None, encoder_options: Mapping
 
     path = Path(source)
     ckpt = load_checkpoint(path)
+    encoder_options = encoder_options or ckpt.extra.get("encoder_options") or {}
     try:
         encoder = build_encoder(ckpt.arch, in_chans=ckpt.in_chans, **encoder_options)
     except TypeError as exc:

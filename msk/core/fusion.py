@@ -49,14 +49,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from msk.core.augment import encoder_in_chans, eval_transform, to_tensor
+from msk.core.augment import eval_transform, to_tensor
 from msk.core.baselines import METRICS, XgbConfig, classification_metrics, fit_xgboost
 from msk.core.checkpoint import load_state
 from msk.core.config import MskConfig
 from msk.core.errors import ConfigError, MskError
 from msk.core.metadata import DICOM_VIEWS, MetadataEncoder, MetadataError, MetadataSchema, join_images
 from msk.core.ingest import map_box_to_square
-from msk.core.registry import build_encoder, build_fusion_head, entity_set
+from msk.core.registry import build_fusion_head, entity_set
 from msk.core.splits import patient_kfold, patient_split
 from msk.core.train import (FitResult, ImageClassifier, TrainConfig, fit, init_checkpoint, load_model,
                             predict_logits)
@@ -141,10 +141,7 @@ class FusionClassifier(ImageClassifier):
                  meta_dim: int, use_image: bool = True, sobel: bool = False,
                  hidden: Sequence[int] = (64, 32), dropout: float = 0.2,
                  encoder_options: dict[str, Any] | None = None):
-        super().__init__(encoder_name, num_classes, sobel=sobel)
-        if encoder_options:
-            # ImageClassifier builds the encoder with defaults; rebuild it with the options
-            self.encoder = build_encoder(encoder_name, in_chans=encoder_in_chans(sobel), **encoder_options)
+        super().__init__(encoder_name, num_classes, sobel=sobel, encoder_options=encoder_options)
         self.use_image, self.meta_dim = use_image, meta_dim
         self.head = build_fusion_head(head, image_dim=self.encoder.feature_dim if use_image else 0,
                                       meta_dim=meta_dim, num_classes=num_classes,
@@ -153,8 +150,7 @@ class FusionClassifier(ImageClassifier):
             self.encoder.requires_grad_(False)  # not in the optimiser's way, nor DDP's
         #: saved in every checkpoint (``extra["architecture"]``) so that serving rebuilds the model
         self.architecture = {"head": head, "hidden": list(hidden), "dropout": float(dropout),
-                             "meta_dim": int(meta_dim), "use_image": bool(use_image),
-                             "encoder_options": dict(encoder_options or {})}
+                             "meta_dim": int(meta_dim), "use_image": bool(use_image)}
 
     def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         features = self.features(images) if self.use_image else None
@@ -171,7 +167,7 @@ def build_fusion_model(train: TrainConfig | dict[str, Any], num_classes: int, *,
     ckpt, sobel = init_checkpoint(config)
     model = FusionClassifier(config.encoder, num_classes, head=head, meta_dim=meta_dim,
                              use_image=use_image, sobel=sobel, hidden=hidden, dropout=dropout,
-                             encoder_options=encoder_options)
+                             encoder_options=config.encoder_options if encoder_options is None else encoder_options)
     if ckpt is not None and use_image:
         load_state(model.encoder, ckpt, arch=config.encoder)
     return model
@@ -449,7 +445,6 @@ class _Model:
     use_image: bool = True
     use_meta: bool = True
     train: TrainConfig | None = None
-    encoder_options: dict[str, Any] = field(default_factory=dict)
     convolutional: bool = True  # Grad-CAM applies
 
 
@@ -461,10 +456,10 @@ def _models(config: FusionConfig) -> list[_Model]:
     if config.transformer is not None:
         t = config.transformer
         train = config.train.model_copy(update={"encoder": t.encoder, "image_size": t.image_size,
+                                                "encoder_options": {**t.options, "img_size": t.image_size},
                                                 "lr": t.lr, "init": "random", "sobel": None})
         models.append(_Model("transformer", f"image only ({t.encoder.removeprefix('timm/')})",
-                             "torch", first, True, False, train,
-                             {**t.options, "img_size": t.image_size}, convolutional=False))
+                             "torch", first, True, False, train, convolutional=False))
     if config.metadata_only:
         models.append(_Model("metadata", f"metadata only (MLP, {first} head)", "torch", first,
                              False, True, config.train))
@@ -549,7 +544,7 @@ def _train_fold(model: _Model, data: FusionData, dev: np.ndarray, fold: _Fold,
         return fold.encoder.transform(data.meta.iloc[rows]) if model.use_meta else None
 
     options = dict(head=model.head, use_image=model.use_image, hidden=tuple(config.hidden),
-                   dropout=config.dropout, encoder_options=model.encoder_options or None)
+                   dropout=config.dropout)
     done = run / "done.json"
     if done.is_file() and (run / "best.pt").is_file():
         build = functools.partial(build_fusion_model, model.train.model_dump(mode="json"),

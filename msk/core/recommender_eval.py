@@ -277,46 +277,24 @@ class SplitOutcome:
     recommendations: dict[str, tuple[np.ndarray, list]] = field(default_factory=dict)
 
 
-class _OptionsClassifier:
-    """Picklable factory of an :class:`ImageClassifier` whose encoder takes options (a ViT's
-    ``img_size``); :class:`msk.core.train.ImageClassifier` builds encoders without options."""
-
-    def __init__(self, encoder: str, options: dict[str, Any], num_classes: int):
-        self.encoder, self.options, self.num_classes = encoder, dict(options), num_classes
-
-    def __call__(self):
-        from torch import nn
-
-        from msk.core.registry import build_encoder
-        from msk.core.train import ImageClassifier
-
-        model = ImageClassifier.__new__(ImageClassifier)
-        nn.Module.__init__(model)
-        model.encoder_name, model.sobel, model.num_classes = self.encoder, False, self.num_classes
-        model.input = nn.Identity()
-        model.encoder = build_encoder(self.encoder, in_chans=1, **self.options)
-        model.head = nn.Linear(model.encoder.feature_dim, self.num_classes)
-        return model
-
-
 def train_classifier(spec: ClassifierSpec, data: EvalData, train_idx: np.ndarray,
                      config: RecommenderEvalConfig, seed: int, out: Path, *, use_gpu: bool = False,
                      val_idx: np.ndarray | None = None, score=None):
     """Train ``spec`` on ``data[train_idx]`` with the config's budget (:func:`msk.core.train.fit`;
     ``val_idx`` and ``score`` as its ``val`` and ``score``)."""
-    from msk.core.train import TrainConfig, fit
+    from msk.core.train import TrainConfig, fit_classifier
 
     budget = config.training
     train_config = TrainConfig(
-        encoder=spec.encoder, image_size=config.image_size, epochs=budget.epochs, lr=budget.lr,
+        encoder=spec.encoder, encoder_options=spec.encoder_options, image_size=config.image_size,
+        epochs=budget.epochs, lr=budget.lr,
         batch_size=budget.batch_size, weight_decay=budget.weight_decay, augment=budget.augment,
         aug_prob=budget.aug_prob, class_weighting=budget.class_weighting,
         num_workers=config.num_workers, use_gpu=use_gpu, seed=seed)
     images, y = data.images[train_idx], data.y[train_idx]
     val = None if val_idx is None else (data.images[val_idx], data.y[val_idx])
-    build = _OptionsClassifier(spec.encoder, spec.encoder_options, len(data.classes))
-    return fit(build, images, y, len(data.classes), train_config, out=out, val=val, score=score,
-               classes=data.classes)
+    return fit_classifier(images, y, len(data.classes), train_config, out=out, val=val, score=score,
+                          classes=data.classes)
 
 
 def _deepcluster_checkpoint(data: EvalData, train_idx: np.ndarray, config: RecommenderEvalConfig,

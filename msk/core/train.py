@@ -51,6 +51,9 @@ class TrainConfig(MskConfig):
     """Options of supervised training (YAML keys of ``--config``)."""
 
     encoder: str = Field("resnet18", description="encoder registry name (`msk plugins encoder`)")
+    encoder_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the encoder, e.g. a ViT's img_size; "
+                                          "recorded in checkpoints")
     init: str = Field("random", description="'random' or an msk checkpoint whose encoder starts training")
     sobel: bool | None = Field(None, description="Sobel input layer; None: as the init checkpoint (else off)")
     image_size: int = Field(128, ge=8, description="side of the network input")
@@ -72,11 +75,12 @@ class ImageClassifier(nn.Module):
     """Fixed input layer (Sobel or identity) -> encoder -> optional fusion head or linear head."""
 
     def __init__(self, encoder_name: str, num_classes: int, *, sobel: bool = False,
-                 head: nn.Module | None = None):
+                 head: nn.Module | None = None, encoder_options: dict[str, Any] | None = None):
         super().__init__()
         self.encoder_name, self.sobel, self.num_classes = encoder_name, sobel, num_classes
+        self.encoder_options = dict(encoder_options or {})
         self.input = input_layer(sobel)
-        self.encoder = build_encoder(encoder_name, in_chans=encoder_in_chans(sobel))
+        self.encoder = build_encoder(encoder_name, in_chans=encoder_in_chans(sobel), **self.encoder_options)
         self.head = head if head is not None else nn.Linear(self.encoder.feature_dim, num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -103,7 +107,8 @@ def init_checkpoint(config: TrainConfig):
 def build_classifier(config: TrainConfig, num_classes: int, head: nn.Module | None = None) -> ImageClassifier:
     """The model ``config`` describes, with the encoder weights of ``config.init`` loaded."""
     ckpt, sobel = init_checkpoint(config)
-    model = ImageClassifier(config.encoder, num_classes, sobel=sobel, head=head)
+    model = ImageClassifier(config.encoder, num_classes, sobel=sobel, head=head,
+                            encoder_options=config.encoder_options)
     if ckpt is not None:
         load_state(model.encoder, ckpt, arch=config.encoder)
     return model
@@ -181,6 +186,8 @@ def _save(path: Path, model: nn.Module, config: TrainConfig, epoch: int, **extra
     inner = getattr(model, "module", model)
     if getattr(inner, "architecture", None) is not None:  # e.g. a fusion model's head options
         extra["architecture"] = inner.architecture
+    if getattr(inner, "encoder_options", None):  # load_model and the embedder rebuild the encoder
+        extra["encoder_options"] = inner.encoder_options
     return save_checkpoint(
         path, inner.encoder, arch=inner.encoder_name, in_chans=encoder_in_chans(inner.sobel),
         config={**config.model_dump(mode="json"), "sobel": inner.sobel}, epoch=epoch,
@@ -361,7 +368,8 @@ def fit_classifier(images: np.ndarray, labels, num_classes: int, config: TrainCo
 def load_model(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None):
     """A trained model from its checkpoint (CPU, eval mode) and the checkpoint itself.
 
-    Without ``build`` the model is an :class:`ImageClassifier` with a linear head.
+    Without ``build`` the model is an :class:`ImageClassifier` with a linear head, its encoder
+    built with the options the checkpoint records.
     """
     ckpt = load_checkpoint(path)
     if "head" not in ckpt.extra:
@@ -369,7 +377,8 @@ def load_model(path: str | os.PathLike, build: Callable[[], nn.Module] | None = 
                               "(a DeepCluster checkpoint?); use it as `init` for training")
     if build is None:
         model = ImageClassifier(ckpt.arch, int(ckpt.extra["num_classes"]),
-                                sobel=bool(ckpt.config.get("sobel", False)))
+                                sobel=bool(ckpt.config.get("sobel", False)),
+                                encoder_options=ckpt.extra.get("encoder_options"))
     else:
         model = build()
     load_state(model.encoder, ckpt, arch=model.encoder_name)
