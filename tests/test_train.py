@@ -42,7 +42,8 @@ def test_learns_checkpoints_and_predicts(tmp_path):
     assert [r["epoch"] for r in res.history] == [1, 2, 3, 4, 5, 6]
     acc = (predict_logits(res.model, vx, image_size=32).argmax(1) == vy).mean()
     assert acc >= 0.8, acc
-    assert len(list((tmp_path / "checkpoints").glob("epoch-*.pt"))) == 6
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch-*.pt"))
+    assert kept == ["epoch-004.pt", "epoch-005.pt", "epoch-006.pt"]  # keep_checkpoints=3
     assert (tmp_path / "history.csv").read_text().startswith("epoch,train_loss,val_loss")
     model, ckpt = load_model(res.best)
     assert ckpt.epoch == res.best_epoch
@@ -82,9 +83,11 @@ def test_encoder_options_are_recorded_so_checkpoints_rebuild_alone(tmp_path):
 
 def test_resume_continues_after_last_epoch(tmp_path):
     x, y = bars(48)
-    fit_classifier(x, y, 3, fast(epochs=2), out=tmp_path)
-    res = fit_classifier(x, y, 3, fast(epochs=3), out=tmp_path)
+    fit_classifier(x, y, 3, fast(epochs=2, keep_checkpoints=1), out=tmp_path)
+    res = fit_classifier(x, y, 3, fast(epochs=3, keep_checkpoints=None), out=tmp_path)
     assert [r["epoch"] for r in res.history] == [1, 2, 3]
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch-*.pt"))
+    assert kept == ["epoch-002.pt", "epoch-003.pt"]  # epoch 1 pruned by the first run
     with pytest.raises(TrainError, match="holds a run of a 'tiny-cnn' encoder with 3 classes"):
         fit_classifier(x, y % 2, 2, fast(epochs=3), out=tmp_path)
 

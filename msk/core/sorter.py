@@ -50,7 +50,8 @@ __all__ = [
 ]
 
 #: Options that may differ between a sorter run and its resumption in the same folder.
-RESUMABLE_CHANGES = frozenset({"epochs", "patience", "num_workers", "use_gpu", "gradcam_images"})
+RESUMABLE_CHANGES = frozenset({"epochs", "patience", "num_workers", "use_gpu", "gradcam_images",
+                               "keep_checkpoints"})
 
 
 class SorterError(MskError):

@@ -3,9 +3,10 @@
 One loop, written against :class:`msk.core.workers.Workers`, runs in this process
 (``num_workers=0``) or as one Ray Train run over all epochs (``num_workers>=1``; CPU or GPU,
 DDP). Every epoch it trains on an equal share of a seeded shuffle per worker, evaluates on the
-validation arrays on rank 0, writes ``history.csv`` and a checkpoint, keeps ``best.pt`` (lowest
-validation loss, or last epoch without validation) and stops early after ``patience`` epochs
-without improvement. A run folder that holds checkpoints is resumed after its last epoch.
+validation arrays on rank 0, writes ``history.csv`` and a checkpoint (the latest
+``keep_checkpoints`` are kept), keeps ``best.pt`` (lowest validation loss, or last epoch without
+validation) and stops early after ``patience`` epochs without improvement. A run folder that
+holds checkpoints is resumed after its last epoch.
 
 Models take ``images [B, 1, S, S]`` (normalised grey, see :mod:`msk.core.augment`) and, for
 fusion models, ``meta [B, D]``: ``model(images)`` or ``model(images, meta)`` -> logits.
@@ -66,6 +67,8 @@ class TrainConfig(MskConfig):
     class_weighting: Literal["none", "median_frequency"] = Field(
         "none", description="loss weights per class: median frequency balancing (Eigen & Fergus)")
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val loss")
+    keep_checkpoints: int | None = Field(3, ge=1, description="epoch checkpoints kept, the latest ones "
+                                         "(best.pt is kept apart); None: every epoch's")
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process")
     use_gpu: bool = Field(False, description="one GPU per worker")
     seed: int = 0
@@ -182,6 +185,14 @@ def _latest(out: Path) -> Path | None:
     return files[-1] if files else None
 
 
+def _prune(out: Path, keep: int | None) -> None:
+    """Delete all but the ``keep`` latest epoch checkpoints (a run folder per tuning trial or
+    fold of a large model would otherwise hold every epoch's weights)."""
+    if keep is not None:
+        for old in sorted((out / "checkpoints").glob("epoch-*.pt"))[:-keep]:
+            old.unlink(missing_ok=True)
+
+
 def _save(path: Path, model: nn.Module, config: TrainConfig, epoch: int, **extra) -> Path:
     inner = getattr(model, "module", model)
     if getattr(inner, "architecture", None) is not None:  # e.g. a fusion model's head options
@@ -282,6 +293,7 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
                          history=history, best_loss=best_loss, best_epoch=best_epoch)
             if improved:
                 _save(out / "best.pt", inner, config, epoch, **named, history=history)
+            _prune(out, config.keep_checkpoints)
             _write_history(out, history)
             if config.patience is not None and epoch - best_epoch >= config.patience:
                 stop[0] = 1
