@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from msk.core.errors import MskError
+from msk.core.specs import EntitySet
 
 __all__ = ["DISCARD", "LabelFileError", "WeakLabels", "apply_labels", "export_clusters",
            "read_label_file"]
@@ -316,13 +317,10 @@ def apply_labels(labels_file: str | os.PathLike, assignments: np.ndarray | Seque
     assignments = np.asarray(assignments, dtype=np.int64)
     k = max(k or 0, int(assignments.max()) + 1 if len(assignments) else 0)
     entities = entity_set(region_set)
-    spellings = {key: name for name in entities.names
-                 for key in (name, entities.get(name).code, *entities.get(name).aliases)}
-    compact = {_compact(s): name for s, name in spellings.items()}
+    vocabulary = LabelVocabulary(entities)
 
     cluster_labels: dict[int, str] = {}
     seen_line: dict[int, int] = {}
-    first_spelling: dict[str, tuple[str, int]] = {}
     for entry in read_label_file(path):
         where = f"{path}, line {entry.line}"
         if not 0 <= entry.cluster < k:
@@ -337,13 +335,7 @@ def apply_labels(labels_file: str | os.PathLike, assignments: np.ndarray | Seque
         if entry.label.strip().lower() == DISCARD:
             cluster_labels[entry.cluster] = DISCARD
             continue
-        try:
-            canonical = entities.names[entities.index(entry.label)]
-        except KeyError:
-            raise LabelFileError(_unknown_label(where, entry.label, entities.name, compact,
-                                                spellings, first_spelling)) from None
-        first_spelling.setdefault(canonical, (entry.label, entry.line))
-        cluster_labels[entry.cluster] = canonical
+        cluster_labels[entry.cluster] = vocabulary.canonical(entry.label, where, entry.line)
 
     labels: list[str | None] = [None] * len(assignments)
     discarded = unlabelled = 0
@@ -365,16 +357,39 @@ def apply_labels(labels_file: str | os.PathLike, assignments: np.ndarray | Seque
                       entities.name)
 
 
-def _unknown_label(where: str, label: str, set_name: str, compact: dict[str, str],
-                   spellings: dict[str, str], first_spelling: dict[str, tuple[str, int]]) -> str:
-    """The error message for a label that is not in the entity set, with a suggestion."""
-    same = compact.get(_compact(label))
-    if same is not None:
-        earlier = first_spelling.get(same)
-        also = f"; line {earlier[1]} writes it {earlier[0]!r}" if earlier else ""
-        return (f"{where}: {label!r} looks like {same!r} but is not one of its spellings in "
-                f"{set_name}{also}; write {same!r} so that both clusters become one class")
-    close = difflib.get_close_matches(label.strip().lower(), list(spellings), n=1, cutoff=0.6)
-    hint = f"; did you mean {spellings[close[0]]!r}?" if close else ""
-    return (f"{where}: {label!r} is not a region of {set_name}{hint} "
-            f"(or write {DISCARD!r} to drop the cluster; `msk plugins entity_set` lists the names)")
+class LabelVocabulary:
+    """The names, codes and aliases of an entity set, as a labels file may write them.
+
+    :meth:`canonical` maps a written label to its canonical name; an unknown label is a
+    :class:`LabelFileError` that suggests the name it looks like (same letters, or a close
+    spelling) and, for a second spelling of a name used earlier, the line that spelled it first.
+    """
+
+    def __init__(self, entities: EntitySet):
+        self.entities = entities
+        self.spellings = {key: name for name in entities.names
+                          for key in (name, entities.get(name).code, *entities.get(name).aliases)}
+        self._compact = {_compact(s): name for s, name in self.spellings.items()}
+        self._first: dict[str, tuple[str, int]] = {}
+
+    def canonical(self, label: str, where: str, line: int) -> str:
+        """The canonical name of ``label``, written at ``where`` (line ``line``)."""
+        try:
+            name = self.entities.names[self.entities.index(label)]
+        except KeyError:
+            raise LabelFileError(self._unknown(where, label)) from None
+        self._first.setdefault(name, (label, line))
+        return name
+
+    def _unknown(self, where: str, label: str) -> str:
+        set_name = self.entities.name
+        same = self._compact.get(_compact(label))
+        if same is not None:
+            earlier = self._first.get(same)
+            also = f"; line {earlier[1]} writes it {earlier[0]!r}" if earlier else ""
+            return (f"{where}: {label!r} looks like {same!r} but is not one of its spellings in "
+                    f"{set_name}{also}; write {same!r} so that both clusters become one class")
+        close = difflib.get_close_matches(label.strip().lower(), list(self.spellings), n=1, cutoff=0.6)
+        hint = f"; did you mean {self.spellings[close[0]]!r}?" if close else ""
+        return (f"{where}: {label!r} is not a region of {set_name}{hint} "
+                f"(or write {DISCARD!r} to drop the cluster; `msk plugins entity_set` lists the names)")

@@ -38,7 +38,7 @@ from pydantic import Field
 
 from msk.core.checkpoint import CheckpointError
 from msk.core.errors import MskError
-from msk.core.labelling import DISCARD, LabelFileError
+from msk.core.labelling import DISCARD, LabelFileError, LabelVocabulary
 from msk.core.specs import EntitySet
 from msk.core.train import (TrainConfig, TrainError, build_classifier, fit_classifier, load_model,
                             predict_logits)
@@ -116,28 +116,16 @@ class LabelledImages:
 def _canonical(entities: EntitySet | None, extra: Sequence[str]):
     """A function ``(label, path, line) -> canonical name`` that raises
     :class:`LabelFileError` for a label outside ``entities`` and ``extra`` (without
-    ``entities``: every label, lower-cased)."""
-    from msk.core.labelling import _compact, _unknown_label  # the labelling file's own checks
-
+    ``entities``: every label, lower-cased). Labels are checked as in a labels file."""
     extras = {x.strip().lower(): x for x in extra}
-    names = entities.names if entities is not None else []
-    spellings = {key: name for name in names
-                 for key in (name, entities.get(name).code, *entities.get(name).aliases)}
-    compact = {_compact(s): name for s, name in spellings.items()}
-    first_spelling: dict[str, tuple[str, int]] = {}
+    vocabulary = LabelVocabulary(entities) if entities is not None else None
 
     def canonical(label: str, path: Path, line: int) -> str:
         if label.strip().lower() in extras:
             return extras[label.strip().lower()]
-        if entities is None:
+        if vocabulary is None:
             return label.strip().lower()
-        try:
-            name = entities.names[entities.index(label)]
-        except KeyError:
-            raise LabelFileError(_unknown_label(f"{path}, line {line}", label, entities.name,
-                                                compact, spellings, first_spelling)) from None
-        first_spelling.setdefault(name, (label, line))
-        return name
+        return vocabulary.canonical(label, f"{path}, line {line}", line)
 
     return canonical
 
