@@ -3,8 +3,9 @@
 Run by ``tests/test_cluster.py`` in a subprocess, because it starts a Ray cluster of its own
 (``ray.cluster_utils.Cluster``: a head node and one worker node, one CPU each) and must not meet
 the test session's Ray instance. It writes a small synthetic export, ingests it with Ray Data,
-trains a tiny classifier for one epoch on two Ray Train workers, and prints, as its last line,
-a JSON summary of which node did what::
+trains a tiny classifier for one epoch on two Ray Train workers, runs a four-trial ``msk tune``
+search whose trials train in their own Tune actors (two at a time, one per node), and prints, as
+its last line, a JSON summary of which node did what::
 
     python tests/cluster_scenario.py WORKDIR
 
@@ -78,6 +79,17 @@ def main(work: Path) -> dict:
         result = fit_classifier(images_from_table(table), labels, len(names), config, out=work / "run")
         placements = [json.loads(p.read_text()) for p in sorted((result.out / "workers").glob("rank-*.json"))]
         lap("train")
+
+        from test_sorter import fast, labelled  # tests/ is this script's folder
+
+        from msk.core.tuning import TuneOptions, tune_task
+
+        tuned = tune_task("sorter", labelled(), out=work / "tune", base=fast(epochs=2),
+                          space={"lr": {"loguniform": [1e-3, 1e-2]}},
+                          options=TuneOptions(samples=4, num_workers=0))
+        trial_nodes = [json.loads((work / "tune" / "trials" / t / "trial.json").read_text())["node_id"]
+                       for t in tuned.trials["trial_id"]]
+        lap("tune")
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -87,6 +99,8 @@ def main(work: Path) -> dict:
         "ingest": {"n_inputs": report.n_inputs, "n_ok": report.n_ok, "files_per_node": files_per_node},
         "train": {"epochs": len(result.history), "best": str(result.best),
                   "ranks": [{k: p[k] for k in ("rank", "world_size", "node_id", "device")} for p in placements]},
+        "tune": {"status": tuned.trials["status"].tolist(), "trial_nodes": trial_nodes,
+                 "best": str(tuned.best_yaml)},
         "seconds": timings,
     }
 

@@ -20,7 +20,7 @@ SHARED = "/mnt/msk"  # the shared-storage mount point both launcher configs prom
 
 
 @pytest.mark.slow
-def test_ingest_and_training_run_on_both_nodes_of_a_cluster(tmp_path):
+def test_ingest_training_and_tuning_run_on_both_nodes_of_a_cluster(tmp_path):
     """tests/cluster_scenario.py in a subprocess: its own Ray cluster, not the session's Ray."""
     pytest.importorskip("ray.cluster_utils", reason="Ray's cluster_utils (local multi-node clusters) is unavailable")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -43,6 +43,10 @@ def test_ingest_and_training_run_on_both_nodes_of_a_cluster(tmp_path):
     ranks = train["ranks"]  # the run folder's workers/rank-<k>.json
     assert sorted(r["rank"] for r in ranks) == [0, 1] and {r["world_size"] for r in ranks} == {2}
     assert {r["node_id"] for r in ranks} == nodes, f"both Ray Train workers ran on one node: {ranks}"
+
+    tune = summary["tune"]  # four trials, two at a time (one CPU each): both nodes run trials
+    assert tune["status"] == ["ok"] * 4 and set(tune["trial_nodes"]) == nodes, tune
+    assert Path(tune["best"]).is_file()
 
 
 # -- cluster launcher configs ---------------------------------------------------------------------

@@ -96,6 +96,8 @@ def test_sorter_trials_drive_ray_train_and_the_best_config_trains(tmp_path, ray_
         run = tmp_path / "trials" / row["trial_id"]
         placement = json.loads((run / "workers" / "rank-0.json").read_text())  # a Ray Train worker ran it
         assert placement["world_size"] == 1
+        trial = json.loads((run / "trial.json").read_text())  # and the trial's driver
+        assert trial["params"]["lr"] == pytest.approx(row["param.lr"]) and trial["node_id"]
         history = pd.read_csv(run / "history.csv")
         assert len(history) == row["epochs_run"] <= row["param.epochs"]
     best = load_config(SorterConfig, result.best_yaml)

@@ -35,15 +35,18 @@ most as many trials run at once as the cluster can give all their workers.
 
 The result folder holds ``best.yaml`` (the best trial's full config, accepted by the task's
 training command), ``trials.csv`` (one row per trial: parameters, best metric, epochs run,
-status), ``trials/<trial id>/`` (each trial's training run) and ``ray/`` (Tune's state).
+status), ``trials/<trial id>/`` (each trial's training run, with ``trial.json``: its parameters
+and the node it ran on) and ``ray/`` (Tune's state).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -479,6 +482,10 @@ def _trial(params: dict[str, Any], *, task: str, data: Any, base: dict[str, Any]
     spec = TASKS[task]
     config = spec.configure(spec.config_cls.model_validate(base), params)
     run = Path(out) / "trials" / ray.tune.get_context().get_trial_id()
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "trial.json").write_text(json.dumps({  # where the trial (driver) ran
+        "params": params, "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(), "pid": os.getpid()}, default=str))
     with reporting_to_tune():
         spec.trial(data, config, TuneOptions.model_validate(options), run)
 
