@@ -16,7 +16,7 @@ from msk.core.fusion import FusionConfig, load_fusion_data
 from msk.core.recommender_eval import ClassifierSpec, RecommenderEvalConfig
 from msk.core.sorter import SorterConfig
 from msk.core.tuning import (
-    TASKS, TuneError, TuneOptions, default_space_path, get_task, load_space, tune_task,
+    TASKS, TuneError, TuneOptions, default_space_path, get_task, load_space, trial_resources, tune_task,
 )
 from test_fusion import lesions, quick_config
 from test_recommender import write_ingest
@@ -78,6 +78,12 @@ def test_nested_keys_and_task_options():
         load_space("recommender", {"k": {"choice": [3, 4]}})
     with pytest.raises(ConfigError, match="unknown tuning task 'sortr'; tasks: sorter, fusion, recommender"):
         get_task("sortr")
+
+
+def test_a_trial_that_trains_itself_on_a_gpu_asks_tune_for_one():
+    assert trial_resources(TuneOptions(num_workers=0, use_gpu=True)) == {"cpu": 1, "gpu": 1}
+    assert trial_resources(TuneOptions(num_workers=0)) is None  # Tune's default: one CPU
+    assert trial_resources(TuneOptions(num_workers=2, use_gpu=True)) is None  # its Train workers ask
 
 
 # -- searches ----------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ option is an error.
 Trials follow the Train-inside-Tune pattern Ray documents for Ray Train V2: each Tune trial is
 a driver that runs :func:`msk.core.train.fit`, which with ``num_workers >= 1`` launches a
 ``TorchTrainer`` whose per-epoch reports reach Tune through ``TuneReportCallback``; with
-``num_workers=0`` the trial trains in its own process (cheaper for small models on CPUs). At
-most as many trials run at once as the cluster can give all their workers.
+``num_workers=0`` the trial trains in its own process (cheaper for small models on CPUs; with
+``use_gpu`` each trial actor gets one GPU). At most as many trials run at once as the cluster
+can give all their workers.
 
 The result folder holds ``best.yaml`` (the best trial's full config, accepted by the task's
 training command), ``trials.csv`` (one row per trial: parameters, best metric, epochs run,
@@ -59,7 +60,7 @@ from msk.core.config import MskConfig, read_yaml_mapping
 from msk.core.errors import ConfigError, MskError
 
 __all__ = ["DISTRIBUTIONS", "SearchSpace", "TASKS", "TuneError", "TuneOptions", "TuneResult",
-           "default_space_path", "get_task", "load_space", "load_task_data", "tune_task"]
+           "default_space_path", "get_task", "load_space", "load_task_data", "trial_resources", "tune_task"]
 
 #: the distributions a search space may use (besides constants)
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -490,6 +491,12 @@ def _trial(params: dict[str, Any], *, task: str, data: Any, base: dict[str, Any]
         spec.trial(data, config, TuneOptions.model_validate(options), run)
 
 
+def trial_resources(options: TuneOptions) -> dict[str, float] | None:
+    """What a trial's Tune actor asks for: Tune's default (one CPU) unless it trains itself on a
+    GPU (``num_workers=0`` with ``use_gpu``); Ray Train workers ask for their own resources."""
+    return {"cpu": 1, "gpu": 1} if options.num_workers == 0 and options.use_gpu else None
+
+
 def _max_concurrent(options: TuneOptions) -> int:
     import ray
 
@@ -548,6 +555,8 @@ def tune_task(task: str, data: Any, *, out: str | os.PathLike,
     trainable = tune.with_parameters(functools.partial(
         _trial, task=task, base=base.model_dump(mode="json"), options=options.model_dump(mode="json"),
         out=str(out)), data=data)
+    if trial_resources(options) is not None:
+        trainable = tune.with_resources(trainable, trial_resources(options))
     tuner = tune.Tuner(
         trainable, param_space=space.to_tune(),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
