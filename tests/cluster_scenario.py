@@ -4,12 +4,17 @@ Run by ``tests/test_cluster.py`` in a subprocess, because it starts a Ray cluste
 (``ray.cluster_utils.Cluster``: a head node and one worker node, one CPU each) and must not meet
 the test session's Ray instance. It writes a small synthetic export, ingests it with Ray Data,
 trains a tiny classifier for one epoch on two Ray Train workers, runs a four-trial ``msk tune``
-search whose trials train in their own Tune actors (two at a time, one per node), and prints, as
-its last line, a JSON summary of which node did what::
+search whose trials train in their own Tune actors (two at a time, one per node) and a two-trial
+search whose trials are one-worker Ray Train runs (a trial's driver takes one node's CPU, so its
+worker runs on the other node), and prints, as its last line, a JSON summary of which node did
+what::
 
     python tests/cluster_scenario.py WORKDIR
 
 Both nodes run on one machine, so the work folder plays the part of the cluster's shared storage.
+The head runs Ray's dashboard, as ``ray start --head`` does: Ray Train frees the placement group
+of a run whose controller dies with its Tune trial through the dashboard's State API (without it
+the second Ray-Train search hangs; see ``msk.core.tuning.StateApiWarning``).
 Ray's files go to a private temporary folder (``RAY_TMPDIR``): ``Cluster`` records its address
 in ``<ray tmp>/ray/ray_current_cluster``, where a plain ``ray.init()`` of any other process on
 the machine would otherwise find and join it.
@@ -55,7 +60,7 @@ def main(work: Path) -> dict:
     lap("synth")
 
     cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False})
+                      head_node_args={"num_cpus": 1, "include_dashboard": True})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
@@ -90,6 +95,16 @@ def main(work: Path) -> dict:
         trial_nodes = [json.loads((work / "tune" / "trials" / t / "trial.json").read_text())["node_id"]
                        for t in tuned.trials["trial_id"]]
         lap("tune")
+
+        with_train = tune_task("sorter", labelled(), out=work / "tune-train", base=fast(epochs=1),
+                               space={"lr": {"choice": [1e-3, 1e-2]}},
+                               options=TuneOptions(samples=2, num_workers=1))
+        train_trials = []
+        for t in with_train.trials["trial_id"]:
+            folder = work / "tune-train" / "trials" / t
+            train_trials.append({"driver": json.loads((folder / "trial.json").read_text())["node_id"],
+                                 "worker": json.loads((folder / "workers" / "rank-0.json").read_text())["node_id"]})
+        lap("tune_train")
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -101,6 +116,7 @@ def main(work: Path) -> dict:
                   "ranks": [{k: p[k] for k in ("rank", "world_size", "node_id", "device")} for p in placements]},
         "tune": {"status": tuned.trials["status"].tolist(), "trial_nodes": trial_nodes,
                  "best": str(tuned.best_yaml)},
+        "tune_train": {"status": with_train.trials["status"].tolist(), "trials": train_trials},
         "seconds": timings,
     }
 

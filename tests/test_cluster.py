@@ -48,6 +48,11 @@ def test_ingest_training_and_tuning_run_on_both_nodes_of_a_cluster(tmp_path):
     assert tune["status"] == ["ok"] * 4 and set(tune["trial_nodes"]) == nodes, tune
     assert Path(tune["best"]).is_file()
 
+    with_train = summary["tune_train"]  # trials as Ray Train runs: driver on one node, worker on the other
+    assert with_train["status"] == ["ok", "ok"], with_train
+    for trial in with_train["trials"]:
+        assert {trial["driver"], trial["worker"]} == nodes, with_train
+
 
 # -- cluster launcher configs ---------------------------------------------------------------------
 

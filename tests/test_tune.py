@@ -16,7 +16,8 @@ from msk.core.fusion import FusionConfig, load_fusion_data
 from msk.core.recommender_eval import ClassifierSpec, RecommenderEvalConfig
 from msk.core.sorter import SorterConfig
 from msk.core.tuning import (
-    TASKS, TuneError, TuneOptions, default_space_path, get_task, load_space, trial_resources, tune_task,
+    TASKS, StateApiWarning, TuneError, TuneOptions, default_space_path, get_task, load_space, trial_resources,
+    tune_task,
 )
 from test_fusion import lesions, quick_config
 from test_recommender import write_ingest
@@ -93,8 +94,9 @@ def test_sorter_trials_drive_ray_train_and_the_best_config_trains(tmp_path, ray_
     """Each trial is a Ray Train run (TorchTrainer, one worker) reporting every epoch to Tune;
     best.yaml is a SorterConfig that `msk train sorter --config` loads."""
     space = {"lr": {"loguniform": [1e-3, 1e-2]}, "batch_size": {"choice": [8, 16]}, "epochs": {"choice": [1, 2]}}
-    result = tune_task("sorter", labelled(), out=tmp_path, space=space, base=fast(),
-                       options=TuneOptions(samples=2, num_workers=1))
+    with pytest.warns(StateApiWarning, match="State API does not answer"):  # the session's Ray: no dashboard
+        result = tune_task("sorter", labelled(), out=tmp_path, space=space, base=fast(),
+                           options=TuneOptions(samples=2, num_workers=1))
     trials = pd.read_csv(tmp_path / "trials.csv")
     assert len(trials) == 2 and (trials["status"] == "ok").all()
     assert result.best_value == pytest.approx(trials["val_accuracy"].max())

@@ -49,6 +49,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -59,7 +60,7 @@ from pydantic import Field, ValidationError
 from msk.core.config import MskConfig, read_yaml_mapping
 from msk.core.errors import ConfigError, MskError
 
-__all__ = ["DISTRIBUTIONS", "SearchSpace", "TASKS", "TuneError", "TuneOptions", "TuneResult",
+__all__ = ["DISTRIBUTIONS", "SearchSpace", "StateApiWarning", "TASKS", "TuneError", "TuneOptions", "TuneResult",
            "default_space_path", "get_task", "load_space", "load_task_data", "trial_resources", "tune_task"]
 
 #: the distributions a search space may use (besides constants)
@@ -491,6 +492,33 @@ def _trial(params: dict[str, Any], *, task: str, data: Any, base: dict[str, Any]
         spec.trial(data, config, TuneOptions.model_validate(options), run)
 
 
+class StateApiWarning(RuntimeWarning):
+    """Ray Train trials on a Ray instance without its State API (dashboard) may leak resources."""
+
+
+def _check_state_api(options: TuneOptions) -> None:
+    """Warn when trials will be Ray Train runs but Ray's State API does not answer.
+
+    Ray Train V2 removes a run's placement group through a helper that asks the State API
+    whether the run's controller is still alive; a trial torn down by Tune kills its
+    controller, and without the API (Ray started with ``include_dashboard=False``) the
+    placement group keeps its CPUs/GPUs reserved, so that later trials wait for workers that
+    never start (seen on a local ``ray.cluster_utils.Cluster``; ``tests/cluster_scenario.py``).
+    """
+    if options.num_workers == 0:
+        return
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - ServerUnavailable, connection errors: all "no API"
+        warnings.warn(
+            f"Ray's State API does not answer ({str(exc).splitlines()[0][:120]}); trials that are "
+            "Ray Train runs (--num-workers >= 1) may then leave their placement groups reserved and "
+            "later trials wait for ever. Start Ray with its dashboard (the default of `ray start`) "
+            "or tune with --num-workers 0.", StateApiWarning, stacklevel=3)
+
+
 def trial_resources(options: TuneOptions) -> dict[str, float] | None:
     """What a trial's Tune actor asks for: Tune's default (one CPU) unless it trains itself on a
     GPU (``num_workers=0`` with ``use_gpu``); Ray Train workers ask for their own resources."""
@@ -548,6 +576,7 @@ def tune_task(task: str, data: Any, *, out: str | os.PathLike,
 
     if not ray.is_initialized():
         ray.init()
+    _check_state_api(options)
     max_t = int(space.largest(spec.epochs_key, spec.epochs(base)))
     scheduler = FIFOScheduler() if options.scheduler == "fifo" else ASHAScheduler(
         time_attr="training_iteration", max_t=max_t, grace_period=min(options.grace_period, max_t),
