@@ -502,8 +502,8 @@ def _check_state_api(options: TuneOptions) -> None:
     Ray Train V2 removes a run's placement group through a helper that asks the State API
     whether the run's controller is still alive; a trial torn down by Tune kills its
     controller, and without the API (Ray started with ``include_dashboard=False``) the
-    placement group keeps its CPUs/GPUs reserved, so that later trials wait for workers that
-    never start (seen on a local ``ray.cluster_utils.Cluster``; ``tests/cluster_scenario.py``).
+    placement group can keep its CPUs/GPUs reserved, so that later trials wait for workers that
+    never start (seen on a ``ray.cluster_utils.Cluster`` joined by address; docs/tune.md).
     """
     if options.num_workers == 0:
         return
