@@ -47,7 +47,6 @@ import functools
 import json
 import math
 import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -355,35 +354,27 @@ class FusionTask(Task):
 
 
 class VoteScore:
-    """``score(model)`` for :func:`msk.core.train.fit`: accuracy of the k-NN entity vote of
-    validation images among the training images, in the model's embedding space."""
+    """``score(model)`` for :func:`msk.core.train.fit`: accuracy of the recommender's entity vote
+    (:class:`msk.core.recommender.Recommender`, built as ``msk eval recommender`` builds it) for
+    the validation images among the training images, in the model's embedding space."""
 
-    def __init__(self, train_images, train_labels, val_images, val_labels, *, k: int,
-                 image_size: int, retriever: str, retriever_options: dict[str, Any], weighting: str):
-        self.train_images, self.train_labels = train_images, list(train_labels)
+    def __init__(self, train_images, train_ids: dict[str, list[str]], train_labels, val_images, val_labels,
+                 *, k: int, image_size: int, retriever: str, retriever_options: dict[str, Any], weighting: str):
+        self.train_images, self.train_ids, self.train_labels = train_images, train_ids, list(train_labels)
         self.val_images, self.val_labels = val_images, np.asarray(val_labels)
         self.k, self.image_size, self.weighting = k, image_size, weighting
         self.retriever, self.retriever_options = retriever, dict(retriever_options)
 
     def __call__(self, model) -> dict[str, float]:
-        from msk.core.embed import Embedder
-        from msk.core.registry import build_retriever
-        from msk.core.vote import vote
+        from msk.core.embed import Embedder, embeddings_table
+        from msk.core.recommender import Recommender
 
-        cuda = next(model.parameters()).is_cuda
-        embedder = Embedder(model, image_size=self.image_size, use_gpu=cuda)
-        stored = embedder.embed_images(self.train_images)
-        index = build_retriever(self.retriever, dim=stored.shape[1], **self.retriever_options)
-        index.build(stored, [str(i) for i in range(len(stored))])
-        found = index.search(embedder.embed_images(self.val_images), self.k)
-        result = vote(found.labels(self.train_labels), found.distances, k=self.k, weighting=self.weighting,
-                      class_frequencies=_frequencies(self.train_labels))
-        return {"val_vote_accuracy": round(float(np.mean(np.asarray(result.labels) == self.val_labels)), 5)}
-
-
-def _frequencies(labels: list[str]) -> dict[str, int]:
-    values, counts = np.unique(np.asarray(labels), return_counts=True)
-    return dict(zip(values.tolist(), counts.tolist()))
+        embedder = Embedder(model, image_size=self.image_size, use_gpu=next(model.parameters()).is_cuda)
+        stored = embeddings_table(self.train_ids, embedder.embed_images(self.train_images), embedder.info)
+        recommender = Recommender.build(stored, self.train_labels, retriever=self.retriever, k=self.k,
+                                        weighting=self.weighting, retriever_options=self.retriever_options)
+        predicted = [r.entity for r in recommender.recommend(embedder.embed_images(self.val_images))]
+        return {"val_vote_accuracy": round(float(np.mean(np.asarray(predicted) == self.val_labels)), 5)}
 
 
 class RecommenderTask(Task):
@@ -430,8 +421,8 @@ class RecommenderTask(Task):
         from msk.core.recommender_eval import train_classifier
 
         train, val = self.split(data, config)
-        score = VoteScore(data.images[train], data.entities[train], data.images[val], data.entities[val],
-                          k=config.k, image_size=config.image_size, retriever=config.retriever,
+        score = VoteScore(data.images[train], data.ids(train), data.entities[train], data.images[val],
+                          data.entities[val], k=config.k, image_size=config.image_size, retriever=config.retriever,
                           retriever_options=config.retriever_options, weighting=config.weighting)
         config = config.model_copy(update={"num_workers": options.num_workers})
         train_classifier(config.classifiers[0], data, train, config, config.seeds[0], out,
@@ -479,15 +470,13 @@ def _trial(params: dict[str, Any], *, task: str, data: Any, base: dict[str, Any]
     """One Tune trial (the Ray Train driver when ``num_workers >= 1``)."""
     import ray.tune
 
-    from msk.core.workers import reporting_to_tune
+    from msk.core.workers import placement, reporting_to_tune
 
     spec = TASKS[task]
     config = spec.configure(spec.config_cls.model_validate(base), params)
     run = Path(out) / "trials" / ray.tune.get_context().get_trial_id()
     run.mkdir(parents=True, exist_ok=True)
-    (run / "trial.json").write_text(json.dumps({  # where the trial (driver) ran
-        "params": params, "node_id": ray.get_runtime_context().get_node_id(),
-        "host": socket.gethostname(), "pid": os.getpid()}, default=str))
+    (run / "trial.json").write_text(json.dumps({"params": params, **placement()}, default=str))
     with reporting_to_tune():
         spec.trial(data, config, TuneOptions.model_validate(options), run)
 
@@ -584,8 +573,9 @@ def tune_task(task: str, data: Any, *, out: str | os.PathLike,
     trainable = tune.with_parameters(functools.partial(
         _trial, task=task, base=base.model_dump(mode="json"), options=options.model_dump(mode="json"),
         out=str(out)), data=data)
-    if trial_resources(options) is not None:
-        trainable = tune.with_resources(trainable, trial_resources(options))
+    resources = trial_resources(options)
+    if resources is not None:
+        trainable = tune.with_resources(trainable, resources)
     tuner = tune.Tuner(
         trainable, param_space=space.to_tune(),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,

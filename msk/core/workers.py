@@ -157,15 +157,20 @@ class RayWorkers:
 LoopFn = Callable[[dict[str, Any], Workers], None]
 
 
-def _record_placement(storage: Path, workers: RayWorkers) -> None:
+def placement() -> dict[str, Any]:
+    """Where this process runs: Ray node id, host and pid (the run folders' placement records)."""
     import ray
 
+    return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "pid": os.getpid()}
+
+
+def _record_placement(storage: Path, workers: RayWorkers) -> None:
     folder = storage / "workers"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank-{workers.rank}.json").write_text(json.dumps({
-        "rank": workers.rank, "world_size": workers.world_size,
-        "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-        "pid": os.getpid(), "device": str(workers.device)}))
+        "rank": workers.rank, "world_size": workers.world_size, **placement(),
+        "device": str(workers.device)}))
 
 
 def _ray_entry(loop: LoopFn, payload: dict[str, Any], storage: str) -> None:
