@@ -94,16 +94,9 @@ def ground_truth(synth: Path, ingest: Path, image_ids: list[str]):
 
 def oracle_labels(assignments: np.ndarray, regions: list[str], k: int, path: Path) -> Path:
     """The labels.csv an oracle fills in: each cluster's majority true region."""
-    members: dict[int, Counter] = {}
-    for c, region in zip(assignments.tolist(), regions):
-        members.setdefault(c, Counter())[region] += 1
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["cluster", "size", "label"])
-        for c in range(k):
-            counts = members.get(c, Counter())
-            writer.writerow([c, sum(counts.values()), counts.most_common(1)[0][0] if counts else ""])
-    return path
+    from msk.core.labelling import majority_names, write_cluster_names
+
+    return write_cluster_names(majority_names(assignments, regions, k=k), path)
 
 
 def write_labels(path: Path, image_ids, labels) -> Path:

@@ -136,3 +136,23 @@ def test_bad_file_layouts(tmp_path):
     listing.write_text("- hand\n- knee\n")
     with pytest.raises(LabelFileError, match="list.yaml, line 1: expected a mapping"):
         apply_labels(listing, ASSIGNMENTS)
+
+
+def test_majority_names_pick_the_most_frequent_label_and_report_purity(tmp_path):
+    from msk.core.labelling import majority_names, write_cluster_names
+
+    assignments = [0, 0, 0, 1, 1, 1, 1, 0]
+    truth = ["knee", "knee", "hand", "hip", "hip", "hip", "knee", "knee"]
+    names = majority_names(assignments, truth, k=3)
+    assert [(n.cluster, n.size, n.label) for n in names] == [(0, 4, "knee"), (1, 4, "hip"), (2, 0, "")]
+    assert names[0].purity == pytest.approx(0.75) and names[1].purity == pytest.approx(0.75)
+    assert names[2].purity == 0.0
+    # a tie goes to the label first in sorted order, whatever the order of the images
+    assert majority_names([0, 0], ["knee", "hand"])[0].label == "hand"
+    assert majority_names([0, 0], ["hand", "knee"])[0].label == "hand"
+    # the written file is what `msk clusters apply` reads: the weak labels follow the names
+    path = write_cluster_names(names, tmp_path / "labels.csv")
+    weak = apply_labels(path, np.array(assignments), region_set="samx-regions", k=3)
+    assert weak.labels == ["knee"] * 3 + ["hip"] * 4 + ["knee"]
+    with pytest.raises(ValueError, match="known labels"):
+        majority_names([0, 1], ["knee"])

@@ -119,3 +119,13 @@ def test_evaluate_retrieval():
     table = evaluate_retrieval(index, by_id, test_x, test_y, ks=(3,)).iloc[0]
     assert table["precision_at_k"] == pytest.approx((0 + 1 + 1 + 1) / 4)
     assert table["accuracy"] == pytest.approx(3 / 4)
+
+
+def test_cluster_purity_counts_each_cluster_majority():
+    from msk.core.metrics import cluster_purity
+
+    assert cluster_purity([0, 0, 1, 1], ["a", "a", "b", "b"]) == 1.0
+    assert cluster_purity([0, 0, 0, 1], ["a", "b", "b", "a"]) == pytest.approx(0.75)
+    assert cluster_purity([0, 0, 0, 0], ["a", "b", "c", "c"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        cluster_purity([0, 1], ["a"])

@@ -29,6 +29,26 @@ def test_entity_set_contract(entry):
             get_registry().get("entity_set", "samx-regions").index(site)
 
 
+@pytest.mark.parametrize("entry", _entries("dataset"))
+def test_dataset_contract(entry, tmp_path):
+    from msk.core.dataset_import import read_records
+    from msk.core.errors import ConfigError
+    from msk.core.specs import DatasetOptions
+
+    spec = entry.spec
+    assert issubclass(spec.options, DatasetOptions), f"{entry.name}: options must subclass DatasetOptions"
+    assert spec.example_layout is not None, f"{entry.name}: give the spec an example_layout"
+    options = spec.example_layout(tmp_path)
+    records = read_records(spec, tmp_path, options)  # labels checked against the entity set
+    assert len(records) >= 2 and len({r.label for r in records}) >= 2
+    for r in records:
+        assert (tmp_path / r.path).is_file(), f"{entry.name}: {r.path} is not a file of the layout"
+        assert r.where, f"{entry.name}: records must say where they come from (file, line)"
+    assert read_records(spec, tmp_path, options) == records  # a stable order
+    with pytest.raises(ConfigError, match="not_an_option"):
+        spec.parse_options({**options, "not_an_option": 1})
+
+
 @pytest.mark.parametrize("entry", _entries("encoder"))
 def test_encoder_contract(entry):
     import torch

@@ -41,3 +41,8 @@ class QuarantineError(MskError):
 
 class ConfigError(MskError):
     """An invalid configuration file or option."""
+
+
+class DatasetError(MskError):
+    """A labelled dataset layout that cannot be imported (missing column, unknown label, ...);
+    the message names the file and line."""

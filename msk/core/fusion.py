@@ -259,7 +259,9 @@ def _read_metadata(metadata: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     path = Path(metadata)
     if not path.is_file():
         raise MetadataError(f"{path}: no such metadata file")
-    df = pd.read_csv(path, dtype={"image_id": str, "patient_group": str})
+    df = pd.read_csv(path, dtype={"image_id": str, "patient_group": str, "patient_id": str})
+    if "patient_group" not in df.columns and "patient_id" in df.columns:  # `msk import` labels
+        df["patient_group"] = df["patient_id"]
     if "sites" in df.columns:  # a CSV holds several sites as "tibia|fibula"
         df["sites"] = [tuple(s for s in str(v).split("|") if s) if isinstance(v, str) else ()
                        for v in df["sites"]]
@@ -328,7 +330,8 @@ def load_fusion_data(source: str | os.PathLike | np.ndarray,
     :param source: an ingest output folder (images joined by ``image_id``; a metadata row that
         matches no image is a :class:`MetadataError`; images without a row are skipped), or a
         ``uint8 [N, S, S]`` array with one image per metadata row, in order.
-    :param metadata: canonical columns (``image_id``, ``patient_group``, ``age``, ``sex``,
+    :param metadata: canonical columns (``image_id``, ``patient_group`` (in a CSV, ``patient_id``
+        stands in for it, as ``msk import`` writes), ``age``, ``sex``,
         ``site``/``sites``, ``view``, ``entity``; ``position`` with ``metadata.positions``;
         ``x0, y0, x1, y1`` with ``roi``). In a CSV, several sites are written ``tibia|fibula``.
 

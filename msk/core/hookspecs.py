@@ -9,7 +9,7 @@ third-party package registers a module through the entry-point group ``msk``::
 and decorates functions in that module with :data:`hookimpl`. Every hook returns a list of
 specs (see :mod:`msk.core.specs`); results of all plugins are concatenated, and a name that two
 plugins register is an error. Hooks are grouped by the pipeline phase that consumes them, in
-the order data flows: entities -> encoders -> clusterers -> retrievers -> fusion heads.
+the order data flows: entities and labelled datasets -> encoders -> clusterers -> retrievers -> fusion heads.
 """
 
 from __future__ import annotations
@@ -33,6 +33,19 @@ def msk_entity_sets():
     region set), the sorter and the tumour classifiers (class order = entity order).
 
     :return: list of :class:`msk.core.specs.EntitySet`.
+    """
+
+
+@hookspec
+def msk_datasets():
+    """Register labelled dataset layouts (a CSV of paths and labels, a folder per class, MURA,
+    BTXRD, ...).
+
+    Used by ``msk import``, which ingests exactly the files a layout labels and writes the
+    labels file (``image_id,label,patient_id,...``) that the sorter and the tumour evaluations
+    read, without DeepCluster. ``read(src, options)`` reads label files only, never images.
+
+    :return: list of :class:`msk.core.specs.DatasetSpec`.
     """
 
 

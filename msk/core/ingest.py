@@ -183,6 +183,14 @@ def list_inputs(src: Path, include: list[str], exclude: list[str], *, skip: Path
     return sorted(found)
 
 
+def _listed(paths: Sequence[str]) -> list[str]:
+    """``paths`` as ingest inputs: sorted and unique; absolute ones or ones leaving SRC are errors."""
+    bad = [p for p in paths if not p or p.startswith("/") or "\\" in p or ".." in p.split("/")]
+    if bad:
+        raise MskError(f"paths must be relative POSIX paths inside the source folder; got {bad[0]!r}")
+    return sorted(set(paths))
+
+
 # --------------------------------------------------------------------------------------------
 # Per-file work (runs in Ray workers)
 
@@ -446,8 +454,13 @@ def _progress_bar(enabled: bool):
 
 
 def ingest(src: str | os.PathLike, out: str | os.PathLike, config: IngestConfig | None = None, *,
-           progress: bool = True) -> IngestReport:
+           progress: bool = True, paths: Sequence[str] | None = None) -> IngestReport:
     """Ingest every file under ``src`` into ``out`` (see the module docstring); resumable.
+
+    ``paths`` (relative POSIX paths under ``src``) restricts the ingest to exactly those files
+    instead of listing ``src`` (``include``/``exclude`` are then not applied): ``msk import``
+    ingests the files a dataset labels. A listed file that does not exist is quarantined
+    ``read_error`` like any unreadable input, never dropped.
 
     Raises :class:`~msk.core.errors.MskError` for a missing ``src``, a missing key or an
     output folder another ingest is writing; bad *inputs* never raise, they are quarantined.
@@ -464,7 +477,8 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: IngestConfig 
     with _exclusive(out):
         remove_uncommitted(out)
         state = ManifestState.load(out)
-        inputs = list_inputs(src, config.include, config.exclude, skip=out)
+        inputs = (list_inputs(src, config.include, config.exclude, skip=out) if paths is None
+                  else _listed(paths))
         todo = [p for p in inputs if p not in state.done]
         chunks = [todo[i:i + config.chunk_files] for i in range(0, len(todo), config.chunk_files)]
         committer = _ChunkCommitter(out, chunks, state.next_chunk, state.first_ok, config.shard_rows)

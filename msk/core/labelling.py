@@ -31,8 +31,8 @@ import numpy as np
 from msk.core.errors import MskError
 from msk.core.specs import EntitySet
 
-__all__ = ["DISCARD", "LabelFileError", "WeakLabels", "apply_labels", "export_clusters",
-           "read_label_file"]
+__all__ = ["DISCARD", "ClusterName", "LabelFileError", "WeakLabels", "apply_labels",
+           "export_clusters", "majority_names", "read_label_file", "write_cluster_names"]
 
 #: The label that drops a cluster's images from the weak labels.
 DISCARD = "discard"
@@ -125,6 +125,51 @@ def export_clusters(images: np.ndarray, assignments: np.ndarray | Sequence[int],
         for c in order:
             writer.writerow([c, int(sizes[c]), ""])
     return out / "index.html"
+
+
+@dataclass(frozen=True)
+class ClusterName:
+    """A cluster named automatically from known labels: its majority label and how pure it is."""
+
+    cluster: int
+    size: int
+    label: str  # "" for an empty cluster
+    purity: float  # share of the cluster's images that carry ``label`` (0.0 when empty)
+
+
+def majority_names(assignments: np.ndarray | Sequence[int], truth: Sequence[str], *,
+                   k: int | None = None) -> list[ClusterName]:
+    """Name every cluster by the most frequent of its images' known labels (ties: the label
+    first in sorted order), with its purity; a *simulated* expert, for evidence runs and for
+    archives that already carry a partial truth. Clusters ``0..k-1``, empty ones included."""
+    labels = np.asarray(assignments, dtype=np.int64)
+    if len(labels) != len(truth):
+        raise ValueError(f"{len(truth)} known labels for {len(labels)} assignments")
+    k = max(k or 0, int(labels.max()) + 1 if len(labels) else 0)
+    members: dict[int, Counter[str]] = {c: Counter() for c in range(k)}
+    for c, label in zip(labels.tolist(), truth):
+        members[c][str(label)] += 1
+    names = []
+    for c in range(k):
+        counts, size = members[c], sum(members[c].values())
+        if not size:
+            names.append(ClusterName(c, 0, "", 0.0))
+            continue
+        label, top = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        names.append(ClusterName(c, size, label, top / size))
+    return names
+
+
+def write_cluster_names(names: Sequence[ClusterName], path: str | os.PathLike) -> Path:
+    """A ``cluster,size,label,purity`` labels file that :func:`apply_labels` reads as it reads a
+    hand-filled one (the extra ``purity`` column is ignored there)."""
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cluster", "size", "label", "purity"])
+        for n in names:
+            writer.writerow([n.cluster, n.size, n.label, f"{n.purity:.4f}"])
+    return path
 
 
 def _composition(ground_truth: Sequence[str] | None, members: np.ndarray) -> str:

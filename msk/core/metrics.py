@@ -142,6 +142,22 @@ def top_k_accuracy(logits: Any, y: Any, k: int) -> float:
     return float(np.mean(rank < k))
 
 
+def cluster_purity(assignments: Sequence[Any], truth: Sequence[Any]) -> float:
+    """Share of items whose cluster's most frequent true label is their own label.
+
+    The usual external measure of a clustering next to NMI: 1.0 when every cluster holds one
+    label only; it rises with the number of clusters (singletons are pure), so report ``k``.
+    """
+    a, t = _pair(truth, assignments)
+    if not len(a):
+        raise ValueError("cluster_purity needs at least one item")
+    majority = 0
+    for cluster in np.unique(t):
+        _, counts = np.unique(a[t == cluster], return_counts=True)
+        majority += int(counts.max())
+    return majority / len(a)
+
+
 def evaluate_retrieval(index: Retriever, train_labels: Mapping[str, str] | Sequence[str],
                        test_x: np.ndarray, test_labels: Sequence[str],
                        ks: Sequence[int] = (1, 3, 5, 7), *, weighting: str = "none",

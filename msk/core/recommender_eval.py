@@ -159,8 +159,9 @@ class EvalData:
 
 
 def read_labels(path_or_frame: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
-    """Labels of an evaluation: ``image_id``, ``entity`` and optional lesion box ``x0, y0, x1, y1``
-    (source-image pixels); a CSV or Parquet file, or a DataFrame."""
+    """Labels of an evaluation: ``image_id``, ``entity`` (or ``label``, as ``msk import`` writes)
+    and optional lesion box ``x0, y0, x1, y1`` (source-image pixels) and ``patient_id`` (used
+    where the ingest has none); a CSV or Parquet file, or a DataFrame."""
     import pandas as pd
 
     if isinstance(path_or_frame, pd.DataFrame):
@@ -171,6 +172,8 @@ def read_labels(path_or_frame: str | os.PathLike | pd.DataFrame) -> pd.DataFrame
         if not path.is_file():
             raise EvalError(f"labels file {path} does not exist")
         df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if "entity" not in df.columns and "label" in df.columns:  # an `msk import` labels file
+        df = df.rename(columns={"label": "entity"})
     missing = [c for c in ("image_id", "entity") if c not in df.columns]
     if missing:
         raise EvalError(f"{where}: missing column(s) {', '.join(missing)}; columns are {list(df.columns)}")
@@ -235,7 +238,11 @@ def load_eval_data(ingest_dir: str | os.PathLike, labels: pd.DataFrame, *, image
         raise EvalError(f"none of the {len(labels)} labelled images is in {ingest_dir}")
     ids = table.column("image_id").to_pylist()
     rows = labels.set_index("image_id").loc[ids]
-    no_patient = [i for i, p in zip(ids, table.column("patient_id").to_pylist()) if not p]
+    patients = table.column("patient_id").to_pylist()
+    if "patient_id" in rows.columns:  # PNG/JPEG inputs: the labels file's (`msk import`)
+        patients = [p or (q if isinstance(q, str) and q.strip() else None)
+                    for p, q in zip(patients, rows["patient_id"].tolist())]
+    no_patient = [i for i, p in zip(ids, patients) if not p]
     if no_patient:
         raise EvalError(f"{len(no_patient)} images have no patient id (first {no_patient[0]!r}); "
                         f"a patient-level split needs one")
@@ -247,7 +254,7 @@ def load_eval_data(ingest_dir: str | os.PathLike, labels: pd.DataFrame, *, image
             table.column("source_width").to_pylist())]
         images = roi_crops(images, boxes, image_size, margin=roi_margin, ids=ids)
     entities = rows["entity"].astype(str).to_numpy()
-    return EvalData(images, entities, ids, table.column("patient_id").to_pylist(),
+    return EvalData(images, entities, ids, patients,
                     table.column("study_id").to_pylist(), _class_order(entities, entity_set))
 
 

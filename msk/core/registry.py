@@ -21,6 +21,7 @@ from msk.core.specs import ComponentSpec, EntitySet
 
 DEFAULT_PLUGINS = (
     "msk.plugins.entity_sets",
+    "msk.plugins.datasets",
     "msk.plugins.encoders",
     "msk.plugins.clusterers",
     "msk.plugins.retrievers",
@@ -30,6 +31,7 @@ DEFAULT_PLUGINS = (
 #: kind -> hook name. The order is the pipeline order used by ``msk plugins``.
 KINDS: dict[str, str] = {
     "entity_set": "msk_entity_sets",
+    "dataset": "msk_datasets",
     "encoder": "msk_encoders",
     "clusterer": "msk_clusterers",
     "retriever": "msk_retrievers",
@@ -50,7 +52,7 @@ class Registered:
     """A spec together with where it came from."""
 
     kind: str
-    spec: Any  # ComponentSpec or EntitySet
+    spec: Any  # ComponentSpec, EntitySet or DatasetSpec
     plugin: str  # plugin (module) name
     origin: str  # "msk <version> (built-in)" or "<distribution> <version>"
 
@@ -166,8 +168,8 @@ def _check_spec(kind: str, spec: Any, plugin: str) -> None:
     from msk.core import specs as s
 
     expected = {
-        "entity_set": s.EntitySet, "encoder": s.EncoderSpec, "clusterer": s.ClustererSpec,
-        "retriever": s.RetrieverSpec, "fusion_head": s.FusionHeadSpec,
+        "entity_set": s.EntitySet, "dataset": s.DatasetSpec, "encoder": s.EncoderSpec,
+        "clusterer": s.ClustererSpec, "retriever": s.RetrieverSpec, "fusion_head": s.FusionHeadSpec,
     }[kind]
     if not isinstance(spec, expected):
         raise TypeError(
@@ -222,3 +224,8 @@ def build_retriever(name: str, **options: Any) -> Any:
 
 def build_fusion_head(name: str, **options: Any) -> Any:
     return get_registry().build("fusion_head", name, **options)
+
+
+def dataset(name: str) -> Any:
+    """The :class:`~msk.core.specs.DatasetSpec` registered as ``name``."""
+    return get_registry().get("dataset", name)

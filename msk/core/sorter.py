@@ -178,6 +178,18 @@ def read_image_labels(path: str | os.PathLike, entities: EntitySet | None, *,
     return labels
 
 
+def read_label_patients(path: str | os.PathLike) -> dict[str, str]:
+    """``image_id -> patient_id`` from the optional ``patient_id`` column of a labels CSV (as
+    ``msk import`` writes it: keyed pseudonyms); empty when the column is absent."""
+    with Path(path).open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        reader.fieldnames = [x.strip().lower() for x in reader.fieldnames or []]
+        if "patient_id" not in reader.fieldnames or "image_id" not in reader.fieldnames:
+            return {}
+        return {row["image_id"].strip(): row["patient_id"].strip() for row in reader
+                if (row["image_id"] or "").strip() and (row["patient_id"] or "").strip()}
+
+
 def _cluster_labels(labels: Path, cluster_run: Path, region_set: str) -> dict[str, str]:
     """Weak labels from a filled-in cluster labels file and its DeepCluster run folder."""
     from msk.core.config import load_config
@@ -204,8 +216,10 @@ def load_labelled(ingest: str | os.PathLike, labels: str | os.PathLike, *,
         with :func:`msk.core.labelling.apply_labels` (whose errors are raised unchanged).
     :param entity_set: the set the labels must belong to; ``None`` takes any label.
     :param extra_labels: labels accepted besides the entity set's names (``"normal"``).
-    Every labelled image id must be in the ingest output. Images without a patient id count
-    as patients of their own (noted in :attr:`LabelledImages.notes`, with a warning).
+    Every labelled image id must be in the ingest output. An image whose shard row has no
+    patient id (PNG/JPEG inputs) takes the labels file's ``patient_id`` column where there is
+    one (``msk import`` writes it); images still without one count as patients of their own
+    (noted in :attr:`LabelledImages.notes`, with a warning).
     """
     import pyarrow.compute as pc
 
@@ -229,6 +243,9 @@ def load_labelled(ingest: str | os.PathLike, labels: str | os.PathLike, *,
                         filter=pc.field("image_id").isin(sorted(by_id)))
     image_ids = table.column("image_id").to_pylist()
     patients = table.column("patient_id").to_pylist()
+    if cluster_run is None and not all(patients):  # PNG/JPEG: the labels file may carry them
+        from_labels = read_label_patients(labels)
+        patients = [p or from_labels.get(i) for p, i in zip(patients, image_ids)]
     notes = []
     anonymous = sum(1 for p in patients if not p)
     if anonymous:

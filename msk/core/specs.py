@@ -8,9 +8,17 @@ concrete name asked for as ``name=``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable
+
+from pydantic import Field as PydanticField
+from pydantic import ValidationError
+
+from msk.core.config import MskConfig
+from msk.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,73 @@ class RetrieverSpec(ComponentSpec):
     :class:`msk.core.retrieval.Retriever` with ``train(x)``, ``add(x, ids)``,
     ``search(q, k) -> SearchResult(ids, distances, indices, metric)``, ``save(path)``,
     ``ntotal`` and a class method ``load(path)``."""
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One labelled file of a dataset layout, as a dataset plugin reads it.
+
+    :param path: the file, relative to the dataset folder (SRC), POSIX separators.
+    :param label: the class as the layout writes it (checked against the options' entity set).
+    :param patient: the patient or group the file belongs to (the split unit); ``None`` when the
+        layout has none. Written out only as a keyed pseudonym, never raw.
+    :param extra: further columns for the labels file (``finding``, ``source``, lesion box
+        ``x0, y0, x1, y1`` in source-image pixels, clinical metadata ``age``, ``sex``, ...).
+    :param where: where the record comes from, for error messages (``"labels.csv, line 12"``).
+    """
+
+    path: str
+    label: str
+    patient: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+
+class DatasetOptions(MskConfig):
+    """Options every dataset plugin takes; a plugin subclasses this for its own (pydantic)."""
+
+    entity_set: str | None = PydanticField(
+        "samx-regions", description="entity set the labels must belong to; null takes any label")
+    extra_labels: list[str] = PydanticField(
+        [], description="labels accepted besides the entity set's names (e.g. normal)")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A labelled dataset layout: ``read(src, options)`` yields one :class:`DatasetRecord` per
+    labelled file under the folder ``src``.
+
+    :param name: registry name, lower case (``"mura"``).
+    :param read: ``read(src: Path, options) -> Iterable[DatasetRecord]``; ``options`` is an
+        instance of ``options``. It reads the layout's label files only (never the images) and
+        raises :class:`msk.core.errors.DatasetError` naming the file and line of a problem.
+        Records come in a stable order; ``msk import`` checks labels, paths and duplicates.
+    :param options: the pydantic model of the plugin's options (a :class:`DatasetOptions`).
+    :param description: one line shown by ``msk plugins``.
+    :param example_layout: ``example_layout(folder) -> options`` writes a tiny instance of the
+        layout (a few small images and its label files) into ``folder`` and returns the options
+        that read it; the plugin contract test reads every dataset through it.
+    """
+
+    name: str
+    read: Callable[[Path, Any], Iterable[DatasetRecord]]
+    options: type[DatasetOptions] = DatasetOptions
+    description: str = ""
+    example_layout: Callable[[Path], dict[str, Any]] | None = None
+
+    is_family = False
+
+    def parse_options(self, options: Mapping[str, Any] | None = None, where: str = "options") -> DatasetOptions:
+        """``options`` validated by :attr:`options`; a :class:`~msk.core.errors.ConfigError`
+        names the dataset, the option and the problem."""
+        try:
+            return self.options.model_validate(dict(options or {}))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}"
+                                 for e in exc.errors())
+            known = ", ".join(self.options.model_fields)
+            raise ConfigError(f"{where}: invalid options of dataset {self.name!r}: {problems} "
+                              f"(options: {known})") from None
 
 
 class Malignancy(str, Enum):
