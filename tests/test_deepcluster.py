@@ -75,11 +75,14 @@ def test_history_has_nmi_per_epoch(resumed_run):
     epoch1, epoch2 = second.history
     assert epoch1["nmi_prev"] is None and 0.0 <= epoch2["nmi_prev"] <= 1.0
     assert all(0.0 <= row["nmi_truth"] <= 1.0 for row in second.history)
+    # purity against the truth: at least the largest class's share, at most 1
+    largest = max(np.unique(truth, return_counts=True)[1]) / len(truth)
+    assert all(largest - 1e-9 <= row["purity_truth"] <= 1.0 for row in second.history)
     assert all(row["loss"] > 0 and row["n_nonempty"] <= 8 for row in second.history)
     assert 1 / 8 <= epoch2["largest_cluster_share"] <= 1.0
     assert read_history(out) == second.history
     with (out / "history.csv").open() as f:
-        assert next(csv.reader(f))[:4] == ["epoch", "nmi_prev", "nmi_truth", "loss"]
+        assert next(csv.reader(f))[:5] == ["epoch", "nmi_prev", "nmi_truth", "purity_truth", "loss"]
 
 
 def test_assignments_and_checkpoints_are_written(resumed_run):

@@ -43,6 +43,7 @@ from msk.core.augment import (ImageArrayDataset, encoder_in_chans, eval_transfor
 from msk.core.checkpoint import load_checkpoint, load_state, save_checkpoint
 from msk.core.config import MskConfig
 from msk.core.errors import ConfigError, MskError
+from msk.core.metrics import cluster_purity
 from msk.core.registry import build_clusterer, build_encoder
 from msk.core.workers import Workers, run_workers
 
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 #: Per-epoch history columns, in the order written to ``history.csv``.
-HISTORY_FIELDS = ("epoch", "nmi_prev", "nmi_truth", "loss", "n_nonempty",
+HISTORY_FIELDS = ("epoch", "nmi_prev", "nmi_truth", "purity_truth", "loss", "n_nonempty",
                   "largest_cluster_share", "n_empty_fixed", "seconds")
 
 #: Options that may change between a run and its resumption.
@@ -516,6 +517,7 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
                 row.update(
                     nmi_prev=None if previous is None else _nmi(previous, labels),
                     nmi_truth=None if ground_truth is None else _nmi(ground_truth, labels),
+                    purity_truth=None if ground_truth is None else cluster_purity(labels, ground_truth),
                     n_nonempty=clustering.n_nonempty,
                     largest_cluster_share=clustering.largest_cluster_share,
                     n_empty_fixed=clustering.n_empty_fixed,
@@ -555,6 +557,7 @@ def _epoch_line(row: dict[str, Any]) -> str:
 
     return (f"epoch {row['epoch']}: loss {fmt(row.get('loss'), '.3f')}  "
             f"nmi_prev {fmt(row.get('nmi_prev'), '.3f')}  nmi_truth {fmt(row.get('nmi_truth'), '.3f')}  "
+            f"purity {fmt(row.get('purity_truth'), '.3f')}  "
             f"clusters {row.get('n_nonempty')}  largest {fmt(row.get('largest_cluster_share'), '.1%')}  "
             f"{fmt(row.get('seconds'), '.1f')} s")
 
