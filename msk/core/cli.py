@@ -90,25 +90,31 @@ def synth(
 
 @app.command()
 def ingest(
-    src: Path = typer.Argument(..., help="folder tree of DICOM/PNG/JPEG files"),
+    src: Path = typer.Argument(..., help="folder tree of DICOM/PNG/JPEG/BMP/TIFF files"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="output folder (shards, manifest)"),
     image_size: Optional[int] = typer.Option(None, help="output side length in px \\[default: 256]"),
     key_file: Optional[Path] = typer.Option(None, help="pseudonymisation key file (env MSK_PSEUDONYM_KEY wins)"),
+    modality: Optional[str] = typer.Option(
+        None, "--modality", help="keep only these DICOM modalities, comma-separated (e.g. CR,DX); "
+        "add 'none' to keep files without one (PNG/JPEG/BMP/TIFF); others are quarantined excluded_modality "
+        "\\[default: keep all]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
-    """Ingest DICOM/PNG/JPEG into sharded Parquet with Ray Data; every input is accounted for.
+    """Ingest DICOM/PNG/JPEG/BMP/TIFF into sharded Parquet with Ray Data; every input is accounted for.
 
     Headers are pseudonymised before anything is written. Re-running is idempotent and an
-    interrupted run resumes. Connects to a running cluster when RAY_ADDRESS is set.
+    interrupted run resumes. Connects to a running cluster when RAY_ADDRESS is set. The summary
+    says what was kept (per modality) and flagged (warnings such as colour_image).
 
-    [b]Example[/b]: [cyan]MSK_PSEUDONYM_KEY=... msk ingest /pacs/export out/ingest --image-size 256[/cyan]
+    [b]Example[/b]: [cyan]MSK_PSEUDONYM_KEY=... msk ingest /pacs/export out/ingest --image-size 256 --modality CR,DX[/cyan]
     """
     from msk.core.config import load_config
     from msk.core.ingest import IngestConfig, ingest as run_ingest
 
     if not src.is_dir():
         raise MskError(f"source folder {src} does not exist")
-    cfg = load_config(IngestConfig, config, image_size=image_size, key_file=key_file)
+    cfg = load_config(IngestConfig, config, image_size=image_size, key_file=key_file,
+                      modalities=modality.split(",") if modality is not None else None)
     report = run_ingest(src, out_dir, cfg)
     _print_ingest(report)
 
@@ -117,6 +123,9 @@ def _print_ingest(report) -> None:
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.by_reason.items())) or "none"
     out.print(f"{report.n_inputs} inputs: {report.n_ok} ok, {report.n_quarantined} quarantined "
               f"({reasons}); {report.n_skipped_existing} already done; {report.seconds:.1f} s")
+    kept = ", ".join(f"{k} {v}" for k, v in report.by_modality.items()) or "nothing"
+    flagged = ", ".join(f"{k} {v}" for k, v in report.by_warning.items()) or "none"
+    out.print(f"kept by modality: {kept}; warnings: {flagged}")
     out.print(f"shards:   {report.out / 'shards'}")
     out.print(f"manifest: {report.manifest}")
 

@@ -1,9 +1,11 @@
-"""Read radiographs (DICOM, PNG, JPEG) into display-ready ``float32`` images in ``[0, 1]``.
+"""Read radiographs (DICOM, PNG, JPEG, BMP, TIFF) into display-ready ``float32`` images in ``[0, 1]``.
 
 :func:`read_image` is the one entry point of the ingest: it takes bytes or a path, decides the
 format from the content (never from the file name) and returns a :class:`DecodedImage`, or
 raises :class:`~msk.core.errors.QuarantineError` with the machine-readable reason. It never
-raises anything else, so a caller can quarantine every failure without guessing.
+raises anything else, so a caller can quarantine every failure without guessing. Its ``check``
+callback sees the header facts (:class:`ImageMeta`) before any pixel is decoded, so a caller
+can quarantine on modality or size cheaply.
 
 DICOM pixel pipeline, in this order (each step is a public function, see docs/reader.md):
 
@@ -26,8 +28,17 @@ DICOM pixel pipeline, in this order (each step is a public function, see docs/re
    so bone is always bright.
 
 Colour DICOM (RGB, YBR_* converted to RGB by pydicom) is turned into luminance (ITU-R BT.601
-weights) and scaled by its full range; Modality LUT and VOI do not apply to colour. PNG and JPEG
-go through Pillow: 8-bit grey or colour is scaled by 255, 16-bit grey by the percentile rule.
+weights) and scaled by its full range; Modality LUT and VOI do not apply to colour. PNG, JPEG,
+BMP and TIFF go through Pillow, with the EXIF/TIFF orientation applied: 8-bit grey or colour is
+scaled by 255, 16/32-bit grey by the percentile rule (a 16/32-bit TIFF stored MinIsWhite is
+inverted; Pillow already inverts 1-8 bit ones). A multi-page TIFF gives its first page, or every
+page with ``frames="all"``.
+
+Warnings (``ImageMeta.warnings``): an image that is usable but suspicious is decoded and flagged,
+not quarantined. The reader sets ``colour_image`` when the source holds real colour: a chroma
+(max - min of R, G, B) above :data:`COLOUR_CHROMA` of the full range in more than
+:data:`COLOUR_MIN_FRACTION` of the pixels (JPEG chroma noise of a grey radiograph stays far below
+it; a tinted scan, a photo of a film with a colour cast, a screenshot or a colour photo do not).
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import io
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -60,12 +71,13 @@ __all__ = [
     "clip_to_bits_stored",
     "decode_dicom",
     "decode_pixels",
+    "has_colour",
     "read_dicom_header",
     "read_image",
     "sniff_format",
 ]
 
-Format = Literal["dicom", "png", "jpeg"]
+Format = Literal["dicom", "png", "jpeg", "bmp", "tiff"]
 Frames = Literal["first", "all"]
 
 #: Photometric interpretations msk renders; pydicom turns YBR_FULL(_422) into RGB when
@@ -81,9 +93,24 @@ PERCENTILES = (0.5, 99.5)
 PERCENTILE_SAMPLES = 1_000_000
 #: ITU-R BT.601 luma weights (what Pillow's ``convert("L")`` uses).
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+#: A pixel is coloured when max - min of its R, G, B exceeds this fraction of the full range
+#: (16 of 255); measured on real-xr, the grey RGB JPEGs of roboflow-fracture have none above it.
+COLOUR_CHROMA = 16 / 255
+#: ... and the image is ``colour_image`` when more than this fraction of its pixels are.
+COLOUR_MIN_FRACTION = 0.01
+#: Warning: the source had real colour (it was converted to luminance).
+WARN_COLOUR = "colour_image"
+#: Warning: the EXIF/TIFF orientation could not be read; the image is used as stored.
+WARN_ORIENTATION = "orientation_unknown"
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+#: Classic TIFF and BigTIFF, little and big endian.
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: Sizes of the BMP info headers (BITMAPCOREHEADER ... BITMAPV5HEADER, OS/2 2.x) at offset 14.
+_BMP_INFO_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+#: Pillow's format names of the formats it decodes for msk (never any other plugin).
+_PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF"}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: Values above this size are not loaded when only the header is read.
 _HEADER_DEFER_BYTES = 4096
@@ -124,6 +151,9 @@ class ImageMeta:
     #: How intensities were mapped to [0, 1]: "voi_lut", "window:<center>/<width>",
     #: "percentile", "percentile:header_voi_rejected", "full_range"; "none" for a header.
     window: str = "none"
+    #: Why the image is usable but suspicious, e.g. ("colour_image",); callers may add their own
+    #: (ingest adds "small_image", "upscaled"). Written to the manifest's ``warning`` column.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,11 +180,15 @@ def read_image(
     source: str | None = None,
     max_pixels: int = 50_000_000,
     frames: Frames = "first",
+    check: Callable[[ImageMeta], None] | None = None,
 ) -> DecodedImage:
-    """Decode a DICOM, PNG or JPEG file (bytes or path) into a :class:`DecodedImage`.
+    """Decode a DICOM, PNG, JPEG, BMP or TIFF file (bytes or path) into a :class:`DecodedImage`.
 
     ``max_pixels`` caps ``rows * cols * decoded frames``; it is checked from the header before
-    any pixel is decoded. ``frames="all"`` returns every frame as ``[F, H, W]``.
+    any pixel is decoded. ``frames="all"`` returns every frame (TIFF: page) as ``[F, H, W]``.
+    ``check``, if given, is called with the header facts (``window == "none"``; ``rows``/``cols``
+    as stored, before any orientation) before the size cap and before any pixel is decoded; it
+    may raise :class:`QuarantineError` to stop there (ingest's modality filter and size limits).
     Raises :class:`QuarantineError` (and nothing else) for any input that cannot be used.
     """
     if frames not in ("first", "all"):
@@ -162,7 +196,7 @@ def read_image(
     raw, source = _load(data, source)
     try:
         with _quiet_pydicom():
-            return _decode_bytes(raw, source, max_pixels, frames)
+            return _decode_bytes(raw, source, max_pixels, frames, check)
     except QuarantineError:
         raise
     except MemoryError as exc:
@@ -171,15 +205,16 @@ def read_image(
         raise QuarantineError(QuarantineReason.CORRUPT, f"{type(exc).__name__}: {exc}", source) from exc
 
 
-def _decode_bytes(raw: bytes, source: str, max_pixels: int, frames: Frames) -> DecodedImage:
+def _decode_bytes(raw: bytes, source: str, max_pixels: int, frames: Frames,
+                  check: Callable[[ImageMeta], None] | None) -> DecodedImage:
     fmt = sniff_format(raw)
     if fmt == "dicom":
         ds = _parse_dicom(io.BytesIO(_with_preamble(raw)), source)
-        return decode_dicom(ds, source=source, max_pixels=max_pixels, frames=frames)
-    if fmt in ("png", "jpeg"):
-        return _decode_pillow(raw, fmt, source, max_pixels, frames)
+        return decode_dicom(ds, source=source, max_pixels=max_pixels, frames=frames, check=check)
+    if fmt in _PILLOW_FORMATS:
+        return _decode_pillow(raw, fmt, source, max_pixels, frames, check)
     raise QuarantineError(
-        QuarantineReason.NOT_AN_IMAGE, f"neither DICOM nor PNG/JPEG (starts with {raw[:8]!r})", source
+        QuarantineReason.NOT_AN_IMAGE, f"neither DICOM nor PNG/JPEG/BMP/TIFF (starts with {raw[:8]!r})", source
     )
 
 
@@ -235,6 +270,8 @@ def sniff_format(head: bytes) -> Format | None:
     DICOM is recognised with the 128-byte preamble + ``DICM``, with ``DICM`` but no preamble,
     and as a bare data set (no preamble, no file meta: old ACR-NEMA style exports) whose first
     element is a plausible group 0002-0030 tag in explicit or implicit VR little endian.
+    TIFF by ``II*\\0`` / ``MM\\0*`` (BigTIFF: ``II+\\0`` / ``MM\\0+``); BMP by ``BM`` followed, at
+    byte 14, by the size of one of the known BMP info headers (so a text starting "BM" is not one).
     """
     if head[128:132] == b"DICM" or head[:4] == b"DICM":
         return "dicom"
@@ -242,6 +279,10 @@ def sniff_format(head: bytes) -> Format | None:
         return "png"
     if head.startswith(_JPEG_MAGIC):
         return "jpeg"
+    if head[:4] in _TIFF_MAGIC:
+        return "tiff"
+    if head[:2] == b"BM" and len(head) >= 18 and struct.unpack("<I", head[14:18])[0] in _BMP_INFO_SIZES:
+        return "bmp"
     if _looks_like_bare_dataset(head):
         return "dicom"
     return None
@@ -333,12 +374,18 @@ def _require_pixel_data(ds: Dataset, source: str) -> None:
 
 
 def decode_dicom(
-    ds: Dataset, *, source: str = "", max_pixels: int = 50_000_000, frames: Frames = "first"
+    ds: Dataset, *, source: str = "", max_pixels: int = 50_000_000, frames: Frames = "first",
+    check: Callable[[ImageMeta], None] | None = None,
 ) -> DecodedImage:
-    """Run the whole pixel pipeline (module docstring) on a parsed data set."""
+    """Run the whole pixel pipeline (module docstring) on a parsed data set.
+
+    ``check`` is called with the header facts before anything else is checked or decoded.
+    """
     _require_pixel_data(ds, source)
     _ensure_transfer_syntax(ds)
     meta = _dicom_meta(ds, source)
+    if check is not None:
+        check(meta)
     photometric = meta.photometric or ""
     if "PixelData" not in ds:
         raise QuarantineError(QuarantineReason.UNSUPPORTED_IMAGE, "float pixel data is not a radiograph", source)
@@ -359,14 +406,17 @@ def decode_dicom(
     _require_decoder(ds, source)
 
     stored = decode_pixels(ds, frames=frames, source=source)
+    found: tuple[str, ...] = ()
     if photometric in COLOUR:
         scale = float((1 << int(ds.get("BitsStored") or 8)) - 1)
         pixels, window = np.clip(_luminance(stored) / scale, 0.0, 1.0), "full_range"
+        found = (WARN_COLOUR,) if has_colour(stored, scale) else ()
     else:
         pixels, window = apply_voi(apply_modality(stored, ds), ds)
         if _inverted(ds):
             np.subtract(1.0, pixels, out=pixels)
-    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), replace(meta, window=window))
+    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32),
+                        replace(meta, window=window, warnings=found))
 
 
 def _require_decoder(ds: Dataset, source: str) -> None:
@@ -530,6 +580,23 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., :3].astype(np.float32) @ LUMA
 
 
+def has_colour(rgb: np.ndarray, full_scale: float = 255.0) -> bool:
+    """Whether an RGB(A) array ``[..., 3+]`` holds real colour (the ``colour_image`` rule).
+
+    True when the chroma ``max(R, G, B) - min(R, G, B)`` exceeds :data:`COLOUR_CHROMA` times
+    ``full_scale`` in more than :data:`COLOUR_MIN_FRACTION` of the pixels (at most
+    :data:`PERCENTILE_SAMPLES` evenly strided pixels are looked at).
+    """
+    flat = rgb.reshape(-1, rgb.shape[-1])
+    flat = flat[:: max(1, flat.shape[0] // PERCENTILE_SAMPLES)]
+    if flat.shape[0] == 0:
+        return False
+    r, g, b = flat[:, 0], flat[:, 1], flat[:, 2]
+    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # >= 0: no wrap
+    coloured = np.count_nonzero(chroma > COLOUR_CHROMA * full_scale)
+    return coloured > COLOUR_MIN_FRACTION * flat.shape[0]
+
+
 def _first(value: Any) -> float:
     return float(value[0] if isinstance(value, (MultiValue, list, tuple)) else value)
 
@@ -589,46 +656,96 @@ def _dicom_meta(ds: Dataset, source: str) -> ImageMeta:
 
 
 # --------------------------------------------------------------------------------------------
-# PNG / JPEG
+# PNG / JPEG / BMP / TIFF (Pillow)
 
 
-def _decode_pillow(raw: bytes, fmt: Format, source: str, max_pixels: int, frames: Frames) -> DecodedImage:
+def _decode_pillow(raw: bytes, fmt: Format, source: str, max_pixels: int, frames: Frames,
+                   check: Callable[[ImageMeta], None] | None = None) -> DecodedImage:
+    """Decode a raster file with Pillow: header checks first, then the page(s), oriented."""
     try:
-        with Image.open(io.BytesIO(raw)) as im:
+        with Image.open(io.BytesIO(raw), formats=[_PILLOW_FORMATS[fmt]]) as im:
             width, height = im.size
-            if width * height > max_pixels:
+            n_pages = int(getattr(im, "n_frames", 1) or 1) if fmt == "tiff" else 1
+            if check is not None:
+                check(_pillow_meta(source, fmt, im.mode, height, width, n_pages))
+            n_decoded = n_pages if frames == "all" else 1
+            sizes = [_page_size(im, i) for i in range(n_decoded)]
+            total = sum(w * h for w, h in sizes)
+            if total > max_pixels:
+                what = f"{height}x{width}" + (f", {n_decoded} pages" if n_decoded > 1 else "")
                 raise QuarantineError(
-                    QuarantineReason.TOO_LARGE,
-                    f"{height}x{width} = {width * height} pixels > max_pixels {max_pixels}",
-                    source,
+                    QuarantineReason.TOO_LARGE, f"{what} = {total} pixels > max_pixels {max_pixels}", source
                 )
-            im.load()
-            image = ImageOps.exif_transpose(im) if fmt == "jpeg" else im.copy()
+            if len(set(sizes)) > 1:
+                raise QuarantineError(
+                    QuarantineReason.UNSUPPORTED_IMAGE,
+                    f"TIFF pages differ in size ({sorted(set(sizes))}); read it with frames='first'", source,
+                )
+            pages = [_pillow_page(im, i) for i in range(n_decoded)]
     except QuarantineError:
         raise
     except Image.DecompressionBombError as exc:
         raise QuarantineError(QuarantineReason.TOO_LARGE, str(exc), source) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise QuarantineError(QuarantineReason.CORRUPT, f"{fmt.upper()} does not decode: {exc}", source) from exc
 
+    found: list[str] = []
+    arrays = []
+    first = None
+    for image, min_is_white, oriented in pages:
+        pixels, window, bits, photometric, coloured = _pillow_pixels(image, min_is_white)
+        arrays.append(pixels)
+        first = first or (window, bits, photometric, image.height, image.width)
+        found += [w for w in ((WARN_COLOUR,) if coloured else ()) + (() if oriented else (WARN_ORIENTATION,))
+                  if w not in found]
+    window, bits, photometric, rows, cols = first
+    stack = np.stack(arrays) if frames == "all" else arrays[0]
+    meta = replace(_pillow_meta(source, fmt, "", rows, cols, n_pages), photometric=photometric,
+                   bits_stored=bits, window=window, warnings=tuple(found))
+    return DecodedImage(np.ascontiguousarray(np.clip(stack, 0.0, 1.0), dtype=np.float32), meta)
+
+
+def _page_size(im: Image.Image, index: int) -> tuple[int, int]:
+    """(width, height) of page ``index`` from its header (nothing decoded)."""
+    if index:
+        im.seek(index)
+    return im.size
+
+
+def _pillow_page(im: Image.Image, index: int) -> tuple[Image.Image, bool, bool]:
+    """Page ``index`` decoded and oriented (EXIF/TIFF Orientation applied), whether it was
+    stored MinIsWhite (TIFF Photometric 0), and whether the orientation could be read."""
+    im.seek(index)
+    im.load()
+    min_is_white = im.format == "TIFF" and getattr(im, "tag_v2", {}).get(262) == 0
+    try:
+        return ImageOps.exif_transpose(im), min_is_white, True
+    except (SyntaxError, ValueError, TypeError, KeyError, OSError, struct.error):
+        return im.copy(), min_is_white, False  # a malformed EXIF block: use the image as stored
+
+
+def _pillow_pixels(image: Image.Image, min_is_white: bool) -> tuple[np.ndarray, str, int, str, bool]:
+    """(pixels in [0, 1], window, bits, photometric, has real colour) of one decoded page."""
     mode = image.mode
     if mode.startswith("I") or mode == "F":  # 16-bit (I;16*) or 32-bit grey
         bits = 16 if mode.startswith("I;16") else 32
-        pixels, window, photometric = _percentile_window(np.asarray(image)), "percentile", "MONOCHROME2"
-    elif mode in ("L", "LA", "1"):
+        pixels = _percentile_window(np.asarray(image))
+        if min_is_white:  # Pillow inverts MinIsWhite only up to 8 bits
+            np.subtract(1.0, pixels, out=pixels)
+        return pixels, "percentile", bits, "MONOCHROME2", False
+    if mode in ("L", "LA", "1"):
         grey = np.asarray(image.convert("L"), dtype=np.float32)
-        pixels, window, bits, photometric = grey / np.float32(255), "full_range", 8, "MONOCHROME2"
-    else:  # RGB, RGBA, P, CMYK, YCbCr, ...
-        rgb = np.asarray(image.convert("RGB"))
-        pixels, window, bits, photometric = _luminance(rgb) / np.float32(255), "full_range", 8, "RGB"
-    pixels = np.clip(np.asarray(pixels, dtype=np.float32), 0.0, 1.0)
-    if frames == "all":
-        pixels = pixels[np.newaxis]
-    meta = ImageMeta(
+        return grey / np.float32(255), "full_range", 1 if mode == "1" else 8, "MONOCHROME2", False
+    rgb = np.asarray(image.convert("RGB"))  # RGB, RGBA, P, CMYK, YCbCr, ...
+    return _luminance(rgb) / np.float32(255), "full_range", 8, "RGB", has_colour(rgb)
+
+
+def _pillow_meta(source: str, fmt: Format, mode: str, rows: int, cols: int, n_frames: int) -> ImageMeta:
+    """The header facts of a raster file: its size and mode, no DICOM fields."""
+    return ImageMeta(
         source=source, format=fmt, modality=None, sop_class_uid=None, transfer_syntax_uid=None,
-        photometric=photometric, bits_stored=bits, rows=image.height, cols=image.width, n_frames=1,
+        photometric=mode or None, bits_stored=None, rows=rows, cols=cols, n_frames=n_frames,
         body_part=None, view_position=None, laterality=None, patient_id=None, patient_name=None,
         patient_birth_date=None, patient_sex=None, patient_age=None, study_uid=None, series_uid=None,
-        sop_uid=None, study_date=None, institution=None, window=window,
+        sop_uid=None, study_date=None, institution=None,
     )
-    return DecodedImage(np.ascontiguousarray(pixels), meta)

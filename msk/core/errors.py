@@ -12,13 +12,16 @@ from enum import Enum
 class QuarantineReason(str, Enum):
     EMPTY = "empty"  # zero-byte file
     CORRUPT = "corrupt"  # truncated or malformed file, pixel data that does not decode
-    NOT_AN_IMAGE = "not_an_image"  # neither DICOM nor a readable PNG/JPEG
+    NOT_AN_IMAGE = "not_an_image"  # neither DICOM nor a readable PNG/JPEG/BMP/TIFF
     NO_PIXEL_DATA = "no_pixel_data"  # DICOM without an image (SR, presentation state, ...)
     UNSUPPORTED_SYNTAX = "unsupported_syntax"  # transfer syntax no installed decoder handles
     UNSUPPORTED_IMAGE = "unsupported_image"  # photometric interpretation / layout msk cannot render
     TOO_LARGE = "too_large"  # dimensions or file size above the configured cap
     DUPLICATE = "duplicate"  # same content (SHA-256) as an earlier input
     READ_ERROR = "read_error"  # the file could not be read (permissions, I/O error)
+    EXCLUDED_MODALITY = "excluded_modality"  # DICOM Modality (or none) not in IngestConfig.modalities
+    TOO_SMALL = "too_small"  # shorter side below IngestConfig.min_side (e.g. a 1-pixel-high strip)
+    EXTREME_ASPECT = "extreme_aspect"  # longer / shorter side above IngestConfig.max_aspect
 
 
 class MskError(Exception):

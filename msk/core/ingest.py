@@ -1,4 +1,4 @@
-"""``msk ingest SRC OUT``: a folder tree of DICOM/PNG/JPEG files -> pseudonymised Parquet shards.
+"""``msk ingest SRC OUT``: a folder tree of DICOM/PNG/JPEG/BMP/TIFF files -> pseudonymised Parquet shards.
 
 The pipeline, per run:
 
@@ -6,10 +6,13 @@ The pipeline, per run:
    and drop those the manifest already records: re-running is idempotent, and an interrupted
    run resumes where its last committed chunk ended.
 2. **Decode** the rest on Ray Data: ``map_batches`` reads each file, hashes its content
-   (SHA-256), decodes it with :func:`msk.core.dicom.read_image`, resizes it to a square
-   ``uint8`` image (:func:`square_image`) and pseudonymises its header
-   (:meth:`~msk.core.pseudonym.Pseudonymiser.record`). A file that fails in any way becomes a
-   *quarantined* row carrying the reason; one bad file never stops an ingest.
+   (SHA-256), decodes it with :func:`msk.core.dicom.read_image` (whose header check,
+   :func:`msk.core.screening.screen_header`, quarantines an excluded modality, a too small image
+   or an extreme strip before any pixel is decoded), resizes it to a square ``uint8`` image
+   (:func:`square_image`), adds the size warnings (:func:`msk.core.screening.size_warnings`) to
+   the reader's and pseudonymises its header (:meth:`~msk.core.pseudonym.Pseudonymiser.record`).
+   A file that fails in any way becomes a *quarantined* row carrying the reason; one bad file
+   never stops an ingest.
 3. **Commit** chunk by chunk (``chunk_files`` inputs each) on the driver: drop duplicates
    (same content as an earlier ok input), write the ok rows to Parquet shards, then the
    chunk's manifest part, which is the commit marker (see :mod:`msk.core.manifest`).
@@ -27,6 +30,7 @@ driver is the already-resized images (64 KiB each at 256 px), which cost it abou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import fnmatch
 import hashlib
@@ -48,11 +52,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import msk
 from msk.core.config import MskConfig
-from msk.core.dicom import read_image
+from msk.core.dicom import ImageMeta, read_image
 from msk.core.errors import MskError, QuarantineError, QuarantineReason
 from msk.core.manifest import (
     MANIFEST_DIR,
@@ -68,6 +72,7 @@ from msk.core.manifest import (
     write_manifest_part,
 )
 from msk.core.pseudonym import Pseudonymiser
+from msk.core.screening import modality_key, normalise_modalities, screen_header, size_warnings
 
 __all__ = ["IngestConfig", "IngestReport", "SHARD_SCHEMA", "ingest", "list_inputs", "square_image"]
 
@@ -92,6 +97,22 @@ class IngestConfig(MskConfig):
     num_cpus_per_task: float = Field(1.0, gt=0, description="CPUs Ray reserves per decode task")
     key_file: Path | None = Field(None, description="pseudonymisation key file (env MSK_PSEUDONYM_KEY wins)")
     create_key: bool = Field(False, description="create key_file with a new random key if missing")
+    modalities: list[str] | None = Field(
+        None, description="keep only these DICOM Modality values, e.g. [CR, DX]; 'none' keeps files "
+        "without one (PNG/JPEG/BMP/TIFF); the others are quarantined excluded_modality from their "
+        "header, before decoding; null keeps everything"
+    )
+    min_side: int = Field(16, ge=1, description="images whose shorter side is below this are quarantined too_small")
+    max_aspect: float = Field(10.0, ge=1.0, description="images whose longer / shorter side exceeds this "
+                              "are quarantined extreme_aspect")
+    small_side: int = Field(64, ge=1, description="images whose shorter side is below this get the warning small_image")
+    max_upscale: float = Field(2.0, ge=1.0, description="images enlarged by more than this factor to "
+                               "image_size get the warning upscaled")
+
+    @field_validator("modalities")
+    @classmethod
+    def _tokens(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else normalise_modalities(value)
 
 
 #: Columns of the shard files. No source path and no identifying header value is stored:
@@ -132,6 +153,7 @@ _DECODED_SCHEMA = pa.schema(
         pa.field("content_sha256", pa.string()),
         pa.field("bytes", pa.int64()),
         pa.field("node", pa.string()),
+        pa.field("warning", pa.string()),
         *[SHARD_SCHEMA.field(name).with_nullable(True) for name in SHARD_SCHEMA.names],
     ]
 )
@@ -151,6 +173,8 @@ class IngestReport:
     seconds: float
     shards: list[Path] = field(default_factory=list)
     manifest: Path = Path()
+    by_modality: dict[str, int] = field(default_factory=dict)  # ok inputs per modality ("none": no DICOM one)
+    by_warning: dict[str, int] = field(default_factory=dict)  # ok inputs per warning
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,11 +289,19 @@ def _read_bytes(path: Path, rel: str) -> bytes:
 def process_file(src: Path, rel: str, config: IngestConfig, pseudonymiser: Pseudonymiser) -> dict[str, Any]:
     """Read, hash, decode, resize and pseudonymise one input; always returns a decoded row.
 
-    The row has the manifest fields (``path``, ``status``, ``reason``, ...) and, when ok, the
-    shard fields. Every failure is caught: :class:`QuarantineError` keeps its reason, any
-    other exception is quarantined as ``corrupt`` with the exception's text as detail.
+    The row has the manifest fields (``path``, ``status``, ``reason``, ``warning``, ...) and,
+    when ok, the shard fields; ``modality`` and ``body_part`` are filled whenever the header
+    was read, quarantined or not. Every failure is caught: :class:`QuarantineError` keeps its
+    reason, any other exception is quarantined as ``corrupt`` with the exception's text as detail.
     """
     row: dict[str, Any] = {"path": rel, "image_id": pseudonymiser.record_id(rel), "status": OK}
+    headers: list[ImageMeta] = []
+
+    def check(header: ImageMeta) -> None:  # runs before any pixel is decoded
+        headers.append(header)
+        screen_header(header, modalities=config.modalities, min_side=config.min_side,
+                      max_aspect=config.max_aspect)
+
     try:
         row["bytes"] = size = _file_size(src / rel, rel)
         if size > config.max_file_bytes:
@@ -281,15 +313,24 @@ def process_file(src: Path, rel: str, config: IngestConfig, pseudonymiser: Pseud
         row["content_sha256"] = hashlib.sha256(data).hexdigest()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every oddity; errors still raise
-            decoded = read_image(data, source=rel, max_pixels=config.max_pixels)
+            decoded = read_image(data, source=rel, max_pixels=config.max_pixels, check=check)
         image = square_image(decoded.pixels, config.image_size, config.resize)
         meta = decoded.meta
+        meta = dataclasses.replace(meta, warnings=meta.warnings + size_warnings(
+            meta.rows, meta.cols, config.image_size, small_side=config.small_side,
+            max_upscale=config.max_upscale, resize=config.resize))
         record = pseudonymiser.record(meta)
-    except QuarantineError as exc:
-        return row | {"status": QUARANTINED, "reason": exc.reason.value, "detail": exc.detail}
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop an ingest
-        detail = f"{type(exc).__name__}: {exc}"
-        return row | {"status": QUARANTINED, "reason": QuarantineReason.CORRUPT.value, "detail": detail}
+        if isinstance(exc, QuarantineError):
+            reason, detail = exc.reason.value, exc.detail
+        else:
+            reason, detail = QuarantineReason.CORRUPT.value, f"{type(exc).__name__}: {exc}"
+        if headers:  # what was it? (an excluded modality says which)
+            with contextlib.suppress(Exception):
+                header = pseudonymiser.record(headers[0])
+                row.update(modality=header.get("modality"), body_part=header.get("body_part"))
+        return row | {"status": QUARANTINED, "reason": reason, "detail": detail}
+    row["warning"] = "; ".join(meta.warnings) or None
     row.update({name: record.get(name) for name in SHARD_SCHEMA.names if name in record})
     row.update(
         image=image.tobytes(),
@@ -485,9 +526,10 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: IngestConfig 
         if todo:
             _run_pipeline(src, todo, config, pseudonymiser, committer, progress)
 
-        manifest = read_manifest(out, columns=["status", "reason"])
+        manifest = read_manifest(out, columns=["status", "reason", "modality", "warning"])
         statuses = Counter(manifest.column("status").to_pylist())
         by_reason = Counter(r for r in manifest.column("reason").to_pylist() if r is not None)
+        by_modality, by_warning = _kept_counts(manifest)
         report = IngestReport(
             out=out,
             n_inputs=len(inputs),
@@ -499,6 +541,8 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: IngestConfig 
             seconds=time.perf_counter() - started,
             shards=committed_shards(out),
             manifest=out / MANIFEST_DIR,
+            by_modality=by_modality,
+            by_warning=by_warning,
         )
         _write_summary(src, config, report)
     return report
@@ -585,6 +629,19 @@ def _crashed_row(src: Path, rel: str, pseudonymiser: Pseudonymiser, detail: str)
     return row
 
 
+def _kept_counts(manifest: pa.Table) -> tuple[dict[str, int], dict[str, int]]:
+    """Ok inputs per modality token (:data:`~msk.core.screening.NO_MODALITY` for none; manifests
+    written before the column count as none) and per warning, largest first."""
+    by_modality: Counter[str] = Counter()
+    by_warning: Counter[str] = Counter()
+    for status, modality, warning in zip(*(manifest.column(c).to_pylist() for c in ("status", "modality", "warning"))):
+        if status != OK:
+            continue
+        by_modality[modality_key(modality)] += 1
+        by_warning.update(w for w in (warning or "").split("; ") if w)
+    return dict(by_modality.most_common()), dict(by_warning.most_common())
+
+
 def _write_summary(src: Path, config: IngestConfig, report: IngestReport) -> None:
     """``OUT/ingest.json``: the last run's report and the config it used (inside the hospital zone)."""
     summary = {
@@ -597,6 +654,8 @@ def _write_summary(src: Path, config: IngestConfig, report: IngestReport) -> Non
         "n_ok": report.n_ok,
         "n_quarantined": report.n_quarantined,
         "by_reason": report.by_reason,
+        "by_modality": report.by_modality,
+        "by_warning": report.by_warning,
         "n_shards": len(report.shards),
         "seconds": round(report.seconds, 3),
         "config": config.model_dump(mode="json"),

@@ -51,6 +51,14 @@ MANIFEST_SCHEMA = pa.schema(
         # Ray node id of the worker that decoded the file; null when no worker returned a row
         # (the file crashed every worker it ran in) and in parts written before msk recorded it
         pa.field("node", pa.string()),
+        # "; "-joined warnings of an ok image that is usable but suspicious ("colour_image",
+        # "small_image", "upscaled", ...); null when there is none
+        pa.field("warning", pa.string()),
+        # DICOM Modality and Body Part Examined (coded values as in the shards); filled whenever
+        # the header was read, also for quarantined inputs (excluded_modality says which); null
+        # for files without them (PNG/JPEG/BMP/TIFF)
+        pa.field("modality", pa.string()),
+        pa.field("body_part", pa.string()),
     ]
 )
 
