@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -147,3 +148,65 @@ def test_config_keeps_the_budget_equal():
     with pytest.raises(ConfigError, match="arm names become folder names"):
         load_config(TransferConfig, None, arms={"a/b": "random"})
     assert fast().arm_config("x.pt").init == "x.pt"
+
+
+@pytest.fixture(scope="module")
+def imagenet_file(tmp_path_factory):
+    """A timm resnet10t state dict (random init) as ImageNet weights are saved: 3 RGB channels."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("imagenet") / "resnet10t.safetensors"
+    save_file(timm.create_model("resnet10t").state_dict(), path)
+    return path
+
+
+def test_a_pretrained_weights_arm_runs_beside_random(tmp_path, imagenet_file):
+    from msk.core.checkpoint import load_checkpoint
+
+    config = fast(encoder="timm/resnet10t", epochs=1,
+                  arms={"random": "random", "imagenet": f"pretrained:{imagenet_file}"})
+    result = run_transfer(task(), config, out=tmp_path, progress=False)
+    assert [(a.name, a.init) for a in result.arms] == [("random", "random"),
+                                                       ("imagenet", f"pretrained:{imagenet_file}")]
+    assert result.reference is result.arms[0] and result.rows()[1]["accuracy_gap"] is not None
+    for arm, options in (("random", {}), ("imagenet", {"pretrained": str(imagenet_file)})):
+        ckpt = load_checkpoint(tmp_path / arm / "fold-1" / "best.pt")
+        assert (ckpt.config["init"], ckpt.config["encoder_options"]) == ("random", options)
+    assert json.loads((tmp_path / "imagenet" / "fold-2" / "result.json").read_text())["init"] == \
+        f"pretrained:{imagenet_file}"
+    moved = fast(encoder="timm/resnet10t", epochs=1,
+                 arms={"random": "random", "imagenet": f"pretrained:{tmp_path / 'other.safetensors'}"})
+    with pytest.raises(TransferError, match=r"arm 'imagenet' cannot start from pretrained:.*other.safetensors: "
+                                            r"encoder option pretrained=.*: no such file"):
+        run_transfer(task(), moved, out=tmp_path, progress=False)  # before any training
+    (tmp_path / "other.safetensors").write_bytes(imagenet_file.read_bytes())
+    with pytest.raises(TransferError, match=r"imagenet was trained from pretrained:.*resnet10t.safetensors, "
+                                            r"the config now says pretrained:.*other.safetensors"):
+        run_transfer(task(), moved, out=tmp_path, progress=False)
+
+
+def test_pretrained_weights_are_an_arm_not_a_shared_option(imagenet_file):
+    with pytest.raises(ConfigError, match=r"drop encoder_options.pretrained and add an arm NAME: pretrained:"):
+        load_config(TransferConfig, None, encoder_options={"pretrained": str(imagenet_file)})
+    arm = fast(encoder_options={"img_size": 32}).arm_config(f"pretrained:{imagenet_file}")
+    assert (arm.init, arm.encoder_options) == ("random", {"img_size": 32, "pretrained": str(imagenet_file)})
+
+
+def test_cli_arm_with_pretrained_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from msk.core.cli import app
+
+    data = task()
+    ingest = fake_ingest(tmp_path / "ingest", data)
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as f:
+        csv.writer(f).writerows([["image_id", "label"], *zip(data.image_ids, data.labels)])
+    result = CliRunner().invoke(app, ["train", "transfer", str(ingest), str(labels), str(tmp_path / "run"),
+                                      "--arm", f"imagenet=pretrained:{tmp_path / 'w.safetensors'}"])
+    assert isinstance(result.exception, TransferError)  # `msk` prints it as one line, before any training
+    assert re.match(r"arm 'imagenet' cannot start from pretrained:.*w.safetensors: encoder option "
+                    r"pretrained=.*: no such file", str(result.exception))

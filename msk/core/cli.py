@@ -304,15 +304,16 @@ def train_transfer(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     labels: Path = typer.Argument(..., metavar="LABELS", help="CSV image_id,label of the downstream task"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="run folder"),
-    arm: list[str] = typer.Option([], "--arm", help="NAME=CHECKPOINT to compare with random init (repeatable)"),
+    arm: list[str] = typer.Option([], "--arm", help="NAME=CHECKPOINT (an msk checkpoint) or NAME=pretrained:WEIGHTS (a weights file or "
+                                 "hf-hub:org/name) to compare with random init (repeatable)"),
     cascade: bool = typer.Option(False, help="phase 1 normal vs pathological, phase 2 entity A vs B"),
     positive: Optional[str] = typer.Option(None, help="positive class for sensitivity/specificity"),
     epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: 10]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
-    """Fine-tune on a small labelled task from random init and from msk checkpoints, side by side.
+    """Fine-tune on a small labelled task from random init, msk checkpoints and pretrained weights, side by side.
 
-    [b]Example[/b]: [cyan]msk train transfer out/ingest task.csv out/transfer --arm deepcluster=out/cluster/checkpoints/epoch-010.pt[/cyan]
+    [b]Example[/b]: [cyan]msk train transfer out/ingest task.csv out/transfer --arm deepcluster=out/cluster/checkpoints/epoch-010.pt --arm imagenet=pretrained:weights/resnet18.safetensors[/cyan]
     """
     from msk.core.config import load_config
     from msk.core.errors import ConfigError
@@ -322,7 +323,7 @@ def train_transfer(
     for item in arm:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ConfigError(f"--arm {item!r}: expected NAME=CHECKPOINT")
+            raise ConfigError(f"--arm {item!r}: expected NAME=CHECKPOINT or NAME=pretrained:WEIGHTS")
         arms[name] = path
     cfg = load_config(TransferConfig, config, arms=arms if arm else None, cascade=cascade or None,
                       positive=positive, epochs=epochs)

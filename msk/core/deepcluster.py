@@ -76,6 +76,8 @@ class DeepClusterConfig(MskConfig):
     """Options of ``msk cluster`` (DeepCluster)."""
 
     encoder: str = Field("resnet18", description="encoder registry name (`msk plugins encoder`)")
+    pretrained: str | None = Field(
+        None, description="start the encoder from a weights file or hf-hub:org/name (msk.core.pretrained)")
     k: int = Field(1000, ge=2, description="number of k-means clusters (pseudo-classes)")
     epochs: int = Field(10, ge=1, description="total epochs; a resumed run continues up to it")
     pca_dim: int = Field(256, ge=1, description="whitening-PCA dimension before k-means")
@@ -295,7 +297,8 @@ class DeepClusterNet(nn.Module):
     def __init__(self, config: DeepClusterConfig) -> None:
         super().__init__()
         self.input = input_layer(config.sobel)
-        self.encoder = build_encoder(config.encoder, in_chans=encoder_in_chans(config.sobel))
+        self.encoder = build_encoder(config.encoder, in_chans=encoder_in_chans(config.sobel),
+                                     pretrained=config.pretrained)
         self.head = nn.Linear(self.encoder.feature_dim, config.k)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

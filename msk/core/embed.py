@@ -117,13 +117,15 @@ def _feature_model(source: Any, image_size: int | None, encoder_options: Mapping
         return module.eval(), arch, bool(getattr(source, "sobel", False)), image_size, None
 
     from msk.core.checkpoint import load_checkpoint, load_state
+    from msk.core.pretrained import weights_from_checkpoint
     from msk.core.registry import build_encoder
 
     path = Path(source)
     ckpt = load_checkpoint(path)
     encoder_options = encoder_options or ckpt.extra.get("encoder_options") or {}
     try:
-        encoder = build_encoder(ckpt.arch, in_chans=ckpt.in_chans, **encoder_options)
+        with weights_from_checkpoint():  # the checkpoint's weights, not `pretrained` (need not exist here)
+            encoder = build_encoder(ckpt.arch, in_chans=ckpt.in_chans, **encoder_options)
     except TypeError as exc:
         raise EmbedError(f"{path}: encoder {ckpt.arch!r} does not take the options "
                          f"{dict(encoder_options)}: {exc}") from None

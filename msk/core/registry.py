@@ -211,7 +211,11 @@ def entity_set(name: str) -> EntitySet:
 
 
 def build_encoder(name: str, **options: Any) -> Any:
-    return get_registry().build("encoder", name, **options)
+    """Inside :func:`msk.core.pretrained.weights_from_checkpoint` the option ``pretrained`` is
+    dropped: an msk checkpoint's weights are loaded next."""
+    from msk.core.pretrained import for_build
+
+    return get_registry().build("encoder", name, **for_build(options))
 
 
 def build_clusterer(name: str, **options: Any) -> Any:

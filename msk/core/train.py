@@ -17,6 +17,7 @@ under ``extra["head"]``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import time
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -35,6 +36,7 @@ from msk.core.augment import encoder_in_chans, eval_transform, input_layer, to_t
 from msk.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from msk.core.config import MskConfig
 from msk.core.errors import MskError
+from msk.core.pretrained import weights_from_checkpoint
 from msk.core.registry import build_encoder
 from msk.core.workers import Workers, run_workers
 
@@ -53,7 +55,8 @@ class TrainConfig(MskConfig):
 
     encoder: str = Field("resnet18", description="encoder registry name (`msk plugins encoder`)")
     encoder_options: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments of the encoder, e.g. a ViT's img_size; "
+        default_factory=dict, description="keyword arguments of the encoder, e.g. a ViT's img_size, or "
+                                          "pretrained: a weights file or hf-hub:org/name (msk.core.pretrained); "
                                           "recorded in checkpoints")
     init: str = Field("random", description="'random' or an msk checkpoint whose encoder starts training")
     sobel: bool | None = Field(None, description="Sobel input layer; None: as the init checkpoint (else off)")
@@ -72,6 +75,13 @@ class TrainConfig(MskConfig):
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process")
     use_gpu: bool = Field(False, description="one GPU per worker")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_start(self):
+        if self.init != "random" and self.encoder_options.get("pretrained"):
+            raise ValueError("init and encoder_options.pretrained both name the starting weights (the init "
+                             "checkpoint's would replace the pretrained ones); keep one")
+        return self
 
 
 class ImageClassifier(nn.Module):
@@ -226,10 +236,11 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
     out = Path(payload["out"])
     images, labels, meta = payload["images"], payload["labels"], payload.get("meta")
     torch.manual_seed(config.seed)
-    model = payload["build"]()
+    resume = workers.restored_checkpoint() or _latest(out)
+    with weights_from_checkpoint() if resume is not None else contextlib.nullcontext():
+        model = payload["build"]()
     start, history, best_loss, best_epoch = 1, [], float("inf"), 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    resume = workers.restored_checkpoint() or _latest(out)
     if resume is not None:
         ckpt = load_checkpoint(resume)
         load_state(model.encoder, ckpt, arch=model.encoder_name)
@@ -387,12 +398,13 @@ def load_model(path: str | os.PathLike, build: Callable[[], nn.Module] | None = 
     if "head" not in ckpt.extra:
         raise CheckpointError(f"{path} holds an encoder without a classifier head "
                               "(a DeepCluster checkpoint?); use it as `init` for training")
-    if build is None:
-        model = ImageClassifier(ckpt.arch, int(ckpt.extra["num_classes"]),
-                                sobel=bool(ckpt.config.get("sobel", False)),
-                                encoder_options=ckpt.extra.get("encoder_options"))
-    else:
-        model = build()
+    with weights_from_checkpoint():  # the checkpoint's weights win over `pretrained` (not loaded)
+        if build is None:
+            model = ImageClassifier(ckpt.arch, int(ckpt.extra["num_classes"]),
+                                    sobel=bool(ckpt.config.get("sobel", False)),
+                                    encoder_options=ckpt.extra.get("encoder_options"))
+        else:
+            model = build()
     load_state(model.encoder, ckpt, arch=model.encoder_name)
     model.head.load_state_dict(ckpt.extra["head"])
     return model.eval(), ckpt

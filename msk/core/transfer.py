@@ -2,7 +2,8 @@
 
 Each **arm** fine-tunes the same classifier (:func:`msk.core.train.fit_classifier`) from a
 different starting point: ``random`` initialisation, the DeepCluster checkpoint, the sorter's
-checkpoint, or any other msk checkpoint. All arms see the same patient-level folds (stratified
+checkpoint, any other msk checkpoint, or weights from outside msk, ``pretrained:FILE`` or
+``pretrained:hf-hub:org/name`` (e.g. ImageNet weights, :mod:`msk.core.pretrained`). All arms see the same patient-level folds (stratified
 group k-fold over patients, every patient in exactly one test fold), the same options and the
 same budget: a fixed number of epochs without early stopping, the last epoch evaluated. Every
 image is thus predicted once per arm by a model that never saw its patient, and the arms are
@@ -30,6 +31,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from msk.core.checkpoint import CheckpointError, load_checkpoint
+from msk.core.pretrained import PretrainedError
 from msk.core.sorter import (LabelledImages, SorterError, _check_resumable, _patients_per_class,
                              _progress, load_labelled, softmax)
 from msk.core.train import TrainConfig, TrainError, build_classifier, fit_classifier, predict_logits
@@ -44,6 +46,9 @@ RESUMABLE_CHANGES = frozenset({"arms", "num_workers", "use_gpu", "keep_checkpoin
 #: Label of phase 1's positive class in a cascade.
 PATHOLOGICAL = "pathological"
 
+#: Prefix of an arm that starts from weights outside msk (``pretrained:FILE`` or a hub id).
+PRETRAINED = "pretrained:"
+
 
 class TransferError(SorterError):
     """A transfer-learning task or run folder that cannot be used."""
@@ -55,7 +60,8 @@ class TransferConfig(TrainConfig):
 
     init: Literal["random"] = Field("random", description="unused: each arm sets its own (see arms)")
     arms: dict[str, str] = Field(
-        {"random": "random"}, description="arm name -> 'random' or an msk checkpoint to start from")
+        {"random": "random"}, description="arm name -> 'random', an msk checkpoint to start from, or "
+                                          "'pretrained:' + a weights file or hub id (ImageNet weights)")
     entity_set: str | None = Field("bone-tumours", description="entity set of the labels (None: any label)")
     normal_label: str = Field("normal", description="label of images without a lesion")
     cascade: bool = Field(False, description="phase 1 normal vs pathological, phase 2 entity vs entity")
@@ -81,9 +87,23 @@ class TransferConfig(TrainConfig):
             raise ValueError("arms are compared at the same budget: leave patience unset")
         return patience
 
+    @field_validator("encoder_options")
+    @classmethod
+    def _pretrained_per_arm(cls, options: dict[str, Any]) -> dict[str, Any]:
+        if options.get("pretrained"):
+            raise ValueError("pretrained weights are an arm's start, not an option of all arms: "
+                             f"drop encoder_options.pretrained and add an arm NAME: pretrained:{options['pretrained']}")
+        return options
+
     def arm_config(self, init: str) -> TrainConfig:
-        """The :class:`TrainConfig` of the arm starting from ``init``."""
+        """The :class:`TrainConfig` of the arm starting from ``init`` (``'random'``, an msk
+        checkpoint, or ``'pretrained:'`` + weights: random ``init`` and the encoder option
+        ``pretrained``)."""
         options = self.model_dump(include=set(TrainConfig.model_fields))
+        if init.startswith(PRETRAINED):
+            weights = init.removeprefix(PRETRAINED)
+            return TrainConfig.model_validate({**options, "init": "random", "encoder_options": {
+                **options["encoder_options"], "pretrained": weights}})
         return TrainConfig.model_validate({**options, "init": init})
 
 
@@ -192,7 +212,7 @@ def _resolve_arms(config: TransferConfig, n_classes: int) -> dict[str, TrainConf
     """Each arm's config; all arms share one architecture (sobel as the first checkpoint's)."""
     sobel = config.sobel
     for name, init in config.arms.items():
-        if sobel is None and init != "random":
+        if sobel is None and init != "random" and not init.startswith(PRETRAINED):
             try:
                 sobel = bool(load_checkpoint(init).config.get("sobel", False))
             except CheckpointError as exc:
@@ -201,8 +221,8 @@ def _resolve_arms(config: TransferConfig, n_classes: int) -> dict[str, TrainConf
     for name, init in config.arms.items():
         arm = config.arm_config(init).model_copy(update={"sobel": bool(sobel)})
         try:
-            build_classifier(arm, n_classes)
-        except CheckpointError as exc:
+            build_classifier(arm, n_classes)  # a missing or unfit start fails here, before any training
+        except (CheckpointError, PretrainedError) as exc:
             raise TransferError(f"arm {name!r} cannot start from {init}: {exc}") from exc
         arms[name] = arm
     return arms
@@ -220,17 +240,18 @@ def _fit_predict(images: np.ndarray, labels: Sequence[str], classes: list[str], 
 
 
 def _run_fold(data: LabelledImages, train: np.ndarray, test: np.ndarray, task: _Task,
-              arm: TrainConfig, out: Path) -> dict[str, Any]:
-    """One arm on one fold; the test images' probabilities (per phase), saved in ``out``."""
+              arm: TrainConfig, out: Path, start: str) -> dict[str, Any]:
+    """One arm (starting from ``start``, its entry in ``arms``) on one fold; the test images'
+    probabilities (per phase), saved in ``out``."""
     marker = out / "result.json"
     if marker.is_file():
         done = json.loads(marker.read_text())
-        if done["init"] != arm.init:
+        if done["init"] != start:
             raise TransferError(f"{out.parent} was trained from {done['init']}, the config now "
-                                f"says {arm.init}; give this start another arm name")
+                                f"says {start}; give this start another arm name")
         return done
     labels = [data.labels[i] for i in train]
-    result: dict[str, Any] = {"init": arm.init, "test": [int(i) for i in test]}
+    result: dict[str, Any] = {"init": start, "test": [int(i) for i in test]}
     if task.phase1 is None:
         result["probs"] = _fit_predict(data.images[train], labels, task.classes, arm, out,
                                        data.images[test]).tolist()
@@ -410,7 +431,8 @@ def run_transfer(data: LabelledImages, config: TransferConfig | None = None, *,
             per_fold = []
             for k, (train, test) in enumerate(folds, 1):
                 bar.update(task_id, description=f"transfer: arm {name}, fold {k}/{len(folds)}")
-                per_fold.append(_run_fold(data, train, test, task, arm, out / name / f"fold-{k}"))
+                per_fold.append(_run_fold(data, train, test, task, arm, out / name / f"fold-{k}",
+                                          config.arms[name]))
                 bar.advance(task_id)
             results.append(_score(name, config.arms[name], data, per_fold, task, config))
 

@@ -7,16 +7,26 @@ from torch import nn
 
 
 class TimmEncoder(nn.Module):
-    """A timm backbone with its classifier removed: ``[B, C, H, W] -> [B, feature_dim]``."""
+    """A timm backbone with its classifier removed: ``[B, C, H, W] -> [B, feature_dim]``.
 
-    def __init__(self, model_name: str, in_chans: int = 1, **options):
+    :param pretrained: starting weights: a weights file, a hub id or ``True`` (timm's default
+        weights), loaded as :func:`msk.core.pretrained.timm_with_weights` explains; ``None``:
+        random init.
+    """
+
+    def __init__(self, model_name: str, in_chans: int = 1, pretrained: str | bool | None = None, **options):
         super().__init__()
         import timm
 
         self.model_name = model_name
-        self.backbone = timm.create_model(
-            model_name, pretrained=False, num_classes=0, in_chans=in_chans, **options
-        )
+        if pretrained:
+            from msk.core.pretrained import timm_with_weights
+
+            self.backbone = timm_with_weights(model_name, pretrained, num_classes=0, in_chans=in_chans, **options)
+        else:
+            self.backbone = timm.create_model(
+                model_name, pretrained=False, num_classes=0, in_chans=in_chans, **options
+            )
         self.feature_dim = int(self.backbone.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

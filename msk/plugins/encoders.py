@@ -1,6 +1,8 @@
 """Built-in image encoders: ResNets (the paper's backbones), any timm model by name, and a tiny
-CNN for tests and CPU smoke runs. No encoder downloads weights: pretrained weights are msk's own
-DeepCluster checkpoints, loaded by the training code. Torch is imported only when one is built."""
+CNN for tests and CPU smoke runs. They start from random weights, or, with the option
+``pretrained`` (timm encoders only), from a weights file or a Hugging Face hub id
+(:mod:`msk.core.pretrained`); msk's own checkpoints (DeepCluster, sorter) are loaded by the
+training code. Torch is imported only when one is built."""
 
 from __future__ import annotations
 
@@ -17,13 +19,19 @@ def _timm(name: str, in_chans: int = 1, **options):
 def _tiny(name: str, in_chans: int = 1, **options):
     from msk.plugins.encoder_models import TinyCNN
 
+    if options.pop("pretrained", None):
+        from msk.core.pretrained import PretrainedError
+
+        raise PretrainedError(f"encoder {name!r} has no pretrained weights; drop the option pretrained "
+                              "or use a timm encoder such as resnet18")
+
     return TinyCNN(in_chans=in_chans, **options)
 
 
 @hookimpl
 def msk_encoders():
     resnets = [
-        EncoderSpec(n, _timm, f"{n} from timm, random init, {d}-d features")
+        EncoderSpec(n, _timm, f"{n} from timm, random init or `pretrained`, {d}-d features")
         for n, d in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048))
     ]
     return resnets + [
