@@ -166,10 +166,13 @@ def test_tiny_cnn_has_no_pretrained_weights(weights):
 
 
 def test_a_checkpoint_rebuilds_without_the_weights_file(tmp_path, weights):
-    """Training records `pretrained`; load_model and the embedder take the checkpoint's weights
-    and never open the file (here deleted, as on a serving machine)."""
+    """Training records `pretrained`; load_model, the embedder and the served models take the
+    checkpoint's weights and never open the file (here deleted, as on a serving machine)."""
     from msk.core.checkpoint import load_checkpoint
     from msk.core.embed import Embedder
+    from msk.serve.classifier import load_classifier_model
+    from msk.serve.config import ClassifyConfig, PreprocessConfig, SortConfig
+    from msk.serve.sorter import load_sorter_model
     from test_sorter import drawings  # tests/ is on sys.path (rootdir conftest)
 
     folder, state = weights
@@ -178,7 +181,7 @@ def test_a_checkpoint_rebuilds_without_the_weights_file(tmp_path, weights):
     images, kinds = drawings(16, seed=1)
     config = TrainConfig(encoder=f"timm/{ARCH}", encoder_options={"pretrained": str(file)}, image_size=32,
                          epochs=1, batch_size=8, augment=False)
-    fitted = fit_classifier(images, kinds, 3, config, out=tmp_path / "run")
+    fitted = fit_classifier(images, kinds, 3, config, out=tmp_path / "run", classes=["a", "b", "c"])
     ckpt = load_checkpoint(fitted.best)
     assert ckpt.extra["encoder_options"] == {"pretrained": str(file)}
     assert ckpt.config["encoder_options"] == {"pretrained": str(file)}
@@ -190,6 +193,9 @@ def test_a_checkpoint_rebuilds_without_the_weights_file(tmp_path, weights):
     assert torch.equal(model.encoder.backbone.layer1[0].conv1.weight, trained)
     np.testing.assert_allclose(predict_logits(model, images, image_size=32), expected, rtol=1e-5, atol=1e-5)
     assert Embedder(fitted.best).embed_images(images[:2]).shape[0] == 2
+    assert load_sorter_model(SortConfig(checkpoint=fitted.best)).classes == ["a", "b", "c"]
+    served = load_classifier_model(ClassifyConfig(checkpoint=fitted.best), PreprocessConfig(image_size=32))
+    assert torch.equal(served.model.encoder.backbone.layer1[0].conv1.weight, trained)
     with pytest.raises(PretrainedError, match="no such file"):  # a new training run does need the file
         build_encoder(f"timm/{ARCH}", pretrained=str(file))
 
