@@ -62,6 +62,22 @@ def test_encoder_contract(entry):
         assert out.shape == (2, enc.feature_dim) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("entry", _entries("segmenter"))
+def test_segmenter_contract(entry):
+    import torch
+
+    from msk.core.errors import MskError
+
+    options = dict(entry.spec.example_options)
+    net = get_registry().build("segmenter", entry.spec.example_name, in_chans=1, **options).eval()
+    assert isinstance(net.architecture, str) and isinstance(net.encoder_name, str)
+    with torch.no_grad():
+        out = net(torch.rand(2, 1, 64, 64))
+    assert out.shape == (2, 1, 64, 64) and torch.isfinite(out).all()
+    with pytest.raises(MskError, match="no-such-encoder"):  # a one-line error, not a KeyError
+        get_registry().build("segmenter", entry.spec.example_name, **{**options, "encoder": "no-such-encoder"})
+
+
 @pytest.mark.parametrize("entry", _entries("clusterer"))
 def test_clusterer_contract(entry):
     from sklearn.metrics import normalized_mutual_info_score

@@ -13,7 +13,7 @@ from msk.core.specs import ClustererSpec, EncoderSpec
 
 def test_every_kind_has_builtins():
     reg = get_registry()
-    for kind in ("entity_set", "dataset", "encoder", "clusterer", "retriever", "fusion_head"):
+    for kind in ("entity_set", "dataset", "encoder", "segmenter", "clusterer", "retriever", "fusion_head"):
         assert reg.names(kind), f"no built-in {kind}"
 
 

@@ -29,7 +29,7 @@ CONFIG_HELP = "YAML file with options; command-line options override it."
 
 @app.command()
 def plugins(
-    kind: Optional[str] = typer.Argument(None, help="entity_set, dataset, encoder, clusterer, retriever or fusion_head"),
+    kind: Optional[str] = typer.Argument(None, help="entity_set, dataset, encoder, segmenter, clusterer, retriever or fusion_head"),
     pattern: str = typer.Option("*", "--pattern", "-p", help="shell wildcard on names, e.g. 'resnet*'"),
 ) -> None:
     """List registered components (built-in and third-party) and where they come from.

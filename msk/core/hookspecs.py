@@ -9,7 +9,8 @@ third-party package registers a module through the entry-point group ``msk``::
 and decorates functions in that module with :data:`hookimpl`. Every hook returns a list of
 specs (see :mod:`msk.core.specs`); results of all plugins are concatenated, and a name that two
 plugins register is an error. Hooks are grouped by the pipeline phase that consumes them, in
-the order data flows: entities and labelled datasets -> encoders -> clusterers -> retrievers -> fusion heads.
+the order data flows: entities and labelled datasets -> encoders -> segmenters -> clusterers ->
+retrievers -> fusion heads.
 """
 
 from __future__ import annotations
@@ -61,6 +62,21 @@ def msk_encoders():
     (no pretrained downloads: msk's own checkpoints are loaded separately).
 
     :return: list of :class:`msk.core.specs.EncoderSpec`.
+    """
+
+
+# -- segmentation: images -> lesion masks ----------------------------------------------------
+
+
+@hookspec
+def msk_segmenters():
+    """Register lesion segmenters (U-Net, U-Net++, ...): image -> one lesion logit per pixel.
+
+    Used by ``msk train segmenter`` and ``msk eval segmenter``; the predicted mask gives the
+    region of interest (:mod:`msk.core.roi`). ``build(name=..., in_chans=1, encoder=...,
+    **options)`` must work without network access (no pretrained downloads).
+
+    :return: list of :class:`msk.core.specs.SegmenterSpec`.
     """
 
 

@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = (
     "msk.plugins.entity_sets",
     "msk.plugins.datasets",
     "msk.plugins.encoders",
+    "msk.plugins.segmenters",
     "msk.plugins.clusterers",
     "msk.plugins.retrievers",
     "msk.plugins.fusion_heads",
@@ -33,6 +34,7 @@ KINDS: dict[str, str] = {
     "entity_set": "msk_entity_sets",
     "dataset": "msk_datasets",
     "encoder": "msk_encoders",
+    "segmenter": "msk_segmenters",
     "clusterer": "msk_clusterers",
     "retriever": "msk_retrievers",
     "fusion_head": "msk_fusion_heads",
@@ -169,7 +171,8 @@ def _check_spec(kind: str, spec: Any, plugin: str) -> None:
 
     expected = {
         "entity_set": s.EntitySet, "dataset": s.DatasetSpec, "encoder": s.EncoderSpec,
-        "clusterer": s.ClustererSpec, "retriever": s.RetrieverSpec, "fusion_head": s.FusionHeadSpec,
+        "segmenter": s.SegmenterSpec, "clusterer": s.ClustererSpec, "retriever": s.RetrieverSpec,
+        "fusion_head": s.FusionHeadSpec,
     }[kind]
     if not isinstance(spec, expected):
         raise TypeError(
@@ -216,6 +219,11 @@ def build_encoder(name: str, **options: Any) -> Any:
     from msk.core.pretrained import for_build
 
     return get_registry().build("encoder", name, **for_build(options))
+
+
+def build_segmenter(name: str, **options: Any) -> Any:
+    """A lesion segmenter (``unet``, ``unetplusplus``, ...); ``options`` as its spec says."""
+    return get_registry().build("segmenter", name, **options)
 
 
 def build_clusterer(name: str, **options: Any) -> Any:

@@ -79,6 +79,14 @@ class RetrieverSpec(ComponentSpec):
 
 
 @dataclass(frozen=True)
+class SegmenterSpec(ComponentSpec):
+    """Lesion segmenter: ``build(name, in_chans=1, encoder=..., **options)`` returns a
+    ``torch.nn.Module`` that maps ``[B, in_chans, H, W]`` float images (``H``, ``W`` multiples of
+    32, or of ``2**encoder_depth``) to ``[B, 1, H, W]`` lesion logits, with string attributes
+    ``architecture`` and ``encoder_name``. No weights are downloaded."""
+
+
+@dataclass(frozen=True)
 class DatasetRecord:
     """One labelled file of a dataset layout, as a dataset plugin reads it.
 
