@@ -13,6 +13,9 @@ SHARED_DATA = Path(os.environ.get("MSK_SHARED_DATA", REPO.parent / "shared" / "d
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# No test reaches the Hugging Face hub: a hub id not in the cache fails at once instead of
+# retrying for ~40 s (read when huggingface_hub is first imported, so set before any test).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
