@@ -196,6 +196,22 @@ def test_ground_truth_columns_are_complete(export):
     assert sum(report.by_region.values()) == sum(report.by_syntax.values()) == N - report.n_corrupt
 
 
+def test_every_lesion_has_its_mask_png(export):
+    from msk.core.masks import load_mask
+
+    report, rows = export
+    with_mask = [r for r in rows if r["mask"]]
+    assert with_mask and all(r["entity"] for r in with_mask)
+    assert not any(r["mask"] for r in rows if not r["entity"])
+    for row in with_mask:
+        if row["expected_status"] != "ok":
+            continue
+        ds = pydicom.dcmread(report.out / row["path"], stop_before_pixels=True)
+        mask = load_mask(report.out / row["mask"], (ds.Rows, ds.Columns))  # the image's size, not empty
+        rows_, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        assert (cols[0], rows_[0], cols[-1] + 1, rows_[-1] + 1) == tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1"))
+
+
 def test_patients_have_several_studies_and_consistent_identity(export):
     report, rows = export
     ok = [r for r in rows if r["expected_status"] == "ok"]

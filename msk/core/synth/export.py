@@ -3,11 +3,14 @@
 Layout under ``out/``::
 
     export/<patient folder>/<study folder>/<series folder>/<file>.dcm
+    masks/<patient folder>/<study folder>/<series folder>/<file>.png   lesion mask of each image with a lesion
     ground_truth.csv     one row per written file, in index order
     synth.yaml           the configuration used
 
 Each file is written as soon as it is generated and its ground-truth row is appended and
-flushed, so memory stays bounded whatever ``n_images`` is. With ``workers > 1`` the indices are
+flushed, so memory stays bounded whatever ``n_images`` is. The ground truth's ``mask`` column names
+the lesion's mask (a PNG of the image's size, 255 = lesion, :func:`msk.core.masks.load_mask`
+reads it), empty for images without a lesion. With ``workers > 1`` the indices are
 generated in worker processes in chunks, at most a few chunks in flight, and the rows are still
 written in index order: the output is byte-identical to a serial run.
 """
@@ -31,11 +34,12 @@ from msk.core.synth.dicom_writer import encode
 
 GROUND_TRUTH = "ground_truth.csv"
 EXPORT = "export"
+MASKS = "masks"
 CONFIG_FILE = "synth.yaml"
 COLUMNS = (
     "path", "patient_id", "study_uid", "sop_uid", "region", "entity", "malignancy", "age", "sex",
     "site", "position", "view", "modality", "sop_class", "transfer_syntax", "photometric",
-    "x0", "y0", "x1", "y1", "expected_status",
+    "x0", "y0", "x1", "y1", "mask", "expected_status",
 )
 CHUNK = 16
 
@@ -90,22 +94,31 @@ def ground_truth_row(case: SynthCase) -> dict[str, str]:
         "transfer_syntax": str(TRANSFER_SYNTAXES[case.transfer_syntax if has_image else "explicit-le"])
         if has_header else "",
         "photometric": case.photometric if has_image else "",
-        "x0": "", "y0": "", "x1": "", "y1": "",
+        "x0": "", "y0": "", "x1": "", "y1": "", "mask": "",
         "expected_status": case.expected_status,
     }
     if box is not None:
-        row.update(x0=str(box[0]), y0=str(box[1]), x1=str(box[2]), y1=str(box[3]))
+        row.update(x0=str(box[0]), y0=str(box[1]), x1=str(box[2]), y1=str(box[3]), mask=mask_relpath(case))
     return row
 
 
+def mask_relpath(case: SynthCase) -> str:
+    """Where the lesion mask of ``case`` is written, relative to the synth output folder."""
+    return f"{MASKS}/{Path(case.relpath).with_suffix('.png').as_posix()}"
+
+
 def produce(index: int, config: SynthConfig, export_dir: Path) -> tuple[dict[str, str], SynthCase]:
-    """Render, encode and write file ``index``; returns its ground-truth row and the case
-    (pixels dropped)."""
+    """Render, encode and write file ``index`` (and its lesion mask); returns its ground-truth row
+    and the case (pixels dropped)."""
+    from msk.core.masks import write_mask_png
+
     case = render_case(index, config)
     path = export_dir / case.relpath
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(encode(case))
     row = ground_truth_row(case)
+    if row["mask"]:
+        write_mask_png(export_dir.parent / row["mask"], case.mask)
     case.pixels = case.mask = None
     return row, case
 
@@ -180,6 +193,7 @@ def synthesize(out: Path, config: SynthConfig, *, progress: bool = True,
         if not overwrite:
             raise ConfigError(f"{export_dir} already exists and is not empty; remove it or pass overwrite")
         shutil.rmtree(export_dir)
+        shutil.rmtree(out / MASKS, ignore_errors=True)
     export_dir.mkdir(parents=True, exist_ok=True)
     priors = priors_for(config)  # fail early on missing BTXRD metadata
     header = f"# msk synth configuration (priors used: {priors.source})\n"
