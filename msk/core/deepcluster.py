@@ -76,8 +76,9 @@ class DeepClusterConfig(MskConfig):
     """Options of ``msk cluster`` (DeepCluster)."""
 
     encoder: str = Field("resnet18", description="encoder registry name (`msk plugins encoder`)")
-    pretrained: str | None = Field(
-        None, description="start the encoder from a weights file or hf-hub:org/name (msk.core.pretrained)")
+    pretrained: str | bool | None = Field(
+        None, description="start the encoder from a weights file, hf-hub:org/name or true: timm's default "
+                          "weights (msk.core.pretrained)")
     k: int = Field(1000, ge=2, description="number of k-means clusters (pseudo-classes)")
     epochs: int = Field(10, ge=1, description="total epochs; a resumed run continues up to it")
     pca_dim: int = Field(256, ge=1, description="whitening-PCA dimension before k-means")
