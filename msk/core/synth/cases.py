@@ -465,6 +465,11 @@ def _geometry(spec, view: str, size: int, double: bool) -> tuple[int, int, float
 
 
 def _render_pixels(case: SynthCase, config: SynthConfig, rng: np.random.Generator, r_window: float) -> None:
+    if config.style == "radiograph":
+        from msk.core.synth.radiograph import render_radiograph
+
+        render_radiograph(case, config, rng, r_window)
+        return
     spec = REGIONS[case.region]
     size = config.image_size
     double = case.lesion is None and spec.aspect <= 0.8 and rng.random() < 0.06
@@ -520,14 +525,21 @@ def _render_pixels(case: SynthCase, config: SynthConfig, rng: np.random.Generato
         box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
     _collimate(img, rng, box)
     case.burned_in = _annotate(img, rng, case, box)
-    np.clip(img, 0.0, 1.0, out=img)
+    _store(case, img, cv.mask if lesion is not None else None, box, rng, r_window,
+           round(spec.field_mm / (h * zoom), 4))
 
+
+def _store(case: SynthCase, img: np.ndarray, mask: np.ndarray | None, box, rng: np.random.Generator,
+           r_window: float, pixel_spacing: float) -> None:
+    """Quantise the display image ``img`` (values in [0, 1]) into ``case.pixels`` with a random
+    offset and span of the stored range, and set the window, mask, box and spacing."""
+    np.clip(img, 0.0, 1.0, out=img)
     maxv = (1 << case.bits_stored) - 1
     offset, span = rng.uniform(0.0, 0.06), rng.uniform(0.7, 0.94)
     case.pixels = np.rint((offset + img * span) * maxv).astype(np.uint16)
-    case.mask = cv.mask if lesion is not None else None
+    case.mask = mask
     case.box = box
-    case.pixel_spacing = round(spec.field_mm / (h * zoom), 4)
+    case.pixel_spacing = pixel_spacing
     if r_window < 0.6:
         centre, width = (offset + 0.5 * span) * maxv, 0.95 * span * maxv
         if case.photometric == "MONOCHROME1":

@@ -103,6 +103,9 @@ class SynthConfig(MskConfig):
     priors: Literal["auto", "btxrd", "defaults"] = "auto"
     btxrd_csv: Path | None = None
     workers: int = Field(1, ge=1, le=256)
+    style: Literal["basic", "radiograph"] = Field(
+        "radiograph", description="'radiograph': realistic anatomy variation, framing (joint crops, "
+        "rotation, black padding, markers) and detector physics; 'basic': the original cartoon phantoms")
 
     @field_validator("images_per_patient")
     @classmethod

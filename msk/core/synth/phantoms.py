@@ -105,15 +105,22 @@ class Body:
     regions can host a lesion position without rendering).
     """
 
-    def __init__(self, canvas: Canvas | None, rng: np.random.Generator, view: str, age: float):
+    def __init__(self, canvas: Canvas | None, rng: np.random.Generator, view: str, age: float,
+                 realistic: bool = False):
         self.cv = canvas
         self.rng = rng
         self.view = view
         self.age = age
+        #: the ``radiograph`` style: some regions are drawn as their common real projection
+        #: (a full-length scoliosis spine, a lateral cephalogram in its head holder).
+        self.realistic = realistic
         self.young = age < 16
         density = 1.0 if age < 50 else max(0.72, 1.0 - (age - 50) * 0.007)  # osteopenia
         self.cortex_density = 0.95 * density
         self.medulla_density = 0.36 * density
+        if realistic:  # less of a cartoon: the medulla is nearly as bright as the cortex
+            self.medulla_density *= float(rng.uniform(1.2, 1.9))
+            self.cortex_density *= float(rng.uniform(0.75, 1.0))
         self.anchors: dict[str, Anchor] = {}
 
     @property
@@ -723,6 +730,9 @@ def lumbar_spine(b: Body) -> None:
 
 
 def spine(b: Body) -> None:
+    if b.realistic and not b.lateral:
+        _full_spine(b)
+        return
     b.soft(Box((0.19, 0.5), 0.2, 0.6), 0.4)
     bend = (0.03 if b.lateral else 0.0) + b.jitter(0.04)
     cs = b.column((0.19, 0.03), (0.19, 0.88), 24, (0.04, 0.085), bend=bend, gap=0.3)
@@ -735,7 +745,65 @@ def spine(b: Body) -> None:
     b.bone(Box((0.19 + bend * 0.2, 0.92), 0.045, 0.04, 0.0, 0.015), 0.006, 0.8)
 
 
+def _full_spine(b: Body) -> None:
+    """A standing full-length AP spine (scoliosis film): trunk from the neck to the pelvis,
+    lungs, rib cage, clavicles and iliac wings around a column that is often curved."""
+    cx = 0.19
+    wide = 1.0 + b.jitter(0.15)
+    b.soft(Box((cx, 0.55), 0.38 * wide, 0.62, 0.0, 0.12), 0.5)
+    b.soft(Capsule((cx, -0.1), (cx, 0.05), 0.07), 0.3)  # neck
+    top = 0.02 + b.jitter(0.02)
+    for s in (-1, 1):
+        b.air(Union((Ellipse((cx + s * 0.12 * wide, 0.3), 0.09 * wide, 0.2),
+                     Ellipse((cx + s * 0.13 * wide, 0.44), 0.085 * wide, 0.07))), 0.4 + b.jitter(0.1))
+    scol = b.rng.random() < 0.75
+    bend = b.jitter(0.11) if scol else b.jitter(0.015)
+    cs = b.column((cx, top), (cx + b.jitter(0.02), 0.84), 22, (0.035, 0.075), bend=bend, gap=0.28, scale=0.9)
+    for (x, y) in cs[5:17]:
+        for s in (-1, 1):
+            b.rib((x + s * 0.02, y - 0.01), s, 0.2 * wide, 0.0045, 0.55, rise=0.85)
+    for s in (-1, 1):
+        b.bone(Capsule((cx + s * 0.03, 0.09), (cx + s * 0.17 * wide, 0.07), 0.009), 0.004)  # clavicles
+        b.bone(Ellipse((cx + s * 0.15 * wide, 0.93), 0.1 * wide, 0.075, s * 0.5), 0.007, 0.6)  # iliac wings
+        b.bone(Ellipse((cx + s * 0.17 * wide, 1.06), 0.035, 0.035), 0.006, 0.8)  # femoral heads
+    b.bone(Box((cx, 0.93), 0.045, 0.045, 0.0, 0.015), 0.006, 0.8)  # sacrum
+    for _ in range(int(b.rng.integers(3, 10))):  # bowel gas
+        c = (cx + b.jitter(0.16), 0.72 + b.jitter(0.12))
+        b.air(Ellipse(c, 0.01 + abs(b.jitter(0.025)), 0.008 + abs(b.jitter(0.018)), b.jitter(3)), 0.25, 0.01)
+    b.flat("vertebra", cs[11], (0.0, 1.0), 0.02, 0.06)
+
+
+def _cephalogram(b: Body) -> None:
+    """A lateral cephalogram: vault, face (orbit, maxilla, teeth, mandible) to the right,
+    upper cervical spine, airway, and the head holder's ear rod and nasion bar."""
+    big = 1.0 + b.jitter(0.06)
+    c = (0.5, 0.4)
+    b.soft(Ellipse(c, 0.47 * big, 0.41 * big), 0.3)
+    b.soft(Ellipse((0.85, 0.66), 0.2, 0.28, 0.2), 0.28)  # face
+    b.soft(Capsule((0.52, 0.8), (0.46, 1.2), 0.2), 0.35)  # neck
+    b.bone(Minus(Ellipse(c, 0.43 * big, 0.36 * big), Ellipse((0.72, 0.62), 0.12, 0.1)), 0.03, 0.95, medulla=0.12)
+    b.dense(Capsule((0.3, 0.58), (0.68, 0.5), 0.03), 0.5)  # skull base
+    b.dense(Minus(Ellipse((0.55, 0.5), 0.04, 0.03), Ellipse((0.55, 0.48), 0.028, 0.02)), 0.5)  # sella
+    b.dense(Minus(Ellipse((0.83, 0.45), 0.07, 0.07), Ellipse((0.83, 0.45), 0.055, 0.055)), 0.4)  # orbit
+    b.bone(Union((Ellipse((0.84, 0.62), 0.1, 0.07), Capsule((0.9, 0.5), (0.97, 0.66), 0.02))), 0.01, 0.8)  # maxilla
+    b.air(Ellipse((0.82, 0.6), 0.05, 0.035), 0.2)  # maxillary sinus
+    for row, y in ((0, 0.71), (1, 0.755)):
+        for k in range(6):
+            b.dense(Box((0.76 + 0.033 * k, y), 0.013, 0.022, 0.2 * (row - 0.5)), 0.8)  # teeth
+    chin = (0.9 + b.jitter(0.02), 0.88 + b.jitter(0.02))
+    b.bone(Union((Capsule((0.6, 0.56), (0.62, 0.8), 0.03), Capsule((0.62, 0.8), chin, 0.032),
+                  Ellipse(chin, 0.04, 0.045))), 0.012)  # mandible
+    b.air(Capsule((0.66, 0.72), (0.6, 1.1), 0.022), 0.25)  # airway
+    b.column((0.5, 0.74), (0.47, 1.15), 5, (0.09, 0.1), bend=-0.02, scale=0.8)
+    b.dense(Minus(Ellipse((0.46, 0.56), 0.03, 0.03), Ellipse((0.46, 0.56), 0.018, 0.018)), 1.2)  # ear rod
+    b.dense(Box((0.93, 0.15), 0.012, 0.17), 1.2)  # nasion bar
+    b.flat("vault", (0.45, 0.09), (1.0, 0.0), 0.02, 0.08)
+
+
 def skull(b: Body) -> None:
+    if b.lateral and b.realistic:
+        _cephalogram(b)
+        return
     if b.lateral:
         c = (0.55, 0.45)
         b.soft(Ellipse(c, 0.5, 0.43), 0.25)
