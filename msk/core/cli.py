@@ -351,9 +351,63 @@ def embed(
     out.print(f"embeddings: {report.file}")
 
 
+@train_app.command("segmenter")
+def train_segmenter(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    masks: Path = typer.Argument(..., metavar="MASKS", help="masks table (image_id,mask_path[,label]; PNG or "
+                                 "LabelMe JSON masks) or a `msk synth` output folder"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="run folder (splits, folds, checkpoints)"),
+    segmenter: Optional[str] = typer.Option(None, help="unet or unetplusplus (`msk plugins segmenter`) \\[default: unet]"),
+    encoder: Optional[str] = typer.Option(None, help="smp encoder or tu-<timm name> \\[default: resnet34]"),
+    image_size: Optional[int] = typer.Option(None, help="network input side, a multiple of 32 \\[default: 128]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: 10]"),
+    folds: Optional[int] = typer.Option(None, help="cross-validation folds \\[default: 5]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process \\[default: 1]"),
+    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Train a lesion segmenter (U-Net / U-Net++, BCE + Dice): patient-level test set + k-fold CV
+    on the training loop of every msk model (Ray Train, checkpoints, early stopping). Re-running resumes.
+
+    [b]Example[/b]: [cyan]msk train segmenter out/ingest out/synth out/segmenter --segmenter unetplusplus --epochs 20[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.segmentation import SegmenterConfig, load_segmentation_data
+    from msk.core.segmentation import train_segmenter as train
+
+    cfg = load_config(SegmenterConfig, config, segmenter=segmenter, encoder=encoder, image_size=image_size,
+                      epochs=epochs, folds=folds, num_workers=num_workers, use_gpu=use_gpu)
+    data = load_segmentation_data(ingest_dir, masks)
+    for note in data.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    result = train(data, cfg, out=out_dir)
+    out.print(result.summary())
+    out.print(f"run: {out_dir}; evaluate with `msk eval segmenter {out_dir} {ingest_dir} {masks} OUT`")
+
+
 eval_app = typer.Typer(help="Evaluation protocols (patient-level splits, repeated, with baselines).",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("segmenter")
+def eval_segmenter(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk train segmenter`"),
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
+    masks: Path = typer.Argument(..., metavar="MASKS", help="masks table or `msk synth` output folder"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="folder for scores.csv, report.json and the overlays"),
+    sheet_images: int = typer.Option(16, help="images on the overlay sheet"),
+) -> None:
+    """IoU and Dice of a segmenter run on its held-out images (test set, and images it never saw),
+    per entity and overall, with an overlay sheet (image, truth, prediction) as PNG + HTML.
+
+    [b]Example[/b]: [cyan]msk eval segmenter out/segmenter out/ingest out/synth out/segmenter-eval[/cyan]
+    """
+    from msk.core.segmentation_eval import evaluate_segmenter
+
+    result = evaluate_segmenter(run_dir, ingest_dir, masks, out_dir, sheet_images=sheet_images)
+    out.print(result.table())
+    out.print(f"overlays: {result.page}")
 
 
 @eval_app.command("recommender")

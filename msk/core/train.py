@@ -216,7 +216,12 @@ def _save(path: Path, model: nn.Module, config: TrainConfig, epoch: int, **extra
         num_classes=inner.num_classes, **extra)
 
 
-def _evaluate(model: nn.Module, loader: DataLoader, loss_fn, device) -> tuple[float, float]:
+def _top1_hits(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).sum())
+
+
+def _evaluate(model: nn.Module, loader: DataLoader, loss_fn, device, hits=_top1_hits) -> tuple[float, float]:
+    """Mean loss and mean per-item score (``hits`` sums it over a batch; top-1 by default)."""
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
     with torch.no_grad():
@@ -225,7 +230,7 @@ def _evaluate(model: nn.Module, loader: DataLoader, loss_fn, device) -> tuple[fl
             logits = model(*inputs)
             y = y.to(device)
             loss_sum += float(loss_fn(logits, y)) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            correct += hits(logits, y)
             total += len(y)
     return loss_sum / max(total, 1), correct / max(total, 1)
 
@@ -235,6 +240,7 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
     config = TrainConfig.model_validate(payload["config"])
     out = Path(payload["out"])
     images, labels, meta = payload["images"], payload["labels"], payload.get("meta")
+    items = payload.get("dataset") or _Arrays  # e.g. a segmenter's (image, mask) pairs
     torch.manual_seed(config.seed)
     resume = workers.restored_checkpoint() or _latest(out)
     with weights_from_checkpoint() if resume is not None else contextlib.nullcontext():
@@ -253,11 +259,11 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
     weights = None
     if config.class_weighting == "median_frequency":
         weights = torch.from_numpy(class_weights(labels, payload["num_classes"])).to(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
-    eval_loss = nn.CrossEntropyLoss()
+    loss_fn = payload.get("loss") or nn.CrossEntropyLoss(weight=weights)
+    eval_loss = payload.get("loss") or nn.CrossEntropyLoss()
     val = None
     if payload.get("val_images") is not None and workers.rank == 0:
-        val = DataLoader(_Arrays(payload["val_images"], payload["val_labels"], payload.get("val_meta"),
+        val = DataLoader(items(payload["val_images"], payload["val_labels"], payload.get("val_meta"),
                                  config.image_size, False, 0.0, 0), batch_size=config.batch_size)
     rank, world = workers.rank, workers.world_size
     per_worker = (len(images) // world // config.batch_size) * config.batch_size or len(images) // world
@@ -265,7 +271,7 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
         began = time.perf_counter()
         order = np.random.default_rng(config.seed + epoch).permutation(len(images))
         mine = order[rank * per_worker:(rank + 1) * per_worker]
-        data = _Arrays(images[mine], labels[mine], None if meta is None else meta[mine],
+        data = items(images[mine], labels[mine], None if meta is None else meta[mine],
                        config.image_size, config.augment, config.aug_prob, config.seed + 1000 * epoch + rank)
         loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, drop_last=len(mine) > config.batch_size,
                             generator=torch.Generator().manual_seed(config.seed + epoch))
@@ -288,7 +294,8 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
         if rank == 0:
             inner = getattr(model, "module", model)
             if val is not None:
-                row["val_loss"], row["val_accuracy"] = (round(v, 5) for v in _evaluate(inner, val, eval_loss, device))
+                row["val_loss"], row["val_accuracy"] = (
+                    round(v, 5) for v in _evaluate(inner, val, eval_loss, device, payload.get("hits") or _top1_hits))
             if payload.get("score") is not None:
                 inner.eval()
                 with torch.no_grad():
@@ -326,7 +333,8 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
         num_classes: int, config: TrainConfig, *, out: str | os.PathLike,
         meta: np.ndarray | None = None, val: tuple | None = None,
         score: Callable[[nn.Module], dict[str, float]] | None = None,
-        classes: Sequence[str] | None = None) -> FitResult:
+        classes: Sequence[str] | None = None, dataset: type[Dataset] | None = None,
+        loss: nn.Module | None = None, hits: Callable | None = None) -> FitResult:
     """Train the model ``build()`` returns on ``images`` (``uint8 [N, S, S]``) and ``labels``.
 
     :param build: a picklable zero-argument factory (it runs on every Ray Train worker); the
@@ -340,12 +348,20 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
         (e.g. a retrieval metric that Ray Tune schedules on).
     :param classes: class names in label order, saved in the checkpoints (``extra["classes"]``)
         so that a served model names its outputs.
+    :param dataset: a picklable ``Dataset`` class called like :class:`_Arrays` (images, labels,
+        meta, image_size, augment, aug_prob, seed, keyword options) whose items are
+        ``((image,), target)``; with it ``labels`` may be any per-image targets (e.g. lesion
+        masks, :mod:`msk.core.segmentation`) and are not checked against ``num_classes``.
+    :param loss: picklable ``loss(outputs, targets)`` for training and validation (default
+        cross-entropy, class-weighted as the config says).
+    :param hits: picklable ``hits(outputs, targets) -> float``, the sum over a batch of a
+        per-item score in [0, 1]; its mean is the history's ``val_accuracy`` (default top-1).
     """
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels) if dataset is not None else np.asarray(labels, dtype=np.int64)
     _check_arrays(images, labels, meta, "training")
     if classes is not None and len(classes) != num_classes:
         raise TrainError(f"{len(classes)} class names for {num_classes} classes")
-    if labels.min() < 0 or labels.max() >= num_classes:
+    if dataset is None and (labels.min() < 0 or labels.max() >= num_classes):
         raise TrainError(f"labels must lie in 0..{num_classes - 1}; got {labels.min()}..{labels.max()}")
     if len(images) < max(2, config.num_workers):
         raise TrainError(f"{len(images)} training images are too few for {max(1, config.num_workers)} worker(s)")
@@ -361,10 +377,11 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
     (out / "config.yaml").write_text(config.to_yaml())
     payload = {"config": config.model_dump(mode="json"), "out": str(out), "build": build,
                "images": images, "labels": labels, "meta": meta, "num_classes": num_classes,
-               "score": score, "classes": None if classes is None else [str(c) for c in classes]}
+               "score": score, "classes": None if classes is None else [str(c) for c in classes],
+               "dataset": dataset, "loss": loss, "hits": hits}
     if val is not None:
         v_images, v_labels, *rest = val
-        v_labels = np.asarray(v_labels, dtype=np.int64)
+        v_labels = np.asarray(v_labels) if dataset is not None else np.asarray(v_labels, dtype=np.int64)
         _check_arrays(v_images, v_labels, rest[0] if rest else None, "validation")
         payload.update(val_images=v_images, val_labels=v_labels, val_meta=rest[0] if rest else None)
     run_workers(_loop, payload, num_workers=config.num_workers, use_gpu=config.use_gpu,
