@@ -245,6 +245,35 @@ class Minus(Shape):
         return np.maximum(self.keep.sdf(x, y), -self.cut.sdf(x, y))
 
 
+@dataclass(frozen=True)
+class Polygon(Shape):
+    """A simple polygon (e.g. a real tumour outline); exact distance to its edges, inside by
+    the even-odd rule."""
+
+    points: tuple[Point, ...]
+
+    def to_px(self, t: Transform) -> Polygon:
+        return Polygon(tuple(t.point(p) for p in self.points))
+
+    def bbox(self):
+        xs, ys = [p[0] for p in self.points], [p[1] for p in self.points]
+        return (min(xs), min(ys), max(xs), max(ys))
+
+    def sdf(self, x, y):
+        shape = np.broadcast_shapes(np.shape(x), np.shape(y))
+        d2 = np.full(shape, np.inf, np.float32)
+        inside = np.zeros(shape, bool)
+        for (ax, ay), (bx, by) in zip(self.points[-1:] + self.points[:-1], self.points):
+            ex, ey = bx - ax, by - ay
+            px, py = x - ax, y - ay
+            t = np.clip((px * ex + py * ey) * (1.0 / max(ex * ex + ey * ey, 1e-12)), 0.0, 1.0)
+            np.minimum(d2, (px - ex * t) ** 2 + (py - ey * t) ** 2, out=d2)
+            if ey != 0.0:  # even-odd crossings of a ray towards +x
+                inside ^= ((ay > y) != (by > y)) & (x < ax + (y - ay) * (ex / ey))
+        d = np.sqrt(d2)
+        return np.where(inside, -d, d)
+
+
 def _unit_clip(x: np.ndarray) -> np.ndarray:
     """``clip(x, 0, 1)`` in place (a fresh temporary is expected)."""
     np.maximum(x, 0.0, out=x)
@@ -259,6 +288,8 @@ class Canvas:
 
     All drawing methods take canonical shapes and canonical lengths; ``self.transform`` maps them
     to pixels (a canvas can hold several scenes, e.g. two views side by side, by switching it).
+    While :attr:`clip` holds a shape, everything drawn is cut to it (the intersection of signed
+    distances): a lesion's drawing confined to a real tumour outline.
     """
 
     #: soft tissue is smooth, so it is drawn at 1/SOFT_SUBSAMPLE of the resolution.
@@ -274,6 +305,32 @@ class Canvas:
         self.texture = texture
         self._xs = np.arange(width, dtype=np.float32) + 0.5
         self._ys = np.arange(height, dtype=np.float32) + 0.5
+        self.clip: Shape | None = None
+        self._clip_cache: dict[Transform, tuple[int, int, np.ndarray]] = {}
+
+    def clipped_to(self, shape: Shape | None) -> Canvas:
+        """Cut everything drawn from now on to ``shape`` (``None``: no cut); returns the canvas."""
+        self.clip = shape
+        self._clip_cache = {}
+        return self
+
+    def _clip_distance(self, t: Transform, iy0: int, iy1: int, ix0: int, ix1: int, h: int, w: int) -> np.ndarray:
+        """The clip shape's signed distance on a window of the grid of ``t``, computed once per
+        grid over the shape's box (a margin of 4 px); far outside it: a large positive distance."""
+        if t not in self._clip_cache:
+            px = self.clip.to_px(t)
+            x0, y0, x1, y1 = px.bbox()
+            cx0, cy0 = max(int(x0) - 4, 0), max(int(y0) - 4, 0)
+            cx1, cy1 = min(int(x1) + 6, w), min(int(y1) + 6, h)
+            d = px.sdf(self._xs[None, cx0:max(cx1, cx0)], self._ys[max(cy0, 0):max(cy1, cy0), None])
+            self._clip_cache[t] = (cy0, cx0, np.asarray(d, np.float32))
+        cy0, cx0, d = self._clip_cache[t]
+        out = np.full((iy1 - iy0, ix1 - ix0), 1e4, np.float32)
+        ya, yb = max(iy0, cy0), min(iy1, cy0 + d.shape[0])
+        xa, xb = max(ix0, cx0), min(ix1, cx0 + d.shape[1])
+        if ya < yb and xa < xb:
+            out[ya - iy0:yb - iy0, xa - ix0:xb - ix0] = d[ya - cy0:yb - cy0, xa - cx0:xb - cx0]
+        return out
 
     # rasterisation ----------------------------------------------------------------------------
 
@@ -295,7 +352,10 @@ class Canvas:
             return None
         x = self._xs[None, ix0:ix1]
         y = self._ys[iy0:iy1, None]
-        return (slice(iy0, iy1), slice(ix0, ix1)), px.sdf(x, y)
+        d = px.sdf(x, y)
+        if self.clip is not None:
+            d = np.maximum(d, self._clip_distance(t, iy0, iy1, ix0, ix1, h, w))
+        return (slice(iy0, iy1), slice(ix0, ix1)), d
 
     def px(self, length: float) -> float:
         """A canonical length in pixels."""

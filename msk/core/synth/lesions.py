@@ -22,18 +22,33 @@ chondrosarcoma         large lesion: endosteal scalloping, ring-and-arc matrix, 
 
 Everything that belongs to the lesion also marks the canvas's lesion mask, from which the
 bounding box is taken.
+
+**Real outlines.** Where the BTXRD annotations are found (``../shared/data/btxrd-meta/annotations``
+next to the repository or the working directory; the environment variable
+``MSK_LESION_OUTLINES`` = ``drawn`` turns this off, or names another folder of LabelMe files),
+each lesion takes the outline of a real tumour: one BTXRD polygon of its entity
+(:data:`BTXRD_OUTLINES`; entities without a BTXRD class take the polygons of BTXRD's other benign
+or other malignant tumours), chosen and mirrored by the lesion's own generator (so a patient's
+lesion keeps its outline in every image). The polygon, normalised to its principal axes, is
+placed on the lesion's site: its long axis along the bone, stretched over the extent that the
+entity's drawing covers there. The drawing is then cut to the polygon, a faint change of density
+fills it, and the lesion mask is exactly the polygon.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from msk.core.specs import BonePosition
-from msk.core.synth.canvas import Arc, Canvas, Capsule, Ellipse, Minus, Point, Shape
+from msk.core.synth.canvas import Arc, Canvas, Capsule, Ellipse, Minus, Point, Polygon, Shape
 from msk.core.synth.phantoms import Anchor
 
 
@@ -230,5 +245,122 @@ LESIONS: dict[str, Draw] = {
     "osteosarcoma": osteosarcoma,
 }
 
+# -- real tumour outlines (BTXRD polygons) ------------------------------------------------------
+
+#: entity -> BTXRD shape labels whose polygons outline it.
+BTXRD_OUTLINES: dict[str, tuple[str, ...]] = {
+    "osteochondroma": ("osteochondroma", "multiple osteochondromas"),
+    "giant cell tumour": ("giant cell tumor",),
+    "osteosarcoma": ("osteosarcoma",),
+    "ewing sarcoma": ("osteosarcoma", "other mt"),
+    "chondrosarcoma": ("osteosarcoma", "other mt"),
+}
+#: outlines of the other (benign and intermediate) entities.
+BTXRD_BENIGN = ("simple bone cyst", "osteofibroma", "other bt")
+OUTLINES_ENV = "MSK_LESION_OUTLINES"
+ANNOTATIONS_RELATIVE = Path("..") / "shared" / "data" / "btxrd-meta" / "annotations"
+MAX_VERTICES = 48
+#: lesions covering fewer pixels keep their drawn outline.
+MIN_OUTLINE_PIXELS = 24
+
+
+def outline_folder() -> Path | None:
+    """The folder of LabelMe outlines to use, or ``None`` (drawn outlines); see the module doc."""
+    from msk.core.errors import ConfigError
+
+    setting = os.environ.get(OUTLINES_ENV, "auto").strip()
+    if setting == "drawn":
+        return None
+    if setting not in ("", "auto"):
+        if not Path(setting).is_dir():
+            raise ConfigError(f"{OUTLINES_ENV}={setting}: not a folder; use auto, drawn or a folder of LabelMe files")
+        return Path(setting).resolve()
+    repo = Path(__file__).resolve().parents[3]
+    for base in (repo, Path.cwd()):
+        candidate = (base / ANNOTATIONS_RELATIVE).resolve()
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def normalise_outline(points: np.ndarray) -> np.ndarray | None:
+    """A polygon in its principal axes (long axis first), each axis scaled to [-1, 1], at most
+    :data:`MAX_VERTICES` vertices; ``None`` for a degenerate one."""
+    pts = np.asarray(points, np.float64)
+    if len(pts) > MAX_VERTICES:
+        pts = pts[np.linspace(0, len(pts), MAX_VERTICES, endpoint=False).astype(int)]
+    centred = pts - pts.mean(axis=0)
+    _, vectors = np.linalg.eigh(np.cov(centred.T))
+    local = centred @ vectors[:, ::-1]  # largest variance first
+    lo, hi = local.min(axis=0), local.max(axis=0)
+    if np.any(hi - lo < 1e-6):
+        return None
+    return (local - (lo + hi) / 2) / ((hi - lo) / 2)
+
+
+@lru_cache(maxsize=2)
+def outline_library(folder: str) -> dict[str, tuple[np.ndarray, ...]]:
+    """BTXRD shape label -> normalised polygons of every LabelMe file in ``folder`` (sorted)."""
+    from msk.core.roi import RoiError, read_labelme
+
+    library: dict[str, list[np.ndarray]] = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            ann = read_labelme(path)
+        except RoiError:
+            continue
+        for label, pts in ann.polygons:
+            outline = normalise_outline(np.asarray(pts))
+            if outline is not None:
+                library.setdefault(label.strip().lower(), []).append(outline)
+    return {k: tuple(v) for k, v in sorted(library.items())}
+
+
+def outlines_for(entity: str, folder: Path) -> tuple[np.ndarray, ...]:
+    library = outline_library(str(folder))
+    labels = BTXRD_OUTLINES.get(entity, BTXRD_BENIGN)
+    return tuple(o for label in labels for o in library.get(label, ()))
+
+
+def _footprint(mask: np.ndarray, cv: Canvas, f: Frame) -> tuple[float, float, float, float] | None:
+    """Extent ``(along_lo, along_hi, across_lo, across_hi)`` of ``mask`` in frame units."""
+    rows, cols = np.nonzero(mask)
+    if rows.size < MIN_OUTLINE_PIXELS:  # too few pixels to carry an outline
+        return None
+    t = cv.transform
+    c = np.asarray(t.point(f.c))
+    basis = np.column_stack([np.asarray(t.point(f.at(1, 0))) - c, np.asarray(t.point(f.at(0, 1))) - c])
+    if abs(np.linalg.det(basis)) < 1e-9:
+        return None
+    along, across = np.linalg.solve(basis, np.stack([cols + 0.5 - c[0], rows + 0.5 - c[1]]))
+    return float(along.min()), float(along.max()), float(across.min()), float(across.max())
+
+
 def draw_lesion(cv: Canvas, entity: str, frame: Frame, rng: np.random.Generator) -> None:
-    LESIONS[entity](cv, frame, rng)
+    """Draw ``entity`` at ``frame``: inside a real BTXRD outline where one is available (see the
+    module doc), else as drawn."""
+    folder = outline_folder()
+    pool = outlines_for(entity, folder) if folder is not None else ()
+    if not pool:
+        LESIONS[entity](cv, frame, rng)
+        return
+    outline = pool[int(rng.integers(len(pool)))] * np.where(rng.random(2) < 0.5, -1.0, 1.0)
+    probe = Canvas(cv.h, cv.w, cv.transform, cv.texture)
+    LESIONS[entity](probe, frame, copy.deepcopy(rng))
+    extent = _footprint(probe.mask, cv, frame)
+    if extent is None:  # the drawing (nearly) misses the canvas: nothing to outline
+        LESIONS[entity](cv, frame, rng)
+        return
+    a0, a1, c0, c1 = extent
+    polygon = Polygon(tuple(frame.at((a0 + a1) / 2 + u * (a1 - a0) / 2, (c0 + c1) / 2 + v * (c1 - c0) / 2)
+                            for u, v in outline))
+    cv.clipped_to(polygon)
+    try:
+        if entity == "osteochondroma":  # exophytic bone
+            cv.dense(polygon, rng.uniform(0.08, 0.16), lesion=True)
+        else:
+            cv.lucency(polygon, rng.uniform(0.1, 0.25))
+        LESIONS[entity](cv, frame, rng)
+        cv.mark(polygon)
+    finally:
+        cv.clipped_to(None)
