@@ -177,3 +177,31 @@ def test_fold_training_runs_on_ray_train(tmp_path, ray_session):
     assert fold.best_epoch == 1 and 0 <= fold.val_dice <= 1
     assert (tmp_path / "run" / "fold-1" / "best.pt").is_file()
     assert list((tmp_path / "run" / "fold-1" / "workers").glob("rank-0.json"))  # ran on a Ray Train worker
+
+
+def test_predicted_rois_crop_the_largest_lesion_and_refuse_no_lesion():
+    from msk.core.roi import roi_box
+    from msk.core.segmentation import NoLesionFound, SegmenterEnsemble, lesion_mask, predicted_rois
+
+    probs = np.zeros((2, 64, 64), np.float32)
+    probs[0, 20:30, 30:44] = 0.9  # the lesion
+    probs[0, 2, 2] = 0.8  # a stray speck: not part of the ROI
+    probs[1] = 0.3  # nothing reaches 0.5
+
+    class Fixed(SegmenterEnsemble):
+        def probabilities(self, images):
+            return probs[:len(images)]
+
+    images = np.zeros((2, 64, 64), np.uint8)
+    images[0, 20:30, 30:44] = 200
+    mask = lesion_mask(probs[0], 0.5)
+    assert mask.sum() == 10 * 14 and not mask[2, 2]
+    crops, boxes, masks = predicted_rois(Fixed([], 0.5, {}), images[:1], size=32)
+    assert boxes[0] == roi_box(mask) and crops.shape == (1, 32, 32)
+    x0, y0, x1, y1 = boxes[0]
+    assert x1 - x0 == y1 - y0 == 19 and x0 <= 30 and x1 >= 44  # ceil(14 px * (1 + 2 * 0.15)), square
+    assert crops[0].max() > 0.7 and masks[0].sum() == 140
+    with pytest.raises(NoLesionFound, match=r"scan-2: no lesion found: no pixel reaches the segmenter's "
+                                            r"threshold 0\.5 \(highest lesion probability 0\.3\)") as err:
+        predicted_rois(Fixed([], 0.5, {}), images, ids=["scan-1", "scan-2"])
+    assert err.value.threshold == 0.5

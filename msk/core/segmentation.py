@@ -15,7 +15,10 @@ cross-validated by patient, and evaluated by IoU and Dice.
   loss ``BCE + Dice`` on the lesion logit; the history's ``val_accuracy`` is the mean Dice at
   ``threshold``. A rerun skips finished folds and resumes an interrupted one;
 * **prediction** (:class:`SegmenterEnsemble`): the mean lesion probability of the fold models,
-  thresholded; **evaluation** in :mod:`msk.core.segmentation_eval`.
+  thresholded; **evaluation** in :mod:`msk.core.segmentation_eval`;
+* **region of interest** (:func:`predicted_rois`): the largest predicted lesion region -> its
+  bounding box + 15 %, square -> a grey crop, the ROI the classifiers and the recommender take;
+  no lesion at the threshold is a :class:`NoLesionFound` error that names the threshold.
 
 A segmenter checkpoint is an msk checkpoint whose ``arch`` is ``<segmenter>:<encoder>``
 (``unet:resnet34``) and whose ``extra["architecture"]`` says how to rebuild it. See
@@ -42,9 +45,10 @@ from torch.utils.data import Dataset
 from msk.core.errors import MskError
 from msk.core.train import TrainConfig
 
-__all__ = ["DiceBCELoss", "MaskPairs", "SegmentationData", "SegmentationError", "SegmentationModel",
-           "SegmenterConfig", "SegmenterEnsemble", "dice_hits", "load_segmentation_data",
-           "load_segmenter", "overlap_scores", "train_segmenter"]
+__all__ = ["DiceBCELoss", "MaskPairs", "NoLesionFound", "SegmentationData", "SegmentationError",
+           "SegmentationModel", "SegmenterConfig", "SegmenterEnsemble", "dice_hits", "lesion_mask",
+           "load_ensemble", "load_segmentation_data", "load_segmenter", "overlap_scores", "predicted_rois",
+           "predict_probabilities", "train_segmenter"]
 
 SPLITS_FILE = "splits.csv"
 CONFIG_FILE = "segmenter.yaml"
@@ -503,3 +507,55 @@ def load_ensemble(run: str | os.PathLike) -> SegmenterEnsemble:
     info = json.loads(info_path.read_text())
     models = [load_segmenter(run / f"fold-{f['fold']}" / "best.pt") for f in info["folds"]]
     return SegmenterEnsemble(models, float(info["threshold"]), info)
+
+
+# -- the region of interest from a predicted mask -------------------------------------------------
+
+
+class NoLesionFound(SegmentationError):
+    """The segmenter marks no pixel at its threshold (the serving layer answers 422
+    ``no_lesion_found`` with :attr:`threshold`)."""
+
+    def __init__(self, message: str, threshold: float):
+        super().__init__(message)
+        self.threshold = threshold
+
+
+def lesion_mask(probabilities: np.ndarray, threshold: float, *, where: str = "image") -> np.ndarray:
+    """The predicted lesion: the largest connected region (8-neighbourhood) of pixels at or above
+    ``threshold`` in ``float [H, W]`` probabilities, so that a stray false-positive speck does not
+    stretch the region of interest. Raises :class:`NoLesionFound` when no pixel reaches it."""
+    from scipy.ndimage import label
+
+    above = np.asarray(probabilities) >= threshold
+    regions, count = label(above, structure=np.ones((3, 3), bool))
+    if count == 0:
+        peak = float(np.max(probabilities)) if np.size(probabilities) else 0.0
+        raise NoLesionFound(f"{where}: no lesion found: no pixel reaches the segmenter's threshold {threshold:g} "
+                            f"(highest lesion probability {peak:.3g})", threshold)
+    sizes = np.bincount(regions.ravel())[1:]
+    return regions == int(np.argmax(sizes)) + 1
+
+
+def predicted_rois(ensemble: SegmenterEnsemble, images: np.ndarray, *, size: int = 224, margin: float = 0.15,
+                   ids: list[str] | None = None) -> tuple[np.ndarray, list[tuple[int, int, int, int]], np.ndarray]:
+    """Segment ``uint8 [N, S, S]`` images and crop each one's region of interest the fusion way:
+    the predicted lesion's bounding box plus ``margin`` on each side, square
+    (:func:`msk.core.roi.roi_box`), resized to ``size`` grey (:func:`msk.core.roi.crop_roi`).
+
+    :return: ``(crops float32 [N, size, size] in [0, 1], boxes (x0, y0, x1, y1) in the images'
+        pixels, masks bool [N, S, S])``. An image without a lesion raises :class:`NoLesionFound`
+        naming it (``ids[i]`` or its index) and the threshold; never an empty crop.
+    """
+    from msk.core.roi import crop_roi, roi_box
+
+    probabilities = ensemble.probabilities(images)
+    masks = np.zeros(images.shape, bool)
+    crops = np.zeros((len(images), size, size), np.float32)
+    boxes = []
+    for i, p in enumerate(probabilities):
+        masks[i] = lesion_mask(p, ensemble.threshold, where=ids[i] if ids else f"image {i}")
+        box = roi_box(masks[i], margin=margin)
+        crops[i] = crop_roi(images[i], box, size)
+        boxes.append(box)
+    return crops, boxes, masks
