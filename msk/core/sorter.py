@@ -553,17 +553,22 @@ def _write_splits(out: Path, data: LabelledImages, plan: CrossValidation) -> Non
 
 
 def _train_fold(k: int, data: LabelledImages, y: np.ndarray, train: np.ndarray, val: np.ndarray,
-                classes: list[str], config: SorterConfig, out: Path) -> FoldResult:
+                classes: list[str], config: SorterConfig, out: Path,
+                extra: tuple[np.ndarray, np.ndarray] | None = None) -> FoldResult:
     fold_out = out / f"fold-{k}"
     marker = fold_out / "fold.json"
-    budget = {"epochs": config.epochs, "patience": config.patience}
+    budget = {"epochs": config.epochs, "patience": config.patience,
+              "extra_train": 0 if extra is None else len(extra[1])}
     if marker.is_file() and (fold_out / "best.pt").is_file():
         done = json.loads(marker.read_text())
         if done.get("budget") == budget:
             return FoldResult(k, fold_out, done["best_epoch"], done["val_top1"], len(train),
                               len(val), skipped=True)
     try:
-        result = fit_classifier(data.images[train], y[train], len(classes), config.train_config(),
+        images, labels = data.images[train], y[train]
+        if extra is not None:
+            images, labels = np.concatenate([images, extra[0]]), np.concatenate([labels, extra[1]])
+        result = fit_classifier(images, labels, len(classes), config.train_config(),
                                 out=fold_out, val=(data.images[val], y[val]), classes=classes)
     except (TrainError, CheckpointError) as exc:
         raise SorterError(f"fold {k} ({fold_out}): {exc}") from exc
@@ -572,6 +577,24 @@ def _train_fold(k: int, data: LabelledImages, y: np.ndarray, train: np.ndarray, 
     marker.write_text(json.dumps({"fold": k, "best_epoch": result.best_epoch, "val_top1": val_top1,
                                   "n_train": len(train), "n_val": len(val), "budget": budget}))
     return FoldResult(k, fold_out, result.best_epoch, val_top1, len(train), len(val))
+
+
+def _extra_training(extra: LabelledImages | None, data: LabelledImages,
+                    classes: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(images, class indices)`` of the ``extra_train`` images of ``classes``; notes what
+    was left out on ``data``."""
+    if extra is None:
+        return None
+    if extra.images.shape[1:] != data.images.shape[1:]:
+        raise SorterError(f"extra training images ({extra.source}) are {extra.images.shape[1:]}, the "
+                          f"labelled images {data.images.shape[1:]}: ingest both at one image size")
+    keep = [i for i, c in enumerate(extra.labels) if c in classes]
+    if not keep:
+        raise SorterError(f"no extra training image ({extra.source}) is of a class the sorter trains "
+                          f"on ({', '.join(classes)})")
+    data.notes.append(f"every fold also trained on {len(keep)} images of {extra.source or 'an extra set'}"
+                      + (f" ({len(extra) - len(keep)} of other classes left out)" if len(keep) < len(extra) else ""))
+    return extra.images[keep], np.array([classes.index(extra.labels[i]) for i in keep], dtype=np.int64)
 
 
 def _gradcam(data: LabelledImages, ensemble: SorterEnsemble, count: int, out: Path) -> Path | None:
@@ -639,10 +662,14 @@ def prepare_sorter_data(data: LabelledImages, config: SorterConfig):
 
 def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
                  out: str | os.PathLike, holdout: LabelledImages | None = None,
+                 extra_train: LabelledImages | None = None,
                  progress: bool = True) -> SorterResult:
     """Cross-validate a region sorter on ``data`` and evaluate it; see the module docstring.
 
     :param holdout: an external labelled set (another ingest), scored like the test set.
+    :param extra_train: images added to the training part of every fold and never validated
+        or tested on, e.g. synthetic images next to real ones (so the sorter is scored on real
+        images only); those of classes ``data`` does not keep are left out (noted).
     :param out: run folder::
 
         config.yaml  splits.csv  sorter.json  fold-k/ (a train.py run: checkpoints/, best.pt,
@@ -657,6 +684,7 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
     if holdout is not None:
         _check_external(data, holdout)
     data, dropped, classes, y, plan = prepare_sorter_data(data, config)
+    extra = _extra_training(extra_train, data, classes)
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, config)
     try:
@@ -672,7 +700,7 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
         for k, (train, val) in enumerate(plan.folds, 1):
             bar.update(task, description=f"sorter: fold {k}/{config.folds} ({len(train)} train, "
                                          f"{len(val)} val images)")
-            folds.append(_train_fold(k, data, y, train, val, classes, config, out))
+            folds.append(_train_fold(k, data, y, train, val, classes, config, out, extra))
             bar.advance(task)
 
     ensemble = SorterEnsemble([load_model(f.out / "best.pt")[0] for f in folds], classes,
