@@ -205,3 +205,14 @@ def test_predicted_rois_crop_the_largest_lesion_and_refuse_no_lesion():
                                             r"threshold 0\.5 \(highest lesion probability 0\.3\)") as err:
         predicted_rois(Fixed([], 0.5, {}), images, ids=["scan-1", "scan-2"])
     assert err.value.threshold == 0.5
+
+
+def test_lesions_too_small_for_the_ingest_size_are_left_out_with_a_note(tmp_path):
+    ingest, table, synth = fake_ingest(tmp_path)
+    speck = np.zeros(SOURCE, bool)
+    speck[3, 3] = True  # a quarter of a pixel at 32 px
+    write_mask_png(synth / "masks" / "ID005.png", speck)
+    data = load_segmentation_data(ingest, table)
+    assert len(data) == 15 and "ID005" not in data.image_ids and len(data.labels) == len(data.patient_ids) == 15
+    assert "1 masked image(s) whose lesion covers less than half a pixel at 32 px were left out (e.g. ID005)" \
+        in data.notes

@@ -272,7 +272,8 @@ def load_segmentation_data(ingest: str | os.PathLike, masks: str | os.PathLike) 
     :param masks: a masks table ``image_id,mask_path[,label]`` or a synthetic export folder
         (``ground_truth.csv`` with its ``mask`` column; ``ingest`` must be the ingest of its
         ``export/``). Every listed image must be in the ingest; every mask must have its source
-        image's size and mark at least one pixel (:func:`msk.core.masks.load_mask`).
+        image's size and mark at least one pixel (:func:`msk.core.masks.load_mask`). An image
+        whose lesion vanishes at the ingest's size is left out, with a note.
     """
     import pyarrow.compute as pc
 
@@ -308,12 +309,18 @@ def load_segmentation_data(ingest: str | os.PathLike, masks: str | os.PathLike) 
         except MaskError as exc:
             raise SegmentationError(f"{exc} (mask of image {image_id}, {where})") from None
         square[k] = mask_to_square(source, images.shape[1], resize)
-        if not square[k].any():
-            raise SegmentationError(f"{path}: the lesion vanishes when the mask is scaled to the ingest's "
-                                    f"{images.shape[1]} px images (mask of image {image_id}, {where}); "
-                                    "ingest at a larger image_size")
     patients = table.column("patient_id").to_pylist()
     notes = []
+    vanished = [k for k in range(len(image_ids)) if not square[k].any()]
+    if len(vanished) == len(image_ids):
+        raise SegmentationError(f"{masks}: every lesion vanishes when its mask is scaled to the ingest's "
+                                f"{images.shape[1]} px images; ingest at a larger image_size")
+    if vanished:  # too small for the working resolution: not a bad mask, but nothing to learn
+        notes.append(f"{len(vanished)} masked image(s) whose lesion covers less than half a pixel at "
+                     f"{images.shape[1]} px were left out (e.g. {image_ids[vanished[0]]})")
+        keep = np.setdiff1d(np.arange(len(image_ids)), vanished)
+        images, square = images[keep], square[keep]
+        image_ids, patients = [image_ids[k] for k in keep], [patients[k] for k in keep]
     anonymous = sum(1 for p in patients if not p)
     if anonymous:
         notes.append(f"{anonymous} image(s) have no patient id; each counts as a patient of its own")
