@@ -1,0 +1,245 @@
+"""Real radiographs: msk's sorter and DeepCluster on ``real-xr``, every table side by side.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/real.py --work /tmp/bench-real
+
+Data: ``../shared/data/real-xr`` (1,258 real radiographs, 9 regions, four public sources; read its
+README: **region and source are confounded**, one source per region). It is imported with
+``msk import csv`` (labels = ``region``, patient = ``group``), so every split below is
+*group-aware*: msk's sorter protocol, a fixed 20 % patient-level test set and 5-fold
+patient-level cross-validation over the rest, the test set scored by the 5-fold ensemble.
+
+Tables, one run:
+
+1. **synthetic only -> real**: a sorter trained on ``msk synth`` images only (true regions), scored on
+   every real-xr image over the 9 real regions (``bench/synth_to_real.py``; current phantoms
+   next to the original ones).
+2. **real only** (9 regions), **mixed** (the same folds, each fold's training set plus synthetic
+   images of the same regions; scored on real test images only), **weak labels** (DeepCluster on
+   the real images, each cluster named by its majority true region: a *simulated* expert, then
+   the sorter trained on those weak labels and scored against the true regions), and the
+   **source check**: the same supervised sorter on inputs stretched to one square size
+   (no letterbox bars, so the aspect ratio of a source's files is gone) and on the six
+   upper-limb regions alone, which all come from one source (roboflow-fracture), so the
+   sorter there can only use anatomy. Per region: test images, top-1, top-2.
+3. **DeepCluster** on all 9 regions and on the six upper-limb regions: NMI and purity against
+   the true regions, per epoch.
+
+Never run by pytest; needs the shared data. The figures in docs/real.md come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MSK_PSEUDONYM_KEY", "bench-real-not-a-secret")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench/synth_to_real.py
+
+DEFAULT_REAL = HERE.parents[0].parent / "shared" / "data" / "real-xr"
+UPPER_LIMB = ("elbow", "finger", "forearm", "humerus", "shoulder", "wrist")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def import_real(real: Path, out: Path, size: int, resize: str):
+    """``msk import csv`` of real-xr into ``out`` (idempotent) and its labelled images."""
+    from msk.core.dataset_import import ImportConfig, import_dataset
+    from msk.core.ingest import IngestConfig
+    from msk.core.sorter import load_labelled
+
+    config = ImportConfig(ingest=IngestConfig(image_size=size, resize=resize))
+    report = import_dataset("csv", real, out, config, progress=False)
+    log(f"import {out.name}: {report.n_labelled} labelled, {report.n_quarantined} quarantined, "
+        f"{report.n_patients} groups, {report.seconds:.0f} s")
+    return load_labelled(out, report.labels)
+
+
+def synthetic(n: int, size: int, regions: list[str], style: str, seed: int = 1):
+    """``n`` synthetic images of ``regions`` as :class:`LabelledImages` (one patient each)."""
+    from synth_to_real import synthetic_images
+
+    from msk.core.sorter import LabelledImages
+
+    x, y = synthetic_images(n, size, render_size=max(128, size), style=style, seed=seed, regions=regions)
+    ids = [f"synth:{i}" for i in range(len(y))]
+    return LabelledImages(x, list(y), ids, ids, "synthetic")
+
+
+# -- sorter runs ---------------------------------------------------------------------------------
+
+
+def per_region(truth: list[str], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Per true region: images, top-1 and top-2 of ``probs`` (columns ``classes``); then ``all``
+    (over images) and ``mean`` (over regions: the classes are far from balanced)."""
+    order = np.argsort(-probs, axis=1)
+    top1 = np.array([classes[o[0]] == t for o, t in zip(order, truth)])
+    top2 = np.array([t in (classes[o[0]], classes[o[min(1, len(classes) - 1)]]) for o, t in zip(order, truth)])
+    truth_a = np.array(truth)
+    rows = [{"region": r, "n": int((truth_a == r).sum()), "top1": top1[truth_a == r].mean(),
+             "top2": top2[truth_a == r].mean()} for r in sorted(set(truth))]
+    table = pd.DataFrame(rows)
+    summary = pd.DataFrame([{"region": "all", "n": len(truth), "top1": top1.mean(), "top2": top2.mean()},
+                            {"region": "mean", "n": len(rows), "top1": table["top1"].mean(),
+                             "top2": table["top2"].mean()}])
+    return pd.concat([table, summary]).set_index("region")
+
+
+def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A pipe table (no tabulate dependency); NaN as an empty cell."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if np.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+    head = [frame.index.name or ""] + [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(frame.columns)) + "|"]
+    lines += ["| " + " | ".join([str(i)] + [cell(v) for v in row]) + " |" for i, row in zip(frame.index, frame.values)]
+    return "\n".join(lines)
+
+
+def sorter_run(name: str, data, truth: list[str], args, work: Path, extra_train=None) -> pd.DataFrame:
+    """``train_sorter`` on ``data`` (its labels may be weak), scored on its test set against
+    ``truth`` (the true region of every image of ``data``)."""
+    from msk.core.sorter import SorterConfig, load_sorter, plan_splits, train_sorter
+
+    config = SorterConfig(encoder=args.encoder, image_size=args.image_size, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, folds=args.folds, num_workers=0,
+                          gradcam_images=args.gradcam, small_classes="drop", patience=args.patience)
+    started = time.perf_counter()
+    train_sorter(data, config, out=work / name, extra_train=extra_train, progress=False)
+    ensemble = load_sorter(work / name)
+    plan = plan_splits(data.patient_ids, data.labels, folds=config.folds, test_size=config.test_size,
+                       seed=config.seed)
+    test = data.subset(plan.test)
+    probs = ensemble.predict_proba(test.images)
+    table = per_region([truth[i] for i in plan.test], probs, ensemble.classes)
+    log(f"sorter {name}: test top-1 {table.loc['all', 'top1']:.3f}, top-2 {table.loc['all', 'top2']:.3f} "
+        f"({len(test)} test images, {time.perf_counter() - started:.0f} s)")
+    return table
+
+
+# -- DeepCluster ---------------------------------------------------------------------------------
+
+
+def deepcluster_run(name: str, data, args, work: Path) -> tuple[pd.DataFrame, list[str]]:
+    """DeepCluster on ``data.images``; per epoch NMI and purity against ``data.labels``; the
+    weak label of every image (its cluster's majority true region)."""
+    from msk.core.deepcluster import DeepClusterConfig, run_deepcluster
+    from msk.core.labelling import majority_names
+    from msk.core.metrics import cluster_purity
+
+    k = args.k or 3 * len(set(data.labels))
+    config = DeepClusterConfig(encoder=args.encoder, k=k, epochs=args.dc_epochs, image_size=args.image_size,
+                               pca_dim=min(64, len(data) - 1), batch_size=args.batch_size, num_workers=0)
+    started = time.perf_counter()
+    result = run_deepcluster(data.images, config, out=work / name, ground_truth=data.labels,
+                             image_ids=data.image_ids, progress=False)
+    history = pd.DataFrame(result.history).set_index("epoch")
+    names = majority_names(result.assignments, data.labels, k=k)
+    weak = [names[c].label for c in result.assignments]
+    log(f"deepcluster {name}: k={k}, last NMI {history['nmi_truth'].iloc[-1]:.3f}, purity "
+        f"{cluster_purity(result.assignments, data.labels):.3f} ({time.perf_counter() - started:.0f} s)")
+    return history[["nmi_truth", "purity_truth", "nmi_prev", "loss", "largest_cluster_share"]], weak
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--real", type=Path, default=DEFAULT_REAL, help="real-xr folder")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-real"))
+    parser.add_argument("--image-size", type=int, default=64, help="stored and network input size")
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--patience", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--gradcam", type=int, default=16, help="Grad-CAM overlays of the real-only sorter")
+    parser.add_argument("--k", type=int, default=None, help="DeepCluster k (default: 3 x regions)")
+    parser.add_argument("--dc-epochs", type=int, default=6)
+    parser.add_argument("--synth-n", type=int, default=2000, help="synthetic images (mixed run, synthetic-only)")
+    parser.add_argument("--synth-epochs", type=int, default=6)
+    parser.add_argument("--style", default="radiograph", help="synthetic phantom style")
+    parser.add_argument("--skip", default="", help="comma list of: synth, real, mixed, weak, stretch, upper, dc")
+    args = parser.parse_args()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if not (args.real / "labels.csv").is_file():
+        sys.exit(f"real-xr not found at {args.real} (pass --real)")
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    args.work.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    log(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        f"(1/5/15 min); torch threads {torch.get_num_threads()}")
+    started = time.perf_counter()
+
+    real = import_real(args.real, args.work / f"ingest-{args.image_size}", args.image_size, "pad")
+    regions = sorted(set(real.labels))
+    tables: dict[str, pd.DataFrame] = {}
+
+    if "synth" not in skip:
+        from synth_to_real import synthetic_only_on_real
+
+        for style in dict.fromkeys(["basic", args.style]):
+            t = synthetic_only_on_real(args.real, style=style, n_images=args.synth_n, image_size=args.image_size,
+                                       epochs=args.synth_epochs, encoder=args.encoder, verbose=False)
+            tables[f"synthetic only ({style}), all images"] = t.set_index("region")[["n", "top1", "top2"]]
+    if "real" not in skip:
+        tables["real only (group-aware CV)"] = sorter_run("real", real, real.labels, args, args.work)
+    if "mixed" not in skip:
+        synth = synthetic(args.synth_n, args.image_size, regions, args.style)
+        tables["mixed synthetic + real"] = sorter_run("mixed", real, real.labels, args, args.work, extra_train=synth)
+    dc_tables = {}
+    if "weak" not in skip or "dc" not in skip:
+        history, weak = deepcluster_run("deepcluster-9", real, args, args.work)
+        dc_tables["DeepCluster, 9 regions (all sources)"] = history
+        if "weak" not in skip:
+            from msk.core.sorter import LabelledImages
+
+            weak_data = LabelledImages(real.images, weak, real.patient_ids, real.image_ids, real.source)
+            tables["weak labels (DeepCluster + simulated expert)"] = sorter_run(
+                "weak", weak_data, real.labels, args, args.work)
+    if "stretch" not in skip:
+        stretched = import_real(args.real, args.work / f"ingest-{args.image_size}-stretch", args.image_size,
+                                "stretch")
+        tables["real only, stretched (no letterbox)"] = sorter_run("stretch", stretched, stretched.labels,
+                                                                   args, args.work)
+    upper = real.subset([i for i, r in enumerate(real.labels) if r in UPPER_LIMB])
+    if "upper" not in skip:
+        tables["upper limb only (one source)"] = sorter_run("upper", upper, upper.labels, args, args.work)
+    if "dc" not in skip:
+        history, _ = deepcluster_run("deepcluster-upper", upper, args, args.work)
+        dc_tables["DeepCluster, 6 upper-limb regions (one source)"] = history
+
+    if tables:
+        order = regions + ["all", "mean"]
+        for metric, title in (("top1", "top-1"), ("top2", "top-2"), ("n", "scored real images")):
+            side = pd.DataFrame({name: t[metric] for name, t in tables.items()}).reindex(order)
+            side.index.name = "region"
+            print(f"\n## Sorter on real-xr, {title} per region (columns: how it was trained)\n")
+            print(markdown(side, 0 if metric == "n" else 3))
+    for name, history in dc_tables.items():
+        print(f"\n## {name}: per epoch, against the true regions\n")
+        print(markdown(history.astype(float)))
+    load = os.getloadavg()
+    log(f"total {time.perf_counter() - started:.0f} s; load average now {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
