@@ -64,7 +64,7 @@ class SegmenterConfig(TrainConfig):
     """Options of ``msk train segmenter``: the training options of :class:`TrainConfig` (``encoder``
     is the segmenter's encoder: an smp name such as ``resnet34`` or ``tu-<timm name>``) plus the
     segmenter and the evaluation design. ``augment`` flips, rotates (10 degrees), shifts and
-    scales image and mask together."""
+    scales image and mask together (the classifiers' ``augmentation`` options do not apply)."""
 
     segmenter: str = Field("unet", description="segmenter registry name (`msk plugins segmenter`)")
     encoder: str = Field("resnet34", description="encoder of the segmenter: smp name or tu-<timm name>")
@@ -79,6 +79,8 @@ class SegmenterConfig(TrainConfig):
     def _segmenter_options(self):
         if self.init != "random":
             raise ValueError("init: segmenters start from random weights (init must be 'random')")
+        if self.sobel or self.class_weighting != "none":
+            raise ValueError("sobel and class_weighting are classifier options; a segmenter takes neither")
         stride = 2 ** int(self.segmenter_options.get("encoder_depth", 5))
         if self.image_size % stride:
             raise ValueError(f"image_size {self.image_size} must be a multiple of {stride} "
@@ -245,13 +247,13 @@ def _synthetic_truth(masks: Path) -> Path | None:
     return None
 
 
-def _mask_rows(ingest: Path, masks: Path) -> list[tuple[str, Path, str | None, str, str | None]]:
-    """``(image_id, mask file, label, where, patient)`` per masked image."""
+def _mask_rows(ingest: Path, masks: Path) -> list[tuple[str, Path, str | None, str]]:
+    """``(image_id, mask file, label, where)`` per masked image."""
     from msk.core.masks import read_mask_table
 
     synth = _synthetic_truth(masks)
     if synth is None:
-        return [(r.image_id, r.mask_path, r.label, r.where, None) for r in read_mask_table(masks)]
+        return [(r.image_id, r.mask_path, r.label, r.where) for r in read_mask_table(masks)]
     from msk.core.synth.truth import ground_truth_for_ingest
 
     try:
@@ -263,7 +265,7 @@ def _mask_rows(ingest: Path, masks: Path) -> list[tuple[str, Path, str | None, s
                                 "written since the segmentation release)")
     truth = truth[truth["mask"].notna() & (truth["mask"].astype(str) != "")]
     return [(str(r.image_id), synth / str(r.mask), str(r.entity) if isinstance(r.entity, str) else None,
-             f"{synth}/ground_truth.csv ({r.path})", None) for r in truth.itertuples()]
+             f"{synth}/ground_truth.csv ({r.path})") for r in truth.itertuples()]
 
 
 def load_segmentation_data(ingest: str | os.PathLike, masks: str | os.PathLike) -> SegmentationData:
@@ -303,7 +305,7 @@ def load_segmentation_data(ingest: str | os.PathLike, masks: str | os.PathLike) 
     square = np.zeros(images.shape, bool)
     for k, (image_id, sh, sw) in enumerate(zip(image_ids, table.column("source_height").to_pylist(),
                                                table.column("source_width").to_pylist())):
-        _, path, _, where, _ = by_id[image_id]
+        _, path, _, where = by_id[image_id]
         try:
             source = load_mask(path, (sh, sw))
         except MaskError as exc:
