@@ -216,3 +216,24 @@ def test_lesions_too_small_for_the_ingest_size_are_left_out_with_a_note(tmp_path
     assert len(data) == 15 and "ID005" not in data.image_ids and len(data.labels) == len(data.patient_ids) == 15
     assert "1 masked image(s) whose lesion covers less than half a pixel at 32 px were left out (e.g. ID005)" \
         in data.notes
+
+
+def test_cli_train_and_eval(tmp_path, one_torch_thread):
+    import yaml
+    from typer.testing import CliRunner
+
+    from msk.core.cli import app
+
+    ingest, table, _ = fake_ingest(tmp_path)
+    config = tmp_path / "seg.yaml"
+    config.write_text(yaml.safe_dump({**small(epochs=1).model_dump(mode="json")}))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "segmenter", str(ingest), str(table), str(tmp_path / "run"),
+                                 "-c", str(config), "--segmenter", "unetplusplus"])
+    assert result.exit_code == 0, result.output
+    assert "2 folds trained on 12 images (4 held out as the test set)" in result.output
+    assert yaml.safe_load((tmp_path / "run" / "segmenter.yaml").read_text())["segmenter"] == "unetplusplus"
+    result = runner.invoke(app, ["eval", "segmenter", str(tmp_path / "run"), str(ingest), str(table),
+                                 str(tmp_path / "eval"), "--sheet-images", "2"])
+    assert result.exit_code == 0, result.output
+    assert "overall" in result.output and (tmp_path / "eval" / "overlays.html").is_file()
