@@ -363,3 +363,43 @@ def _thumbnail(case, size: int = 12) -> np.ndarray:
     square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = a
     t = np.asarray(Image.fromarray(square).resize((size, size), Image.BILINEAR)).ravel()
     return (t - t.mean()) / (t.std() + 1e-6)
+
+
+# -- styles -------------------------------------------------------------------------------------
+
+
+def _cases_of(region: str, cfg: SynthConfig, count: int) -> list:
+    picked = [i for i in range(cfg.n_images) if plan_case(i, cfg).region == region][:count]
+    return [render_case(i, cfg) for i in picked]
+
+
+def test_both_styles_are_deterministic_and_differ():
+    basic, real = small(n_images=40, style="basic"), small(n_images=40, style="radiograph")
+    for i in (0, 7, 23):
+        a, b = render_case(i, basic), render_case(i, real)
+        assert np.array_equal(a.pixels, render_case(i, basic).pixels)
+        assert np.array_equal(b.pixels, render_case(i, real).pixels)
+        assert (a.region, a.view, a.patient.patient_id) == (b.region, b.view, b.patient.patient_id)
+        assert a.pixels.shape != b.pixels.shape or not np.array_equal(a.pixels, b.pixels)
+
+
+def test_radiograph_style_frames_like_real_films():
+    """Knee films are often square crops around the joint; limb cassettes are turned and scanned
+    onto black (a large share of pixels at one constant value); the basic style does neither."""
+    cfg = small(n_images=2000, lesion_fraction=0.0, corrupt_fraction=0.0, image_size=64)
+    knees = _cases_of("knee", cfg, 24)
+    assert sum(c.pixels.shape[0] == c.pixels.shape[1] for c in knees) >= 4
+    assert not any(c.pixels.shape[0] == c.pixels.shape[1]
+                   for c in _cases_of("knee", cfg.model_copy(update={"style": "basic"}), 24))
+
+
+
+def test_a_turned_cassette_is_scanned_onto_black():
+    from msk.core.synth.radiograph import Framing, _film
+
+    img = np.full((64, 48), 0.5, np.float32)
+    _film(img, np.random.default_rng(0), Framing(64, 48, (0.4, 0.5), 1.0, 0.4, plate=0.4), None, None)
+    assert max(img[0, 0], img[0, -1], img[-1, 0], img[-1, -1]) < 0.05  # corners outside the cassette
+    assert img[32, 24] > 0.3  # the film itself is kept
+    black = img < 0.05
+    assert any(0.05 < black[y].mean() < 0.95 and not black[y, 24] for y in range(64))  # slanted edges

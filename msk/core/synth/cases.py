@@ -57,6 +57,8 @@ CORRUPTIONS: dict[str, QuarantineReason] = {
 SYNTAX_WEIGHTS = {"explicit-le": 3.0, "implicit-le": 1.5, "deflated-le": 1.0, "rle": 1.5,
                   "jpeg2000-lossless": 1.5, "jpegls-lossless": 1.5}
 LONG_BONE_REGIONS = ("femur", "lower leg", "humerus", "forearm")
+#: regions whose first view is the lateral one in the ``radiograph`` style (cephalograms).
+LATERAL_FIRST = frozenset({"skull"})
 WRONG_BODY_PARTS = ("EXTREMITY", "OTHER", "LOWER LIMB", "UPPER LIMB", "CHEST", "KNEE", "HAND")
 
 # purposes of the seeded generators
@@ -362,6 +364,8 @@ def _plan(index: int, config: SynthConfig) -> tuple[SynthCase, np.random.Generat
     study = studies[of_image[k] - 1]
     in_study = [j for j in range(k + 1) if of_image[j] == study.number]
     views = REGIONS[study.region].views
+    if config.style == "radiograph" and study.region in LATERAL_FIRST:
+        views = tuple(reversed(views))
     view = views[(len(in_study) - 1) % len(views)]
     rng = rng_for(config.seed, _IMAGE, index)
 

@@ -119,8 +119,9 @@ class Body:
         self.cortex_density = 0.95 * density
         self.medulla_density = 0.36 * density
         if realistic:  # less of a cartoon: the medulla is nearly as bright as the cortex
-            self.medulla_density *= float(rng.uniform(1.2, 1.9))
-            self.cortex_density *= float(rng.uniform(0.75, 1.0))
+            self.medulla_density *= float(rng.uniform(1.6, 2.4))
+            self.cortex_density *= float(rng.uniform(0.7, 0.95))
+        self.fat = float(rng.uniform(1.0, 1.45)) if realistic else 1.0  # soft-tissue envelope width
         self.anchors: dict[str, Anchor] = {}
 
     @property
@@ -135,6 +136,10 @@ class Body:
 
     def soft(self, shape: Shape, density: float = 0.22, edge: float = 0.05) -> None:
         if self.cv is not None:
+            if self.realistic and isinstance(shape, Capsule):
+                rb = shape.ra if shape.rb is None else shape.rb
+                shape = Capsule(_beyond(shape.a, shape.b), _beyond(shape.b, shape.a), shape.ra * self.fat,
+                                rb * self.fat)
             self.cv.soft_tissue(shape, density, edge)
 
     def air(self, shape: Shape, density: float = 0.2, edge: float = 0.03) -> None:
@@ -175,6 +180,9 @@ class Body:
         ``open`` (shapes supplied through ``extra``) or ``cut`` (runs out of the field; no anchor).
         """
         re = re or (1.6 * r, 1.6 * r)
+        if self.realistic:  # a zoomed-out film shows more of a limb than the field it was drawn for
+            tip_a, tip_b = (tip_a if ends[0] != "cut" else _beyond(tip_a, tip_b)), (
+                tip_b if ends[1] != "cut" else _beyond(tip_b, tip_a))
         a = _unit((tip_b[0] - tip_a[0], tip_b[1] - tip_a[1]))
         length = math.hypot(tip_b[0] - tip_a[0], tip_b[1] - tip_a[1])
         inset = {"cut": 0.0, "taper": r, "open": 0.0}
@@ -270,6 +278,15 @@ class Body:
         arc = Arc(centre, radius, w, start + side * spread / 2, spread / 2)
         self.bone(arc, w * 0.35, scale)
         return arc
+
+
+def _beyond(p: Point, other: Point, extra: float = 0.8) -> Point:
+    """``p`` moved ``extra`` further away from ``other`` when it lies outside the field
+    (``v`` < -0.05 or > 1.05): limbs that run out of the drawn field go on beyond it."""
+    if -0.05 <= p[1] <= 1.05:
+        return p
+    d = _unit((p[0] - other[0], p[1] - other[1]))
+    return _add(p, d, extra)
 
 
 def _end_shapes(kind: str, p: Point, a: Point, r: float, re: float) -> list[Shape]:
@@ -592,6 +609,9 @@ def hand(b: Body) -> None:
 
 
 def finger(b: Body) -> None:
+    if b.realistic:  # a finger film shows the neighbouring fingers too (framed on them)
+        hand(b)
+        return
     thumb = b.rng.random() < 0.25
     d = _polar(b.jitter(3))
     curl = 0.12 if b.lateral else 0.0
@@ -606,6 +626,9 @@ def finger(b: Body) -> None:
 
 
 def wrist(b: Body) -> None:
+    if b.realistic and not b.lateral:  # a PA wrist film shows the hand and distal forearm
+        hand(b)
+        return
     b.soft(Capsule((0.4, -0.1), (0.4, 1.1), 0.3, 0.24), 0.24)
     if b.lateral:
         b.long_bone(("radius.distal", None), (0.42, 0.62), (0.4, 1.1), 0.06, ("flare", "cut"), (0.1, 0.0))
@@ -781,11 +804,13 @@ def _cephalogram(b: Body) -> None:
     b.soft(Ellipse(c, 0.47 * big, 0.41 * big), 0.3)
     b.soft(Ellipse((0.85, 0.66), 0.2, 0.28, 0.2), 0.28)  # face
     b.soft(Capsule((0.52, 0.8), (0.46, 1.2), 0.2), 0.35)  # neck
-    b.bone(Minus(Ellipse(c, 0.43 * big, 0.36 * big), Ellipse((0.72, 0.62), 0.12, 0.1)), 0.03, 0.95, medulla=0.12)
+    b.bone(Minus(Ellipse(c, 0.43 * big, 0.36 * big), Ellipse((0.72, 0.62), 0.12, 0.1)), 0.03, 1.1,
+           medulla=float(b.rng.uniform(0.55, 0.85)))
     b.dense(Capsule((0.3, 0.58), (0.68, 0.5), 0.03), 0.5)  # skull base
     b.dense(Minus(Ellipse((0.55, 0.5), 0.04, 0.03), Ellipse((0.55, 0.48), 0.028, 0.02)), 0.5)  # sella
     b.dense(Minus(Ellipse((0.83, 0.45), 0.07, 0.07), Ellipse((0.83, 0.45), 0.055, 0.055)), 0.4)  # orbit
-    b.bone(Union((Ellipse((0.84, 0.62), 0.1, 0.07), Capsule((0.9, 0.5), (0.97, 0.66), 0.02))), 0.01, 0.8)  # maxilla
+    b.bone(Union((Ellipse((0.84, 0.62), 0.1, 0.07), Capsule((0.9, 0.5), (0.97, 0.66), 0.02),
+                  Ellipse((0.8, 0.5), 0.1, 0.08))), 0.01, 1.0, medulla=0.6)  # maxilla, zygoma
     b.air(Ellipse((0.82, 0.6), 0.05, 0.035), 0.2)  # maxillary sinus
     for row, y in ((0, 0.71), (1, 0.755)):
         for k in range(6):

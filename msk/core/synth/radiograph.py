@@ -39,7 +39,7 @@ HARDWARE_REGIONS = frozenset({
     "ankle", "foot", "lower leg", "knee", "femur", "hip", "whole leg",
 })
 #: canonical point of the joint space of regions that are often cropped to the joint.
-JOINT_CROPS = {"knee": (0.40, 0.50), "elbow": (0.40, 0.5), "ankle": (0.37, 0.55), "wrist": (0.42, 0.5)}
+JOINT_CROPS = {"knee": (0.40, 0.50), "elbow": (0.40, 0.5), "ankle": (0.37, 0.55)}
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ def _framing(region: str, view: str, size: int, rng: np.random.Generator) -> Fra
     squeeze = 1.0
     out_aspect = aspect * rng.uniform(0.85, 1.2)
     u = rng.random()
-    if region in JOINT_CROPS and u < (0.55 if region == "knee" else 0.2):
+    cropped = region in JOINT_CROPS and u < (0.55 if region == "knee" else 0.2)
+    if cropped:
         pivot = JOINT_CROPS[region]
         zoom = rng.uniform(1.35, 1.9) if region == "knee" else rng.uniform(1.3, 1.8)
         out_aspect = 1.0
@@ -75,17 +76,23 @@ def _framing(region: str, view: str, size: int, rng: np.random.Generator) -> Fra
         squeeze = rng.uniform(1.0, 1.8)  # films resized to a square stretch the trunk sideways
     elif region == "skull" and view == "LAT":
         out_aspect = rng.uniform(0.75, 1.0)
-        zoom = rng.uniform(0.85, 1.1)
-        pivot = (0.56 + rng.uniform(-0.04, 0.04), 0.55)
+        zoom = rng.uniform(0.72, 0.92)
+        pivot = (0.55 + rng.uniform(-0.04, 0.04), 0.5 + rng.uniform(-0.03, 0.03))
         angle = math.radians(rng.normal(0.0, 4.0))
-    elif region in PLATE_REGIONS and rng.random() < 0.75:
+    elif region == "finger" and view != "LAT":  # drawn as a hand, framed on the fingers
+        pivot = (0.42 + rng.uniform(-0.08, 0.08), 0.38)
+        zoom = rng.uniform(1.0, 1.5)
+    elif region == "wrist" and view != "LAT":  # drawn as a hand, framed on the carpus
+        pivot = (0.43, 0.8)
+        zoom = rng.uniform(0.7, 1.0)
+    if region in PLATE_REGIONS and rng.random() < 0.75 and not cropped:
         tilt = rng.normal(0.0, 14.0) if rng.random() < 0.7 else rng.uniform(-40.0, 40.0)
         if rng.random() < 0.25:  # cassette turned landscape
             tilt += 90.0 if rng.random() < 0.5 else -90.0
             out_aspect = 1.0 / out_aspect
         plate = math.radians(tilt)
         angle = plate + math.radians(rng.normal(0.0, 8.0))
-        zoom *= rng.uniform(0.75, 1.0)
+        zoom *= rng.uniform(0.55, 0.9) if region in ("elbow", "wrist", "finger", "hand") else rng.uniform(0.7, 1.0)
     out_aspect = min(max(out_aspect, 0.35), 2.0)
     if out_aspect <= 1.0:
         h, w = size, max(int(round(size * out_aspect)), 8)
@@ -143,7 +150,7 @@ def render_radiograph(case, config, rng: np.random.Generator, r_window: float) -
         box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
     _process(img, rng, size)
     noise = _noise(rng, h, w)
-    img += noise * (rng.uniform(0.004, 0.02) + rng.uniform(0.01, 0.035) * np.sqrt(np.maximum(img, 0.0)))
+    img += noise * (rng.uniform(0.003, 0.012) + rng.uniform(0.005, 0.025) * np.sqrt(np.maximum(img, 0.0)))
     _film(img, rng, fr, tf, box)
     case.burned_in = _annotate(img, rng, case, box)
     if rng.random() < 0.02:  # an occasional inverted (black-bone) film
@@ -154,11 +161,11 @@ def render_radiograph(case, config, rng: np.random.Generator, r_window: float) -
 
 def _trabecular(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Trabecular texture: the bank's smooth fields plus a stronger fine, streaky component."""
-    from msk.core.synth.cases import _texture
+    from msk.core.synth.cases import _noise, _texture
 
     base = _texture(rng, h, w)
-    streak = gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), (rng.uniform(0.6, 1.2), 0.5))
-    out = base + rng.uniform(0.2, 0.6) * streak
+    streak = gaussian_filter(_noise(rng, h, w), (rng.uniform(0.6, 1.2), 0.5), truncate=2.0)
+    out = 1.0 + rng.uniform(0.3, 0.7) * (base - 1.0) + rng.uniform(0.05, 0.2) * streak
     return np.maximum(out, 0.2, out=out)
 
 
@@ -205,10 +212,10 @@ def _expose(cv: Canvas, rng: np.random.Generator, size: int) -> np.ndarray:
         (cv.w, cv.h), Image.BILINEAR, box=(0, 0, cv.w / k, cv.h / k)), dtype=np.float32)
     bone = np.maximum(cv.bone, 0.0)
     metal = np.maximum(bone - 1.6, 0.0)
-    density = rng.uniform(0.9, 2.0) * soft + rng.uniform(0.5, 1.0) * (bone - metal) + 3.0 * metal + 1.5 * air
+    density = rng.uniform(1.0, 2.2) * soft + rng.uniform(0.4, 1.0) * (bone - metal) + 3.0 * metal + 1.5 * air
     img = 1.0 - np.exp(-rng.uniform(1.0, 1.8) * np.maximum(density, 0.0))
     s = rng.uniform(0.05, 0.3)
-    img = (1 - s) * img + s * gaussian_filter(img, rng.uniform(0.04, 0.12) * size, truncate=2.0)
+    img = (1 - s) * img + s * _wide_blur(img, rng.uniform(0.04, 0.12) * size)
     d = rng.normal(0.0, 1.0, 2)
     d /= np.linalg.norm(d) + 1e-9
     yy = np.linspace(-1.0, 1.0, cv.h, dtype=np.float32)[:, None]
@@ -217,17 +224,26 @@ def _expose(cv: Canvas, rng: np.random.Generator, size: int) -> np.ndarray:
     return img.astype(np.float32)
 
 
+def _wide_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """A Gaussian blur of large ``sigma`` computed at a quarter of the resolution."""
+    h, w = img.shape
+    small = Image.fromarray(img, mode="F").resize((max(w // 4, 1), max(h // 4, 1)), Image.BILINEAR)
+    small = Image.fromarray(gaussian_filter(np.asarray(small), sigma / 4, truncate=2.0), mode="F")
+    return np.asarray(small.resize((w, h), Image.BILINEAR), dtype=np.float32)
+
+
 def _process(img: np.ndarray, rng: np.random.Generator, size: int) -> None:
     """Detector blur, CR/DX processing (unsharp mask) and a histogram-based window, in place."""
     img[:] = gaussian_filter(img, rng.uniform(0.3, 1.0) * size / 320.0, truncate=2.5)
     amount = rng.uniform(0.0, 1.5)
     if amount > 0.05:
-        img += amount * (img - gaussian_filter(img, rng.uniform(0.01, 0.04) * size, truncate=2.0))
+        img += amount * (img - _wide_blur(img, rng.uniform(0.015, 0.04) * size))
     lo, hi = np.percentile(img, (rng.uniform(0.0, 8.0), rng.uniform(97.0, 100.0)))
     img -= lo
     img *= 1.0 / max(hi - lo, 1e-3)
     np.clip(img, 0.0, 1.0, out=img)
     np.power(img, rng.uniform(0.6, 1.6), out=img)
+    img *= rng.uniform(0.45, 1.0)  # many exports are dim: the window reaches above the bone
     floor = rng.uniform(0.0, 0.25)  # unattenuated field is dark grey, not black
     img *= 1.0 - floor
     img += floor
