@@ -106,6 +106,10 @@ def dicom(image: np.ndarray, phi: str = "Doe^Jane") -> bytes:
 
 IMAGES, LABELS = bars(6, seed=99)  # query images, not trained on
 HORIZONTAL = IMAGES[0]
+#: Query images for the "unknown" answer: the bars and three images unlike them.
+PROBES = np.concatenate([IMAGES, np.stack([np.full((SOURCE, SOURCE), 128, np.uint8),
+                                           np.indices((SOURCE, SOURCE)).sum(0).astype(np.uint8) % 2 * 255,
+                                           np.random.default_rng(5).integers(0, 256, (SOURCE, SOURCE), np.uint8)])])
 META = {"sex": "F", "age": 15, "site": "femur", "view": "frontal"}
 
 
@@ -120,7 +124,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
-    """Sorter checkpoint, recommender folder, fusion checkpoint + metadata encoder, token file."""
+    """Sorter checkpoint and a one-fold run folder of it with an ``unknown`` threshold between
+    the scores of :data:`PROBES`, recommender folder, fusion checkpoint + metadata encoder,
+    token file."""
     import pandas as pd
 
     from msk.core.embed import Embedder, embeddings_table
@@ -134,6 +140,7 @@ def model_files(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
     x = squares(images)
     train = TrainConfig(encoder="tiny-cnn", image_size=SQUARE, epochs=3, batch_size=16, lr=5e-3, augment=False)
     sorter = fit_classifier(x, labels, 3, train, out=root / "sorter").best
+    sorter_run = sorter_run_folder(root / "sorter-run", sorter)
 
     embedder = Embedder(sorter)
     ids = {"image_id": [f"img-{i:03d}" for i in range(len(x))],
@@ -153,8 +160,33 @@ def model_files(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
     token = root / "token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
-    return {"root": root, "sorter": sorter, "recommender": root / "recommender", "fusion": fusion,
+    return {"root": root, "sorter": sorter, "sorter_run": sorter_run, "recommender": root / "recommender",
+            "fusion": fusion,
             "metadata_encoder": root / "metadata_encoder.json", "token": token}
+
+
+def probe_scores(checkpoint: Path) -> np.ndarray:
+    """The msp score of each of :data:`PROBES` under the sorter ``checkpoint``."""
+    from msk.core.ood import ood_score
+    from msk.core.train import load_model, predict_logits
+
+    return ood_score(predict_logits(load_model(checkpoint)[0], squares(PROBES), image_size=SQUARE), "msp")
+
+
+def sorter_run_folder(run: Path, checkpoint: Path) -> Path:
+    """A one-fold sorter run of ``checkpoint`` whose threshold splits the probes' scores at
+    their widest gap (some probes known, some unknown)."""
+    import shutil
+
+    scores = np.sort(probe_scores(checkpoint))
+    gap = int(np.argmax(np.diff(scores)))
+    threshold = float(scores[gap:gap + 2].mean())
+    (run / "fold-1").mkdir(parents=True)
+    shutil.copy(checkpoint, run / "fold-1" / "best.pt")
+    (run / "sorter.json").write_text(json.dumps({
+        "classes": REGIONS, "folds": 1, "image_size": SQUARE,
+        "unknown": {"score": "msp", "threshold": threshold, "keep": 0.95, "n_images": 9, "kept": 0.9}}))
+    return run
 
 
 def serve_config(files: dict[str, Path], port: int) -> dict:
@@ -164,7 +196,7 @@ def serve_config(files: dict[str, Path], port: int) -> dict:
         "token_file": str(files["token"]), "debug_routes": True,
         "preprocess": {"image_size": SQUARE, "resize": "pad"},
         "gateway": {"num_cpus": 0.25},
-        "sorter": {"checkpoint": str(files["sorter"]), "classes": REGIONS, **replica},
+        "sorter": {"checkpoint": str(files["sorter_run"]), "classes": REGIONS, **replica},
         "recommender": {"path": str(files["recommender"]), **replica},
         "classifier": {"checkpoint": str(files["fusion"]), "metadata_encoder": str(files["metadata_encoder"]),
                        "head": "concat", "hidden": [8], "dropout": 0.1, "classes": ENTITIES, **replica},
@@ -231,6 +263,7 @@ def test_models_describes_what_is_served(client):
     described = client.get("/v1/models").json()
     assert described["preprocess"]["image_size"] == SQUARE
     assert described["models"]["sort"]["classes"] == REGIONS
+    assert described["models"]["sort"]["unknown"]["score"] == "msp"
     assert described["models"]["recommend"]["images"] == 60
     assert described["models"]["classify"]["sites"] == SITES
 
@@ -246,7 +279,7 @@ def test_sort_png_dicom_and_raw_body_agree(client):
     assert regions[0]["probability"] >= regions[1]["probability"] > 0
     by_dicom = post_image(client, "/v1/sort", dicom(HORIZONTAL), k=3).json()["regions"]
     raw = client.post("/v1/sort", content=dicom(HORIZONTAL), headers={"Content-Type": "application/dicom"})
-    assert raw.json() == {"regions": by_dicom}
+    assert raw.json()["regions"] == by_dicom
     assert sum(r["probability"] for r in by_dicom) == pytest.approx(1.0, abs=1e-5)
     # the DICOM path is the ingest's reader + square: the same pixels as the PNG, the same answer
     for a, b in zip(regions, by_dicom):
@@ -254,6 +287,18 @@ def test_sort_png_dicom_and_raw_body_agree(client):
     assert "gradcam_png" not in by_png.json()
     by_jpeg = client.post("/v1/sort", content=jpeg(HORIZONTAL), headers={"Content-Type": "image/jpeg"})
     assert by_jpeg.json()["regions"][0]["name"] == "femur"
+
+
+def test_sort_says_unknown_below_the_calibrated_threshold(client, model_files):
+    threshold = json.loads((model_files["sorter_run"] / "sorter.json").read_text())["unknown"]["threshold"]
+    expected = probe_scores(model_files["sorter"])
+    answers = [post_image(client, "/v1/sort", png(im)).json() for im in PROBES]
+    assert all(a["threshold"] == threshold and a["score_name"] == "msp" for a in answers)
+    assert [a["score"] for a in answers] == pytest.approx(expected, abs=1e-4)
+    assert [a["unknown"] for a in answers] == [bool(s < threshold) for s in expected]
+    assert {a["unknown"] for a in answers} == {True, False}  # the threshold splits the probes
+    for a in answers:  # unknown or not, the regions are still ranked
+        assert a["score"] == pytest.approx(a["regions"][0]["probability"], abs=1e-4)
 
 
 def test_sort_predicts_every_bar_class(client):
@@ -478,6 +523,15 @@ def test_sorter_run_folder_is_served_as_its_fold_ensemble(model_files, tmp_path)
     assert len(ensemble.models) == 2 and ensemble.classes == REGIONS
     probs = ensemble.predict_proba(squares(IMAGES[:1]))
     assert REGIONS[int(probs.argmax())] == "femur"
+    # a run from before calibration has no threshold: never unknown, as before
+    assert ensemble.unknown is None and "unknown" not in ensemble.predict(squares(PROBES))
+    summary = (run / "sorter.json").read_text()
+    (run / "sorter.json").write_text(json.dumps({"classes": REGIONS, "folds": 2, "image_size": SQUARE,
+                                                 "unknown": {"score": "softmax", "threshold": 0.5}}))
+    with pytest.raises(ConfigError, match=r"sorter.checkpoint: .*sorter.json: the 'unknown' calibration is "
+                                          r"unreadable \(KeyError\('keep'\)\); rerun `msk train sorter`"):
+        load_sorter_model(SortConfig(checkpoint=run))
+    (run / "sorter.json").write_text(summary)
     with pytest.raises(ConfigError, match="sorter.classes contradicts"):
         load_sorter_model(SortConfig(checkpoint=run, classes=REGIONS[::-1]))
     (run / "fold-2" / "best.pt").unlink()

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from msk.core.checkpoint import save_checkpoint
 from msk.core.labelling import LabelFileError
@@ -111,10 +112,15 @@ def test_scores_confusion_matrix_and_predictions(run):
     assert test.confusion_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(test.predictions_csv.open()))
     assert len(rows) == 12 and set(rows[0]) == {"image_id", "patient_id", "label", "predicted",
-                                                "second", "probability"}
-    assert (test.top1 * 12) == pytest.approx(sum(r["label"] == r["predicted"] for r in rows))
+                                                "second", "probability", "score", "unknown"}
+    assert (test.top1 * 12) == pytest.approx(sum(r["label"] == r["predicted"] for r in rows), abs=1e-3)
     summary = json.loads((out / "sorter.json").read_text())
     assert summary["test"]["top2"] == test.top2 and summary["folds"] == 2
+    # the share of test images called unknown is the share of rows scored below the threshold
+    threshold = summary["unknown"]["threshold"]
+    assert [r["unknown"] == "1" for r in rows] == [float(r["score"]) < threshold for r in rows]
+    assert summary["test"]["unknown"] == test.unknown == pytest.approx(
+        sum(r["unknown"] == "1" for r in rows) / 12, abs=1e-4)
 
 
 def test_holdout_is_scored_like_the_test_set(run):
@@ -153,7 +159,7 @@ def test_load_sorter_predicts_like_the_run(run):
     data = labelled(18, seed=3, prefix="h")
     predicted = sorter.predict(data.images)
     rows = list(csv.DictReader((out / "predictions_holdout.csv").open()))
-    assert predicted == [r["predicted"] for r in rows]
+    assert predicted == ["unknown" if r["unknown"] == "1" else r["predicted"] for r in rows]
 
 
 def test_rerun_skips_finished_folds(run, tmp_path):
@@ -321,3 +327,167 @@ def test_holdout_sharing_patients_is_refused(tmp_path):
     data = labelled()
     with pytest.raises(SorterError, match="external hold-out memory shares patients"):
         train_sorter(data, fast(), out=tmp_path, holdout=data.subset([0, 1]), progress=False)
+
+
+# -- unknown inputs ----------------------------------------------------------------------------
+
+
+def out_of_fold_scores(out, score="mahalanobis"):
+    """Each validation image scored by the fold model it validates (no image scores itself)."""
+    from msk.core.ood import FeatureDensity, ood_score
+    from msk.core.sorter import logits_and_features
+    from msk.core.train import load_model
+
+    data = labelled()
+    fold_of = {r["image_id"]: r["val_fold"] for r in csv.DictReader((out / "splits.csv").open())}
+    scores = []
+    for k in (1, 2):
+        val = [i for i, image_id in enumerate(data.image_ids) if fold_of[image_id] == str(k)]
+        logits, features = logits_and_features(load_model(out / f"fold-{k}" / "best.pt")[0],
+                                               data.images[val], 32)
+        density = [FeatureDensity.load(out / f"fold-{k}" / "ood_density.npz")] if score == "mahalanobis" else None
+        scores.append(ood_score(logits[None], score, fold_features=[features], densities=density))
+    return np.concatenate(scores)
+
+
+def test_feature_density_is_fitted_on_each_folds_training_images(run):
+    from msk.core.ood import FeatureDensity
+    from msk.core.sorter import logits_and_features
+    from msk.core.train import load_model
+
+    _, out = run
+    data = labelled()
+    splits = list(csv.DictReader((out / "splits.csv").open()))
+    for k in (1, 2):
+        train = [i for i, r in enumerate(splits) if r["part"] == "dev" and r["val_fold"] != str(k)]
+        density = FeatureDensity.load(out / f"fold-{k}" / "ood_density.npz")
+        _, features = logits_and_features(load_model(out / f"fold-{k}" / "best.pt")[0], data.images[train], 32)
+        hands = [j for j, i in enumerate(train) if data.labels[i] == "hand"]  # class 0
+        assert density.means.shape == (3, features.shape[1])
+        np.testing.assert_allclose(density.means[0], features[hands].mean(axis=0), rtol=1e-4, atol=1e-5)
+
+
+def test_threshold_keeps_ood_keep_of_the_validation_images(run):
+    result, out = run
+    saved = json.loads((out / "sorter.json").read_text())["unknown"]
+    assert saved["score"] == "mahalanobis" and saved["keep"] == 0.95 and saved["n_images"] == 48
+    scores = out_of_fold_scores(out)
+    kept = (scores >= saved["threshold"]).mean()
+    # at least 95 % of the 48 validation images kept, and no more than one image's worth above
+    assert 0.95 <= kept <= 0.95 + 1 / 48 + 1e-9 and kept == pytest.approx(saved["kept"], abs=1e-4)
+    assert np.isclose(scores, saved["threshold"], rtol=0, atol=1e-6).any()  # a validation score
+    assert result.unknown.threshold == saved["threshold"]
+
+
+class Fixed(torch.nn.Module):
+    """A 'model' that gives every image the same logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, images):
+        return self.logits.expand(len(images), -1)
+
+
+def test_below_the_threshold_is_unknown():
+    from msk.core.ood import UnknownCalibration
+    from msk.core.sorter import SorterEnsemble
+
+    images = labelled(4).images
+    uniform = [Fixed([0.0, 0.0, 0.0]), Fixed([1.0, 1.0, 1.0])]  # max softmax 1/3
+    peaked = [Fixed([6.0, 0.0, 0.0]), Fixed([0.0, 0.0, 0.0])]  # mean softmax max ~0.66
+    msp = UnknownCalibration("msp", 0.5, 0.95, 100, 0.95)
+    assert SorterEnsemble(uniform, list(REGIONS), 32, msp).predict(images) == ["unknown"] * 4
+    assert SorterEnsemble(peaked, list(REGIONS), 32, msp).predict(images) == ["hand"] * 4
+    probs, scores = SorterEnsemble(peaked, list(REGIONS), 32, msp).predict_scores(images)
+    assert scores == pytest.approx(probs.max(axis=1)) and scores[0] == pytest.approx(
+        (np.exp(6) / (np.exp(6) + 2) + 1 / 3) / 2, rel=1e-5)
+    # energy: mean over folds of logsumexp; uniform log(3) and 1 + log(3) -> 1.6, under 2.0
+    energy = UnknownCalibration("energy", 2.0, 0.95, 100, 0.95)
+    assert not SorterEnsemble(uniform, list(REGIONS), 32, energy).is_known(images).any()
+    assert SorterEnsemble(peaked, list(REGIONS), 32, energy).is_known(images).all()
+    # without a calibration (runs from before it) nothing is unknown, as before
+    assert SorterEnsemble(uniform, list(REGIONS), 32).predict(images) == ["hand"] * 4
+
+
+def test_sorter_json_round_trips_the_calibration(run, tmp_path):
+    import shutil
+
+    from msk.core.errors import MskError
+
+    from msk.core.errors import ConfigError
+    from msk.serve.config import SortConfig
+    from msk.serve.sorter import load_sorter_model
+
+    result, out = run
+    assert load_sorter(out).unknown == result.unknown
+    images = labelled(6, seed=4).images
+    served = load_sorter_model(SortConfig(checkpoint=out))  # /v1/sort reads the same calibration
+    assert served.unknown == result.unknown
+    np.testing.assert_allclose(served.predict_scores(images)[1], load_sorter(out).predict_scores(images)[1])
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints", "ray"))
+    info = json.loads((copy / "sorter.json").read_text())
+    info["unknown"]["threshold"] = "high"
+    (copy / "sorter.json").write_text(json.dumps(info))
+    with pytest.raises(MskError, match=r"sorter.json: the 'unknown' calibration is unreadable .*rerun "
+                                       r"`msk train sorter` on the run folder"):
+        load_sorter(copy)
+    info["unknown"]["threshold"] = -1.0
+    (copy / "sorter.json").write_text(json.dumps(info))
+    (copy / "fold-2" / "ood_density.npz").unlink()
+    with pytest.raises(MskError, match=r"the mahalanobis score needs .*fold-2/ood_density.npz; rerun"):
+        load_sorter(copy)
+    with pytest.raises(ConfigError, match=r"sorter.checkpoint: the run .* lacks .*fold-2/ood_density.npz"):
+        load_sorter_model(SortConfig(checkpoint=copy))
+
+
+def test_rerun_calibrates_a_run_from_before_without_retraining(run, tmp_path):
+    import shutil
+
+    _, out = run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    info = json.loads((old / "sorter.json").read_text())
+    del info["unknown"], info["ingest"]
+    (old / "sorter.json").write_text(json.dumps(info))
+    assert load_sorter(old).unknown is None
+    mtimes = {p: p.stat().st_mtime_ns for p in old.rglob("*.pt")}
+    again = train_sorter(labelled(), fast(ood_keep=0.8, ood_score="energy"), out=old, progress=False)
+    assert all(f.skipped for f in again.folds)
+    assert {p: p.stat().st_mtime_ns for p in old.rglob("*.pt")} == mtimes  # nothing retrained
+    saved = json.loads((old / "sorter.json").read_text())["unknown"]
+    assert saved["score"] == "energy" and saved["keep"] == 0.8 and 0.8 <= saved["kept"] < 0.85
+    scores = out_of_fold_scores(old, "energy")
+    assert (scores >= saved["threshold"]).mean() == pytest.approx(saved["kept"], abs=1e-4)
+
+
+# -- msk sort ----------------------------------------------------------------------------------
+
+
+def test_msk_sort_cli_on_a_png_and_a_non_image(run, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from msk.core.cli import app
+
+    result, out = run
+    image = labelled(6, seed=5).images[0]
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    sorter = load_sorter(out)
+    probs, scores = sorter.predict_scores(image[None])
+    answer = CliRunner().invoke(app, ["sort", str(out), str(tmp_path / "scan.png"), "--k", "2", "--json"])
+    assert answer.exit_code == 0, answer.output
+    got = json.loads(answer.stdout)["images"][0]
+    assert [r["name"] for r in got["regions"]] == [REGIONS[i] for i in np.argsort(-probs[0])[:2]]
+    assert got["score"] == pytest.approx(scores[0], abs=1e-5) and got["threshold"] == result.unknown.threshold
+    assert got["unknown"] == bool(scores[0] < result.unknown.threshold)
+    text = CliRunner().invoke(app, ["sort", str(out), str(tmp_path / "scan.png")])
+    verdict = "unknown" if got["unknown"] else got["regions"][0]["name"]
+    assert text.exit_code == 0 and text.stdout.startswith(f"{tmp_path / 'scan.png'}: {verdict} (mahalanobis ")
+    (tmp_path / "notes.txt").write_text("not an image")
+    bad = CliRunner().invoke(app, ["sort", str(out), str(tmp_path / "notes.txt")])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'notes.txt'}: not_an_image: the file is neither DICOM nor PNG/JPEG"]

@@ -299,6 +299,51 @@ def train_sorter(
     out.print(f"report: {out_dir}")
 
 
+@app.command()
+def sort(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk train sorter`"),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE", help="DICOM, PNG or JPEG files"),
+    k: int = typer.Option(3, "--k", min=1, help="regions shown per image"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document instead of lines"),
+    ingest_dir: Optional[Path] = typer.Option(None, "--ingest", help="the run's ingest folder, if "
+                                              "sorter.json does not record its image size"),
+) -> None:
+    """Sort image files with a trained sorter: the top-k regions with probabilities, or
+    `unknown` when an image scores below the run's calibrated threshold (not a radiograph
+    like the training images). Unreadable files get one line each (file: reason), exit 2.
+
+    [b]Example[/b]: [cyan]msk sort out/sorter scans/hand.png scans/knee.dcm --k 3[/cyan]
+    """
+    import json
+
+    from msk.core.sort_images import read_images, run_preprocess, sort_answer
+    from msk.core.sorter import load_sorter
+
+    preprocess = run_preprocess(run_dir, ingest_dir)
+    read = read_images(images, preprocess)
+    for error in read.errors:
+        typer.echo(f"error: {error.line()}", err=True)  # plain lines: never wrapped
+    answers = []
+    if read.paths:
+        ensemble = load_sorter(run_dir)
+        probs, scores = ensemble.predict_scores(read.images)
+        answers = [{"file": path, **sort_answer(p, s, ensemble, k)}
+                   for path, p, s in zip(read.paths, probs, scores)]
+    if as_json:
+        typer.echo(json.dumps({"run": str(run_dir), "images": answers,
+                               "errors": [{"file": e.path, "reason": e.reason, "message": e.message}
+                                          for e in read.errors]}, indent=2))
+    for a in answers if not as_json else []:
+        verdict = "unknown" if a["unknown"] else a["regions"][0]["name"]
+        if a["threshold"] is not None:
+            verdict += (f" ({a['score_name']} {a['score']:.3g} "
+                        f"{'<' if a['unknown'] else '>='} {a['threshold']:.3g})")
+        ranked = ", ".join(f"{r['name']} {r['probability']:.3f}" for r in a["regions"])
+        typer.echo(f"{a['file']}: {verdict}; {ranked}")
+    if read.errors:
+        raise typer.Exit(2)
+
+
 @train_app.command("transfer")
 def train_transfer(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),

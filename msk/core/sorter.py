@@ -14,7 +14,12 @@ region classifier:
   validation loss). A rerun skips finished folds and resumes an interrupted one;
 * **evaluation**: every fold model on the test set (top-1, top-2) and their ensemble (mean of
   the softmax outputs), a confusion matrix PNG, the same on an optional external hold-out, and
-  Grad-CAM overlays averaged over the fold models (:mod:`msk.core.gradcam`).
+  Grad-CAM overlays averaged over the fold models (:mod:`msk.core.gradcam`);
+* **unknown inputs** (:mod:`msk.core.ood`): a threshold on the ensemble's score, calibrated on
+  the out-of-fold validation images to keep ``ood_keep`` of them; the ensemble answers
+  ``unknown`` below it. The default score (``mahalanobis``) keeps per fold the class means and
+  shared covariance of the training features (``fold-k/ood_density.npz``). A rerun of a run finished before calibration existed calibrates it
+  without retraining.
 
 Labels come from a CSV ``image_id,label`` (the ``row,image_id,label`` weak labels that
 ``msk clusters apply`` writes, or any such file) or, with the DeepCluster run folder, straight
@@ -39,19 +44,23 @@ from pydantic import Field
 from msk.core.checkpoint import CheckpointError
 from msk.core.errors import MskError
 from msk.core.labelling import DISCARD, LabelFileError, LabelVocabulary
+from msk.core.ood import (FEATURE_SCORES, UNKNOWN, FeatureDensity, UnknownCalibration, calibrate,
+                          ood_score)
 from msk.core.specs import EntitySet
 from msk.core.train import (TrainConfig, TrainError, build_classifier, fit_classifier, load_model,
                             predict_logits)
 
 __all__ = [
     "CrossValidation", "Evaluation", "FoldResult", "LabelledImages", "SorterConfig",
-    "SorterEnsemble", "SorterError", "SorterResult", "load_labelled", "load_sorter",
-    "plan_splits", "read_image_labels", "softmax", "sorter_from_ingest", "train_sorter",
+    "SorterEnsemble", "SorterError", "SorterResult", "calibrate_unknown", "load_labelled",
+    "load_densities", "load_sorter", "logits_and_features", "plan_splits", "read_image_labels",
+    "read_sorter_info", "softmax",
+    "sorter_from_ingest", "train_sorter",
 ]
 
 #: Options that may differ between a sorter run and its resumption in the same folder.
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "num_workers", "use_gpu", "gradcam_images",
-                               "keep_checkpoints"})
+                               "keep_checkpoints", "ood_keep", "ood_score"})
 
 
 class SorterError(MskError):
@@ -69,6 +78,12 @@ class SorterConfig(TrainConfig):
         "error", description="a class with fewer than folds + 1 patients: stop, or leave it out")
     gradcam_images: int = Field(16, ge=0, description="test images with a Grad-CAM overlay")
     num_workers: int = Field(1, ge=0, description="Ray Train workers per fold; 0 runs in this process")
+    ood_score: Literal["mahalanobis", "msp", "energy"] = Field(
+        "mahalanobis", description="score of 'not an image like the training images': mahalanobis "
+        "(feature distance to the nearest class mean), msp (max softmax of the fold ensemble) or "
+        "energy (mean log-sum-exp of the fold logits); see docs/sorter.md, 'Unknown inputs'")
+    ood_keep: float = Field(0.95, gt=0, le=1, description="share of the out-of-fold validation "
+                            "images scored at or above the 'unknown' threshold")
 
     def train_config(self) -> TrainConfig:
         """The :class:`TrainConfig` part, as each fold's run is given it."""
@@ -352,10 +367,10 @@ def _check_classes(data: LabelledImages, config: SorterConfig) -> tuple[Labelled
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of ``float [N, C]`` logits."""
-    z = logits - logits.max(axis=1, keepdims=True)
+    """Softmax over the last axis of ``float [..., C]`` logits (row-wise for ``[N, C]``)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass
@@ -366,6 +381,8 @@ class Evaluation:
     :param top1: top-1 accuracy of the ensemble (mean softmax); ``top2`` likewise.
     :param confusion: ensemble confusion counts ``[C, C]``, rows true, in ``classes`` order.
     :param left_out: images of classes the sorter was not trained on, per class (not scored).
+    :param unknown: share of the scored images the ensemble calls ``unknown`` (None: the
+        sorter has no calibrated threshold).
     """
 
     name: str
@@ -379,10 +396,11 @@ class Evaluation:
     confusion_png: Path
     predictions_csv: Path
     left_out: dict[str, int] = field(default_factory=dict)
+    unknown: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "n": self.n, "top1": self.top1, "top2": self.top2,
-                "macro_f1": self.macro_f1, "fold_top1": self.fold_top1,
+                "macro_f1": self.macro_f1, "unknown": self.unknown, "fold_top1": self.fold_top1,
                 "fold_top2": self.fold_top2, "left_out": self.left_out,
                 "confusion_png": self.confusion_png.name, "predictions_csv": self.predictions_csv.name}
 
@@ -398,8 +416,11 @@ def _evaluate(name: str, data: LabelledImages, ensemble: SorterEnsemble, out: Pa
         raise SorterError(f"{name}: no image of a class the sorter was trained on "
                           f"({', '.join(sorted(unknown))} only)")
     y = np.array([classes.index(c) for c in data.labels])
-    per_fold = ensemble.fold_probabilities(data.images)
+    logits, features = ensemble.fold_outputs(data.images)
+    per_fold = softmax(logits)
     probs = per_fold.mean(axis=0)
+    scores = ensemble.scores_of(logits, features)
+    known = ensemble.known(scores)
     k2 = min(2, len(classes))
     order = np.argsort(-probs, axis=1)
     predicted = [classes[i] for i in order[:, 0]]
@@ -410,18 +431,20 @@ def _evaluate(name: str, data: LabelledImages, ensemble: SorterEnsemble, out: Pa
     csv_path = out / f"predictions_{name}.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image_id", "patient_id", "label", "predicted", "second", "probability"])
+        writer.writerow(["image_id", "patient_id", "label", "predicted", "second", "probability",
+                         "score", "unknown"])
         for i in range(len(y)):
             writer.writerow([data.image_ids[i], data.patient_ids[i], data.labels[i], predicted[i],
                              classes[order[i, 1]] if len(classes) > 1 else "",
-                             f"{probs[i, order[i, 0]]:.4f}"])
+                             f"{probs[i, order[i, 0]]:.4f}", f"{scores[i]:.6g}", int(not known[i])])
     return Evaluation(
         name, len(y),
         [round(top_k_accuracy(p, y, 1), 4) for p in per_fold],
         [round(top_k_accuracy(p, y, k2), 4) for p in per_fold],
         round(top_k_accuracy(probs, y, 1), 4), round(top_k_accuracy(probs, y, k2), 4),
         round(macro_f1(data.labels, predicted, labels=classes), 4), cm, png, csv_path,
-        dict(sorted(unknown.items())))
+        dict(sorted(unknown.items())),
+        None if ensemble.unknown is None else round(float((~known).mean()), 4))
 
 
 # -- the trained sorter ------------------------------------------------------------------------
@@ -429,36 +452,134 @@ def _evaluate(name: str, data: LabelledImages, ensemble: SorterEnsemble, out: Pa
 
 @dataclass
 class SorterEnsemble:
-    """The fold models of a sorter run; predicts the mean of their softmax outputs."""
+    """The fold models of a sorter run; predicts the mean of their softmax outputs.
+
+    With ``unknown`` (the calibration of :mod:`msk.core.ood`), an image whose score is below
+    its threshold is ``"unknown"``; without it (runs from before calibration, a single
+    checkpoint) every image is known, as before.
+    """
 
     models: list
     classes: list[str]
     image_size: int
+    unknown: UnknownCalibration | None = None
+    densities: list[FeatureDensity] | None = None  # per fold model, for feature scores
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated threshold (None: never unknown)."""
+        return None if self.unknown is None else self.unknown.threshold
+
+    @property
+    def score_name(self) -> str:
+        """The score the threshold applies to (``msp`` when uncalibrated)."""
+        return "msp" if self.unknown is None else self.unknown.score
+
+    def fold_logits(self, images: np.ndarray) -> np.ndarray:
+        """``float32 [folds, N, C]``: each fold model's logits."""
+        return np.stack([predict_logits(m, images, image_size=self.image_size)
+                         for m in self.models]).astype(np.float32)
+
+    def fold_outputs(self, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """``(logits [folds, N, C], features)``: features (per fold ``[N, D]``) only when the
+        score needs them, else None; one forward pass per fold model."""
+        if self.score_name not in FEATURE_SCORES:
+            return self.fold_logits(images), None
+        pairs = [logits_and_features(m, images, self.image_size) for m in self.models]
+        return np.stack([p[0] for p in pairs]).astype(np.float32), [p[1] for p in pairs]
 
     def fold_probabilities(self, images: np.ndarray) -> np.ndarray:
         """``float32 [folds, N, C]``: each fold model's class probabilities."""
-        return np.stack([softmax(predict_logits(m, images, image_size=self.image_size))
-                         for m in self.models]).astype(np.float32)
+        return softmax(self.fold_logits(images)).astype(np.float32)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """``float32 [N, C]``: the ensemble's class probabilities (columns: :attr:`classes`)."""
         return self.fold_probabilities(images).mean(axis=0)
 
+    def scores_of(self, fold_logits: np.ndarray,
+                  fold_features: list[np.ndarray] | None = None) -> np.ndarray:
+        """``float64 [N]``: the score (:attr:`score_name`) of :meth:`fold_outputs`' output."""
+        return ood_score(fold_logits, self.score_name, fold_features=fold_features,
+                         densities=self.densities)
+
+    def known(self, scores: np.ndarray) -> np.ndarray:
+        """``bool [N]``: scores at or above the threshold (all True without one)."""
+        scores = np.asarray(scores)
+        return np.ones(len(scores), bool) if self.unknown is None else self.unknown.known(scores)
+
+    def predict_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(probabilities [N, C], scores [N])`` from one forward pass of every fold model."""
+        logits, features = self.fold_outputs(images)
+        return softmax(logits).mean(axis=0).astype(np.float32), self.scores_of(logits, features)
+
+    def is_known(self, images: np.ndarray) -> np.ndarray:
+        """``bool [N]``: which images score at or above the threshold."""
+        return self.known(self.predict_scores(images)[1])
+
     def predict(self, images: np.ndarray) -> list[str]:
-        """The most probable region of each image."""
-        return [self.classes[i] for i in self.predict_proba(images).argmax(axis=1)]
+        """The most probable region of each image, or ``"unknown"`` below the threshold."""
+        probs, scores = self.predict_scores(images)
+        return [self.classes[i] if ok else UNKNOWN
+                for i, ok in zip(probs.argmax(axis=1), self.known(scores))]
 
 
-def load_sorter(out: str | os.PathLike) -> SorterEnsemble:
-    """The fold models (``out/fold-k/best.pt``) and classes of a finished sorter run."""
+def logits_and_features(model, images: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits [N, C], features [N, D])`` of a classifier: the features are what its linear
+    head is given (captured by a hook), through exactly :func:`predict_logits`' input path."""
+    captured: list = []
+    hook = model.head.register_forward_hook(
+        lambda _module, inputs, _output: captured.append(inputs[0].detach().float().cpu()))
+    try:
+        logits = predict_logits(model, images, image_size=image_size)
+    finally:
+        hook.remove()
+    features = (np.concatenate([c.numpy() for c in captured]) if captured
+                else np.zeros((0, 0), np.float32))
+    return logits, features
+
+
+DENSITY_FILE = "ood_density.npz"
+
+
+def load_densities(out: str | os.PathLike, folds: int, unknown: UnknownCalibration | None):
+    """The per-fold :class:`FeatureDensity` files a feature score needs (None otherwise)."""
+    if unknown is None or unknown.score not in FEATURE_SCORES:
+        return None
+    paths = [Path(out) / f"fold-{k}" / DENSITY_FILE for k in range(1, folds + 1)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SorterError(f"{out}: the {unknown.score} score needs {', '.join(missing)}; rerun "
+                          "`msk train sorter` on the run folder to calibrate it again")
+    return [FeatureDensity.load(p) for p in paths]
+
+
+def read_sorter_info(out: str | os.PathLike) -> dict[str, Any]:
+    """``out/sorter.json`` of a finished run, with ``"unknown"`` parsed to an
+    :class:`UnknownCalibration` (None for a run from before calibration)."""
     out = Path(out)
     summary = out / "sorter.json"
     if not summary.is_file():
         raise SorterError(f"{out} holds no finished sorter run (no sorter.json); run "
                           "`msk train sorter` first")
-    info = json.loads(summary.read_text())
+    try:
+        info = json.loads(summary.read_text())
+        int(info["folds"]), list(info["classes"]), int(info["image_size"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise SorterError(f"{summary} is unreadable ({exc!r}); rerun `msk train sorter`") from None
+    raw = info.get("unknown")
+    info["unknown"] = None if raw is None else UnknownCalibration.from_json(raw, str(summary))
+    return info
+
+
+def load_sorter(out: str | os.PathLike) -> SorterEnsemble:
+    """The fold models (``out/fold-k/best.pt``), classes and ``unknown`` threshold of a
+    finished sorter run."""
+    out = Path(out)
+    info = read_sorter_info(out)
     models = [load_model(out / f"fold-{k}" / "best.pt")[0] for k in range(1, info["folds"] + 1)]
-    return SorterEnsemble(models, list(info["classes"]), int(info["image_size"]))
+    densities = load_densities(out, int(info["folds"]), info["unknown"])
+    return SorterEnsemble(models, list(info["classes"]), int(info["image_size"]), info["unknown"],
+                          densities)
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -489,6 +610,7 @@ class SorterResult:
     gradcam: Path | None
     dropped: dict[str, int]
     notes: list[str]
+    unknown: UnknownCalibration | None = None
 
     def table(self):
         """Per-fold and ensemble scores as a rich table."""
@@ -511,6 +633,12 @@ class SorterResult:
         if self.holdout is not None:
             row += [f"[b]{self.holdout.top1:.3f}[/b]", f"[b]{self.holdout.top2:.3f}[/b]"]
         table.add_row(*row)
+        if self.unknown is not None:
+            u = self.unknown
+            table.caption = (f"unknown below {u.score} {u.threshold:.4g} (keeps {u.kept:.1%} of "
+                             f"{u.n_images} out-of-fold validation images; target {u.keep:.0%}); "
+                             f"test images called unknown: {self.test.unknown:.1%}")
+            table.caption_justify = "left"
         return table
 
 
@@ -642,6 +770,47 @@ def _check_external(data: LabelledImages, holdout: LabelledImages) -> None:
                           f"training data {data.source}: {exc}") from exc
 
 
+def calibrate_unknown(models: Sequence, data: LabelledImages, y: np.ndarray, plan: CrossValidation,
+                      config: SorterConfig, out: Path | None = None):
+    """``(calibration, densities)``: the ``unknown`` threshold of a run
+    (:func:`msk.core.ood.calibrate`). Fold model ``k`` scores the validation images of fold
+    ``k``, and the threshold keeps ``config.ood_keep`` of them. A feature score first fits each
+    fold model's :class:`FeatureDensity` on its training images (saved as
+    ``out/fold-k/ood_density.npz``); ``densities`` is None for the other scores."""
+    if config.ood_score not in FEATURE_SCORES:
+        val_logits = [predict_logits(model, data.images[val], image_size=config.image_size)
+                      for model, (_, val) in zip(models, plan.folds)]
+        return calibrate(val_logits, score=config.ood_score, keep=config.ood_keep), None
+    densities, val_logits, val_features = [], [], []
+    for k, (model, (train, val)) in enumerate(zip(models, plan.folds), 1):
+        _, train_features = logits_and_features(model, data.images[train], config.image_size)
+        densities.append(FeatureDensity.fit(train_features, y[train]))
+        if out is not None:
+            densities[-1].save(out / f"fold-{k}" / DENSITY_FILE)
+        logits, features = logits_and_features(model, data.images[val], config.image_size)
+        val_logits.append(logits)
+        val_features.append(features)
+    calibration = calibrate(val_logits, score=config.ood_score, keep=config.ood_keep,
+                            val_features=val_features, densities=densities)
+    return calibration, densities
+
+
+def _ingest_info(data: LabelledImages, out: Path) -> dict[str, Any]:
+    """How the training images were made (``msk sort`` prepares new images the same way):
+    the square side, and the ingest's resize mode and pixel limit where its folder is known
+    (its path relative to the run folder ``out``)."""
+    info: dict[str, Any] = {"path": data.source or None,
+                            "image_size": int(data.images.shape[-1])}
+    summary = Path(data.source) / "ingest.json" if data.source else None
+    if summary is not None and summary.is_file():
+        try:
+            saved = json.loads(summary.read_text()).get("config", {})
+        except (OSError, ValueError):
+            saved = {}
+        info.update({k: saved[k] for k in ("resize", "max_pixels") if k in saved})
+    return info
+
+
 def prepare_sorter_data(data: LabelledImages, config: SorterConfig):
     """``(data, dropped, classes, y, plan)``: the images :func:`train_sorter` keeps (small
     classes dropped or refused as configured), their class names in region-set order, class
@@ -677,7 +846,9 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
         gradcam/  [confusion_holdout.png  predictions_holdout.csv]
 
     A rerun with the same ``out`` skips finished folds and resumes an interrupted one; other
-    options than :data:`RESUMABLE_CHANGES` are an error.
+    options than :data:`RESUMABLE_CHANGES` are an error. The ``unknown`` threshold
+    (:func:`calibrate_unknown`) is fitted after the folds, before the test set is scored, so a
+    rerun of a finished run only recalibrates and re-evaluates.
     """
     config = config or SorterConfig()
     out = Path(out).absolute()
@@ -703,16 +874,18 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
             folds.append(_train_fold(k, data, y, train, val, classes, config, out, extra))
             bar.advance(task)
 
-    ensemble = SorterEnsemble([load_model(f.out / "best.pt")[0] for f in folds], classes,
-                              config.image_size)
+    models = [load_model(f.out / "best.pt")[0] for f in folds]
+    unknown, densities = calibrate_unknown(models, data, y, plan, config, out)
+    ensemble = SorterEnsemble(models, classes, config.image_size, unknown, densities)
     test = _evaluate("test", data.subset(plan.test), ensemble, out)
     held = _evaluate("holdout", holdout, ensemble, out) if holdout is not None else None
     cam = _gradcam(data.subset(plan.test), ensemble, config.gradcam_images, out)
     notes = list(data.notes) + (list(holdout.notes) if holdout is not None else [])
-    result = SorterResult(out, classes, folds, test, held, cam, dropped, notes)
+    result = SorterResult(out, classes, folds, test, held, cam, dropped, notes, unknown)
     (out / "sorter.json").write_text(json.dumps({
         "classes": classes, "folds": config.folds, "image_size": config.image_size,
         "n_images": len(data), "n_test": len(plan.test), "dropped": dropped, "notes": notes,
+        "unknown": unknown.to_json(), "ingest": _ingest_info(data, out),
         "fold_results": [{"fold": f.fold, "best_epoch": f.best_epoch, "val_top1": f.val_top1,
                           "n_train": f.n_train, "n_val": f.n_val} for f in folds],
         "test": test.summary(), "holdout": held.summary() if held else None,

@@ -19,6 +19,14 @@ class Probability(BaseModel):
 
 class SortResponse(BaseModel):
     regions: list[Probability] = Field(description="the k most probable regions, most probable first")
+    unknown: bool = Field(description="true: the image scores below the sorter's calibrated threshold; it "
+                                      "does not look like the radiographs the sorter was trained on")
+    score: float = Field(description="the image's score (score_name); higher: more like the training images")
+    score_name: Literal["mahalanobis", "msp", "energy"] = Field(
+        description="mahalanobis: minus the feature distance to the nearest class mean; msp: max softmax "
+                    "of the fold ensemble; energy: mean log-sum-exp of the fold logits")
+    threshold: float | None = Field(None, description="the calibrated threshold; absent when the served "
+                                                      "model has none (then never unknown)")
     gradcam_png: str | None = Field(None, description=GRADCAM)
 
 

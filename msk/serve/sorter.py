@@ -5,6 +5,11 @@ is served as its fold ensemble (mean of the fold models' softmax, as the sorter 
 :class:`msk.core.sorter.SorterEnsemble`); a single classifier checkpoint is served alone, with
 its class names from the config, the checkpoint (``extra["classes"]``) or, for 28 outputs, the
 ``samx-regions`` entity set.
+
+A run folder's ``sorter.json`` also holds the calibrated ``unknown`` threshold
+(:mod:`msk.core.ood`): every answer says whether the image scored below it (``unknown``), with
+its score and the threshold. A single checkpoint and a run from before calibration have no
+threshold and never answer ``unknown``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ def _classes_of(checkpoint: Path, num_classes: int, configured: list[str] | None
 
 
 def inspect_sorter(config: SortConfig) -> dict[str, Any]:
-    """The sorter's class names, input size and checkpoint files, checked without building it.
+    """The sorter's class names, input size, checkpoint files and ``unknown`` calibration
+    (None without one), checked without building it.
 
     Raises :class:`ConfigError` naming the file for anything that would fail in a replica.
     """
@@ -56,18 +62,29 @@ def inspect_sorter(config: SortConfig) -> dict[str, Any]:
         if not summary.is_file():
             raise ConfigError(f"sorter.checkpoint: {path} is a folder without sorter.json (not a finished "
                               "`msk train sorter` run); name a run folder or a .pt checkpoint")
+        from msk.core.errors import MskError
+        from msk.core.ood import FEATURE_SCORES, UnknownCalibration
+        from msk.core.sorter import DENSITY_FILE
+
         try:
             info = json.loads(summary.read_text())
             folds, classes, image_size = int(info["folds"]), list(info["classes"]), int(info["image_size"])
+            unknown = None if info.get("unknown") is None else UnknownCalibration.from_json(info["unknown"], str(summary))
+        except MskError as exc:
+            raise ConfigError(f"sorter.checkpoint: {exc}") from None
         except (OSError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"sorter.checkpoint: {summary} is unreadable ({exc})") from None
         files = [path / f"fold-{k}" / "best.pt" for k in range(1, folds + 1)]
-        missing = [str(f) for f in files if not f.is_file()]
+        if unknown is not None and unknown.score in FEATURE_SCORES:  # per-fold feature densities
+            files_needed = files + [path / f"fold-{k}" / DENSITY_FILE for k in range(1, folds + 1)]
+        else:
+            files_needed = files
+        missing = [str(f) for f in files_needed if not f.is_file()]
         if missing:
             raise ConfigError(f"sorter.checkpoint: the run {path} lacks {', '.join(missing)}")
         if config.classes is not None and list(config.classes) != classes:
             raise ConfigError(f"sorter.classes contradicts {summary} ({classes}); leave it out for a run folder")
-        return {"classes": classes, "image_size": image_size, "checkpoints": files}
+        return {"classes": classes, "image_size": image_size, "checkpoints": files, "unknown": unknown}
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as exc:
@@ -76,7 +93,8 @@ def inspect_sorter(config: SortConfig) -> dict[str, Any]:
         raise ConfigError(f"sorter.checkpoint: {path} is not a trained classifier (no head or image_size); "
                           "a DeepCluster encoder must be fine-tuned first (`msk train sorter`)")
     classes = _classes_of(path, int(ckpt.extra["num_classes"]), config.classes, ckpt.extra.get("classes"))
-    return {"classes": classes, "image_size": int(ckpt.config["image_size"]), "checkpoints": [path]}
+    return {"classes": classes, "image_size": int(ckpt.config["image_size"]), "checkpoints": [path],
+            "unknown": None}
 
 
 def load_sorter_model(config: SortConfig):
@@ -86,7 +104,12 @@ def load_sorter_model(config: SortConfig):
 
     info = inspect_sorter(config)
     models = [load_model(path)[0] for path in info["checkpoints"]]
-    return SorterEnsemble(models, info["classes"], info["image_size"])
+    densities = None
+    if info["unknown"] is not None:  # a run folder (checked above): a feature score's densities
+        from msk.core.sorter import load_densities
+
+        densities = load_densities(Path(config.checkpoint), len(models), info["unknown"])
+    return SorterEnsemble(models, info["classes"], info["image_size"], info["unknown"], densities)
 
 
 @serve.deployment(name="sorter")
@@ -102,13 +125,14 @@ class SorterDeployment(ModelReplica):
         self.ensemble.models = [m.to(self.device) for m in self.ensemble.models]
         self.lock = threading.Lock()  # Grad-CAM hooks must not see another request's forward pass
 
-    def _predict(self, images: np.ndarray) -> np.ndarray:
+    def _predict(self, images: np.ndarray) -> list[tuple[np.ndarray, float]]:
         with self.lock:
-            return self.ensemble.predict_proba(images)
+            probs, scores = self.ensemble.predict_scores(images)
+        return list(zip(probs, scores.tolist()))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        return list(await asyncio.to_thread(self._predict, np.stack(images)))
+    async def _probabilities(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        return await asyncio.to_thread(self._predict, np.stack(images))
 
     def _gradcam(self, image: np.ndarray, target: int) -> str:
         from msk.core.gradcam import mean_cam
@@ -118,16 +142,18 @@ class SorterDeployment(ModelReplica):
         return gradcam_png(image, cam)
 
     async def sort(self, image: np.ndarray, k: int | None = None, gradcam: bool = False) -> dict[str, Any]:
-        """The ``k`` most probable regions of a square ``uint8`` image, most probable first."""
-        probs = await self._probabilities(image)
-        classes = self.ensemble.classes
-        k = min(k or self.config.top_k, len(classes))
-        order = np.argsort(-probs, kind="stable")[:k]
-        result: dict[str, Any] = {"regions": [{"name": classes[i], "probability": float(probs[i])} for i in order]}
+        """The ``k`` most probable regions of a square ``uint8`` image, most probable first, and
+        whether it scores below the ``unknown`` threshold (:func:`msk.core.sort_images.sort_answer`)."""
+        from msk.core.sort_images import sort_answer
+
+        probs, score = await self._probabilities(image)
+        result = sort_answer(probs, score, self.ensemble, k or self.config.top_k)
         if gradcam:
-            result["gradcam_png"] = await asyncio.to_thread(self._gradcam, image, int(order[0]))
+            top = self.ensemble.classes.index(result["regions"][0]["name"])
+            result["gradcam_png"] = await asyncio.to_thread(self._gradcam, image, top)
         return result
 
     async def describe(self) -> dict[str, Any]:
         return {"classes": list(self.ensemble.classes), "image_size": self.ensemble.image_size,
-                "models": len(self.ensemble.models), "top_k": self.config.top_k}
+                "models": len(self.ensemble.models), "top_k": self.config.top_k,
+                "unknown": None if self.ensemble.unknown is None else self.ensemble.unknown.to_json()}
