@@ -24,7 +24,32 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
-CONFIG_HELP = "YAML file with options; command-line options override it."
+CONFIG_HELP = "YAML file with options (relative paths in it are read from its folder); command-line options override it."
+
+
+def locks_run(param: str):
+    """Decorator: the command holds the run lock (msk.core.runlock) of its folder argument
+    ``param`` while it runs; a second run on that folder stops at once naming the holder.
+    ``MSK_FORCE_UNLOCK=1`` takes over a lock another host recorded."""
+    import functools
+    import os
+
+    def decorate(command):
+        @functools.wraps(command)
+        def locked(*args, **kwargs):
+            import click
+
+            from msk.core.runlock import run_lock
+
+            folder = kwargs.get(param)
+            if folder is None:
+                return command(*args, **kwargs)
+            ctx = click.get_current_context(silent=True)
+            with run_lock(folder, ctx.command_path if ctx else None,
+                          force=os.environ.get("MSK_FORCE_UNLOCK", "") not in ("", "0")):
+                return command(*args, **kwargs)
+        return locked
+    return decorate
 
 
 @app.command()
@@ -63,6 +88,7 @@ def plugins(
 
 
 @app.command()
+@locks_run("out_dir")
 def synth(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="folder to write the export into"),
     n: Optional[int] = typer.Option(None, "--n", help="number of files \\[default: 2000]"),
@@ -89,6 +115,7 @@ def synth(
 
 
 @app.command()
+@locks_run("out_dir")
 def ingest(
     src: Path = typer.Argument(..., help="folder tree of DICOM/PNG/JPEG/BMP/TIFF files"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="output folder (shards, manifest)"),
@@ -131,6 +158,7 @@ def _print_ingest(report) -> None:
 
 
 @app.command("import")
+@locks_run("out_dir")
 def import_(
     dataset: str = typer.Argument(..., metavar="DATASET", help="dataset layout: csv, folders, mura, btxrd (`msk plugins dataset`)"),
     src: Path = typer.Argument(..., metavar="SRC", help="the dataset's folder"),
@@ -175,6 +203,7 @@ def import_(
 
 
 @app.command()
+@locks_run("run_dir")
 def cluster(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder (checkpoints, history, assignments)"),
@@ -221,6 +250,7 @@ def _run_images_and_k(run_dir: Path, ingest_dir: Path | None):
 
 
 @clusters_app.command("export")
+@locks_run("to")
 def clusters_export(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk cluster`"),
@@ -240,6 +270,7 @@ def clusters_export(
 
 
 @clusters_app.command("apply")
+@locks_run("run_dir")
 def clusters_apply(
     labels_file: Path = typer.Argument(..., metavar="LABELS", help="filled-in labels.csv or YAML"),
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk cluster`"),
@@ -269,6 +300,7 @@ app.add_typer(train_app, name="train")
 
 
 @train_app.command("sorter")
+@locks_run("out_dir")
 def train_sorter(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     labels: Path = typer.Argument(..., metavar="LABELS", help="weak labels CSV (image_id,label) from `msk clusters apply`"),
@@ -345,6 +377,7 @@ def sort(
 
 
 @train_app.command("transfer")
+@locks_run("out_dir")
 def train_transfer(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     labels: Path = typer.Argument(..., metavar="LABELS", help="CSV image_id,label of the downstream task"),
@@ -378,6 +411,7 @@ def train_transfer(
 
 
 @app.command()
+@locks_run("out_dir")
 def embed(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     checkpoint: Path = typer.Argument(..., help="msk checkpoint (DeepCluster encoder or trained classifier)"),
@@ -397,6 +431,7 @@ def embed(
 
 
 @train_app.command("segmenter")
+@locks_run("out_dir")
 def train_segmenter(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     masks: Path = typer.Argument(..., metavar="MASKS", help="masks table (image_id,mask_path[,label]; PNG or "
@@ -436,6 +471,7 @@ app.add_typer(eval_app, name="eval")
 
 
 @eval_app.command("segmenter")
+@locks_run("out_dir")
 def eval_segmenter(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk train segmenter`"),
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
@@ -456,6 +492,7 @@ def eval_segmenter(
 
 
 @eval_app.command("recommender")
+@locks_run("out_dir")
 def eval_recommender(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     labels: Path = typer.Argument(..., metavar="LABELS", help="CSV image_id,entity (optional x0,y0,x1,y1 lesion box)"),
@@ -476,6 +513,7 @@ def eval_recommender(
 
 
 @eval_app.command("fusion")
+@locks_run("out_dir")
 def eval_fusion(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     metadata: Path = typer.Argument(..., metavar="METADATA", help="CSV of image_id, entity and clinical metadata"),
@@ -496,6 +534,7 @@ def eval_fusion(
 
 
 @app.command()
+@locks_run("out_dir")
 def tune(
     task: str = typer.Argument(..., metavar="TASK", help="sorter, fusion or recommender"),
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
@@ -542,10 +581,11 @@ def serve(
     host: Optional[str] = typer.Option(None, help="bind address \\[default: from the config, 127.0.0.1]"),
     port: Optional[int] = typer.Option(None, help="port \\[default: from the config, 8000]"),
 ) -> None:
-    """Serve /v1/sort, /v1/recommend and /v1/classify locally with Ray Serve until Ctrl-C.
+    """Serve /v1/sort, /v1/recommend and /v1/classify locally with Ray Serve until Ctrl-C or SIGTERM.
 
-    Checkpoints and index come from CONFIG and are checked at start-up; the bearer token from
-    MSK_SERVE_TOKEN or the config's token_file.
+    Checkpoints and index come from CONFIG (relative paths from its folder) and are checked at
+    start-up; the bearer token from MSK_SERVE_TOKEN or the config's token_file. Ctrl-C or SIGTERM
+    shuts Serve and Ray down and exits 0.
 
     [b]Example[/b]: [cyan]MSK_SERVE_TOKEN=$(cat token) msk serve msk/serve/serve.example.yaml --port 8000[/cyan]
     """
@@ -556,6 +596,7 @@ def serve(
 
 
 @app.command()
+@locks_run("out_dir")
 def demo(
     out_dir: Path = typer.Argument(Path("out/demo"), metavar="OUT", help="output folder"),
     n: int = typer.Option(300, "--n", help="number of synthetic files"),
@@ -583,11 +624,27 @@ def demo(
 
 
 def main() -> None:
+    """The ``msk`` entry point: MskError -> one line + exit 2; SIGTERM/SIGINT -> the Ray processes
+    the command started are shut down, exit 128 + signal (``msk serve``: 0), see msk.core.shutdown."""
+    from msk.core import shutdown
+
+    shutdown.install()
+    signum = None
     try:
         app()
     except MskError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line, never wrapped
         raise SystemExit(2) from None
+    except BaseException as exc:
+        signum = shutdown.signal_of(exc)
+        if signum is None:
+            raise
+    finally:
+        if signum is None:
+            shutdown.stop_ray()
+    shutdown.exit_after_signal(signum, console.print)  # the exception is gone: its generators closed
 
 
 if __name__ == "__main__":

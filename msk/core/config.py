@@ -1,8 +1,9 @@
 """Typed configuration: every job's options are a pydantic model, loadable from YAML.
 
 Each job defines its model next to its code (``IngestConfig`` in :mod:`msk.core.ingest`, ...)
-by subclassing :class:`MskConfig`; :func:`load_config` reads a YAML file into it and applies
-command-line overrides, with errors that name the file and the offending field.
+by subclassing :class:`MskConfig`; :func:`load_config` reads a YAML file into it (relative paths
+from the file's folder) and applies command-line overrides, with errors that name the file and
+the offending field.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ class MskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, folder: str | Path | None = None) -> str:
+        """The config as YAML; with ``folder``, the YAML of a config file written there: paths of
+        existing files relative to it (read back by :func:`load_config` from any directory)."""
+        data = self.model_dump(mode="json")
+        if folder is not None:
+            from msk.core.paths import stored_config_paths
+
+            data = stored_config_paths(data, type(self), folder)
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
@@ -43,12 +51,18 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
 
 
 def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
-    """Build ``cls`` from the YAML file at ``path`` (optional) updated with non-None ``overrides``."""
+    """Build ``cls`` from the YAML file at ``path`` (optional) updated with non-None ``overrides``.
+
+    Relative paths in the file are read from the file's folder, not the current directory
+    (:func:`msk.core.paths.resolve_config_paths`); ``overrides`` are taken as they are.
+    """
+    from msk.core.paths import resolve_config_paths
+
     data: dict[str, Any] = {}
     where = "options"
     if path is not None:
         where = str(path)
-        data.update(read_yaml_mapping(path))
+        data.update(resolve_config_paths(cls, read_yaml_mapping(path), Path(path).parent))
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return cls.model_validate(data)

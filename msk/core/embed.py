@@ -30,6 +30,7 @@ the shard image, :func:`msk.core.roi.roi_box` adds the margin and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from pydantic import Field
 from msk.core.config import MskConfig
 from msk.core.errors import MskError
 from msk.core.ingest import map_box_to_square
+from msk.core.paths import resolve_stored, store_path
 
 __all__ = [
     "EMBEDDINGS_FILE", "EmbedConfig", "EmbedError", "EmbedReport", "Embedder", "EncoderInfo",
@@ -381,7 +383,17 @@ def read_embeddings(path: str | os.PathLike) -> pa.Table:
     except (OSError, pa.ArrowException) as exc:
         raise EmbedError(f"{file}: not a readable Parquet file ({exc})") from None
     check_embeddings(table, str(file))
+    info = encoder_info(table)
+    if info and info.get("checkpoint"):  # stored relative to the file's folder: make it absolute
+        info["checkpoint"] = str(resolve_stored(info["checkpoint"], file.parent))
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               META_KEY: json.dumps(info).encode()})
     return table
+
+
+def _stored(info: EncoderInfo, folder: Path) -> EncoderInfo:
+    """``info`` with its checkpoint relative to ``folder``, as written into an artefact there."""
+    return dataclasses.replace(info, checkpoint=store_path(info.checkpoint, folder))
 
 
 def check_embeddings(table: pa.Table, where: str = "embeddings") -> int:
@@ -490,7 +502,7 @@ def embed(ingest_dir: str | os.PathLike, checkpoint_or_encoder: str | os.PathLik
         ray.init(include_dashboard=False, log_to_driver=False)
     _check_resources(config, ray.cluster_resources())
     out.mkdir(parents=True, exist_ok=True)
-    schema = embeddings_schema(info.dim, info)
+    schema = embeddings_schema(info.dim, _stored(info, out))  # checkpoint relative to OUT (msk.core.paths)
     tmp = out / f".{EMBEDDINGS_FILE}.tmp"
     n = 0
     with _ray_data_settings(), _progress(progress) as bar:
@@ -516,8 +528,8 @@ def embed(ingest_dir: str | os.PathLike, checkpoint_or_encoder: str | os.PathLik
     if rois is not None and n < len(rois):
         logging.getLogger(__name__).warning(
             "%d of %d lesion boxes name images that are not in %s", len(rois) - n, len(rois), ingest_dir)
-    summary = {"msk_version": _version(), "ingest": str(ingest_dir.absolute()), "n_images": n,
-               "seconds": round(report.seconds, 3), "encoder": info.to_json(),
+    summary = {"msk_version": _version(), "ingest": store_path(ingest_dir, out), "n_images": n,
+               "seconds": round(report.seconds, 3), "encoder": _stored(info, out).to_json(),
                "config": config.model_dump(mode="json")}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return report

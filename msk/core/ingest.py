@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import fnmatch
 import hashlib
 import json
@@ -467,12 +466,10 @@ def _ray_data_settings() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold a lock on ``out`` so two ingests never write the same output folder."""
-    with open(out / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MskError(f"{out} is being written by another msk ingest") from None
+    """Hold ``out``'s run lock (:mod:`msk.core.runlock`) so two runs never write the same folder."""
+    from msk.core.runlock import run_lock
+
+    with run_lock(out):
         yield
 
 

@@ -23,7 +23,8 @@ that a caller can open those patients' records. Nothing else about them is store
 A saved recommender is a folder (format version :data:`FORMAT_VERSION`)::
 
     recommender.json    format_version, dim, k, weighting, retriever, n_images, entities,
-                        encoder (what made the embeddings), msk_version; written last
+                        encoder (what made the embeddings; its checkpoint relative to the
+                        folder), msk_version; written last
     index.mskidx        the retriever (msk.core.retrieval file format, checksummed)
     records.parquet     image_id, patient_id, study_id, entity, in index order
 
@@ -45,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from msk.core.errors import MskError
+from msk.core.paths import resolve_stored, store_path
 from msk.core.retrieval import Retriever, atomic_write, load_retriever
 from msk.core.vote import WEIGHTINGS, Weighting, vote
 
@@ -224,10 +226,13 @@ class Recommender:
         self.index.save(directory / INDEX_FILE)
         with atomic_write(directory / RECORDS_FILE) as fh:
             pq.write_table(self.records, fh, compression="zstd")
+        encoder = dict(self.encoder)
+        if encoder.get("checkpoint"):  # relative to the folder: a moved run tree keeps working
+            encoder["checkpoint"] = store_path(encoder["checkpoint"], directory)
         meta = {
             "format_version": FORMAT_VERSION, "dim": self.dim, "k": self.k,
             "weighting": self.weighting, "retriever": self.index.kind, "n_images": len(self),
-            "entities": self.entities, "encoder": self.encoder, "msk_version": _msk_version(),
+            "entities": self.entities, "encoder": encoder, "msk_version": _msk_version(),
         }
         with atomic_write(directory / META_FILE) as fh:
             fh.write(json.dumps(meta, indent=2).encode() + b"\n")
@@ -276,7 +281,17 @@ class Recommender:
                 f"{directory}: {RECORDS_FILE} does not match {INDEX_FILE} (different images or "
                 f"order); the folder mixes two saves: save the recommender again")
         return cls(index, records, k=meta["k"], weighting=meta["weighting"],
-                   encoder=meta.get("encoder"))
+                   encoder=resolved_encoder(meta, directory))
+
+
+def resolved_encoder(meta: Mapping[str, Any], directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``encoder`` of a ``recommender.json`` in ``directory``, its checkpoint an absolute
+    path (stored relative to ``directory``; older recommenders: absolute or from the working
+    directory, see :mod:`msk.core.paths`)."""
+    encoder = dict(meta.get("encoder") or {})
+    if encoder.get("checkpoint"):
+        encoder["checkpoint"] = str(resolve_stored(encoder["checkpoint"], directory))
+    return encoder
 
 
 def _labels_for(ids: list[str], labels: Mapping[str, str] | Sequence[str] | str,

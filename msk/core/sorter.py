@@ -43,6 +43,7 @@ from pydantic import Field
 
 from msk.core.checkpoint import CheckpointError
 from msk.core.errors import MskError
+from msk.core.paths import resolve_stored, store_path
 from msk.core.labelling import DISCARD, LabelFileError, LabelVocabulary
 from msk.core.ood import (FEATURE_SCORES, UNKNOWN, FeatureDensity, UnknownCalibration, calibrate,
                           ood_score)
@@ -568,6 +569,8 @@ def read_sorter_info(out: str | os.PathLike) -> dict[str, Any]:
         raise SorterError(f"{summary} is unreadable ({exc!r}); rerun `msk train sorter`") from None
     raw = info.get("unknown")
     info["unknown"] = None if raw is None else UnknownCalibration.from_json(raw, str(summary))
+    if isinstance(info.get("ingest"), dict) and info["ingest"].get("path"):  # stored relative to the run
+        info["ingest"]["path"] = str(resolve_stored(info["ingest"]["path"], out))
     return info
 
 
@@ -799,7 +802,7 @@ def _ingest_info(data: LabelledImages, out: Path) -> dict[str, Any]:
     """How the training images were made (``msk sort`` prepares new images the same way):
     the square side, and the ingest's resize mode and pixel limit where its folder is known
     (its path relative to the run folder ``out``)."""
-    info: dict[str, Any] = {"path": data.source or None,
+    info: dict[str, Any] = {"path": store_path(data.source, out) if data.source else None,
                             "image_size": int(data.images.shape[-1])}
     summary = Path(data.source) / "ingest.json" if data.source else None
     if summary is not None and summary.is_file():

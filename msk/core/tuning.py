@@ -611,5 +611,5 @@ def tune_task(task: str, data: Any, *, out: str | os.PathLike,
     best_yaml = out / "best.yaml"
     header = (f"# best of {len(trials)} trials of `msk tune {task}` ({spec.metric} {best_value:.4f});\n"
               f"# search space {space.source}; parameters {best_params}\n")
-    best_yaml.write_text(header + best_config.to_yaml())
+    best_yaml.write_text(header + best_config.to_yaml(out))  # paths relative to OUT (msk.core.paths)
     return TuneResult(task, spec.metric, best_value, best_params, best_config, best_yaml, trials, out)

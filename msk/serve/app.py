@@ -42,6 +42,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from msk.core import shutdown
 from msk.core.config import load_config
 from msk.core.errors import ConfigError, MskError
 from msk.serve.auth import BearerAuth, resolve_token_digest
@@ -253,6 +254,8 @@ def _options(config: ReplicaConfig) -> dict[str, Any]:
     gpus = 1 if getattr(config, "use_gpu", False) else 0
     return {"num_replicas": config.replicas, "max_ongoing_requests": config.max_ongoing_requests,
             "health_check_period_s": config.health_check_period_s,
+            "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": min(0.5, config.graceful_shutdown_timeout_s or 0.5),
             "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": gpus}}
 
 
@@ -298,13 +301,20 @@ def build_app(args: dict[str, Any]):
     return application(config)
 
 
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def serve_main(config_path: str | PathLike | None, *, insecure: bool = False, host: str | None = None,
                port: int | None = None, blocking: bool = True) -> str:
     """``msk serve CONFIG``: check the config, start Ray and Serve locally, deploy, and wait.
 
     :param insecure: serve without authentication (a loud warning says so).
     :param host, port: override the config's ``host``/``port``.
-    :param blocking: wait until Ctrl-C, then shut Serve down; ``False`` returns at once
+    :param blocking: wait until Ctrl-C or SIGTERM, then shut Serve down (the CLI then shuts
+        Ray down, see :mod:`msk.core.shutdown`); ``False`` returns at once
         (Serve keeps running in this Ray session: ``ray.serve.shutdown()`` stops it).
     :return: the base URL, e.g. ``http://127.0.0.1:8000``.
     """
@@ -314,28 +324,30 @@ def serve_main(config_path: str | PathLike | None, *, insecure: bool = False, ho
     app = application(config)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False)
-    serve.start(proxy_location="HeadOnly", http_options={
-        "host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
-    started = time.perf_counter()
-    try:
-        serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
-    except Exception as exc:  # noqa: BLE001 - Serve raises RuntimeError and others; say where to look
-        raise ServeError(f"the {config.app_name!r} application did not start: {str(exc).splitlines()[0]} "
-                         "(the replica logs under the Ray session's logs/serve/ say why)") from exc
+        shutdown.reinstall()  # ray.init replaced the CLI's SIGTERM handler
     url = f"http://{config.host}:{config.port}"
-    logger.info("msk serve: %s ready in %.1f s", url, time.perf_counter() - started)
-    if blocking:
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        console.print(f"[bold green]msk serve[/] on {url} ({', '.join(config.models)}); "
-                      f"API docs: {url}/docs. Ctrl-C stops.")
+    try:  # a signal during start-up stops the server like one while it serves
+        serve.start(proxy_location="HeadOnly", http_options={
+            "host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
+        started = time.perf_counter()
         try:
+            serve.run(app, name=config.app_name, route_prefix="/", blocking=False)
+        except Exception as exc:  # noqa: BLE001 - Serve raises RuntimeError and others; say where to look
+            raise ServeError(f"the {config.app_name!r} application did not start: {str(exc).splitlines()[0]} "
+                             "(the replica logs under the Ray session's logs/serve/ say why)") from exc
+        logger.info("msk serve: %s ready in %.1f s", url, time.perf_counter() - started)
+        if blocking:
+            _console().print(f"[bold green]msk serve[/] on {url} ({', '.join(config.models)}); "
+                             f"API docs: {url}/docs. Ctrl-C or SIGTERM stops.")
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            console.print("msk serve: shutting down")
-        finally:
+    except (KeyboardInterrupt, shutdown.Interrupted) as exc:
+        if not blocking:
+            raise
+        shutdown.begin_shutdown()  # bounded: everything is gone within 10 s
+        _console().print(f"msk serve: {shutdown.Interrupted(shutdown.signal_of(exc))}; shutting down")
+    finally:
+        if blocking:
             serve.shutdown()
     return url
 

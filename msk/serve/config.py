@@ -10,7 +10,8 @@ One YAML file (or the ``args`` of the application in a Ray Serve config file, se
       checkpoint: out/fusion/best.pt
       metadata_encoder: out/fusion/metadata_encoder.json
 
-A model left out has no replica; its endpoint answers 503 ``not_configured``. Every path is
+A model left out has no replica; its endpoint answers 503 ``not_configured``. Relative paths
+are read from the config file's folder (:func:`msk.core.config.load_config`). Every path is
 checked by :func:`check_paths` before anything starts, so a typo fails at start-up with the
 field and the path, not in a replica log.
 """
@@ -80,6 +81,9 @@ class ReplicaConfig(MskConfig):
     num_cpus: float = Field(0.5, ge=0, description="logical CPUs Ray reserves per replica")
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica works on at once")
     health_check_period_s: float = Field(10.0, gt=0, description="how often Serve checks a replica is alive")
+    graceful_shutdown_timeout_s: float = Field(
+        2.0, ge=0, description="on shutdown (Ctrl-C, SIGTERM), longest wait for a replica's requests in flight; "
+                               "the whole server stops within 10 s with the defaults")
 
 
 class ModelConfig(ReplicaConfig):
@@ -188,7 +192,10 @@ def check_paths(config: ServeConfig) -> ServeConfig:
         if path is None:
             return None
         if not path.exists():
-            raise ConfigError(f"{field}: {path} does not exist")
+            fix = {"token_file": "; write the bearer token into it (chmod 600), or set MSK_SERVE_TOKEN and "
+                                 "drop token_file"}.get(field, "; relative paths in a serve config are read "
+                                                               "from the config file's folder")
+            raise ConfigError(f"{field}: {path} does not exist{fix}")
         if kind == "file" and not path.is_file():
             raise ConfigError(f"{field}: {path} is not a file")
         if kind == "dir" and not path.is_dir():

@@ -27,7 +27,7 @@ __all__ = ["RecommenderDeployment", "inspect_recommender"]
 
 def inspect_recommender(config: RecommendConfig) -> dict[str, Any]:
     """The recommender's description and its encoder checkpoint, checked without loading the index."""
-    from msk.core.recommender import META_FILE
+    from msk.core.recommender import META_FILE, resolved_encoder
 
     meta_path = Path(config.path) / META_FILE
     try:
@@ -36,14 +36,18 @@ def inspect_recommender(config: RecommendConfig) -> dict[str, Any]:
         raise ConfigError(f"recommender.path: {config.path} is not a saved recommender (no {META_FILE})") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"recommender.path: {meta_path} is unreadable ({exc})") from None
-    encoder = dict(meta.get("encoder") or {})
+    encoder = resolved_encoder(meta, config.path) if isinstance(meta, dict) else {}
     checkpoint = config.encoder or encoder.get("checkpoint")
     if not checkpoint:
         raise ConfigError(f"recommender: {meta_path} does not record the encoder checkpoint its embeddings "
                           "came from; set recommender.encoder")
     if not Path(checkpoint).is_file():
-        raise ConfigError(f"recommender: the encoder checkpoint {checkpoint} (from "
-                          f"{'recommender.encoder' if config.encoder else meta_path}) does not exist")
+        if config.encoder:
+            raise ConfigError(f"recommender.encoder: the encoder checkpoint {checkpoint} does not exist")
+        stored = (meta.get("encoder") or {}).get("checkpoint")
+        raise ConfigError(f"recommender: the encoder checkpoint {checkpoint} (recorded in {meta_path} as "
+                          f"{stored}) does not exist: the recommender folder was moved without it; move the "
+                          "checkpoint along (same place relative to the folder) or set recommender.encoder")
     k = config.k or int(meta["k"])
     if k > int(meta["n_images"]):
         raise ConfigError(f"recommender.k={k} exceeds the {meta['n_images']} images of {config.path}")
