@@ -74,6 +74,9 @@ def test_the_lock_is_released_after_success_and_after_an_error(tmp_path):
         with run_lock(fresh, "msk embed"):
             raise ValueError("boom")
     assert not fresh.exists(), "a folder the lock created and the run left empty is removed"
+    with run_lock(tmp_path / "a" / "b" / "c", "msk embed"):
+        pass
+    assert not (tmp_path / "a").exists()  # with the parents it created
 
 
 def test_a_cli_run_that_fails_releases_its_lock_and_leaves_no_empty_folder(tmp_path):

@@ -146,7 +146,7 @@ def run_lock(folder: str | os.PathLike, command: str | None = None, *,
                 _held[folder] -= 1
         return
 
-    created = not folder.exists()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -193,8 +193,10 @@ def run_lock(folder: str | os.PathLike, command: str | None = None, *,
         _remove_if_created(folder, created)
 
 
-def _remove_if_created(folder: Path, created: bool) -> None:
-    """Remove ``folder`` if this lock created it and the run left it empty."""
-    if created:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+def _remove_if_created(folder: Path, created: list[Path]) -> None:
+    """Remove the folders this lock created (``folder`` and new parents) that the run left empty."""
+    for path in created:
+        try:
+            path.rmdir()
+        except OSError:
+            return
