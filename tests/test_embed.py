@@ -130,7 +130,8 @@ def test_classifier_checkpoint_embeds_with_its_features(tmp_path):
     with torch.no_grad():
         from msk.core.augment import eval_transform, to_tensor
 
-        batch = torch.stack([eval_transform(24)(to_tensor(i)) for i in images])
+        preprocess = fitted.model.input_config.preprocess  # as trained (msk.core.preprocess)
+        batch = torch.stack([eval_transform(24, preprocess)(to_tensor(i)) for i in images])
         ref = fitted.model.features(batch).numpy()
     np.testing.assert_allclose(x, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
     assert embedder.info.image_size == 24 and embedder.dim == 64

@@ -19,6 +19,11 @@ worker extracts the features of its share of the images, rank 0 clusters the gat
 and broadcasts the assignments, and all workers train the DDP-wrapped model on their share of
 the uniformly sampled indices. ``out/`` is the source of truth for resuming: rerunning with the
 same ``out`` continues after the last saved epoch. See ``docs/deepcluster.md``.
+
+Images are preprocessed as ``preprocess`` says (:mod:`msk.core.preprocess`; recorded in the
+checkpoints, so that :mod:`msk.core.embed` and a sorter fine-tuned from them see the same
+inputs) and augmented as ``augmentation`` says. A run folder written before these options
+existed is resumed as it was trained: no preprocessing and the classic augmentation.
 """
 
 from __future__ import annotations
@@ -38,12 +43,12 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from msk.core.augment import (ImageArrayDataset, encoder_in_chans, eval_transform, input_layer,
-                              train_transform)
+from msk.core.augment import ImageArrayDataset, augmented_view, encoder_in_chans, eval_transform, input_layer
 from msk.core.checkpoint import load_checkpoint, load_state, save_checkpoint
 from msk.core.config import MskConfig
 from msk.core.errors import ConfigError, MskError
 from msk.core.metrics import cluster_purity
+from msk.core.preprocess import AugmentConfig, PreprocessConfig
 from msk.core.registry import build_clusterer, build_encoder
 from msk.core.workers import Workers, run_workers
 
@@ -51,7 +56,7 @@ __all__ = [
     "CollapseWarning", "DeepClusterConfig", "DeepClusterError", "DeepClusterNet",
     "DeepClusterResult", "cluster_features", "deepcluster_loop",
     "extract_features", "fix_empty_clusters", "from_ingest", "history_table", "l2_normalize",
-    "latest_checkpoint", "load_assignments", "pca_whiten", "read_history", "run_deepcluster",
+    "latest_checkpoint", "legacy_inputs", "load_assignments", "pca_whiten", "read_history", "run_deepcluster",
     "train_one_epoch", "uniform_cluster_indices",
 ]
 
@@ -88,7 +93,12 @@ class DeepClusterConfig(MskConfig):
     weight_decay: float = Field(1e-5, ge=0)
     image_size: int = Field(128, ge=8, description="side of the resized, centre-cropped input")
     sobel: bool = Field(True, description="feed the encoder Sobel gradients of the grey image")
-    augment: bool = Field(True, description="random crops, flips, rotation, brightness/contrast")
+    augment: bool = Field(True, description="train on augmented views (the transforms of `augmentation`)")
+    preprocess: PreprocessConfig = Field(
+        default_factory=PreprocessConfig,
+        description="intensity normalisation of every input; recorded in the checkpoints")
+    augmentation: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="probability and strength of each training transform")
     clusterer: str = Field("faiss-kmeans", description="clusterer registry name")
     seed: int = 0
     empty_cluster: Literal["split", "resample"] = Field(
@@ -154,13 +164,14 @@ def _check_images(images: np.ndarray, config: DeepClusterConfig) -> None:
 
 def extract_features(model, images: np.ndarray, *, image_size: int, batch_size: int,
                      device=None, indices: np.ndarray | None = None, loader_workers: int = 0,
-                     progress=None) -> np.ndarray:
+                     progress=None, preprocess: PreprocessConfig | None = None) -> np.ndarray:
     """Features ``float32 [len(indices), D]`` of ``images[indices]`` (all by default).
 
     ``model`` is a :class:`DeepClusterNet` (or anything with ``features(x)``); it is put in eval
-    mode and fed the centre view (:func:`msk.core.augment.eval_transform`).
+    mode and fed the centre view (:func:`msk.core.augment.eval_transform`) of the images
+    preprocessed with ``preprocess`` (none by default).
     """
-    dataset = ImageArrayDataset(images, None, eval_transform(image_size))
+    dataset = ImageArrayDataset(images, None, eval_transform(image_size, preprocess))
     if indices is not None:
         dataset = Subset(dataset, indices.tolist())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
@@ -319,7 +330,8 @@ class DeepClusterNet(nn.Module):
 def train_one_epoch(model, images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
                     config: DeepClusterConfig, *, optimizers, device=None, progress=None) -> float:
     """One pass of ``model`` over ``images[indices]`` with ``labels`` as targets; mean loss."""
-    transform = train_transform(config.image_size) if config.augment else eval_transform(config.image_size)
+    transform = (augmented_view(config.image_size, config.augmentation, config.preprocess) if config.augment
+                 else eval_transform(config.image_size, config.preprocess))
     loader = DataLoader(ImageArrayDataset(images, labels, transform), batch_size=config.batch_size,
                         sampler=indices.tolist(), drop_last=len(indices) > config.batch_size,
                         num_workers=config.loader_workers)
@@ -506,7 +518,7 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
                 features[shard] = extract_features(
                     net, images, image_size=config.image_size, batch_size=config.batch_size,
                     device=workers.device, indices=shard, loader_workers=config.loader_workers,
-                    progress=bar.advance)
+                    progress=bar.advance, preprocess=config.preprocess)
             features = workers.all_sum(features)
 
             # (b) k-means on rank 0, assignments broadcast to all
@@ -627,7 +639,9 @@ def run_deepcluster(images: np.ndarray, config: DeepClusterConfig | None = None,
     out.mkdir(parents=True, exist_ok=True)
     existing = latest_checkpoint(out)
     if existing is not None:
-        _check_resumable(load_checkpoint(existing), config, n)
+        saved = load_checkpoint(existing)
+        config = legacy_inputs(config, saved.config)
+        _check_resumable(saved, config, n)
     (out / "config.yaml").write_text(config.to_yaml())
     ground_truth = None if ground_truth is None else [str(g) for g in ground_truth]
     image_ids = None if image_ids is None else [str(i) for i in image_ids]
@@ -651,6 +665,18 @@ def run_deepcluster(images: np.ndarray, config: DeepClusterConfig | None = None,
     if progress:
         _console().print(history_table(history))
     return result
+
+
+def legacy_inputs(config: DeepClusterConfig, saved: dict[str, Any]) -> DeepClusterConfig:
+    """``config`` for resuming a run whose checkpoint config is ``saved``: a run from before
+    ``preprocess`` / ``augmentation`` existed keeps its inputs (no preprocessing, the classic
+    augmentation) unless the config sets them explicitly."""
+    update: dict[str, Any] = {}
+    if "preprocess" not in saved and "preprocess" not in config.model_fields_set:
+        update["preprocess"] = PreprocessConfig.none()
+    if "augmentation" not in saved and "augmentation" not in config.model_fields_set:
+        update["augmentation"] = AugmentConfig.legacy()
+    return config.model_copy(update=update) if update else config
 
 
 def _worker_loop(payload: dict[str, Any], workers: Workers) -> None:

@@ -10,9 +10,10 @@ lesion boxes, over the lesion's region of interest) on Ray Data and writes::
 
 The encoder comes from any msk checkpoint (:mod:`msk.core.checkpoint`): a DeepCluster encoder
 or the encoder of a trained classifier (:mod:`msk.core.train`); the fixed input layer (Sobel or
-identity) and the input size it was trained with are read from the checkpoint. Images are fed
-as in training and evaluation (:func:`msk.core.augment.eval_transform`: resize, centre crop,
-normalise).
+identity), the input size and the preprocessing it was trained with are read from the
+checkpoint (:class:`msk.core.preprocess.InputConfig`; none for checkpoints written before
+preprocessing existed). Images are fed as in training and evaluation
+(:func:`msk.core.augment.eval_transform`: preprocess, resize, centre crop, normalise).
 
 The work is done by :class:`Embedder`, a callable class that holds the model: Ray Data's
 ``map_batches`` keeps ``concurrency`` of them alive as actors (one GPU each with
@@ -105,18 +106,23 @@ class EncoderInfo:
 
 
 def _feature_model(source: Any, image_size: int | None, encoder_options: Mapping[str, Any]):
-    """``(module mapping normalised [B, 1, S, S] to [B, D], arch, sobel, image_size, path)``."""
+    """``(module mapping normalised [B, 1, S, S] to [B, D], arch, sobel, image_size, path,
+    preprocess)``."""
     from torch import nn
 
     from msk.core.augment import input_layer
+    from msk.core.preprocess import InputConfig, input_config_of
 
     if isinstance(source, nn.Module):
+        known = input_config_of(source)
+        image_size = image_size or (known.image_size if known is not None else None)
         if image_size is None:
             raise EmbedError("an encoder passed as a module needs EmbedConfig.image_size")
         features = getattr(source, "features", None)
         module = _features_module(source) if callable(features) else source
         arch = getattr(source, "encoder_name", None) or type(source).__name__
-        return module.eval(), arch, bool(getattr(source, "sobel", False)), image_size, None
+        return (module.eval(), arch, bool(getattr(source, "sobel", False)), image_size, None,
+                None if known is None else known.preprocess)
 
     from msk.core.checkpoint import load_checkpoint, load_state
     from msk.core.pretrained import weights_from_checkpoint
@@ -137,7 +143,8 @@ def _feature_model(source: Any, image_size: int | None, encoder_options: Mapping
     if not size:
         raise EmbedError(f"{path} does not record its training image_size; set EmbedConfig.image_size")
     module = nn.Sequential(input_layer(sobel), encoder).eval()
-    return module, ckpt.arch, sobel, int(size), str(path)
+    saved = InputConfig.from_config({**ckpt.config, "image_size": size})
+    return module, ckpt.arch, sobel, int(size), str(path), saved.preprocess
 
 
 def _features_module(model):
@@ -179,12 +186,12 @@ class Embedder:
 
         from msk.core.augment import eval_transform
 
-        model, arch, sobel, size, path = _feature_model(source, image_size, encoder_options or {})
+        model, arch, sobel, size, path, preprocess = _feature_model(source, image_size, encoder_options or {})
         if use_gpu and not torch.cuda.is_available():
             raise EmbedError("use_gpu=True but torch sees no CUDA device")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = model.to(self.device)
-        self.transform = eval_transform(size)
+        self.transform = eval_transform(size, preprocess)  # as the encoder was trained
         self.batch_size = batch_size
         self.rois = None if rois is None else {str(k): tuple(map(float, v)) for k, v in rois.items()}
         self.roi_margin = roi_margin

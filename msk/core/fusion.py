@@ -199,8 +199,12 @@ def fit_fusion(images: np.ndarray, labels: Sequence[int] | np.ndarray, meta: np.
 
 def image_features(model: ImageClassifier, images: np.ndarray, *, image_size: int,
                    batch_size: int = 64) -> np.ndarray:
-    """Encoder features ``float32 [N, feature_dim]`` of ``images`` (deterministic view)."""
-    view = eval_transform(image_size)
+    """Encoder features ``float32 [N, feature_dim]`` of ``images`` (deterministic view, with
+    the model's preprocessing when it carries an input config)."""
+    from msk.core.preprocess import input_config_of
+
+    known = input_config_of(model)
+    view = eval_transform(image_size, None if known is None else known.preprocess)
     model.eval()
     out = []
     with torch.no_grad():
@@ -218,6 +222,7 @@ class _BoundMeta(nn.Module):
     def __init__(self, model: FusionClassifier, meta: np.ndarray | None):
         super().__init__()
         self.model, self.encoder = model, model.encoder
+        self.input_config = getattr(model, "input_config", None)  # Grad-CAM preprocesses as trained
         self.meta = None if meta is None else torch.from_numpy(np.asarray(meta, np.float32))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from msk.core.augment import eval_transform, to_tensor
+from msk.core.preprocess import PreprocessConfig, input_config_of
 
 __all__ = ["grad_cam", "mean_cam", "overlay", "save_overlays", "target_layer"]
 
@@ -59,19 +60,22 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _inputs(images: np.ndarray, image_size: int) -> torch.Tensor:
+def _inputs(images: np.ndarray, image_size: int, preprocess: PreprocessConfig | None = None) -> torch.Tensor:
     """The deterministic network view of ``uint8 [N, S, S]`` images, ``[N, 1, size, size]``."""
-    view = eval_transform(image_size)
+    view = eval_transform(image_size, preprocess)
     return torch.stack([view(to_tensor(image)) for image in images])
 
 
 def grad_cam(model: nn.Module, images: np.ndarray, targets: Sequence[int] | np.ndarray, *,
-             image_size: int, layer: nn.Module | None = None, batch_size: int = 32) -> np.ndarray:
+             image_size: int, layer: nn.Module | None = None, batch_size: int = 32,
+             preprocess: PreprocessConfig | None = None) -> np.ndarray:
     """Grad-CAM of class ``targets[i]`` for ``images[i]``: ``float32 [N, image_size, image_size]``.
 
     :param model: an :class:`msk.core.train.ImageClassifier` (anything with an ``encoder`` and
         ``model(images) -> logits``).
     :param layer: the layer to explain; default :func:`target_layer`.
+    :param preprocess: the input preprocessing; default the model's own (its ``input_config``,
+        see :mod:`msk.core.preprocess`), none for a model without one.
     Each map is ReLU'd, bilinearly upsampled to the input size and divided by its maximum
     (a map without positive evidence stays all zero).
     """
@@ -81,13 +85,15 @@ def grad_cam(model: nn.Module, images: np.ndarray, targets: Sequence[int] | np.n
     if images.ndim != 3 or len(targets) != len(images):
         raise ValueError(f"need images [N, S, S] and one target per image; got {images.shape} "
                          f"and {len(targets)} targets")
+    if preprocess is None and input_config_of(model) is not None:
+        preprocess = input_config_of(model).preprocess
     model.eval()
     layer = layer if layer is not None else target_layer(model, image_size)
     cam = LayerGradCam(model, layer)
     device = _device(model)
     maps = []
     for start in range(0, len(images), batch_size):
-        x = _inputs(images[start:start + batch_size], image_size).to(device)
+        x = _inputs(images[start:start + batch_size], image_size, preprocess).to(device)
         y = torch.from_numpy(targets[start:start + batch_size]).to(device)
         attr = cam.attribute(x, target=y, relu_attributions=True)
         up = LayerAttribution.interpolate(attr.detach(), (image_size, image_size), "bilinear")

@@ -10,6 +10,9 @@ holds checkpoints is resumed after its last epoch.
 
 Models take ``images [B, 1, S, S]`` (normalised grey, see :mod:`msk.core.augment`) and, for
 fusion models, ``meta [B, D]``: ``model(images)`` or ``model(images, meta)`` -> logits.
+Every image is first preprocessed as ``TrainConfig.preprocess`` says
+(:mod:`msk.core.preprocess`); the model carries that as its ``input_config`` (saved in the
+checkpoint's config, restored by :func:`load_model`), and :func:`predict_logits` applies it.
 Checkpoints are :mod:`msk.core.checkpoint` encoder checkpoints (so any trained model's encoder
 can initialise the next one: DeepCluster -> sorter -> downstream task) with the rest of the model
 under ``extra["head"]``.
@@ -32,10 +35,11 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from msk.core.augment import encoder_in_chans, eval_transform, input_layer, to_tensor, train_transform
+from msk.core.augment import augmented_view, encoder_in_chans, eval_transform, input_layer, to_tensor
 from msk.core.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from msk.core.config import MskConfig
 from msk.core.errors import MskError
+from msk.core.preprocess import AugmentConfig, InputConfig, PreprocessConfig, input_config_of
 from msk.core.pretrained import weights_from_checkpoint
 from msk.core.registry import build_encoder
 from msk.core.workers import Workers, run_workers
@@ -65,8 +69,13 @@ class TrainConfig(MskConfig):
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(1e-4, ge=0)
-    augment: bool = Field(True, description="random crops, flips, rotation, brightness/contrast")
+    augment: bool = Field(True, description="augment training images (the transforms of `augmentation`)")
     aug_prob: float = Field(0.8, ge=0, le=1, description="share of training images augmented")
+    preprocess: PreprocessConfig = Field(
+        default_factory=PreprocessConfig,
+        description="intensity normalisation of every input (training, evaluation, serving); saved with the model")
+    augmentation: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="probability and strength of each training transform")
     class_weighting: Literal["none", "median_frequency"] = Field(
         "none", description="loss weights per class: median frequency balancing (Eigen & Fergus)")
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val loss")
@@ -114,6 +123,13 @@ def init_checkpoint(config: TrainConfig):
     if config.sobel is not None and config.sobel != saved:
         raise CheckpointError(f"{config.init}: encoder was trained with sobel={saved}; "
                               f"the config asks for sobel={config.sobel}")
+    trained = InputConfig.from_config({**ckpt.config, "image_size": config.image_size}).preprocess
+    if trained != config.preprocess:
+        import warnings
+
+        warnings.warn(f"{config.init}: the encoder was trained on inputs preprocessed as {trained!r}; this run "
+                      f"feeds {config.preprocess!r} (set `preprocess` to match, unless the change is meant)",
+                      stacklevel=2)
     return ckpt, saved
 
 
@@ -131,12 +147,18 @@ def build_classifier(config: TrainConfig, num_classes: int, head: nn.Module | No
 
 
 class _Arrays(Dataset):
-    """``((image[, meta]), label)`` items; augmentation applied with probability ``aug_prob``."""
+    """``((image[, meta]), label)`` items; augmentation applied with probability ``aug_prob``.
 
-    def __init__(self, images, labels, meta, image_size: int, augment: bool, aug_prob: float, seed: int):
+    Every image is preprocessed with ``preprocess`` (none by default); augmented ones get the
+    random view of ``augmentation`` (:func:`msk.core.augment.augmented_view`), the others the
+    deterministic view that :func:`predict_logits` uses.
+    """
+
+    def __init__(self, images, labels, meta, image_size: int, augment: bool, aug_prob: float, seed: int,
+                 *, preprocess: PreprocessConfig | None = None, augmentation: AugmentConfig | None = None):
         self.images, self.labels, self.meta = images, labels, meta
-        self.plain = eval_transform(image_size)
-        self.augmented = train_transform(image_size) if augment else None
+        self.plain = eval_transform(image_size, preprocess)
+        self.augmented = augmented_view(image_size, augmentation or AugmentConfig(), preprocess) if augment else None
         self.aug_prob = aug_prob
         self.rng = np.random.default_rng(seed)
 
@@ -209,7 +231,7 @@ def _save(path: Path, model: nn.Module, config: TrainConfig, epoch: int, **extra
         extra["architecture"] = inner.architecture
     if getattr(inner, "encoder_options", None):  # load_model and the embedder rebuild the encoder
         extra["encoder_options"] = inner.encoder_options
-    return save_checkpoint(
+    return save_checkpoint(  # the config's image_size and preprocess are the model's InputConfig
         path, inner.encoder, arch=inner.encoder_name, in_chans=encoder_in_chans(inner.sobel),
         config={**config.model_dump(mode="json"), "sobel": inner.sobel}, epoch=epoch,
         head={k: v.detach().cpu() for k, v in inner.head.state_dict().items()},
@@ -245,6 +267,7 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
     resume = workers.restored_checkpoint() or _latest(out)
     with weights_from_checkpoint() if resume is not None else contextlib.nullcontext():
         model = payload["build"]()
+    model.input_config = InputConfig(image_size=config.image_size, preprocess=config.preprocess)
     start, history, best_loss, best_epoch = 1, [], float("inf"), 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if resume is not None:
@@ -264,7 +287,8 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
     val = None
     if payload.get("val_images") is not None and workers.rank == 0:
         val = DataLoader(items(payload["val_images"], payload["val_labels"], payload.get("val_meta"),
-                                 config.image_size, False, 0.0, 0), batch_size=config.batch_size)
+                                 config.image_size, False, 0.0, 0, preprocess=config.preprocess),
+                         batch_size=config.batch_size)
     rank, world = workers.rank, workers.world_size
     per_worker = (len(images) // world // config.batch_size) * config.batch_size or len(images) // world
     for epoch in range(start, config.epochs + 1):
@@ -272,7 +296,8 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
         order = np.random.default_rng(config.seed + epoch).permutation(len(images))
         mine = order[rank * per_worker:(rank + 1) * per_worker]
         data = items(images[mine], labels[mine], None if meta is None else meta[mine],
-                       config.image_size, config.augment, config.aug_prob, config.seed + 1000 * epoch + rank)
+                       config.image_size, config.augment, config.aug_prob, config.seed + 1000 * epoch + rank,
+                       preprocess=config.preprocess, augmentation=config.augmentation)
         loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, drop_last=len(mine) > config.batch_size,
                             generator=torch.Generator().manual_seed(config.seed + epoch))
         model.train()
@@ -409,7 +434,9 @@ def load_model(path: str | os.PathLike, build: Callable[[], nn.Module] | None = 
     """A trained model from its checkpoint (CPU, eval mode) and the checkpoint itself.
 
     Without ``build`` the model is an :class:`ImageClassifier` with a linear head, its encoder
-    built with the options the checkpoint records.
+    built with the options the checkpoint records. The model's ``input_config``
+    (:class:`msk.core.preprocess.InputConfig`) is the checkpoint's image size and
+    preprocessing; a checkpoint from before preprocessing existed gets none.
     """
     ckpt = load_checkpoint(path)
     if "head" not in ckpt.extra:
@@ -424,13 +451,28 @@ def load_model(path: str | os.PathLike, build: Callable[[], nn.Module] | None = 
             model = build()
     load_state(model.encoder, ckpt, arch=model.encoder_name)
     model.head.load_state_dict(ckpt.extra["head"])
+    model.input_config = InputConfig.from_config(ckpt.config)
     return model.eval(), ckpt
 
 
-def predict_logits(model: nn.Module, images: np.ndarray, *, image_size: int,
-                   meta: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray:
-    """Logits ``float32 [N, C]`` of ``model`` on ``images`` (deterministic view, no grad)."""
-    data = _Arrays(images, np.zeros(len(images), np.int64), meta, image_size, False, 0.0, 0)
+def predict_logits(model: nn.Module, images: np.ndarray, *, image_size: int | None = None,
+                   meta: np.ndarray | None = None, batch_size: int = 64,
+                   preprocess: PreprocessConfig | None = None) -> np.ndarray:
+    """Logits ``float32 [N, C]`` of ``model`` on ``images`` (deterministic view, no grad).
+
+    The input size and preprocessing are the model's own (its ``input_config``, as trained);
+    ``image_size`` and ``preprocess`` override them, and are what a model without an input
+    config is fed (``image_size`` is then required; no preprocessing by default).
+    """
+    known = input_config_of(model)
+    if image_size is None:
+        if known is None:
+            raise TrainError("predict_logits: the model carries no input_config; pass image_size")
+        image_size = known.image_size
+    if preprocess is None and known is not None:
+        preprocess = known.preprocess
+    data = _Arrays(images, np.zeros(len(images), np.int64), meta, image_size, False, 0.0, 0,
+                   preprocess=preprocess)
     model.eval()
     device = next(model.parameters()).device
     outs = []

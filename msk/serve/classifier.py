@@ -130,6 +130,7 @@ class ClassifierModel:
             def __init__(self, model: nn.Module, meta: np.ndarray | None):
                 super().__init__()
                 self.model, self.encoder = model, model.encoder
+                self.input_config = getattr(model, "input_config", None)  # Grad-CAM preprocesses as trained
                 device = next(model.parameters()).device
                 self.meta = None if meta is None else torch.as_tensor(meta[None], device=device)
 
