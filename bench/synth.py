@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--out", type=Path, default=None, help="scratch folder [default: a temp dir]")
+    ap.add_argument("--style", default="radiograph", help="SynthConfig.style: radiograph or basic")
     args = ap.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="msk-bench-synth-"))
     rows, digests = [], set()
@@ -31,13 +32,13 @@ def main() -> None:
         out = root / f"w{workers}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        report = synthesize(out, SynthConfig(n_images=args.n, workers=workers), progress=False)
+        report = synthesize(out, SynthConfig(n_images=args.n, workers=workers, style=args.style), progress=False)
         wall = time.perf_counter() - t0
         digests.add(hashlib.sha256(report.ground_truth.read_bytes()).hexdigest())
         size = sum(p.stat().st_size for p in (out / "export").rglob("*") if p.is_file())
         rows.append((workers, wall, args.n / wall, size / 2**20))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"msk synth, n={args.n} (peak RSS of this process {peak:.0f} MiB; workers are separate processes)")
+    print(f"msk synth, style {args.style}, n={args.n} (peak RSS of this process {peak:.0f} MiB; workers are separate processes)")
     print(f"{'workers':>8} {'wall s':>8} {'files/s':>8} {'speed-up':>9} {'MiB':>7}")
     for workers, wall, fps, mib in rows:
         print(f"{workers:>8} {wall:>8.1f} {fps:>8.1f} {fps / rows[0][2]:>8.2f}x {mib:>7.0f}")

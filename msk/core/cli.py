@@ -94,6 +94,8 @@ def synth(
     n: Optional[int] = typer.Option(None, "--n", help="number of files \\[default: 2000]"),
     seed: Optional[int] = typer.Option(None, help="random seed \\[default: 0]"),
     workers: Optional[int] = typer.Option(None, help="parallel processes \\[default: 1]"),
+    style: Optional[str] = typer.Option(None, help="'radiograph' (realistic framing and exposure) or "
+                                        "'basic' (the original phantoms) \\[default: radiograph]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Write a deterministic synthetic PACS export (DICOM files + ground_truth.csv).
@@ -106,7 +108,7 @@ def synth(
     from msk.core.config import load_config
     from msk.core.synth import SynthConfig, synthesize
 
-    cfg = load_config(SynthConfig, config, n_images=n, seed=seed, workers=workers)
+    cfg = load_config(SynthConfig, config, n_images=n, seed=seed, workers=workers, style=style)
     report = synthesize(out_dir, cfg)
     out.print(f"wrote {report.n_files} files ({report.n_corrupt} deliberately corrupt, "
               f"{report.n_lesions} with a lesion) in {report.seconds:.1f} s")
