@@ -123,7 +123,8 @@ def synthetic_only_on_real(real_root: Path = DEFAULT_REAL, *, style: str = "radi
         m = truth == real_classes.index(c)
         common = pd.Series(pred_names[m]).value_counts()
         rows.append(dict(region=c, n=int(m.sum()), top1=float(top1[m].mean()), top2=float(top2[m].mean()),
-                         top1_unrestricted=float(unrestricted[m].mean()), most_predicted=f"{common.index[0]} {common.iloc[0] / m.sum():.0%}"))
+                         top1_unrestricted=float(unrestricted[m].mean()),
+                         most_predicted=f"{common.index[0]} {common.iloc[0] / m.sum():.0%}"))
     table = pd.DataFrame(rows)
     table.loc[len(table)] = dict(region="all", n=len(truth), top1=float(top1.mean()), top2=float(top2.mean()),
                                  top1_unrestricted=float(unrestricted.mean()), most_predicted="")

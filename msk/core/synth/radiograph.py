@@ -179,7 +179,8 @@ def _hardware(cv: Canvas, body: Body, rng: np.random.Generator) -> None:
         length = rng.uniform(0.25, 0.6) * a.reach
         side = 1 if rng.random() < 0.5 else -1
         n = (-a.axis[1] * side, a.axis[0] * side)
-        mid = (a.tip[0] + a.axis[0] * (d0 + length / 2) + n[0] * a.r, a.tip[1] + a.axis[1] * (d0 + length / 2) + n[1] * a.r)
+        along = d0 + length / 2
+        mid = (a.tip[0] + a.axis[0] * along + n[0] * a.r, a.tip[1] + a.axis[1] * along + n[1] * a.r)
         ang = math.atan2(a.axis[1], a.axis[0])
         cv.dense(Box(mid, length / 2, 0.25 * a.r, ang, 0.1 * a.r), rng.uniform(2.0, 4.0))
         for k in range(int(rng.integers(3, 8))):
