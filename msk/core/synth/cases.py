@@ -468,6 +468,24 @@ def _geometry(spec, view: str, size: int, double: bool) -> tuple[int, int, float
     return max(int(round(size / aspect)), 8), size, aspect
 
 
+def lesion_in_field(case: SynthCase, config: SynthConfig, tf: Transform, h: int, w: int,
+                    anatomy_seed: int, *, realistic: bool = False) -> Transform:
+    """``tf`` moved so that the lesion of ``case`` (if any) lies well inside the ``h`` x ``w``
+    field: its centre at least 2.5 lesion radii (12-40 % of the field) from every edge."""
+    lesion = case.lesion
+    if lesion is None:
+        return tf
+    probe = Body(None, rng_for(config.seed, _ANATOMY, anatomy_seed), case.view, case.age, realistic=realistic)
+    REGIONS[case.region].draw(probe)
+    frame = frame_for(find_anchor(probe.anchors, lesion.anchor, lesion.position), lesion.position, lesion.side)
+    x, y = tf.point(frame.c)
+    reach = tf.length(frame.r) * 2.5
+    mx, my = min(max(reach, 0.12 * w), 0.4 * w), min(max(reach, 0.12 * h), 0.4 * h)
+    dx = min(max(x, mx), w - mx) - x
+    dy = min(max(y, my), h - my) - y
+    return Transform(tf.scale, tf.angle, tf.pivot, (tf.centre[0] + dx, tf.centre[1] + dy), tf.flip, tf.squeeze)
+
+
 def _render_pixels(case: SynthCase, config: SynthConfig, rng: np.random.Generator, r_window: float) -> None:
     if config.style == "radiograph":
         from msk.core.synth.radiograph import render_radiograph
@@ -492,16 +510,7 @@ def _render_pixels(case: SynthCase, config: SynthConfig, rng: np.random.Generato
     tf = Transform(h * zoom, angle, (single / 2, 0.5), centres[0], flip, squeeze)
 
     lesion = case.lesion
-    if lesion is not None:  # keep the lesion well inside the field
-        probe = Body(None, rng_for(config.seed, _ANATOMY, anatomy_seed), case.view, case.age)
-        spec.draw(probe)
-        frame = frame_for(find_anchor(probe.anchors, lesion.anchor, lesion.position), lesion.position, lesion.side)
-        x, y = tf.point(frame.c)
-        reach = tf.length(frame.r) * 2.5
-        mx, my = min(max(reach, 0.12 * w), 0.4 * w), min(max(reach, 0.12 * h), 0.4 * h)
-        dx = min(max(x, mx), w - mx) - x
-        dy = min(max(y, my), h - my) - y
-        tf = Transform(tf.scale, angle, tf.pivot, (tf.centre[0] + dx, tf.centre[1] + dy), flip, squeeze)
+    tf = lesion_in_field(case, config, tf, h, w, anatomy_seed)
 
     cv = Canvas(h, w, tf, _texture(rng, h, w))
     body = Body(cv, rng_for(config.seed, _ANATOMY, anatomy_seed), case.view, case.age)

@@ -104,7 +104,7 @@ def _framing(region: str, view: str, size: int, rng: np.random.Generator) -> Fra
 def render_radiograph(case, config, rng: np.random.Generator, r_window: float) -> None:
     """Render ``case`` in the ``radiograph`` style into ``case.pixels`` (and mask, box, spacing)."""
     from msk.core.synth.cases import (
-        _ANATOMY, _LESION_SHAPE, _annotate, _noise, _store, rng_for,
+        _ANATOMY, _LESION_SHAPE, _annotate, _noise, _store, lesion_in_field, rng_for,
     )
     from msk.core.synth.lesions import draw_lesion, frame_for
     from msk.core.synth.phantoms import find_anchor
@@ -123,16 +123,7 @@ def render_radiograph(case, config, rng: np.random.Generator, r_window: float) -
     tf = Transform(scale, fr.angle, fr.pivot, (w / 2 + shift[0], h / 2 + shift[1]), flip, squeeze)
 
     lesion = case.lesion
-    if lesion is not None:  # keep the lesion well inside the field
-        probe = Body(None, rng_for(config.seed, _ANATOMY, anatomy_seed), case.view, case.age, realistic=True)
-        spec.draw(probe)
-        frame = frame_for(find_anchor(probe.anchors, lesion.anchor, lesion.position), lesion.position, lesion.side)
-        x, y = tf.point(frame.c)
-        reach = tf.length(frame.r) * 2.5
-        mx, my = min(max(reach, 0.12 * w), 0.4 * w), min(max(reach, 0.12 * h), 0.4 * h)
-        dx = min(max(x, mx), w - mx) - x
-        dy = min(max(y, my), h - my) - y
-        tf = Transform(tf.scale, tf.angle, tf.pivot, (tf.centre[0] + dx, tf.centre[1] + dy), flip, squeeze)
+    tf = lesion_in_field(case, config, tf, h, w, anatomy_seed, realistic=True)
 
     cv = Canvas(h, w, tf, _trabecular(rng, h, w))
     body = Body(cv, rng_for(config.seed, _ANATOMY, anatomy_seed), case.view, case.age, realistic=True)
