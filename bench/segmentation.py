@@ -16,7 +16,7 @@ Prints one table per model, a summary table and the wall time of every phase, an
 per-image-step training time that ``docs/segmentation.md`` extrapolates to the paper's
 settings. Never run by pytest. The numbers in docs/segmentation.md::
 
-    python bench/segmentation.py --synth 260 --size 64 --epochs 8 --folds 2 --work /tmp/bench-seg
+    python bench/segmentation.py --synth 240 --size 64 --epochs 6 --folds 2 --work /tmp/bench-seg
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--synth-dir", type=Path, help="synthetic export with ground_truth.csv (and masks/)")
     parser.add_argument("--ingest-dir", type=Path, help="its ingest output")
-    parser.add_argument("--synth", type=int, default=260, help="make N synthetic lesion images + ingest them")
+    parser.add_argument("--synth", type=int, default=240, help="make N synthetic lesion images + ingest them")
     parser.add_argument("--work", type=Path, default=Path("out/bench-segmentation"), help="work folder")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--size", type=int, default=64, help="ingest and network image side")
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--step-sizes", default="64,256", help="image sides whose training step time is measured")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     args = parser.parse_args()
@@ -108,7 +109,8 @@ def main() -> None:
     results = {}
     for name in args.models.split(","):
         config = SegmenterConfig(segmenter=name, encoder=args.encoder, image_size=args.size, epochs=args.epochs,
-                                 folds=args.folds, batch_size=args.batch_size, num_workers=0, seed=args.seed)
+                                 folds=args.folds, batch_size=args.batch_size, lr=args.lr, num_workers=0,
+                                 seed=args.seed)
         began = time.perf_counter()
         run = train_segmenter(data, config, out=work / name)
         phases[f"train {name}"] = time.perf_counter() - began
