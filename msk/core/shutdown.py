@@ -3,9 +3,9 @@ process it started, within 10 s.
 
 :func:`msk.core.cli.main` calls :func:`install` before running a command: both signals then
 raise :class:`Interrupted` in the main thread, so ``finally`` blocks run (run locks are
-released; ``msk serve`` shuts Serve down). Then :func:`exit_after_signal` shuts down the Ray
-instance the command started (``ray.shutdown()``: GCS, raylet, workers) and exits
-``128 + signal`` (130 for SIGINT, 143 for SIGTERM); ``msk serve`` exits ``0`` instead
+released; ``msk serve`` shuts Serve down). Then :func:`exit_after_signal` exits ``128 + signal``
+(130 for SIGINT, 143 for SIGTERM) and a detached reaper ends the Ray instance the command
+started (GCS, raylet, workers, agents); ``msk serve`` shuts Ray down and exits ``0`` instead
 (stopping is how a server ends). :func:`begin_shutdown` bounds it all: a detached reaper ends
 processes of the command still alive after it exited (Ray's dashboard and runtime-env agents
 can outlive their raylet), and a watchdog exits if the shutdown hangs. A second signal during
@@ -87,20 +87,23 @@ def signal_of(exc: BaseException) -> int | None:
 
 
 def exit_after_signal(signum: int, say=print) -> None:
-    """The end of a command stopped by ``signum``: shut Ray down and exit ``128 + signum``.
+    """The end of a command stopped by ``signum``: exit ``128 + signum`` and leave no Ray process.
 
-    Called once the interrupted command's exception is gone (so the generators it left, e.g.
-    a Ray Data iterator, are closed and stop their threads first). Exits with ``os._exit``:
-    nothing of Ray may run after ``ray.shutdown()`` (its core worker aborts the process).
+    Called once the interrupted command's exception is gone. The local Ray instance the command
+    started is *not* shut down through ``ray.shutdown()`` here: after a signal, a thread still
+    inside Ray (a Ray Data iterator, a pending ``ray.get``) can touch the core worker while it
+    shuts down, and the core worker then ends the process itself with exit code 1 (seen in
+    ``tests/test_run_lifecycle.py`` about one run in ten). Instead :func:`begin_shutdown`'s
+    detached reaper ends every process the command started (GCS, raylet, workers, agents) as
+    soon as this one has exited, and this process exits at once with ``os._exit``. A command
+    connected to a running cluster (``RAY_ADDRESS``) has no such children: it only disconnects.
     """
-    import gc
     import logging
 
     _state["received"] = _state["received"] or signum
     reinstall()  # a second signal now exits at once
-    gc.collect()
     say(f"msk: {Interrupted(signum)}; shutting down")
-    stop_ray(interrupted=True)
+    begin_shutdown()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
