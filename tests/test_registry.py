@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from msk.core.errors import MskError
+
 from msk.core import hookspecs
 from msk.core.registry import (
     KINDS, PluginConflictError, Registry, UnknownComponentError, entity_set, get_registry,
@@ -30,6 +32,21 @@ def test_unknown_name_lists_available_and_suggests():
     assert "no encoder named 'resnet'" in msg
     assert "Did you mean resnet18, resnet34, resnet50" in msg
     assert "tiny-cnn" in msg
+    assert isinstance(exc.value, MskError)  # the CLI prints it as one line, exit 2
+
+
+def test_a_mistyped_encoder_is_one_line_and_exit_2_before_any_data_is_read(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text("encoder: resnet\n")
+    result = subprocess.run([sys.executable, "-m", "msk", "train", "sorter", str(tmp_path / "no-ingest"),
+                             str(tmp_path / "no-labels.csv"), str(tmp_path / "out"), "--config", str(config)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "resnet" in result.stderr
 
 
 def test_unknown_kind():

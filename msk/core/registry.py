@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 
 from msk.core import hookspecs
+from msk.core.errors import MskError
 from msk.core.specs import ComponentSpec, EntitySet
 
 DEFAULT_PLUGINS = (
@@ -41,11 +42,11 @@ KINDS: dict[str, str] = {
 }
 
 
-class UnknownComponentError(LookupError):
+class UnknownComponentError(MskError, LookupError):
     """A name that no registered plugin provides; the message lists the available names."""
 
 
-class PluginConflictError(RuntimeError):
+class PluginConflictError(MskError, RuntimeError):
     """Two plugins register the same name for the same kind."""
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -84,6 +84,18 @@ class TrainConfig(MskConfig):
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process")
     use_gpu: bool = Field(False, description="one GPU per worker")
     seed: int = 0
+
+    @field_validator("encoder")
+    @classmethod
+    def _registered_encoder(cls, name: str) -> str:
+        """A mistyped encoder is a config error before any data is read, naming the close ones."""
+        from msk.core.registry import UnknownComponentError, get_registry
+
+        try:
+            get_registry().get("encoder", name)
+        except UnknownComponentError as exc:
+            raise ValueError(str(exc)) from None
+        return name
 
     @model_validator(mode="after")
     def _one_start(self):
