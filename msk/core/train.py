@@ -88,11 +88,14 @@ class TrainConfig(MskConfig):
     @field_validator("encoder")
     @classmethod
     def _registered_encoder(cls, name: str) -> str:
-        """A mistyped encoder is a config error before any data is read, naming the close ones."""
+        """A mistyped encoder is a config error before any data is read, naming the close ones.
+        ``<segmenter>:<encoder>`` (a segmentation model, :mod:`msk.core.segmentation`) is checked
+        for its segmenter; smp checks the encoder part when it builds it."""
         from msk.core.registry import UnknownComponentError, get_registry
 
+        kind, component = ("segmenter", name.split(":", 1)[0]) if ":" in name else ("encoder", name)
         try:
-            get_registry().get("encoder", name)
+            get_registry().get(kind, component)
         except UnknownComponentError as exc:
             raise ValueError(str(exc)) from None
         return name
