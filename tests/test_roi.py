@@ -271,3 +271,43 @@ def test_btxrd_masks_lie_inside_their_crop_box(btxrd_annotations):
         mask_box = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
         assert contains(lesion_box(ann), mask_box) and contains(roi_box(ann), mask_box)
         assert contains(roi_box(mask), mask_box)
+
+
+@pytest.mark.parametrize("resize", ["pad", "stretch"])
+@pytest.mark.parametrize("source_shape", [(300, 200), (120, 480), (256, 256)])
+def test_square_mapping_round_trips_boxes_and_masks(source_shape, resize):
+    """A lesion drawn on the square model input maps back onto the uploaded image (serving answers
+    in the caller's pixels): the box and the mask land where they were in the source."""
+    from msk.core.ingest import map_box_from_square, map_box_to_square
+    from msk.core.masks import mask_from_square, mask_to_square
+
+    h, w = source_shape
+    box = (w * 0.25, h * 0.4, w * 0.6, h * 0.7)
+    square = map_box_to_square(box, source_shape, 128, resize)
+    back = map_box_from_square(square, source_shape, 128, resize)
+    assert back == pytest.approx(box, abs=1e-6)
+    mask = np.zeros(source_shape, bool)
+    mask[int(box[1]):int(box[3]), int(box[0]):int(box[2])] = True
+    restored = mask_from_square(mask_to_square(mask, 128, resize), source_shape, resize)
+    assert restored.shape == source_shape
+    iou = (restored & mask).sum() / (restored | mask).sum()
+    assert iou > 0.9
+    # the padding never maps back as lesion, and a box in the padding clips to the border
+    assert map_box_from_square((0, 0, 1, 1), source_shape, 128, resize)[0] == 0.0
+
+
+def test_lesion_crop_is_the_uint8_roi_of_a_box_or_mask():
+    from msk.core.roi import RoiError, lesion_crop, mask_box
+
+    image = np.zeros((64, 64), np.uint8)
+    image[20:30, 30:44] = 200
+    mask = image > 0
+    assert mask_box(mask) == (30, 20, 44, 30)
+    # a plain box covers pixels floor(x0)..floor(x1) (annotation convention): the mask's last pixels
+    from_mask, from_box = lesion_crop(image, mask, 32), lesion_crop(image, (30, 20, 43, 29), 32)
+    assert from_mask.dtype == np.uint8 and from_mask.shape == (32, 32)
+    assert np.array_equal(from_mask, from_box) and from_mask.max() >= 199
+    with pytest.raises(RoiError, match="empty"):
+        lesion_crop(image, np.zeros((64, 64), bool), 32)
+    with pytest.raises(RoiError, match="empty"):
+        mask_box(np.zeros((4, 4), bool))

@@ -200,7 +200,7 @@ def test_predicted_rois_crop_the_largest_lesion_and_refuse_no_lesion():
     assert boxes[0] == roi_box(mask) and crops.shape == (1, 32, 32)
     x0, y0, x1, y1 = boxes[0]
     assert x1 - x0 == y1 - y0 == 19 and x0 <= 30 and x1 >= 44  # ceil(14 px * (1 + 2 * 0.15)), square
-    assert crops[0].max() > 0.7 and masks[0].sum() == 140
+    assert crops.dtype == np.uint8 and crops[0].max() > 180 and masks[0].sum() == 140
     with pytest.raises(NoLesionFound, match=r"scan-2: no lesion found: no pixel reaches the segmenter's "
                                             r"threshold 0\.5 \(highest lesion probability 0\.3\)") as err:
         predicted_rois(Fixed([], 0.5, {}), images, ids=["scan-1", "scan-2"])

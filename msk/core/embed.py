@@ -304,18 +304,17 @@ def roi_crops(images: np.ndarray, boxes: Sequence[Sequence[float]], size: int, *
 
     ``boxes`` are in the images' own pixel coordinates (see :func:`map_source_box`).
     """
-    from msk.core.roi import RoiError, crop_roi, roi_box
+    from msk.core.roi import RoiError, lesion_crop
 
     if len(boxes) != len(images):
         raise EmbedError(f"{len(boxes)} lesion boxes for {len(images)} images")
     out = np.zeros((len(images), size, size), np.uint8)
     for i, (image, box) in enumerate(zip(images, boxes)):
         try:
-            square = roi_box(tuple(box), image.shape[:2], margin=margin)
+            out[i] = lesion_crop(image, box, size, margin=margin)
         except RoiError as exc:
             who = f"image {ids[i]!r}" if ids is not None else f"image {i}"
             raise EmbedError(f"{who}: {exc}") from None
-        out[i] = np.clip(np.rint(crop_roi(image, square, size) * 255), 0, 255)
     return out
 
 

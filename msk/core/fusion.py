@@ -302,7 +302,7 @@ def _resize_mode(ingest_dir: Path) -> str:
 
 def _roi_crops(images: np.ndarray, meta: pd.DataFrame, shapes: pd.DataFrame | None,
                config: FusionConfig, resize: str, source: str) -> np.ndarray:
-    from msk.core.roi import crop_roi, roi_box
+    from msk.core.roi import lesion_crop
 
     absent = [c for c in BOX_COLUMNS if c not in meta.columns]
     if absent:
@@ -320,10 +320,9 @@ def _roi_crops(images: np.ndarray, meta: pd.DataFrame, shapes: pd.DataFrame | No
             box = letterbox_box(box, (row["source_height"], row["source_width"]),
                                 int(row["height"]), resize)
         try:
-            square = roi_box(tuple(box), image.shape, margin=config.roi_margin)
+            crops[i] = lesion_crop(image, box, config.roi_size, margin=config.roi_margin)
         except MskError as exc:
             raise MetadataError(f"{source}: image {meta['image_id'].iloc[i]}: {exc}") from None
-        crops[i] = np.clip(np.rint(crop_roi(image, square, config.roi_size) * 255), 0, 255)
     return crops
 
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from msk.core.errors import MskError
 
-__all__ = ["MaskError", "MaskRow", "MaskWarning", "labelme_mask", "load_mask", "mask_to_square",
+__all__ = ["MaskError", "MaskRow", "MaskWarning", "labelme_mask", "load_mask", "mask_from_square", "mask_to_square",
            "read_mask_table", "write_mask_png"]
 
 LABELME_SUFFIXES = (".json",)
@@ -136,6 +136,15 @@ def mask_to_square(mask: np.ndarray, size: int, resize: Literal["pad", "stretch"
     from msk.core.ingest import square_image
 
     return square_image(mask.astype(np.float32), size, resize) >= 128
+
+
+def mask_from_square(mask: np.ndarray, source_shape: tuple[int, int],
+                     resize: Literal["pad", "stretch"] = "pad") -> np.ndarray:
+    """The inverse of :func:`mask_to_square`: a mask of the ingest's square image -> ``bool
+    [height, width]`` in the source image's pixels (a predicted lesion drawn on the original)."""
+    from msk.core.ingest import unsquare_image
+
+    return unsquare_image(np.asarray(mask, np.float32), source_shape, resize) >= 0.5
 
 
 def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> Path:

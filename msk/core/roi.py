@@ -218,10 +218,7 @@ def roi_box(
         image_shape = image_shape or lesion.shape
         if tuple(image_shape) != lesion.shape:
             raise RoiError(f"mask shape {lesion.shape} differs from image shape {image_shape}")
-        rows, cols = np.nonzero(lesion)
-        if rows.size == 0:
-            raise RoiError("the lesion mask is empty")
-        box = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+        box = mask_box(lesion)
     else:
         if image_shape is None:
             raise RoiError("roi_box needs image_shape=(height, width) for a plain box")
@@ -283,3 +280,21 @@ def crop_roi(image: np.ndarray, box: Box, size: int = 224) -> np.ndarray:
     resized = Image.fromarray(np.ascontiguousarray(crop, dtype=np.float32)).resize(
         (size, size), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
+
+
+def lesion_crop(image: np.ndarray, lesion: np.ndarray | tuple[float, float, float, float], size: int, *,
+                margin: float = 0.15) -> np.ndarray:
+    """The region of interest every msk model takes: the lesion's (box or ``bool`` mask) square
+    box plus ``margin`` (:func:`roi_box`) cropped from ``image`` and resized to ``uint8 [size, size]``
+    (:func:`crop_roi`). Raises :class:`RoiError` for an empty or outside box."""
+    square = roi_box(lesion if isinstance(lesion, np.ndarray) else tuple(lesion), np.asarray(image).shape[:2],
+                     margin=margin)
+    return np.clip(np.rint(crop_roi(image, square, size) * 255), 0, 255).astype(np.uint8)
+
+
+def mask_box(mask: np.ndarray) -> Box:
+    """The tight box ``(x0, y0, x1, y1)`` (exclusive ends) of a non-empty ``bool [H, W]`` mask."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        raise RoiError("the lesion mask is empty")
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1

@@ -556,22 +556,22 @@ def lesion_mask(probabilities: np.ndarray, threshold: float, *, where: str = "im
 def predicted_rois(ensemble: SegmenterEnsemble, images: np.ndarray, *, size: int = 224, margin: float = 0.15,
                    ids: list[str] | None = None) -> tuple[np.ndarray, list[tuple[int, int, int, int]], np.ndarray]:
     """Segment ``uint8 [N, S, S]`` images and crop each one's region of interest the fusion way:
-    the predicted lesion's bounding box plus ``margin`` on each side, square
-    (:func:`msk.core.roi.roi_box`), resized to ``size`` grey (:func:`msk.core.roi.crop_roi`).
+    the predicted lesion's bounding box plus ``margin`` on each side, square, resized to ``size``
+    grey (:func:`msk.core.roi.lesion_crop`, the crop of every msk model).
 
-    :return: ``(crops float32 [N, size, size] in [0, 1], boxes (x0, y0, x1, y1) in the images'
-        pixels, masks bool [N, S, S])``. An image without a lesion raises :class:`NoLesionFound`
-        naming it (``ids[i]`` or its index) and the threshold; never an empty crop.
+    :return: ``(crops uint8 [N, size, size], boxes (x0, y0, x1, y1) of the square crops in the
+        images' pixels, masks bool [N, S, S])``. An image without a lesion raises
+        :class:`NoLesionFound` naming it (``ids[i]`` or its index) and the threshold; never an
+        empty crop.
     """
-    from msk.core.roi import crop_roi, roi_box
+    from msk.core.roi import lesion_crop, roi_box
 
     probabilities = ensemble.probabilities(images)
     masks = np.zeros(images.shape, bool)
-    crops = np.zeros((len(images), size, size), np.float32)
+    crops = np.zeros((len(images), size, size), np.uint8)
     boxes = []
     for i, p in enumerate(probabilities):
         masks[i] = lesion_mask(p, ensemble.threshold, where=ids[i] if ids else f"image {i}")
-        box = roi_box(masks[i], margin=margin)
-        crops[i] = crop_roi(images[i], box, size)
-        boxes.append(box)
+        boxes.append(roi_box(masks[i], margin=margin))
+        crops[i] = lesion_crop(images[i], masks[i], size, margin=margin)
     return crops, boxes, masks
