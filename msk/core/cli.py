@@ -378,6 +378,41 @@ def sort(
         raise typer.Exit(2)
 
 
+@app.command()
+def segment(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk train segmenter`"),
+    inputs: list[Path] = typer.Argument(..., metavar="FILE_OR_DIR", help="DICOM, PNG or JPEG files, or folders "
+                                        "of them (searched recursively)"),
+    out_dir: Path = typer.Option(..., "--out", help="folder for <name>.mask.png, <name>.seg.dcm and segment.csv"),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="also write each DICOM file's mask as a DICOM "
+                                   "Segmentation object (<name>.seg.dcm) referencing it, for a PACS"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="lesion probability threshold "
+                                              "\\[default: the run's]"),
+    ingest_dir: Optional[Path] = typer.Option(None, "--ingest", help="the run's ingest folder, if segmenter.json "
+                                              "does not record how its images were squared"),
+) -> None:
+    """Segment the lesion in image files with a trained segmenter: a mask in each file's own
+    pixels (PNG), its box, and with --dicom-seg a DICOM Segmentation for each DICOM file.
+    Unreadable files and images without a lesion get one line each (file: reason), exit 2.
+
+    [b]Example[/b]: [cyan]msk segment out/segmenter scans/knee.dcm scans/hips/ --out out/masks --dicom-seg[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.segment_images import SegmentOptions, segment_files
+
+    options = load_config(SegmentOptions, None, threshold=threshold, dicom_seg=dicom_seg)
+
+    def show(row) -> None:  # plain lines: never wrapped
+        typer.echo(row.line(), err=row.problem)
+
+    result = segment_files(run_dir, inputs, out_dir, options=options, ingest=ingest_dir, on_row=show)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(result.summary())
+    if result.problems:
+        raise typer.Exit(2)
+
+
 @train_app.command("transfer")
 @locks_run("out_dir")
 def train_transfer(

@@ -447,7 +447,7 @@ def _train_fold(k: int, data: SegmentationData, train: np.ndarray, val: np.ndarr
 def train_segmenter(data: SegmentationData, config: SegmenterConfig | None = None, *,
                     out: str | os.PathLike) -> SegmenterResult:
     """Plan the patient-level splits, train one segmenter per fold and write ``out/segmenter.json``."""
-    from msk.core.sorter import SorterError, plan_splits
+    from msk.core.sorter import SorterError, _ingest_info, plan_splits
 
     config = config or SegmenterConfig()
     out = Path(out)
@@ -464,6 +464,7 @@ def train_segmenter(data: SegmentationData, config: SegmenterConfig | None = Non
     folds = [_train_fold(k, data, train, val, config, out) for k, (train, val) in enumerate(plan.folds, 1)]
     info = {"segmenter": config.segmenter, "encoder": config.encoder, "image_size": int(data.images.shape[1]),
             "threshold": config.threshold, "source": data.source,
+            "ingest": _ingest_info(data, out),  # how `msk segment` squares new images: like these
             "folds": [{"fold": f.fold, "best_epoch": f.best_epoch, "val_dice": f.val_dice, "n_train": f.n_train,
                        "n_val": f.n_val} for f in folds],
             "n_images": len(data), "n_test": len(plan.test),
