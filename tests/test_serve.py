@@ -42,6 +42,7 @@ ENTITIES = ["osteochondroma", "osteosarcoma"]
 SITES = ["femur", "tibia", "humerus"]
 SOURCE, SQUARE = 64, 32  # uploaded image side; the "ingest" square the models were trained on
 CALL_TIMEOUT_S = 5.0
+SEG_THRESHOLD = 0.4
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -157,12 +158,28 @@ def model_files(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
     fusion = fit_fusion(x, labels % 2, encoder.transform(frame), 2, train, out=root / "fusion",
                         head="concat", hidden=(8,), dropout=0.1).best
 
+    segmenter = bar_segmenter(x, root / "segmenter")
+
     token = root / "token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
     return {"root": root, "sorter": sorter, "sorter_run": sorter_run, "recommender": root / "recommender",
-            "fusion": fusion,
+            "fusion": fusion, "segmenter": segmenter,
             "metadata_encoder": root / "metadata_encoder.json", "token": token}
+
+
+def bar_segmenter(images: np.ndarray, out: Path) -> Path:
+    """A `msk train segmenter` run (2 folds, tiny U-Net) whose lesion is the bright bar or square."""
+    from msk.core.segmentation import SegmentationData, SegmenterConfig, train_segmenter
+
+    n = len(images)
+    data = SegmentationData(images, images >= 128, ["lesion"] * n, [f"pat-{i // 2:03d}" for i in range(n)],
+                            [f"img-{i:03d}" for i in range(n)])
+    config = SegmenterConfig(encoder="tu-resnet10t", segmenter_options={"encoder_depth": 3,
+                             "decoder_channels": [16, 8, 4]}, image_size=SQUARE, epochs=20, batch_size=8, folds=2,
+                             test_size=0.2, num_workers=0, augment=False, lr=3e-3)
+    train_segmenter(data, config, out=out)
+    return out
 
 
 def probe_scores(checkpoint: Path) -> np.ndarray:
@@ -199,7 +216,9 @@ def serve_config(files: dict[str, Path], port: int) -> dict:
         "sorter": {"checkpoint": str(files["sorter_run"]), "classes": REGIONS, **replica},
         "recommender": {"path": str(files["recommender"]), **replica},
         "classifier": {"checkpoint": str(files["fusion"]), "metadata_encoder": str(files["metadata_encoder"]),
-                       "head": "concat", "hidden": [8], "dropout": 0.1, "classes": ENTITIES, **replica},
+                       "head": "concat", "hidden": [8], "dropout": 0.1, "classes": ENTITIES,
+                       "roi": {"size": SQUARE}, **replica},
+        "segmenter": {"run": str(files["segmenter"]), "threshold": SEG_THRESHOLD, **replica},
     }
 
 
@@ -249,9 +268,9 @@ def test_health_readiness_and_openapi(server):
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["models"] == {"sort": "ready", "recommend": "ready",
-                                                                    "classify": "ready"}
+                                                                    "classify": "ready", "segment": "ready"}
     schema = httpx.get(f"{server}/openapi.json").json()
-    assert {"/v1/sort", "/v1/recommend", "/v1/classify", "/v1/models"} <= set(schema["paths"])
+    assert {"/v1/sort", "/v1/recommend", "/v1/classify", "/v1/segment", "/v1/models"} <= set(schema["paths"])
     assert not any(p.startswith("/v1/debug") for p in schema["paths"])
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     body = schema["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
@@ -266,6 +285,10 @@ def test_models_describes_what_is_served(client):
     assert described["models"]["sort"]["unknown"]["score"] == "msp"
     assert described["models"]["recommend"]["images"] == 60
     assert described["models"]["classify"]["sites"] == SITES
+    assert described["models"]["classify"]["input"] == "lesion_crop"
+    assert described["models"]["recommend"]["input"] == "whole_image"
+    assert described["models"]["segment"]["threshold"] == SEG_THRESHOLD
+    assert described["models"]["segment"]["folds"] == 2
 
 
 # -- happy paths ----------------------------------------------------------------------------------
@@ -346,6 +369,33 @@ def test_classify_image_and_metadata(client):
     assert answer["metadata_used"] is True and answer["gradcam_png"]
     other = post_image(client, "/v1/classify", dicom(HORIZONTAL), metadata={**META, "sex": "M", "age": None}).json()
     assert other["entities"] != answer["entities"]  # the metadata reaches the model
+    # a lesion-crop classifier without a box asks the segmenter, and says so with the box it used
+    assert answer["input"] == other["input"] == "segmented"
+    x0, y0, x1, y1 = answer["box"]
+    assert 0 <= x0 < x1 <= SOURCE and 0 <= y0 < y1 <= SOURCE
+    boxed = post_image(client, "/v1/classify", png(HORIZONTAL), metadata={**META, "box": [4, 10, 40, 30]}).json()
+    assert boxed["input"] == "box" and boxed["box"] == [4, 10, 40, 30]
+
+
+def test_segment_returns_the_lesion_in_the_uploaded_images_pixels(client):
+    """The bar of a 64 px upload, segmented in the 32 px square: the mask comes back at 64 px and
+    covers the bar; a blank image has no lesion (422 with the threshold)."""
+    image = np.full((SOURCE, SOURCE), 20, np.uint8)
+    image[20:28, 4:60] = 220  # a horizontal bar
+    answer = post_image(client, "/v1/segment", png(image)).json()
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"])))) > 0
+    assert mask.shape == (answer["height"], answer["width"]) == (SOURCE, SOURCE)
+    truth = image > 200
+    iou = (mask & truth).sum() / (mask | truth).sum()
+    assert iou > 0.5, iou
+    x0, y0, x1, y1 = answer["box"]
+    assert y0 <= 21 and y1 >= 27 and x0 <= 10 and x1 >= 54
+    assert answer["lesion_fraction"] == pytest.approx(mask.mean()) and answer["threshold"] == SEG_THRESHOLD
+    blank = post_image(client, "/v1/segment", png(np.full((SOURCE, SOURCE), 20, np.uint8)))
+    assert f"threshold {SEG_THRESHOLD:g}" in assert_error(blank, 422, "no_lesion_found")["message"]
+    # the chain refuses the same way: never a crop of nothing
+    assert_error(post_image(client, "/v1/classify", png(np.full((SOURCE, SOURCE), 20, np.uint8)), metadata=META),
+                 422, "no_lesion_found")
 
 
 # -- the error contract -----------------------------------------------------------------------------
@@ -481,6 +531,11 @@ def test_missing_checkpoint_or_index_fails_at_startup(model_files, tmp_path, mon
     config = ServeConfig.model_validate({**good, "classifier": {**good["classifier"], "hidden": [16]}})
     with pytest.raises(ConfigError, match=r"classifier.hidden=\[16\] but .* was trained with hidden=\[8\]"):
         application(config)
+    for run, match in ((tmp_path / "no-run", "segmenter.run: .*no-run does not exist"),
+                       (tmp_path / "empty", "empty is not a finished `msk train segmenter` run")):
+        config = ServeConfig.model_validate({**good, "segmenter": {**good["segmenter"], "run": str(run)}})
+        with pytest.raises(ConfigError, match=match):
+            application(config)
 
 
 def test_fusion_checkpoint_records_its_head_for_serving(model_files):
@@ -550,14 +605,15 @@ def test_classifier_crops_the_lesion_and_checks_the_vocabulary(model_files):
                             head="concat", hidden=[8], dropout=0.1, classes=ENTITIES, roi={"size": 24})
     classifier = load_classifier_model(config, PreprocessConfig(image_size=SQUARE))
     image = squares(IMAGES[:1])[0]
-    crop, meta = classifier.prepare(image, (SOURCE, SOURCE), {**META, "box": (4, 10, 40, 30)})
+    crop, meta = classifier.prepare(image, (2, 5, 20, 15), META)  # the box in the square image's pixels
     assert crop.shape == (24, 24) and crop.dtype == np.uint8 and meta.shape == (classifier.encoder.dim,)
     assert classifier.probabilities(crop[None], meta[None]).sum() == pytest.approx(1.0)
-    refusals = [classifier.prepare(image, (SOURCE, SOURCE), META),  # no box for a ROI model
-                classifier.prepare(image, (SOURCE, SOURCE), {**META, "box": (100, 100, 120, 120)}),
-                classifier.prepare(image, (SOURCE, SOURCE), {**META, "site": "skull", "box": (4, 10, 40, 30)})]
-    assert all(isinstance(r, Rejection) and r.code == "invalid_metadata" for r in refusals)
-    assert "box" in refusals[0].message and "vocabulary" in refusals[2].message
+    refusals = [classifier.prepare(image, None, META),  # no box for a ROI model
+                classifier.prepare(image, (100, 100, 120, 120), META),
+                classifier.prepare(image, (2, 5, 20, 15), {**META, "site": "skull"})]
+    assert [r.code for r in refusals] == ["box_required", "invalid_metadata", "invalid_metadata"]
+    assert all(isinstance(r, Rejection) for r in refusals)
+    assert "lesion crops" in refusals[0].message and "vocabulary" in refusals[2].message
 
 
 def test_config_validation(tmp_path):
@@ -587,7 +643,7 @@ def test_example_config_is_a_serve_config_file():
     [app] = deploy.applications
     assert app.import_path == "msk.serve.app:build_app"
     config = ServeConfig.model_validate(app.args)
-    assert set(config.models) == {"sort", "recommend", "classify"}
+    assert set(config.models) == {"sort", "recommend", "classify", "segment"}
     assert config.request_timeout_s == raw["http_options"]["request_timeout_s"]
     assert callable(build_app)
     with pytest.raises(ConfigError, match="invalid msk serve args: sorter.top_k"):
@@ -642,14 +698,15 @@ class FakeHandle:
         return type("Method", (), {"remote": staticmethod(lambda *args: fn(*args))})
 
 
-def gateway_client(handles: dict, *, token: str | None = TOKEN, timeout_s: float = 0.5):
+def gateway_client(handles: dict, *, token: str | None = TOKEN, timeout_s: float = 0.5,
+                   lesion_input: dict[str, bool] | None = None):
     from starlette.testclient import TestClient
 
     from msk.serve.app import ModelClients, create_api
 
     settings = {"call_timeout_s": timeout_s, "max_upload_bytes": 1 << 20,
                 "preprocess": {"image_size": SQUARE}, "debug_routes": False,
-                "token_digest": None if token is None else token_digest(token)}
+                "token_digest": None if token is None else token_digest(token), "lesion_input": lesion_input}
     return TestClient(create_api(settings, ModelClients(handles, timeout_s)), raise_server_exceptions=False)
 
 
@@ -683,3 +740,51 @@ def test_gateway_failures_are_json_without_serve():
         assert_error(c.post("/v1/sort", **body), 401, "unauthorized")
         assert_error(c.post("/v1/sort", **authorized), 503, "not_configured")
         assert c.get("/readyz").json() == {"status": "ready", "models": {}}
+
+
+def test_the_gateway_gives_lesion_crop_models_a_box_or_refuses():
+    """A recommender built from lesion crops gets the caller's box (mapped into the square image),
+    else the segmenter's, else 422 box_required; whole-image models get no box. Fake models record
+    what they were sent."""
+    from msk.core.ingest import map_box_to_square
+    from msk.serve.replica import Rejection
+
+    sent = []
+
+    async def recommend(pixels, k, box):
+        sent.append(box)
+        return {"entity": "femur", "confidence": 1.0, "shares": {"femur": 1.0}, "neighbours": []}
+
+    async def segment(pixels):
+        mask = np.zeros(pixels.shape, bool)
+        mask[8:12, 2:30] = True
+        return {"mask": mask, "box": [2.0, 8.0, 30.0, 12.0], "threshold": 0.5}
+
+    async def no_lesion(pixels):
+        return Rejection(422, "no_lesion_found", "the image: no lesion found: no pixel reaches the segmenter's "
+                                                 "threshold 0.5 (highest lesion probability 0.1)")
+
+    raw = {"content": png(HORIZONTAL), "headers": {"Content-Type": "image/png"}}
+    crops = {"lesion_input": {"recommend": True}}
+    with gateway_client({"recommend": FakeHandle(recommend=recommend)}, token=None, **crops) as c:
+        refused = assert_error(c.post("/v1/recommend", **raw), 422, "box_required")
+        assert "lesion crops" in refused["message"] and sent == []
+        answer = c.post("/v1/recommend", params={"box": "4,10,40,30"}, **raw).json()
+        assert answer["input"] == "box" and answer["box"] == [4, 10, 40, 30]
+        assert sent[-1] == pytest.approx(map_box_to_square((4, 10, 40, 30), (SOURCE, SOURCE), SQUARE))
+        for bad in ("40,10,4,30", "1,2,3", "a,b,c,d"):
+            assert_error(c.post("/v1/recommend", params={"box": bad}, **raw), 422, "invalid_request")
+    handles = {"recommend": FakeHandle(recommend=recommend), "segment": FakeHandle(segment=segment)}
+    with gateway_client(handles, token=None, **crops) as c:
+        answer = c.post("/v1/recommend", **raw).json()
+        assert answer["input"] == "segmented" and sent[-1] == (2.0, 8.0, 30.0, 12.0)
+        assert answer["box"] == [4.0, 16.0, 60.0, 24.0]  # the 32 px square's box on the 64 px upload
+        segmented = c.post("/v1/segment", **raw).json()
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(segmented["mask_png"])))) > 0
+        assert mask.shape == (SOURCE, SOURCE) and mask[16:24, 4:60].all() and mask.sum() == 8 * 56
+    with gateway_client({"recommend": FakeHandle(recommend=recommend), "segment": FakeHandle(segment=no_lesion)},
+                        token=None, **crops) as c:
+        assert "threshold 0.5" in assert_error(c.post("/v1/recommend", **raw), 422, "no_lesion_found")["message"]
+    with gateway_client({"recommend": FakeHandle(recommend=recommend)}, token=None) as c:  # whole-image index
+        answer = c.post("/v1/recommend", params={"box": "4,10,40,30"}, **raw).json()
+        assert answer["input"] == "whole_image" and "box" not in answer and sent[-1] is None

@@ -1,11 +1,18 @@
-"""The msk HTTP API on Ray Serve: one FastAPI ingress in front of three model deployments.
+"""The msk HTTP API on Ray Serve: one FastAPI ingress in front of four model deployments.
 
 ::
 
     HTTP proxy (Serve) -> Gateway (FastAPI: auth, limits, upload decoding, errors)
                            |-> SorterDeployment      /v1/sort       (@serve.batch)
                            |-> RecommenderDeployment /v1/recommend  (@serve.batch)
-                           '-> ClassifierDeployment  /v1/classify   (@serve.batch)
+                           |-> ClassifierDeployment  /v1/classify   (@serve.batch)
+                           '-> SegmenterDeployment   /v1/segment    (@serve.batch)
+
+**The chain.** A classifier or recommender trained on lesion crops needs the lesion: the
+request's box (``metadata.box`` / ``?box=``, pixels of the uploaded image), else the
+segmenter's (when one is configured), else the request is refused (422 ``box_required``).
+Every answer says which it used (``input``: ``box``, ``segmented`` or ``whole_image``) and the
+box, in the uploaded image's pixels.
 
 The gateway decodes every upload with the ingest's reader and squares it as the ingest did
 (:mod:`msk.serve.inputs`); only the pixels travel on to a model replica. Model calls have a
@@ -19,6 +26,7 @@ until Serve has replaced it. Routes:
 ``POST /v1/sort``          auth  image -> top-k regions (``?k=``, ``?gradcam=true``)
 ``POST /v1/recommend``     auth  image -> k similar previous patients + entity vote (``?k=``)
 ``POST /v1/classify``      auth  image + metadata JSON -> entity probabilities (``?gradcam=true``)
+``POST /v1/segment``       auth  image -> lesion mask (PNG, base64) and box
 ``/docs``, ``/openapi.json`` open  the OpenAPI schema
 =========================  ====  =========================================================
 
@@ -48,16 +56,18 @@ from msk.core.errors import ConfigError, MskError
 from msk.serve.auth import BearerAuth, resolve_token_digest
 from msk.serve.config import PreprocessConfig, ReplicaConfig, ServeConfig, check_paths
 from msk.serve.errors import ApiError, install_error_handlers
+from msk.core.ingest import map_box_from_square, map_box_to_square
 from msk.serve.inputs import RAW_TYPES, ClinicalMetadata, Radiograph, decode_radiograph, parse_metadata, read_upload
 from msk.serve.replica import Rejection
-from msk.serve.schemas import ClassifyResponse, ErrorResponse, Health, Ready, RecommendResponse, SortResponse
+from msk.serve.schemas import (ClassifyResponse, ErrorResponse, Health, Ready, RecommendResponse, SegmentResponse,
+                               SortResponse)
 
 __all__ = ["API_VERSION", "Gateway", "ModelClients", "ServeError", "application", "build_app", "create_api",
            "serve_main"]
 
 API_VERSION = "v1"
 #: Endpoint name (route and deployment method) -> the model's name (its config section).
-ENDPOINTS = {"sort": "sorter", "recommend": "recommender", "classify": "classifier"}
+ENDPOINTS = {"sort": "sorter", "recommend": "recommender", "classify": "classifier", "segment": "segmenter"}
 READY_TIMEOUT_S = 5.0
 
 logger = logging.getLogger("ray.serve.msk")
@@ -80,7 +90,7 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
 class ModelClients:
     """The model deployments behind the gateway: calls with a timeout, failures as :class:`ApiError`.
 
-    :param handles: endpoint name (``sort``, ``recommend``, ``classify``) -> deployment handle
+    :param handles: endpoint name (``sort``, ``recommend``, ``classify``, ``segment``) -> deployment handle
         (anything whose ``handle.method.remote(*args)`` is awaitable) of the configured models.
     """
 
@@ -117,15 +127,17 @@ class Gateway:
     """The FastAPI ingress deployment; each replica builds its app in :meth:`__serve_build_asgi_app__`.
 
     :param settings: ``call_timeout_s``, ``max_upload_bytes``, ``preprocess`` (a
-        :class:`PreprocessConfig` dump), ``token_digest`` (``None``: no authentication) and
-        ``debug_routes``.
-    :param sorter, recommender, classifier: handles of the configured model deployments.
+        :class:`PreprocessConfig` dump), ``token_digest`` (``None``: no authentication),
+        ``debug_routes`` and ``lesion_input`` (endpoint -> true when its model was trained on
+        lesion crops).
+    :param sorter, recommender, classifier, segmenter: handles of the configured model deployments.
     """
 
     def __init__(self, settings: dict[str, Any], sorter: DeploymentHandle | None = None,
-                 recommender: DeploymentHandle | None = None, classifier: DeploymentHandle | None = None):
+                 recommender: DeploymentHandle | None = None, classifier: DeploymentHandle | None = None,
+                 segmenter: DeploymentHandle | None = None):
         self.settings = settings
-        handles = {"sort": sorter, "recommend": recommender, "classify": classifier}
+        handles = {"sort": sorter, "recommend": recommender, "classify": classifier, "segment": segmenter}
         self.models = ModelClients({n: h for n, h in handles.items() if h is not None}, settings["call_timeout_s"])
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -165,9 +177,25 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
         """Decode an upload as the ingest would (in a thread: DICOM decoding is CPU work)."""
         return await asyncio.to_thread(decode_radiograph, data, preprocess)
 
+    lesion_input = dict(settings.get("lesion_input") or {})
+
+    async def lesion(image: Radiograph, box: tuple[float, float, float, float] | None,
+                     endpoint: str) -> tuple[tuple[float, ...] | None, str, tuple[float, ...] | None]:
+        """``(box in the square image, input kind, box in the upload's pixels)`` for ``endpoint``'s model."""
+        if not lesion_input.get(endpoint):
+            return None, "whole_image", None
+        if box is not None:
+            return map_box_to_square(box, image.source_shape, preprocess.image_size, preprocess.resize), "box", box
+        if "segment" not in models:
+            raise ApiError(422, "box_required", f"the {ENDPOINTS[endpoint]} was trained on lesion crops: send the "
+                           "lesion box, or serve a segmenter with it")
+        found = await models.call("segment", "segment", image.pixels)
+        source = map_box_from_square(found["box"], image.source_shape, preprocess.image_size, preprocess.resize)
+        return tuple(found["box"]), "segmented", tuple(round(v, 1) for v in source)
+
     api = FastAPI(title="msk", version=msk.__version__,
                   summary="Musculoskeletal radiograph models: anatomical sorter, similar-patient "
-                          "recommender, image + metadata classifier.")
+                          "recommender, image + metadata classifier, lesion segmenter.")
     install_error_handlers(api, max_body_bytes=int(settings["max_upload_bytes"]))
     auth = BearerAuth(settings.get("token_digest"))
     dependencies = [Depends(auth)]
@@ -210,11 +238,18 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
         image = await radiograph((await read_upload(request)).data)
         return await models.call("sort", "sort", image.pixels, k, gradcam)
 
-    @v1.post("/recommend", response_model=RecommendResponse, tags=["models"], openapi_extra=_upload_body(False))
-    async def recommend(request: Request, k: int | None = Query(None, ge=1, le=100, description="neighbours")) -> Any:
+    @v1.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True, tags=["models"],
+             openapi_extra=_upload_body(False))
+    async def recommend(request: Request, k: int | None = Query(None, ge=1, le=100, description="neighbours"),
+                        box: str | None = Query(None, description="lesion box x0,y0,x1,y1 in pixels of the "
+                                                                  "uploaded image (for lesion-crop recommenders)",
+                                                pattern=r"^\s*[0-9.eE+-]+(\s*,\s*[0-9.eE+-]+){3}\s*$")) -> Any:
         """The k most similar previous patients' images (pseudonymised ids) and their entity vote."""
+        lesion_box = parse_box(box)
         image = await radiograph((await read_upload(request)).data)
-        return await models.call("recommend", "recommend", image.pixels, k)
+        square, used, source = await lesion(image, lesion_box, "recommend")
+        answer = await models.call("recommend", "recommend", image.pixels, k, square)
+        return {**answer, "input": used, "box": source}
 
     @v1.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True, tags=["models"],
              openapi_extra=_upload_body(True))
@@ -223,8 +258,17 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
         upload = await read_upload(request)
         metadata = parse_metadata(upload.metadata)
         image = await radiograph(upload.data)
-        return await models.call("classify", "classify", image.pixels, image.source_shape,
-                                  metadata.model_dump(), gradcam)
+        square, used, source = await lesion(image, metadata.box, "classify")
+        answer = await models.call("classify", "classify", image.pixels, square, metadata.model_dump(), gradcam)
+        return {**answer, "input": used, "box": source}
+
+    @v1.post("/segment", response_model=SegmentResponse, tags=["models"], openapi_extra=_upload_body(False))
+    async def segment(request: Request) -> Any:
+        """The lesion: its mask (PNG, the uploaded image's size) and bounding box; 422 no_lesion_found
+        when no pixel reaches the segmenter's threshold."""
+        image = await radiograph((await read_upload(request)).data)
+        found = await models.call("segment", "segment", image.pixels)
+        return await asyncio.to_thread(segment_answer, found, image, preprocess)
 
     if settings.get("debug_routes"):
         @v1.post("/debug/crash/{model}", tags=["debug"], include_in_schema=False)
@@ -246,6 +290,35 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
     return api
 
 
+def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    """The ``?box=x0,y0,x1,y1`` query value (pixels of the uploaded image), checked like ``metadata.box``."""
+    if text is None:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    if not (x0 < x1 and y0 < y1 and min(x0, y0) >= 0):
+        raise ApiError(422, "invalid_request", "box must be x0 < x1, y0 < y1, all >= 0 (pixels of the uploaded image)")
+    return x0, y0, x1, y1
+
+
+def segment_answer(found: dict[str, Any], image: Radiograph, preprocess: PreprocessConfig) -> dict[str, Any]:
+    """The segmenter's mask and box (square-image pixels) on the uploaded image: box, PNG, area."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from msk.core.masks import mask_from_square
+
+    mask = mask_from_square(found["mask"], image.source_shape, preprocess.resize)
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG", optimize=True)
+    box = map_box_from_square(found["box"], image.source_shape, preprocess.image_size, preprocess.resize)
+    return {"box": tuple(round(v, 1) for v in box), "mask_png": base64.b64encode(buffer.getvalue()).decode("ascii"),
+            "height": int(mask.shape[0]), "width": int(mask.shape[1]),
+            "lesion_fraction": float(mask.mean()), "threshold": float(found["threshold"])}
+
+
 # -- building and starting ------------------------------------------------------------------------
 
 
@@ -262,31 +335,39 @@ def _options(config: ReplicaConfig) -> dict[str, Any]:
 def application(config: ServeConfig):
     """The bound Serve application of ``config``, after checking every path and model.
 
-    Raises :class:`ConfigError` (missing checkpoint or index, classes that do not fit, no
-    token) before anything is deployed.
+    Raises :class:`ConfigError` (missing checkpoint, index or segmenter run, classes that do not
+    fit, no token) before anything is deployed.
     """
     from msk.serve.classifier import ClassifierDeployment, load_classifier_model
     from msk.serve.recommender import RecommenderDeployment, inspect_recommender
+    from msk.serve.segmenter import SegmenterDeployment, inspect_segmenter
     from msk.serve.sorter import SorterDeployment, inspect_sorter
 
     config = check_paths(config)
     digest = resolve_token_digest(config.token_file, insecure=config.insecure)
     preprocess = config.preprocess.model_dump(mode="json")
     bound: dict[str, Any] = {}
+    lesion_input = {"recommend": False, "classify": False}
     if config.sorter is not None:
         inspect_sorter(config.sorter)
         bound["sorter"] = SorterDeployment.options(**_options(config.sorter)).bind(
             config.sorter.model_dump(mode="json"), config.debug_routes)
     if config.recommender is not None:
-        inspect_recommender(config.recommender)
+        lesion_input["recommend"] = inspect_recommender(config.recommender)["roi_margin"] is not None
         bound["recommender"] = RecommenderDeployment.options(**_options(config.recommender)).bind(
             config.recommender.model_dump(mode="json"), config.debug_routes)
     if config.classifier is not None:
         load_classifier_model(config.classifier, config.preprocess)  # fails here, not in a replica
+        lesion_input["classify"] = config.classifier.roi is not None
         bound["classifier"] = ClassifierDeployment.options(**_options(config.classifier)).bind(
             config.classifier.model_dump(mode="json"), preprocess, config.debug_routes)
+    if config.segmenter is not None:
+        inspect_segmenter(config.segmenter)
+        bound["segmenter"] = SegmenterDeployment.options(**_options(config.segmenter)).bind(
+            config.segmenter.model_dump(mode="json"), config.debug_routes)
     settings = {"call_timeout_s": config.call_timeout_s, "max_upload_bytes": config.max_upload_bytes,
-                "preprocess": preprocess, "token_digest": digest, "debug_routes": config.debug_routes}
+                "preprocess": preprocess, "token_digest": digest, "debug_routes": config.debug_routes,
+                "lesion_input": lesion_input}
     return Gateway.options(**_options(config.gateway)).bind(settings, **bound)
 
 

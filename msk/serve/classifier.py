@@ -10,10 +10,12 @@ Two kinds of checkpoint are served, both written by :func:`msk.core.train.fit`:
 * an **image-only** classifier (linear head, :func:`msk.core.train.fit_classifier`): the
   metadata is still validated, and the answer says ``metadata_used: false``.
 
-With ``roi`` set the model sees the lesion crop, as fusion models are trained: the metadata's
-``box`` (pixels of the uploaded image) is mapped into the square image
-(:func:`msk.core.fusion.letterbox_box`), widened by the margin (:func:`msk.core.roi.roi_box`) and
-cropped (:func:`msk.core.roi.crop_roi`).
+With ``roi`` set the model sees the lesion crop, as fusion models are trained: the gateway maps
+the metadata's ``box`` (pixels of the uploaded image) into the square image, or asks the
+segmenter for the lesion when there is no box (:mod:`msk.serve.segmenter`); the crop is the box
+widened by the margin, square (:func:`msk.core.roi.lesion_crop`). Without a box and without a
+segmenter such a model refuses the request (422 ``box_required``): a whole radiograph is never
+classified by a model that learnt from lesion crops.
 """
 
 from __future__ import annotations
@@ -66,12 +68,15 @@ class ClassifierModel:
     def uses_metadata(self) -> bool:
         return self.encoder is not None
 
-    def prepare(self, pixels: np.ndarray, source_shape: tuple[int, int],
+    def prepare(self, pixels: np.ndarray, box: tuple[float, float, float, float] | None,
                 metadata: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None] | Rejection:
-        """``(network image uint8, encoded metadata or None)``, or why the request is refused."""
+        """``(network image uint8, encoded metadata or None)``, or why the request is refused.
+
+        :param box: the lesion ``(x0, y0, x1, y1)`` in the square image's pixels (needed with ``roi``).
+        """
         image = pixels
         if self.config.roi is not None:
-            image = self._crop(pixels, source_shape, metadata.get("box"))
+            image = self._crop(pixels, box)
             if isinstance(image, Rejection):
                 return image
         if self.encoder is None:
@@ -79,20 +84,17 @@ class ClassifierModel:
         meta = self._encode(metadata)
         return meta if isinstance(meta, Rejection) else (image, meta)
 
-    def _crop(self, pixels: np.ndarray, source_shape: tuple[int, int], box) -> np.ndarray | Rejection:
-        from msk.core.fusion import letterbox_box
-        from msk.core.roi import RoiError, crop_roi, roi_box
+    def _crop(self, pixels: np.ndarray, box) -> np.ndarray | Rejection:
+        from msk.core.roi import RoiError, lesion_crop
 
         if box is None:
-            return Rejection(422, "invalid_metadata", "this model classifies the lesion: metadata needs "
-                                                      "'box' [x0, y0, x1, y1] in pixels of the uploaded image")
-        mapped = letterbox_box(box, source_shape, pixels.shape[0], self.preprocess.resize)
+            return Rejection(422, "box_required", "this classifier was trained on lesion crops: send metadata "
+                                                  "'box' [x0, y0, x1, y1] in pixels of the uploaded image, or "
+                                                  "serve it with a segmenter")
         try:
-            square = roi_box(mapped, pixels.shape, margin=self.config.roi.margin)
+            return lesion_crop(pixels, box, self.config.roi.size, margin=self.config.roi.margin)
         except RoiError as exc:
             return Rejection(422, "invalid_metadata", f"metadata box: {exc}")
-        crop = crop_roi(pixels, square, self.config.roi.size)
-        return np.clip(np.rint(crop * 255), 0, 255).astype(np.uint8)
 
     def _encode(self, metadata: dict[str, Any]) -> np.ndarray | Rejection:
         import pandas as pd
@@ -237,10 +239,11 @@ class ClassifierDeployment(ModelReplica):
         with self.lock:
             return self.classifier.gradcam(image, meta, target)
 
-    async def classify(self, pixels: np.ndarray, source_shape: tuple[int, int], metadata: dict[str, Any],
-                       gradcam: bool = False) -> dict[str, Any] | Rejection:
-        """Entity probabilities (most probable first) of a square image and its validated metadata."""
-        prepared = self.classifier.prepare(pixels, source_shape, metadata)
+    async def classify(self, pixels: np.ndarray, box: tuple[float, float, float, float] | None,
+                       metadata: dict[str, Any], gradcam: bool = False) -> dict[str, Any] | Rejection:
+        """Entity probabilities (most probable first) of a square image, the lesion ``box`` in its
+        pixels (``None``: none given) and the validated metadata."""
+        prepared = self.classifier.prepare(pixels, box, metadata)
         if isinstance(prepared, Rejection):
             return prepared
         image, meta = prepared
@@ -259,4 +262,5 @@ class ClassifierDeployment(ModelReplica):
                 "metadata_used": self.classifier.uses_metadata,
                 "sites": None if enc is None else list(enc.schema.sites),
                 "views": None if enc is None else list(enc.schema.views),
+                "input": "whole_image" if self.config.roi is None else "lesion_crop",
                 "roi": None if self.config.roi is None else self.config.roi.model_dump()}

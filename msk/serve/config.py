@@ -9,6 +9,7 @@ One YAML file (or the ``args`` of the application in a Ray Serve config file, se
     classifier:                               # /v1/classify
       checkpoint: out/fusion/best.pt
       metadata_encoder: out/fusion/metadata_encoder.json
+    segmenter: {run: out/segmenter}           # /v1/segment, and the lesion box of box-less requests
 
 A model left out has no replica; its endpoint answers 503 ``not_configured``. Relative paths
 are read from the config file's folder (:func:`msk.core.config.load_config`). Every path is
@@ -29,7 +30,7 @@ from msk.core.errors import ConfigError
 
 __all__ = [
     "ClassifyConfig", "GatewayConfig", "ModelConfig", "PreprocessConfig", "RecommendConfig",
-    "ReplicaConfig", "RoiConfig", "ServeConfig", "SortConfig", "check_paths",
+    "ReplicaConfig", "RoiConfig", "SegmentConfig", "ServeConfig", "SortConfig", "check_paths",
 ]
 
 MiB = 1 << 20
@@ -136,6 +137,16 @@ class ClassifyConfig(ModelConfig):
     roi: RoiConfig | None = Field(None, description="classify the lesion crop around metadata.box")
 
 
+class SegmentConfig(ModelConfig):
+    """``/v1/segment``: the lesion segmenter. When it is configured, ``/v1/classify`` and
+    ``/v1/recommend`` requests without a lesion box use its box for models trained on lesion crops."""
+
+    run: Path = Field(description="a `msk train segmenter` run folder (segmenter.json, fold-k/best.pt: the "
+                                  "fold ensemble)")
+    threshold: float | None = Field(None, gt=0, lt=1, description="lesion probability threshold; default: "
+                                                                  "the run's")
+
+
 class GatewayConfig(ReplicaConfig):
     """The HTTP ingress (FastAPI) deployment; it decodes uploads, so give it CPU too."""
 
@@ -160,11 +171,13 @@ class ServeConfig(MskConfig):
     sorter: SortConfig | None = None
     recommender: RecommendConfig | None = None
     classifier: ClassifyConfig | None = None
+    segmenter: SegmentConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
-        if self.sorter is None and self.recommender is None and self.classifier is None:
-            raise ValueError("no model to serve: configure at least one of sorter, recommender, classifier")
+        if not self.models:
+            raise ValueError("no model to serve: configure at least one of sorter, recommender, classifier, "
+                             "segmenter")
         if self.call_timeout_s >= self.request_timeout_s:
             raise ValueError(f"call_timeout_s ({self.call_timeout_s:g}) must be below request_timeout_s "
                              f"({self.request_timeout_s:g}), or Serve's timeout fires first")
@@ -172,8 +185,9 @@ class ServeConfig(MskConfig):
 
     @property
     def models(self) -> dict[str, ModelConfig]:
-        """The configured models by endpoint name (``sort``, ``recommend``, ``classify``)."""
-        named = {"sort": self.sorter, "recommend": self.recommender, "classify": self.classifier}
+        """The configured models by endpoint name (``sort``, ``recommend``, ``classify``, ``segment``)."""
+        named = {"sort": self.sorter, "recommend": self.recommender, "classify": self.classifier,
+                 "segment": self.segmenter}
         return {name: cfg for name, cfg in named.items() if cfg is not None}
 
 
@@ -216,4 +230,7 @@ def check_paths(config: ServeConfig) -> ServeConfig:
         update["classifier"] = config.classifier.model_copy(update={
             "checkpoint": need("classifier.checkpoint", config.classifier.checkpoint, "file"),
             "metadata_encoder": need("classifier.metadata_encoder", config.classifier.metadata_encoder, "file")})
+    if config.segmenter is not None:
+        update["segmenter"] = config.segmenter.model_copy(
+            update={"run": need("segmenter.run", config.segmenter.run, "dir")})
     return config.model_copy(update=update)

@@ -15,6 +15,8 @@ HTTP   code                        when
                                    ``unsupported_syntax``, ``too_large``, ...)
 422    invalid_metadata            /v1/classify metadata: not JSON, or values the model refuses
 422    invalid_request             bad query parameters or form fields
+422    box_required                a lesion-crop model got no box and no segmenter is configured
+422    no_lesion_found             the segmenter marks no pixel at its threshold
 500    internal                    anything unexpected (details only in the server log)
 503    not_configured              the endpoint's model is not part of this deployment
 503    model_unavailable           the model's replica died or is restarting; retry

@@ -6,6 +6,12 @@ checkpoint recorded in ``recommender.json`` unless the config names another). Qu
 are embedded in batches (``@serve.batch``); each request then searches the index and votes.
 The answer carries only what the recommender stores: pseudonymised ``patient_id``,
 ``study_id``, ``image_id``, the distance and the confirmed entity of every neighbour.
+
+A recommender built from lesion crops (``recommender.json`` records the encoder's
+``roi_margin``) is queried with the same crop: the lesion box the caller sends, or the
+segmenter's when it is configured (:mod:`msk.serve.segmenter`), widened by that margin
+(:func:`msk.core.roi.lesion_crop`). Without either it refuses the request (422
+``box_required``): a whole radiograph compared with lesion crops gave confident wrong answers.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from ray import serve
 
 from msk.core.errors import ConfigError
 from msk.serve.config import RecommendConfig
-from msk.serve.replica import ModelReplica, Rejection, logger
+from msk.serve.replica import ModelReplica, Rejection
 
 __all__ = ["RecommenderDeployment", "inspect_recommender"]
 
@@ -73,18 +79,28 @@ class RecommenderDeployment(ModelReplica):
         self.embedder = Embedder(self.info["checkpoint"], image_size=self.info["image_size"],
                                  use_gpu=self.config.use_gpu)
         self.recommender = Recommender.load(self.config.path, expect_dim=self.embedder.dim)
-        if self.info["roi_margin"] is not None:
-            logger.warning("the recommender was built from lesion crops; whole radiographs sent to "
-                           "/v1/recommend are compared with crops")
+        self.margin = self.info["roi_margin"]  # None: built from whole images
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _embed(self, images: list[np.ndarray]) -> list[np.ndarray]:
         return list(await asyncio.to_thread(self.embedder.embed_images, np.stack(images)))
 
-    async def recommend(self, image: np.ndarray, k: int | None = None) -> dict[str, Any] | Rejection:
-        """The ``k`` nearest previous images of a square ``uint8`` image and the vote on their entity."""
+    async def recommend(self, image: np.ndarray, k: int | None = None,
+                        box: tuple[float, float, float, float] | None = None) -> dict[str, Any] | Rejection:
+        """The ``k`` nearest previous images of a square ``uint8`` image and the vote on their entity;
+        ``box``: the lesion in the image's pixels (needed when the index holds lesion crops)."""
         from msk.core.recommender import RecommenderError
+        from msk.core.roi import RoiError, lesion_crop
 
+        if self.margin is not None:
+            if box is None:
+                return Rejection(422, "box_required", "this recommender was built from lesion crops: send the "
+                                                      "lesion box (?box=x0,y0,x1,y1 in pixels of the uploaded "
+                                                      "image), or serve it with a segmenter")
+            try:
+                image = lesion_crop(image, box, self.embedder.info.image_size, margin=self.margin)
+            except RoiError as exc:
+                return Rejection(422, "invalid_request", f"box: {exc}")
         embedding = await self._embed(image)
         try:
             [proposal] = await asyncio.to_thread(self.recommender.recommend, embedding[None], k or self.info["k"])
@@ -95,4 +111,5 @@ class RecommenderDeployment(ModelReplica):
     async def describe(self) -> dict[str, Any]:
         return {"k": self.info["k"], "images": len(self.recommender), "dim": self.recommender.dim,
                 "retriever": self.recommender.index.kind, "weighting": self.recommender.weighting,
-                "entities": sorted(self.recommender.entities)}
+                "entities": sorted(self.recommender.entities),
+                "input": "whole_image" if self.margin is None else "lesion_crop", "roi_margin": self.margin}

@@ -7,9 +7,15 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 __all__ = ["ClassifyResponse", "ErrorInfo", "ErrorResponse", "Health", "Probability", "Ready",
-           "RecommendResponse", "SortResponse"]
+           "RecommendResponse", "SegmentResponse", "SortResponse"]
 
 GRADCAM = "base64 PNG (only with ?gradcam=true): Grad-CAM of the top class over the model's input image"
+
+
+INPUT = ("what the model saw: box (the lesion crop around the box sent), segmented (the lesion crop around "
+         "the segmenter's box) or whole_image")
+BOX = "the lesion box used, x0, y0, x1, y1 in pixels of the uploaded image (absent for whole_image)"
+Box = tuple[float, float, float, float]
 
 
 class Probability(BaseModel):
@@ -45,12 +51,27 @@ class RecommendResponse(BaseModel):
     confidence: float = Field(description="its share of the vote")
     shares: dict[str, float] = Field(description="every voted entity's share (sums to 1), largest first")
     neighbours: list[Neighbour] = Field(description="the k nearest previous images, nearest first")
+    input: Literal["box", "segmented", "whole_image"] = Field(description=INPUT)
+    box: Box | None = Field(None, description=BOX)
 
 
 class ClassifyResponse(BaseModel):
     entities: list[Probability] = Field(description="every entity, most probable first")
     metadata_used: bool = Field(description="false for an image-only model (metadata validated, not used)")
+    input: Literal["box", "segmented", "whole_image"] = Field(description=INPUT)
+    box: Box | None = Field(None, description=BOX)
     gradcam_png: str | None = Field(None, description=GRADCAM)
+
+
+class SegmentResponse(BaseModel):
+    box: Box = Field(description="the lesion's bounding box, x0, y0, x1, y1 in pixels of the uploaded image "
+                                 "(the largest connected lesion region)")
+    mask_png: str = Field(description="base64 8-bit PNG of the lesion mask (255 lesion, 0 background), the "
+                                      "uploaded image's size")
+    height: int = Field(description="mask height (the uploaded image's rows)")
+    width: int = Field(description="mask width (the uploaded image's columns)")
+    lesion_fraction: float = Field(ge=0, le=1, description="share of the image's pixels in the lesion")
+    threshold: float = Field(description="the segmenter's lesion probability threshold")
 
 
 class ErrorInfo(BaseModel):
