@@ -156,3 +156,197 @@ def test_majority_names_pick_the_most_frequent_label_and_report_purity(tmp_path)
     assert weak.labels == ["knee"] * 3 + ["hip"] * 4 + ["knee"]
     with pytest.raises(ValueError, match="known labels"):
         majority_names([0, 1], ["knee"])
+
+
+# -- naming clusters from a truth file (`msk clusters label`), scoring against it ----------------
+
+
+def write_run(run, assignments, k):
+    """A finished DeepCluster run folder as `msk cluster` leaves it (without checkpoints)."""
+    from msk.core.deepcluster import DeepClusterConfig
+
+    run.mkdir(parents=True, exist_ok=True)
+    np.save(run / "assignments.npy", np.asarray(assignments))
+    ids = [f"IMG-{i:02d}" for i in range(len(assignments))]
+    with (run / "assignments.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "image_id", "cluster"])
+        writer.writerows([i, image_id, c] for i, (image_id, c) in enumerate(zip(ids, assignments)))
+    (run / "config.yaml").write_text(DeepClusterConfig(k=k).to_yaml())
+    return ids
+
+
+def write_truth(path, rows, header=("image_id", "label")):
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# 12 images in 4 clusters (cluster 3 empty); images 10 and 11 have no known region
+RUN_ASSIGNMENTS = [0, 0, 0, 0, 1, 1, 1, 2, 2, 0, 2, 1]
+RUN_TRUTH = ["knee", "Knee", "KNEE", "hand", "hip", "hip", "hand", "wrist", "wrist", "hand", None, None]
+
+
+def test_clusters_are_named_by_the_majority_of_a_partial_truth(tmp_path):
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from msk.core.labelling import name_clusters_from_truth
+
+    ids = write_run(tmp_path / "run", RUN_ASSIGNMENTS, k=4)
+    truth = write_truth(tmp_path / "labels.csv", [(i, t) for i, t in zip(ids, RUN_TRUTH) if t])
+    named = name_clusters_from_truth(tmp_path / "run", truth)
+    assert [(n.cluster, n.label, n.size) for n in named.names] == [
+        (0, "knee", 5), (1, "hip", 3), (2, "wrist", 2), (3, "", 0)]
+    assert named.names[0].purity == pytest.approx(3 / 5) and named.names[1].purity == pytest.approx(2 / 3)
+    # every image of a named cluster gets its name, known or not (images 10, 11)
+    assert named.weak.labels == ["knee"] * 4 + ["hip"] * 3 + ["wrist"] * 2 + ["knee", "wrist", "hip"]
+    with named.weak_file.open() as f:
+        assert [(r["image_id"], r["label"]) for r in csv.DictReader(f)] == list(zip(ids, named.weak.labels))
+    with named.names_file.open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["named_by"] for r in rows} == {f"automatic:{truth}"} and rows[0]["purity"] == "0.6000"
+    known = [t.lower() for t in RUN_TRUTH[:10]]
+    assert named.n_known == 10 and named.purity == pytest.approx(7 / 10)
+    assert named.nmi == pytest.approx(normalized_mutual_info_score(known, RUN_ASSIGNMENTS[:10]))
+    # the names file is a labels file `msk clusters apply` takes as it is
+    again = apply_labels(named.names_file, np.array(RUN_ASSIGNMENTS), k=4)
+    assert again.labels == named.weak.labels
+
+
+def test_a_synthetic_ground_truth_is_joined_through_the_ingest_manifest(tmp_path):
+    from msk.core.labelling import name_clusters_from_truth
+    from msk.core.manifest import write_manifest_part
+
+    ids = write_run(tmp_path / "run", RUN_ASSIGNMENTS, k=4)
+    write_manifest_part(tmp_path / "ingest", 0, [
+        {"path": f"p{i}/IM1.dcm", "image_id": image_id, "status": "ok"} for i, image_id in enumerate(ids)])
+    rows = [(f"export/p{i}/IM1.dcm", t or "", "") for i, t in enumerate(RUN_TRUTH)]
+    truth = write_truth(tmp_path / "ground_truth.csv", rows, header=("path", "region", "entity"))
+    named = name_clusters_from_truth(tmp_path / "run", truth, ingest=tmp_path / "ingest",
+                                     weak_out=tmp_path / "weak.csv")
+    assert [n.label for n in named.names] == ["knee", "hip", "wrist", ""] and named.n_known == 10
+    assert named.weak_file == tmp_path / "weak.csv" and named.weak_file.is_file()
+
+
+def test_cli_clusters_label_says_it_is_a_simulated_expert(tmp_path, monkeypatch):
+    from test_build_recommender import run_msk
+
+    ids = write_run(tmp_path / "run", RUN_ASSIGNMENTS, k=4)
+    truth = write_truth(tmp_path / "labels.csv", [(i, t) for i, t in zip(ids, RUN_TRUTH) if t])
+    code, stdout, stderr = run_msk(monkeypatch, "clusters", "label", tmp_path / "run", "--from", truth)
+    assert code == 0, stderr
+    assert stderr.startswith(f"simulated expert: clusters named automatically by the majority label of {truth}")
+    assert "3 of 4 clusters named" in stdout and "NMI" in stdout and "purity 0.700" in stdout
+    assert (tmp_path / "run" / "weak_labels.csv").is_file() and (tmp_path / "run" / "cluster_names.csv").is_file()
+
+
+@pytest.mark.parametrize("case", ["unknown regions", "another ingest", "ground truth without ingest"])
+def test_cli_clusters_label_bad_truth_is_one_line_and_exit_2(tmp_path, monkeypatch, case):
+    from test_build_recommender import run_msk
+
+    ids = write_run(tmp_path / "run", RUN_ASSIGNMENTS, k=4)
+    if case == "unknown regions":
+        truth = write_truth(tmp_path / "t.csv", [(i, ["knee", "kneee", "elbow", "sholder"][k % 4])
+                                                 for k, i in enumerate(ids)])
+        expected = (f"error: {truth}: 2 name(s) are not in samx-regions: 'kneee' (line 3, did you mean "
+                    "'knee'?); 'sholder' (line 5, did you mean 'shoulder'?); fix them")
+    elif case == "another ingest":
+        truth = write_truth(tmp_path / "t.csv", [(f"OTHER-{k}", "knee") for k in range(5)])
+        expected = (f"error: {truth} labels none of the 12 images of {tmp_path / 'run'} (no image_id in "
+                    "common): were the labels made for another ingest?")
+    else:
+        truth = write_truth(tmp_path / "ground_truth.csv", [("export/a.dcm", "knee")], header=("path", "region"))
+        expected = f"error: {truth} is a synthetic ground truth keyed by file path; give the ingest folder"
+    code, stdout, stderr = run_msk(monkeypatch, "clusters", "label", tmp_path / "run", "--from", truth)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(expected), stderr
+    assert not (tmp_path / "run" / "weak_labels.csv").exists()
+
+
+def test_cli_clusters_export_shows_the_truth(tmp_path, monkeypatch):
+    from test_build_recommender import run_msk
+    from test_recommender import write_ingest
+
+    write_ingest(tmp_path / "ingest", n_patients=2, per_patient=2)  # 12 images
+    from msk.core.dataset import read_shards
+
+    ids = read_shards(tmp_path / "ingest", columns=["image_id"]).column("image_id").to_pylist()
+    write_run(tmp_path / "run", RUN_ASSIGNMENTS, k=4)
+    with (tmp_path / "run" / "assignments.csv").open("w", newline="") as f:  # the ingest's ids
+        csv.writer(f).writerows([("row", "image_id", "cluster"), *((k, i, c) for k, (i, c) in
+                                                                   enumerate(zip(ids, RUN_ASSIGNMENTS)))])
+    truth = write_truth(tmp_path / "labels.csv", [(i, t) for i, t in zip(ids, RUN_TRUTH) if t])
+    code, stdout, stderr = run_msk(monkeypatch, "clusters", "export", tmp_path / "ingest", tmp_path / "run",
+                                   "--to", tmp_path / "sheets", "--truth", truth)
+    assert code == 0, stderr
+    assert "NMI" in stdout and "purity 0.700 over the 10 of 12 images with a known region (k=4)" in stdout
+    page = (tmp_path / "sheets" / "index.html").read_text()
+    assert "ground truth: knee 60%, hand 40%" in page  # cluster 0: 3 knee, 2 hand
+
+
+def write_sorter_run(run, predictions, *, classes, weak=(0.5, 0.75)):
+    """The files of a finished sorter run that `msk eval sorter` reads."""
+    import json
+
+    run.mkdir(parents=True)
+    (run / "sorter.json").write_text(json.dumps({
+        "classes": classes, "folds": 2, "image_size": 32, "unknown": None,
+        "test": {"n": len(predictions), "top1": weak[0], "top2": weak[1]}}))
+    (run / "config.yaml").write_text("region_set: samx-regions\n")
+    with (run / "predictions_test.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "patient_id", "label", "predicted", "second", "probability", "score",
+                         "unknown"])
+        writer.writerows([i, f"P{i}", label, first, second, 0.5, 1.0, 0]
+                         for i, label, first, second in predictions)
+
+
+def test_cli_eval_sorter_scores_against_a_truth_next_to_the_weak_labels(tmp_path, monkeypatch):
+    import json
+
+    from test_build_recommender import run_msk
+
+    # (image, weak label, best, second); against the truth below: 1 of 4 right on top-1, 3 of 4 on
+    # top-2, 2 of 4 weak labels right; Z is not a test image, E has no truth
+    write_sorter_run(tmp_path / "sorter", [("A", "knee", "knee", "hip"), ("B", "hip", "hip", "knee"),
+                                           ("C", "hand", "wrist", "hand"), ("D", "knee", "knee", "hand"),
+                                           ("E", "hand", "hand", "knee")], classes=["hand", "hip", "knee", "wrist"])
+    truth = write_truth(tmp_path / "truth.csv", [("A", "hip"), ("B", "hip"), ("C", "Hand"), ("D", "elbow"),
+                                                 ("Z", "knee")])
+    code, stdout, stderr = run_msk(monkeypatch, "eval", "sorter", tmp_path / "sorter", "--truth", truth, "--json")
+    assert code == 0, stderr
+    got = json.loads(stdout)
+    assert (got["n_test"], got["weak_top1"], got["weak_top2"]) == (5, 0.5, 0.75)
+    assert (got["n_known"], got["truth_top1"], got["truth_top2"]) == (4, 0.25, 0.75)
+    assert got["weak_agreement"] == 0.5 and got["outside"] == {"elbow": 1}
+    assert json.loads((tmp_path / "sorter" / "truth_eval.json").read_text()) == got
+    code, stdout, _ = run_msk(monkeypatch, "eval", "sorter", tmp_path / "sorter", "--truth", truth)
+    assert code == 0 and "weak labels (trained on)" in stdout and "0.250" in stdout
+    other = write_truth(tmp_path / "other.csv", [("Q", "hip")])
+    code, stdout, stderr = run_msk(monkeypatch, "eval", "sorter", tmp_path / "sorter", "--truth", other)
+    assert code == 2 and stderr.strip().splitlines() == [
+        f"error: {other} labels none of the 5 images of {tmp_path / 'sorter' / 'predictions_test.csv'} (no "
+        "image_id in common): were the labels made for another ingest? Use the labels file written for that ingest"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_cluster_truth_fills_nmi_truth(tmp_path, monkeypatch):
+    from test_build_recommender import run_msk
+    from test_recommender import write_ingest
+
+    from msk.core.dataset import read_shards
+
+    write_ingest(tmp_path / "ingest", n_patients=2, per_patient=2)  # 12 images
+    ids = read_shards(tmp_path / "ingest", columns=["image_id"]).column("image_id").to_pylist()
+    truth = write_truth(tmp_path / "labels.csv", [(i, "knee" if k % 3 else "hand") for k, i in enumerate(ids[:9])])
+    (tmp_path / "dc.yaml").write_text("encoder: tiny-cnn\nk: 3\nepochs: 1\nimage_size: 16\nnum_workers: 0\n"
+                                      "batch_size: 4\npca_dim: 8\n")
+    code, stdout, stderr = run_msk(monkeypatch, "cluster", tmp_path / "ingest", tmp_path / "run", "--config",
+                                   tmp_path / "dc.yaml", "--truth", truth)
+    assert code == 0, stderr
+    assert "3 of 12 images have no label" in stderr
+    with (tmp_path / "run" / "history.csv").open() as f:
+        [row] = list(csv.DictReader(f))
+    assert 0 <= float(row["nmi_truth"]) <= 1 and 0 < float(row["purity_truth"]) <= 1

@@ -215,11 +215,13 @@ def cluster(
     image_size: Optional[int] = typer.Option(None, help="input side length \\[default: 128]"),
     num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process \\[default: 1]"),
     use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="known regions (labels.csv or a synthetic "
+                                         "ground_truth.csv) for nmi_truth/purity per epoch; never trained on"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Self-supervised DeepCluster: alternate k-means on features and training on the clusters.
 
-    Logs NMI between consecutive epochs' assignments; re-running the same RUN resumes.
+    Logs NMI between consecutive epochs' assignments (and against --truth); re-running the same RUN resumes.
 
     [b]Example[/b]: [cyan]msk cluster out/ingest out/cluster --k 1000 --epochs 10 --encoder resnet18[/cyan]
     """
@@ -229,13 +231,24 @@ def cluster(
     cfg = load_config(DeepClusterConfig, config, k=k, epochs=epochs, encoder=encoder,
                       image_size=image_size, num_workers=num_workers, use_gpu=use_gpu)
     images, table = from_ingest(ingest_dir, columns=["image_id", "image", "height", "width"])
-    result = run_deepcluster(images, cfg, out=run_dir, image_ids=table["image_id"].to_pylist())
+    image_ids = table["image_id"].to_pylist()
+    known = None
+    if truth is not None:
+        from msk.core.labelling import truth_of_images
+
+        known = truth_of_images(image_ids, truth, ingest_dir, ingest=ingest_dir)
+        if None in known:
+            console.print(f"[yellow]note:[/yellow] {known.count(None)} of {len(known)} images have no label in "
+                          f"{truth}; they count as one class '(unknown)' in nmi_truth")
+        known = [t or "(unknown)" for t in known]
+    result = run_deepcluster(images, cfg, out=run_dir, image_ids=image_ids, ground_truth=known)
     out.print(result.table())
     out.print(f"assignments: {result.out / 'assignments.csv'}")
     out.print(f"checkpoint:  {result.checkpoint}")
 
 
-clusters_app = typer.Typer(help="Label DeepCluster clusters by hand: contact sheets in, weak labels out.",
+clusters_app = typer.Typer(help="Label DeepCluster clusters by hand (export, apply: contact sheets in, weak "
+                           "labels out) or from a truth file (label).",
                            no_args_is_help=True)
 app.add_typer(clusters_app, name="clusters")
 
@@ -258,15 +271,24 @@ def clusters_export(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk cluster`"),
     to: Path = typer.Option(..., "--to", help="folder for the contact sheets, index.html and labels.csv"),
     per_sheet: int = typer.Option(36, help="thumbnails per cluster"),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="known regions (labels.csv or a synthetic "
+                                         "ground_truth.csv): each cluster's make-up on the index, NMI and purity"),
 ) -> None:
     """Write one contact sheet per cluster, an HTML index and a labels.csv to fill in.
 
-    [b]Example[/b]: [cyan]msk clusters export out/ingest out/cluster --to out/sheets[/cyan]
+    [b]Example[/b]: [cyan]msk clusters export out/ingest out/cluster --to out/sheets --truth labels.csv[/cyan]
     """
-    from msk.core.labelling import export_clusters
+    from msk.core.labelling import export_clusters, run_image_ids, truth_of_images, truth_scores
 
     images, assignments, k = _run_images_and_k(run_dir, ingest_dir)
-    index = export_clusters(images, assignments, to, per_sheet=per_sheet, k=k)
+    known = None
+    if truth is not None:
+        known = truth_of_images(run_image_ids(run_dir), truth, run_dir, ingest=ingest_dir)
+        nmi, purity, n = truth_scores(assignments, known)
+        out.print(f"against {truth}: NMI {nmi:.3f}, purity {purity:.3f} over the {n} of {len(known)} "
+                  f"images with a known region (k={k})")
+    index = export_clusters(images, assignments, to, per_sheet=per_sheet, k=k,
+                            ground_truth=None if known is None else [t or "(unknown)" for t in known])
     out.print(f"contact sheets: {index}")
     out.print(f"fill in:        {to / 'labels.csv'} (a region name or 'discard' per cluster)")
 
@@ -295,6 +317,35 @@ def clusters_apply(
     weak.save(target, image_ids)
     out.print(weak.table())
     out.print(f"weak labels: {target}")
+
+
+@clusters_app.command("label")
+@locks_run("run_dir")
+def clusters_label(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk cluster`"),
+    truth: Path = typer.Option(..., "--from", help="truth CSV: labels.csv (image_id,label) or a synthetic "
+                               "ground_truth.csv (then --ingest)"),
+    ingest_dir: Optional[Path] = typer.Option(None, "--ingest", help="the run's ingest folder (needed for a "
+                                              "synthetic ground_truth.csv, keyed by file path)"),
+    region_set: str = typer.Option("samx-regions", help="entity set the names belong to"),
+    save: Optional[Path] = typer.Option(None, "--out", help="weak labels CSV \\[default: RUN/weak_labels.csv]"),
+) -> None:
+    """Name every cluster by the majority region of its images in a truth file (a simulated
+    expert), with its purity: writes RUN/cluster_names.csv (named_by: automatic:FILE) and the
+    weak labels `msk train sorter` takes.
+
+    [b]Example[/b]: [cyan]msk clusters label out/cluster --from out/synth/ground_truth.csv --ingest out/ingest[/cyan]
+    """
+    from msk.core.labelling import name_clusters_from_truth
+
+    named = name_clusters_from_truth(run_dir, truth, ingest=ingest_dir, region_set=region_set, weak_out=save)
+    console.print(f"[bold yellow]simulated expert:[/bold yellow] clusters named automatically by the majority "
+                  f"label of {truth}, not by a person (named_by: {named.named_by})", soft_wrap=True)
+    out.print(named.weak.table())
+    for line in named.lines():
+        out.print(line, soft_wrap=True)
+    out.print(f"cluster names: {named.names_file} (cluster, size, label, purity, named_by)", soft_wrap=True)
+    out.print(f"weak labels:   {named.weak_file}", soft_wrap=True)
 
 
 train_app = typer.Typer(help="Supervised training on weak or expert labels.", no_args_is_help=True)
@@ -507,6 +558,34 @@ eval_app = typer.Typer(help="Evaluation protocols (patient-level splits, repeate
 app.add_typer(eval_app, name="eval")
 
 
+@eval_app.command("sorter")
+@locks_run("run_dir")
+def eval_sorter(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk train sorter`"),
+    truth: Path = typer.Option(..., "--truth", help="known regions: labels.csv (image_id,label) or a synthetic "
+                               "ground_truth.csv"),
+    ingest_dir: Optional[Path] = typer.Option(None, "--ingest", help="the run's ingest folder, for a synthetic "
+                                              "ground_truth.csv \\[default: the one sorter.json records]"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document instead of the table"),
+) -> None:
+    """Score a sorter's test images against a truth file, next to its scores against the weak
+    labels it was trained on (top-1/top-2 of the saved ensemble predictions; no model is run).
+    Writes RUN/truth_eval.json.
+
+    [b]Example[/b]: [cyan]msk eval sorter out/sorter --truth out/synth/ground_truth.csv[/cyan]
+    """
+    import dataclasses
+    import json
+
+    from msk.core.sorter_eval import evaluate_against_truth
+
+    result = evaluate_against_truth(run_dir, truth, ingest=ingest_dir)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
+    else:
+        out.print(result.table())
+
+
 @eval_app.command("segmenter")
 @locks_run("out_dir")
 def eval_segmenter(
@@ -568,6 +647,41 @@ def eval_fusion(
     result = evaluate_fusion(ingest_dir, metadata, load_config(FusionConfig, config), out=out_dir)
     out.print(result.markdown())
     out.print(f"report: {out_dir}")
+
+
+build_app = typer.Typer(help="Build deployable artefacts from an ingest and its labels.", no_args_is_help=True)
+app.add_typer(build_app, name="build")
+
+
+@build_app.command("recommender")
+@locks_run("out_dir")
+def build_recommender(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest` / `msk import`"),
+    labels: Path = typer.Argument(..., metavar="LABELS", help="entities: labels.csv (image_id,label or entity"
+                                  "[,patient_id][,x0,y0,x1,y1]) or a synthetic ground_truth.csv"),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="folder for the saved recommender"),
+    encoder: Path = typer.Option(..., "--encoder", help="encoder checkpoint (DeepCluster epoch-NNN.pt or a "
+                                 "trained model's best.pt)"),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help="lesion boxes CSV image_id,x0,y0,x1,y1 (source "
+                                         "pixels) \\[default: LABELS' box columns, if any]"),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="masks table image_id,mask_path: boxes from "
+                                         "each mask's extent"),
+    k: Optional[int] = typer.Option(None, "--k", help="neighbours that vote \\[default: 3]"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Embed the labelled images (lesion crops when boxes or masks are known, else whole images)
+    and save a recommender that `msk serve` loads; it records what it compares (roi_margin).
+
+    [b]Example[/b]: [cyan]msk build recommender out/ingest out/synth/ground_truth.csv out/recommender --encoder out/cluster/checkpoints/epoch-010.pt[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.recommender_build import RecommenderBuildConfig, build_recommender as build
+
+    report = build(ingest_dir, labels, out_dir, encoder, load_config(RecommenderBuildConfig, config, k=k),
+                   boxes=boxes, masks=masks)
+    for line in report.lines():
+        out.print(line, soft_wrap=True)
+    out.print(f"recommender: {report.out}", soft_wrap=True)
 
 
 @app.command()

@@ -31,8 +31,9 @@ import numpy as np
 from msk.core.errors import MskError
 from msk.core.specs import EntitySet
 
-__all__ = ["DISCARD", "ClusterName", "LabelFileError", "WeakLabels", "apply_labels",
-           "export_clusters", "majority_names", "read_label_file", "write_cluster_names"]
+__all__ = ["DISCARD", "AutomaticNames", "ClusterName", "LabelFileError", "WeakLabels", "apply_labels",
+           "export_clusters", "majority_names", "name_clusters_from_truth", "read_label_file",
+           "run_image_ids", "truth_of_images", "truth_scores", "write_cluster_names"]
 
 #: The label that drops a cluster's images from the weak labels.
 DISCARD = "discard"
@@ -160,16 +161,128 @@ def majority_names(assignments: np.ndarray | Sequence[int], truth: Sequence[str]
     return names
 
 
-def write_cluster_names(names: Sequence[ClusterName], path: str | os.PathLike) -> Path:
+def write_cluster_names(names: Sequence[ClusterName], path: str | os.PathLike, *,
+                        named_by: str | None = None) -> Path:
     """A ``cluster,size,label,purity`` labels file that :func:`apply_labels` reads as it reads a
-    hand-filled one (the extra ``purity`` column is ignored there)."""
+    hand-filled one (the extra columns are ignored there); with ``named_by`` (e.g.
+    ``automatic:truth.csv``) a ``named_by`` column says who named the clusters."""
     path = Path(path)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["cluster", "size", "label", "purity"])
+        writer.writerow(["cluster", "size", "label", "purity", *(["named_by"] if named_by else [])])
         for n in names:
-            writer.writerow([n.cluster, n.size, n.label, f"{n.purity:.4f}"])
+            writer.writerow([n.cluster, n.size, n.label, f"{n.purity:.4f}",
+                             *([named_by] if named_by else [])])
     return path
+
+
+@dataclass
+class AutomaticNames:
+    """Clusters of a DeepCluster run named from a truth file (:func:`name_clusters_from_truth`).
+
+    :param names: each cluster's majority label and purity, over its images with a known label.
+    :param weak: the weak labels of every image of the run (its cluster's name).
+    :param named_by: ``automatic:<truth file>``, written into the names file.
+    :param n_known: images of the run that the truth file labels (of ``len(weak.labels)``).
+    :param nmi: NMI between the clusters and the truth, over those images.
+    :param purity: share of those images whose label is their cluster's majority label.
+    """
+
+    names: list[ClusterName]
+    weak: WeakLabels
+    named_by: str
+    n_known: int
+    nmi: float
+    purity: float
+    names_file: Path
+    weak_file: Path
+
+    def lines(self) -> list[str]:
+        """The summary to print under the weak-label table."""
+        named = [n for n in self.names if n.label]
+        worst = min(named, key=lambda n: (n.purity, n.cluster))
+        return [f"{len(named)} of {len(self.names)} clusters named ({len(self.names) - len(named)} "
+                f"without an image of known label); {self.n_known} of {len(self.weak.labels)} "
+                f"images have a known label",
+                f"against the truth: NMI {self.nmi:.3f}, purity {self.purity:.3f}; least pure "
+                f"cluster {worst.cluster} ({worst.label}, {worst.purity:.2f} of {worst.size})"]
+
+
+def run_image_ids(run_dir: str | os.PathLike) -> list[str]:
+    """The image id of each image of a DeepCluster run, in assignment order
+    (``RUN/assignments.csv``)."""
+    path = Path(run_dir) / "assignments.csv"
+    if not path.is_file():
+        raise LabelFileError(f"{path} does not exist; run `msk cluster` with this RUN folder first")
+    with path.open(newline="") as f:
+        ids = [row.get("image_id") or "" for row in csv.DictReader(f)]
+    if not all(ids):
+        raise LabelFileError(f"{path} does not give an image id for every image; rerun `msk cluster` "
+                             "from an ingest output")
+    return ids
+
+
+def truth_of_images(image_ids: Sequence[str], truth_file: str | os.PathLike, where: str | os.PathLike, *,
+                    ingest: str | os.PathLike | None = None,
+                    region_set: str = "samx-regions") -> list[str | None]:
+    """The known region of each of ``image_ids`` (the images of ``where``, a run or ingest
+    folder) in a truth file (:func:`msk.core.truth.read_truth`), ``None`` where it has none.
+    A file that labels none of them, or names regions outside ``region_set``, is an error."""
+    from msk.core.truth import canonical_labels, check_overlap, read_truth
+
+    truth = read_truth(truth_file, what="region", ingest=ingest)
+    check_overlap(truth, image_ids, where)
+    truth = canonical_labels(truth.restrict(image_ids), region_set)
+    return [truth.labels.get(i) for i in image_ids]
+
+
+def truth_scores(assignments: np.ndarray | Sequence[int], truth: Sequence[str | None]) -> tuple[float, float, int]:
+    """``(NMI, purity, n)`` of a clustering against the known labels ``truth`` (``None``:
+    unknown, left out), over the ``n`` images with a known label."""
+    from msk.core.deepcluster import _nmi
+    from msk.core.metrics import cluster_purity
+
+    known = [i for i, t in enumerate(truth) if t is not None]
+    a = np.asarray(assignments)[known]
+    t = [truth[i] for i in known]
+    return _nmi(t, a), cluster_purity(a, t), len(known)
+
+
+def name_clusters_from_truth(run_dir: str | os.PathLike, truth_file: str | os.PathLike, *,
+                             ingest: str | os.PathLike | None = None,
+                             region_set: str = "samx-regions",
+                             weak_out: str | os.PathLike | None = None) -> AutomaticNames:
+    """Name every cluster of a DeepCluster run by the majority region of its images in a truth
+    file (a *simulated* expert, :func:`majority_names`), write ``RUN/cluster_names.csv`` (the
+    labels file of ``msk clusters apply``, with ``purity`` and ``named_by:
+    automatic:<truth file>``) and the weak labels (``weak_out``, default
+    ``RUN/weak_labels.csv``) that ``msk train sorter`` takes.
+
+    :param truth_file: a labels CSV or a synthetic ``ground_truth.csv``
+        (:func:`msk.core.truth.read_truth`; the latter needs ``ingest``, the run's ingest).
+    Clusters none of whose images has a known label stay unlabelled (their images get no weak
+    label). Region names outside ``region_set`` are one error naming them all.
+    """
+    from msk.core.config import load_config
+    from msk.core.deepcluster import DeepClusterConfig, load_assignments
+
+    run_dir = Path(run_dir)
+    image_ids = run_image_ids(run_dir)
+    assignments = load_assignments(run_dir)
+    if len(assignments) != len(image_ids):
+        raise LabelFileError(f"{run_dir}: {len(assignments)} assignments for {len(image_ids)} image ids; "
+                             "the run folder is incomplete, rerun `msk cluster`")
+    k = load_config(DeepClusterConfig, run_dir / "config.yaml").k
+    truth = truth_of_images(image_ids, truth_file, run_dir, ingest=ingest, region_set=region_set)
+    known = np.array([i for i, t in enumerate(truth) if t is not None])
+    names = majority_names(assignments[known], [truth[i] for i in known], k=k)
+    named_by = f"automatic:{truth_file}"
+    names_file = write_cluster_names(names, run_dir / "cluster_names.csv", named_by=named_by)
+    weak = apply_labels(names_file, assignments, region_set=region_set, k=k)
+    weak_file = weak.save(Path(weak_out) if weak_out is not None else run_dir / "weak_labels.csv",
+                          image_ids)
+    nmi, purity, n_known = truth_scores(assignments, truth)
+    return AutomaticNames(names, weak, named_by, n_known, nmi, purity, names_file, weak_file)
 
 
 def _composition(ground_truth: Sequence[str] | None, members: np.ndarray) -> str:
