@@ -151,7 +151,10 @@ def test_a_synthetic_ground_truth_needs_no_join(archive, tmp_path):
     lesions = labels[[int(i[4:7]) % 2 == 0 for i in labels["image_id"]]]
     assert report.n_images == len(lesions) == 12 and report.input == "lesion_crop"
     assert report.by_entity == lesions["entity"].value_counts().to_dict()
-    assert set(Recommender.load(tmp_path / "rec").records.column("image_id").to_pylist()) == set(lesions["image_id"])
+    records = Recommender.load(tmp_path / "rec").records
+    assert set(records.column("image_id").to_pylist()) == set(lesions["image_id"])
+    # the export's raw patient ids (MRN...) never reach the index: the shards' pseudonyms do
+    assert {p[:4] for p in records.column("patient_id").to_pylist()} == {"PAT-"}
 
 
 def test_entity_names_are_checked_against_a_set(archive, tmp_path):

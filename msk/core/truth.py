@@ -52,7 +52,8 @@ class Truth:
     :param lines: ``image_id -> line`` of the file (for error messages).
     :param boxes: ``image_id -> (x0, y0, x1, y1)`` lesion boxes, source pixels (rows with one).
     :param masks: ``image_id -> mask file`` (synthetic exports with masks).
-    :param patients: ``image_id -> patient_id`` where the file gives one.
+    :param patients: ``image_id -> patient_id`` where a labels CSV gives one (``msk import``
+        writes keyed pseudonyms); never taken from a synthetic ground truth (raw ids).
     """
 
     path: Path
@@ -172,8 +173,7 @@ def _synthetic(path: Path, rows: list[tuple[int, dict[str, str]]], what: str,
             truth.boxes[image_id] = box
         if row.get("mask"):
             truth.masks[image_id] = path.parent / row["mask"]
-        if row.get("patient_id"):
-            truth.patients[image_id] = row["patient_id"]
+        # its patient_id is the raw one the export wrote, never copied: the shards hold the pseudonym
     if not truth.labels:
         raise TruthError(f"{path}: none of the ingested images of {ingest} has a {what}")
     return truth
