@@ -15,6 +15,7 @@ from msk.core.deepcluster import (
     CollapseWarning,
     DeepClusterConfig,
     DeepClusterError,
+    default_k,
     fix_empty_clusters,
     l2_normalize,
     latest_checkpoint,
@@ -120,6 +121,24 @@ def test_resume_with_other_options_is_an_error(resumed_run):
         run_deepcluster(images, tiny(k=6), out=out, progress=False)
     with pytest.raises(ConfigError, match="trained on 64 images, this run has 60"):
         run_deepcluster(images[:60], tiny(), out=out, progress=False)
+
+
+def test_k_defaults_from_the_number_of_images(tmp_path, capsys):
+    assert [default_k(n) for n in (50, 800, 3000, 100_000)] == [10, 40, 150, 1000]
+    images, _ = shapes(240)
+    result = run_deepcluster(images, tiny(k=None, epochs=1), out=tmp_path, progress=False)
+    assert result.k == 12 and int(result.assignments.max()) < 12
+    assert "k = 12 (about one cluster per 20 of the 240 images" in capsys.readouterr().err
+    # recorded as the number, so that readers of the run folder and a resumption see it
+    assert load_config(DeepClusterConfig, tmp_path / "config.yaml").k == 12
+    assert load_checkpoint(result.checkpoint).config["k"] == 12
+
+
+def test_unset_k_resumes_with_the_runs_k(resumed_run):
+    out, images, *_ = resumed_run  # trained with k=8; default_k(64) would be 10
+    result = run_deepcluster(images, tiny(k=None), out=out, progress=False)
+    assert result.k == 8
+    assert load_config(DeepClusterConfig, out / "config.yaml").k == 8
 
 
 def test_fewer_images_than_clusters_is_an_error(tmp_path):

@@ -54,7 +54,7 @@ from msk.core.workers import Workers, run_workers
 
 __all__ = [
     "CollapseWarning", "DeepClusterConfig", "DeepClusterError", "DeepClusterNet",
-    "DeepClusterResult", "cluster_features", "deepcluster_loop",
+    "DeepClusterResult", "cluster_features", "deepcluster_loop", "default_k",
     "extract_features", "fix_empty_clusters", "from_ingest", "history_table", "l2_normalize",
     "latest_checkpoint", "legacy_inputs", "load_assignments", "pca_whiten", "read_history", "run_deepcluster",
     "train_one_epoch", "uniform_cluster_indices",
@@ -77,6 +77,13 @@ class CollapseWarning(UserWarning):
     """One cluster holds more than ``collapse_threshold`` of the images."""
 
 
+def default_k(n_images: int) -> int:
+    """DeepCluster's ``k`` for ``n_images``: about one cluster per 20 images, at least 10 and at
+    most 1000 (the paper's 1000 was for ~100,000 radiographs; k=1000 on 800 images leaves most
+    clusters with one image)."""
+    return int(min(1000, max(10, n_images // 20)))
+
+
 class DeepClusterConfig(MskConfig):
     """Options of ``msk cluster`` (DeepCluster)."""
 
@@ -84,7 +91,8 @@ class DeepClusterConfig(MskConfig):
     pretrained: str | bool | None = Field(
         None, description="start the encoder from a weights file, hf-hub:org/name or true: timm's default "
                           "weights (msk.core.pretrained)")
-    k: int = Field(1000, ge=2, description="number of k-means clusters (pseudo-classes)")
+    k: int | None = Field(None, ge=2, description="number of k-means clusters (pseudo-classes); None: from the "
+                          "number of images, about one per 20 (default_k), recorded in the run's config.yaml")
     epochs: int = Field(10, ge=1, description="total epochs; a resumed run continues up to it")
     pca_dim: int = Field(256, ge=1, description="whitening-PCA dimension before k-means")
     batch_size: int = Field(64, ge=1)
@@ -110,6 +118,14 @@ class DeepClusterConfig(MskConfig):
     use_gpu: bool = Field(False, description="one GPU per worker")
     loader_workers: int = Field(
         0, ge=0, description="DataLoader processes per worker preparing augmented images")
+
+    def with_k(self, n_images: int, saved: dict[str, Any] | None = None) -> DeepClusterConfig:
+        """This config with ``k`` resolved: as set, else the resumed run's (``saved``, its
+        checkpoint's config), else :func:`default_k` of ``n_images``."""
+        if self.k is not None:
+            return self
+        k = (saved or {}).get("k") or default_k(n_images)
+        return self.model_copy(update={"k": int(k)})
 
 
 @dataclass
@@ -152,7 +168,7 @@ def _check_images(images: np.ndarray, config: DeepClusterConfig) -> None:
         shape = getattr(images, "shape", None)
         dtype = getattr(images, "dtype", type(images).__name__)
         raise DeepClusterError(f"images must be a uint8 array [N, S, S]; got {dtype} {shape}")
-    if len(images) < config.k:
+    if config.k is not None and len(images) < config.k:
         raise DeepClusterError(
             f"k={config.k} clusters need at least {config.k} images; got {len(images)} "
             f"— lower --k"
@@ -270,7 +286,9 @@ class Clustering:
 
 
 def cluster_features(features: np.ndarray, config: DeepClusterConfig, *, epoch: int) -> Clustering:
-    """PCA-whiten, L2-normalise and k-means ``features`` into ``config.k`` clusters."""
+    """PCA-whiten, L2-normalise and k-means ``features`` into ``config.k`` clusters
+    (``k`` unset: :func:`default_k` of the number of rows)."""
+    config = config.with_k(len(features))
     notes = []
     dim = min(config.pca_dim, *features.shape)
     if dim < config.pca_dim:
@@ -308,6 +326,8 @@ class DeepClusterNet(nn.Module):
 
     def __init__(self, config: DeepClusterConfig) -> None:
         super().__init__()
+        if config.k is None:
+            raise DeepClusterError("DeepClusterNet needs a resolved k; use config.with_k(number of images)")
         self.input = input_layer(config.sobel)
         self.encoder = build_encoder(config.encoder, in_chans=encoder_in_chans(config.sobel),
                                      pretrained=config.pretrained)
@@ -495,6 +515,7 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
     """
     out = Path(out)
     n, rank, world = len(images), workers.rank, workers.world_size
+    config = config.with_k(n)
     torch.manual_seed(config.seed)
     model = DeepClusterNet(config)
     sgd = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -632,14 +653,21 @@ def run_deepcluster(images: np.ndarray, config: DeepClusterConfig | None = None,
     config = config or DeepClusterConfig()
     _check_images(images, config)
     n = len(images)
+    existing = latest_checkpoint(Path(out))
+    saved = load_checkpoint(existing) if existing is not None else None
+    chosen = config.k
+    config = config.with_k(n, saved.config if saved is not None else None)
+    _check_images(images, config)
+    if chosen is None:
+        why = ("the resumed run's" if saved is not None and saved.config.get("k")
+               else f"about one cluster per 20 of the {n} images, 10..1000")
+        _console().print(f"k = {config.k} ({why}; set k / --k to choose)", highlight=False)
     for name, values in (("ground_truth", ground_truth), ("image_ids", image_ids)):
         if values is not None and len(values) != n:
             raise DeepClusterError(f"{name} has {len(values)} entries for {n} images")
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    existing = latest_checkpoint(out)
-    if existing is not None:
-        saved = load_checkpoint(existing)
+    if saved is not None:
         config = legacy_inputs(config, saved.config)
         _check_resumable(saved, config, n)
     (out / "config.yaml").write_text(config.to_yaml())
