@@ -43,7 +43,8 @@ def test_learns_checkpoints_and_predicts(tmp_path):
     acc = (predict_logits(res.model, vx, image_size=32).argmax(1) == vy).mean()
     assert acc >= 0.8, acc
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch-*.pt"))
-    assert kept == ["epoch-004.pt", "epoch-005.pt", "epoch-006.pt"]  # keep_checkpoints=3
+    assert kept == ["epoch-006.pt"]  # best + last only by default
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt"]
     assert (tmp_path / "history.csv").read_text().startswith("epoch,train_loss,val_loss")
     model, ckpt = load_model(res.best)
     assert ckpt.epoch == res.best_epoch
@@ -135,4 +136,6 @@ def test_ray_train_two_workers(ray_session, tmp_path):
     x, y = bars(64)
     res = fit_classifier(x, y, 3, fast(epochs=2, num_workers=2), out=tmp_path, val=(x[:16], y[:16]))
     assert [r["epoch"] for r in res.history] == [1, 2]
-    assert list((tmp_path / "ray").rglob("epoch-002.pt")), "checkpoint not reported to Ray Train"
+    # the checkpoints live once, in the run folder: best + last, no copy under Ray Train's ray/
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pt")) == [
+        "best.pt", "checkpoints/epoch-002.pt"]

@@ -5,8 +5,10 @@ One loop, written against :class:`msk.core.workers.Workers`, runs in this proces
 DDP). Every epoch it trains on an equal share of a seeded shuffle per worker, evaluates on the
 validation arrays on rank 0, writes ``history.csv`` and a checkpoint (the latest
 ``keep_checkpoints`` are kept), keeps ``best.pt`` (lowest validation loss, or last epoch without
-validation) and stops early after ``patience`` epochs without improvement. A run folder that
-holds checkpoints is resumed after its last epoch.
+validation) and stops early after ``patience`` epochs without improvement: by default the run
+folder keeps ``best.pt`` and the last epoch's checkpoint only, once (nothing is copied to Ray
+Train's storage, see :meth:`msk.core.workers.RayWorkers.report`). A run folder that holds
+checkpoints is resumed after its last epoch.
 
 Models take ``images [B, 1, S, S]`` (normalised grey, see :mod:`msk.core.augment`) and, for
 fusion models, ``meta [B, D]``: ``model(images)`` or ``model(images, meta)`` -> logits.
@@ -65,10 +67,10 @@ class TrainConfig(MskConfig):
     init: str = Field("random", description="'random' or an msk checkpoint whose encoder starts training")
     sobel: bool | None = Field(None, description="Sobel input layer; None: as the init checkpoint (else off)")
     image_size: int = Field(128, ge=8, description="side of the network input")
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=2)
+    epochs: int = Field(10, ge=1, description="training epochs (per fold where there are folds)")
+    batch_size: int = Field(32, ge=2, description="images per training step (per worker)")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     augment: bool = Field(True, description="augment training images (the transforms of `augmentation`)")
     aug_prob: float = Field(0.8, ge=0, le=1, description="share of training images augmented")
     preprocess: PreprocessConfig = Field(
@@ -79,11 +81,11 @@ class TrainConfig(MskConfig):
     class_weighting: Literal["none", "median_frequency"] = Field(
         "none", description="loss weights per class: median frequency balancing (Eigen & Fergus)")
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val loss")
-    keep_checkpoints: int | None = Field(3, ge=1, description="epoch checkpoints kept, the latest ones "
-                                         "(best.pt is kept apart); None: every epoch's")
+    keep_checkpoints: int | None = Field(1, ge=1, description="epoch checkpoints kept, the latest ones "
+                                         "(best.pt is kept apart): 1 keeps best + last; None: every epoch's")
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process")
     use_gpu: bool = Field(False, description="one GPU per worker")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the splits, shuffling, augmentation and initial weights")
 
     @field_validator("encoder")
     @classmethod
