@@ -220,6 +220,57 @@ def test_fine_tunes_a_deepcluster_checkpoint(tmp_path):
     assert saved.config["init"] == str(dc.checkpoint)
 
 
+def fake_cluster_run(run, image_ids, arch: str = "tiny-cnn"):
+    """A DeepCluster run folder (config.yaml, assignments.csv, two epoch checkpoints)."""
+    from msk.core.deepcluster import DeepClusterConfig
+    from msk.core.registry import build_encoder
+
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(DeepClusterConfig(k=3, encoder=arch).to_yaml())
+    write(run / "assignments.csv", ["row", "image_id", "cluster"],
+          [(i, image_id, i % 3) for i, image_id in enumerate(image_ids)])
+    for epoch in (1, 2):
+        save_checkpoint(run / "checkpoints" / f"epoch-{epoch:03d}.pt", build_encoder(arch, in_chans=2),
+                        arch=arch, in_chans=2, config={"sobel": True, "k": 3}, epoch=epoch)
+    return run
+
+
+def test_init_defaults_to_the_deepcluster_run_of_the_weak_labels(tmp_path):
+    import shutil
+
+    from msk.core.config import load_config
+    from msk.core.labelling import WeakLabels, weak_labels_run
+    from msk.core.sorter import init_from_weak_labels
+
+    run = fake_cluster_run(tmp_path / "project" / "cluster", ["a", "b", "c"])
+    weak = WeakLabels(["hand", "knee", None], {"hand": 1, "knee": 1}, {0: "hand", 1: "knee"}, 0, 1,
+                      "samx-regions")
+    (tmp_path / "project" / "labels").mkdir()
+    labels = weak.save(tmp_path / "project" / "labels" / "weak.csv", ["a", "b", "c"], run=run)
+    assert weak_labels_run(labels) == run  # recorded in weak.source.json
+
+    cfg, note = init_from_weak_labels(load_config(SorterConfig), labels)
+    assert cfg.init == str(run / "checkpoints" / "epoch-002.pt") and cfg.encoder == "tiny-cnn"
+    assert note.startswith(f"init: {run / 'checkpoints' / 'epoch-002.pt'}, the last checkpoint") and "--init random" in note
+    assert cfg.model_fields_set >= {"init", "encoder"} and cfg.folds == 5  # the rest stays default
+
+    # --init (random or a checkpoint) wins; an --encoder of another architecture keeps random, saying so
+    for chosen in ("random", str(run / "checkpoints" / "epoch-001.pt")):
+        assert init_from_weak_labels(load_config(SorterConfig, None, init=chosen), labels) == (
+            load_config(SorterConfig, None, init=chosen), None)
+    cfg, note = init_from_weak_labels(load_config(SorterConfig, None, encoder="resnet18"), labels)
+    assert cfg.init == "random" and "whose encoder is 'tiny-cnn', not 'resnet18'" in note
+
+    # weak labels saved in the run folder before the record existed; a moved project still resolves
+    plain = write(run / "weak_labels.csv", ["row", "image_id", "label"], [(0, "a", "hand")])
+    assert weak_labels_run(plain) == run
+    shutil.move(tmp_path / "project", tmp_path / "moved")
+    assert weak_labels_run(tmp_path / "moved" / "labels" / "weak.csv") == tmp_path / "moved" / "cluster"
+    # labels of no run: unchanged
+    other = write(tmp_path / "expert.csv", ["image_id", "label"], [("a", "hand")])
+    assert init_from_weak_labels(load_config(SorterConfig), other) == (load_config(SorterConfig), None)
+
+
 # -- labels and ingest output ------------------------------------------------------------------
 
 

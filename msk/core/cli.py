@@ -209,7 +209,7 @@ def import_(
 def cluster(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder (checkpoints, history, assignments)"),
-    k: Optional[int] = typer.Option(None, help="number of clusters \\[default: 1000]"),
+    k: Optional[int] = typer.Option(None, help="number of clusters \\[default: about one per 20 images, 10..1000]"),
     epochs: Optional[int] = typer.Option(None, help="epochs \\[default: 10]"),
     encoder: Optional[str] = typer.Option(None, help="encoder name, see `msk plugins encoder` \\[default: resnet18]"),
     image_size: Optional[int] = typer.Option(None, help="input side length \\[default: 128]"),
@@ -314,7 +314,7 @@ def clusters_apply(
     with open(run_dir / "assignments.csv", newline="") as f:
         image_ids = [row["image_id"] for row in csv.DictReader(f)]
     target = save or run_dir / "weak_labels.csv"
-    weak.save(target, image_ids)
+    weak.save(target, image_ids, run=run_dir)
     out.print(weak.table())
     out.print(f"weak labels: {target}")
 
@@ -358,7 +358,8 @@ def train_sorter(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     labels: Path = typer.Argument(..., metavar="LABELS", help="weak labels CSV (image_id,label) from `msk clusters apply`"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="run folder (folds, checkpoints, report)"),
-    init: Optional[str] = typer.Option(None, help="checkpoint to fine-tune, e.g. the DeepCluster one \\[default: random]"),
+    init: Optional[str] = typer.Option(None, help="checkpoint to fine-tune, or 'random' \\[default: the last checkpoint "
+                                       "of the DeepCluster run LABELS came from (`msk clusters apply/label`), else random]"),
     encoder: Optional[str] = typer.Option(None, help="encoder name \\[default: resnet18]"),
     epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: 10]"),
     folds: Optional[int] = typer.Option(None, help="cross-validation folds \\[default: 5]"),
@@ -374,10 +375,13 @@ def train_sorter(
     [b]Example[/b]: [cyan]msk train sorter out/ingest out/cluster/weak_labels.csv out/sorter --init out/cluster/checkpoints/epoch-010.pt[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.sorter import SorterConfig, sorter_from_ingest
+    from msk.core.sorter import SorterConfig, init_from_weak_labels, sorter_from_ingest
 
     cfg = load_config(SorterConfig, config, init=init, encoder=encoder, epochs=epochs, folds=folds,
                       num_workers=num_workers, use_gpu=use_gpu)
+    cfg, note = init_from_weak_labels(cfg, labels)
+    if note:
+        console.print(note, soft_wrap=True, highlight=False)
     result = sorter_from_ingest(ingest_dir, labels, cfg, out=out_dir, holdout_ingest=holdout_ingest,
                                 holdout_labels=holdout_labels)
     out.print(result.table())

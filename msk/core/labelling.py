@@ -33,7 +33,7 @@ from msk.core.specs import EntitySet
 
 __all__ = ["DISCARD", "AutomaticNames", "ClusterName", "LabelFileError", "WeakLabels", "apply_labels",
            "export_clusters", "majority_names", "name_clusters_from_truth", "read_label_file",
-           "run_image_ids", "truth_of_images", "truth_scores", "write_cluster_names"]
+           "run_image_ids", "truth_of_images", "truth_scores", "weak_labels_run", "write_cluster_names"]
 
 #: The label that drops a cluster's images from the weak labels.
 DISCARD = "discard"
@@ -280,7 +280,7 @@ def name_clusters_from_truth(run_dir: str | os.PathLike, truth_file: str | os.Pa
     names_file = write_cluster_names(names, run_dir / "cluster_names.csv", named_by=named_by)
     weak = apply_labels(names_file, assignments, region_set=region_set, k=k)
     weak_file = weak.save(Path(weak_out) if weak_out is not None else run_dir / "weak_labels.csv",
-                          image_ids)
+                          image_ids, run=run_dir)
     nmi, purity, n_known = truth_scores(assignments, truth)
     return AutomaticNames(names, weak, named_by, n_known, nmi, purity, names_file, weak_file)
 
@@ -421,8 +421,12 @@ class WeakLabels:
         entities = entity_set(self.region_set)
         return np.array([-1 if x is None else entities.index(x) for x in self.labels], np.int64)
 
-    def save(self, path: str | os.PathLike, image_ids: Sequence[str] | None = None) -> Path:
-        """Write ``row,image_id,label`` per image to a CSV file (empty label for ``None``)."""
+    def save(self, path: str | os.PathLike, image_ids: Sequence[str] | None = None, *,
+             run: str | os.PathLike | None = None) -> Path:
+        """Write ``row,image_id,label`` per image to a CSV file (empty label for ``None``); with
+        ``run``, the DeepCluster run folder the labels came from, also ``<name>.source.json``
+        beside it (:func:`weak_labels_run` reads it: ``msk train sorter`` starts from that run's
+        encoder)."""
         if image_ids is not None and len(image_ids) != len(self.labels):
             raise ValueError(f"{len(image_ids)} image ids for {len(self.labels)} labels")
         path = Path(path)
@@ -431,6 +435,13 @@ class WeakLabels:
             writer.writerow(["row", "image_id", "label"])
             for i, label in enumerate(self.labels):
                 writer.writerow([i, "" if image_ids is None else image_ids[i], label or ""])
+        if run is not None:
+            import json
+
+            from msk.core.paths import store_path
+
+            _source_file(path).write_text(json.dumps(
+                {"deepcluster_run": store_path(run, path.parent), "region_set": self.region_set}, indent=2))
         return path
 
     def table(self):
@@ -450,6 +461,34 @@ class WeakLabels:
             if count:
                 table.add_row(f"[dim]{name}[/dim]", "", str(count), f"{count / total:.1%}")
         return table
+
+
+def _source_file(weak_labels: Path) -> Path:
+    return weak_labels.with_name(f"{weak_labels.stem}.source.json")
+
+
+def weak_labels_run(labels: str | os.PathLike) -> Path | None:
+    """The DeepCluster run folder a weak labels file came from, or None: the one its
+    ``<name>.source.json`` records (``msk clusters apply`` / ``label`` write it), else the folder
+    the file lies in when that is a DeepCluster run (``config.yaml``, ``assignments.csv`` and
+    ``checkpoints/``: weak labels saved there before the record existed)."""
+    import json
+
+    from msk.core.paths import resolve_stored
+
+    labels = Path(labels)
+    source = _source_file(labels)
+    if source.is_file():
+        try:
+            recorded = json.loads(source.read_text()).get("deepcluster_run")
+        except (ValueError, AttributeError):
+            raise LabelFileError(f"{source}: not a weak labels record (JSON with deepcluster_run); "
+                                 "delete it or rerun `msk clusters apply`") from None
+        return resolve_stored(recorded, source.parent) if recorded else None
+    folder = labels.parent
+    if all((folder / name).exists() for name in ("config.yaml", "assignments.csv", "checkpoints")):
+        return folder
+    return None
 
 
 def _compact(name: str) -> str:

@@ -56,7 +56,7 @@ __all__ = [
     "SorterEnsemble", "SorterError", "SorterResult", "calibrate_unknown", "load_labelled",
     "load_densities", "load_sorter", "logits_and_features", "plan_splits", "read_image_labels",
     "read_sorter_info", "softmax",
-    "sorter_from_ingest", "train_sorter",
+    "init_from_weak_labels", "sorter_from_ingest", "train_sorter",
 ]
 
 #: Options that may differ between a sorter run and its resumption in the same folder.
@@ -894,6 +894,39 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
         "test": test.summary(), "holdout": held.summary() if held else None,
     }, indent=2))
     return result
+
+
+def init_from_weak_labels(config: SorterConfig, labels: str | os.PathLike) -> tuple[SorterConfig, str | None]:
+    """``config`` starting from the DeepCluster run the weak labels came from, and a line saying so.
+
+    When ``init`` is not set (nor pretrained weights) and ``labels`` was written by
+    ``msk clusters apply`` / ``label`` (:func:`msk.core.labelling.weak_labels_run`), ``init``
+    becomes that run's last checkpoint and ``encoder`` its architecture (unless ``encoder`` is
+    set to another one: then training starts from random weights, as the line says). Otherwise
+    ``config`` is returned unchanged, with a line only where something could not be done.
+    """
+    if "init" in config.model_fields_set or config.encoder_options.get("pretrained"):
+        return config, None
+    from msk.core.checkpoint import load_checkpoint
+    from msk.core.deepcluster import latest_checkpoint
+    from msk.core.labelling import weak_labels_run
+
+    run = weak_labels_run(labels)
+    if run is None:
+        return config, None
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        return config, (f"{labels} came from the DeepCluster run {run}, which holds no checkpoint: "
+                        "training starts from random weights")
+    arch = load_checkpoint(checkpoint).arch
+    if "encoder" in config.model_fields_set and config.encoder != arch:
+        return config, (f"{labels} came from the DeepCluster run {run}, whose encoder is {arch!r}, not "
+                        f"{config.encoder!r}: training starts from random weights (drop --encoder to "
+                        "start from that run)")
+    data = {**config.model_dump(exclude_unset=True), "init": str(checkpoint), "encoder": arch}
+    return type(config).model_validate(data), (
+        f"init: {checkpoint}, the last checkpoint of the DeepCluster run the weak labels came from "
+        "(--init random trains from scratch)")
 
 
 def sorter_from_ingest(ingest: str | os.PathLike, labels: str | os.PathLike,
