@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from msk.core import metrics
 from msk.core.config import MskConfig
@@ -56,17 +57,19 @@ class MlpConfig(MskConfig):
 class XgbConfig(MskConfig):
     """XGBoost metadata classifier."""
 
-    n_estimators: int = 500
-    max_depth: int = 3
-    learning_rate: float = 0.05
-    subsample: float = 0.9
-    colsample_bytree: float = 0.9
-    min_child_weight: float = 1.0
-    early_stopping_rounds: int = 30
-    val_fraction: float = 0.15
-    class_weight: Literal["none", "balanced"] = "none"
-    n_jobs: int = 2
-    seed: int = 0
+    n_estimators: int = Field(500, description="boosting rounds at most (early stopping may end sooner)")
+    max_depth: int = Field(3, description="depth of each tree")
+    learning_rate: float = Field(0.05, description="shrinkage of each tree (XGBoost eta)")
+    subsample: float = Field(0.9, description="share of training rows each tree sees")
+    colsample_bytree: float = Field(0.9, description="share of features each tree sees")
+    min_child_weight: float = Field(1.0, description="least hessian weight in a leaf")
+    early_stopping_rounds: int = Field(30, description="stop after this many rounds without a lower "
+                                       "validation loss")
+    val_fraction: float = Field(0.15, description="patients of the training fold kept for early stopping")
+    class_weight: Literal["none", "balanced"] = Field("none", description="'balanced': rows weighted "
+                                                      "inversely to their class frequency")
+    n_jobs: int = Field(2, description="XGBoost threads")
+    seed: int = Field(0, description="seed of the validation split and of XGBoost")
 
 
 # -- metrics ------------------------------------------------------------------------------------

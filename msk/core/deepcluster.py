@@ -95,10 +95,10 @@ class DeepClusterConfig(MskConfig):
                           "number of images, about one per 20 (default_k), recorded in the run's config.yaml")
     epochs: int = Field(10, ge=1, description="total epochs; a resumed run continues up to it")
     pca_dim: int = Field(256, ge=1, description="whitening-PCA dimension before k-means")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per training step and feature batch")
     lr: float = Field(0.05, gt=0, description="SGD learning rate (encoder and head)")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-5, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(1e-5, ge=0, description="SGD weight decay")
     image_size: int = Field(128, ge=8, description="side of the resized, centre-cropped input")
     sobel: bool = Field(True, description="feed the encoder Sobel gradients of the grey image")
     augment: bool = Field(True, description="train on augmented views (the transforms of `augmentation`)")
@@ -108,7 +108,7 @@ class DeepClusterConfig(MskConfig):
     augmentation: AugmentConfig = Field(
         default_factory=AugmentConfig, description="probability and strength of each training transform")
     clusterer: str = Field("faiss-kmeans", description="clusterer registry name")
-    seed: int = 0
+    seed: int = Field(0, description="seed of k-means, shuffling and augmentation")
     empty_cluster: Literal["split", "resample"] = Field(
         "split", description="how an empty cluster is refilled (see fix_empty_clusters)")
     collapse_threshold: float = Field(

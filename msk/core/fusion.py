@@ -91,7 +91,7 @@ class TransformerConfig(MskConfig):
         default_factory=lambda: {"patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3},
         description="timm.create_model keyword arguments")
     image_size: int = Field(32, ge=8, description="network input side (the ROI is resized)")
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
 
 
 class FusionConfig(MskConfig):
@@ -106,22 +106,22 @@ class FusionConfig(MskConfig):
     heads: list[str] = Field(["concat", "gated"], min_length=1, description="fusion heads to "
                              "compare; the first also builds the single-branch models")
     hidden: list[int] = Field([64, 32], min_length=1, description="metadata MLP widths")
-    dropout: float = Field(0.2, ge=0, lt=1)
-    image_only: bool = True
-    metadata_only: bool = True
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout of the fusion head")
+    image_only: bool = Field(True, description="also report the image-only model (no metadata)")
+    metadata_only: bool = Field(True, description="also report the metadata-only MLP (no image)")
     xgboost: XgbConfig | None = Field(default_factory=XgbConfig, description="null: no XGBoost row")
     transformer: TransformerConfig | None = Field(None, description="image-only ViT baseline; null: none")
-    folds: int = Field(5, ge=2)
+    folds: int = Field(5, ge=2, description="patient-level cross-validation folds")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="patients held out for the fold ensemble")
     val_fraction: float = Field(0.15, gt=0, lt=1,
                                 description="patients of a training fold kept for early stopping")
     roi: bool = Field(True, description="crop around the lesion box (metadata columns x0, y0, x1, y1)")
-    roi_margin: float = Field(0.15, ge=0)
+    roi_margin: float = Field(0.15, ge=0, description="margin on each side of the box, a fraction of its longer side")
     roi_size: int = Field(64, ge=8, description="side of the cropped grey image")
     explain: bool = Field(True, description="GradientShap table + plot and Grad-CAM overlays")
     explain_samples: int = Field(50, ge=1, description="GradientShap samples per row")
     gradcam_images: int = Field(8, ge=0, description="held-out images drawn with Grad-CAM")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the patient splits and of training")
 
 
 # -- models -------------------------------------------------------------------------------------

@@ -221,15 +221,15 @@ class CropAugment(MskConfig):
 class RotationAugment(MskConfig):
     """Rotation by a uniform angle in ``[-degrees, degrees]`` (corners filled black)."""
 
-    p: float = Field(1.0, ge=0, le=1)
-    degrees: float = Field(10.0, ge=0, le=180)
+    p: float = Field(1.0, ge=0, le=1, description="probability of a rotation")
+    degrees: float = Field(10.0, ge=0, le=180, description="largest angle either way")
 
 
 class GammaAugment(MskConfig):
     """``x ** g`` with ``g`` log-uniform in ``gamma`` (after the preprocessing: residual
     differences of the display curve)."""
 
-    p: float = Field(0.5, ge=0, le=1)
+    p: float = Field(0.5, ge=0, le=1, description="probability of a gamma change")
     gamma: tuple[float, float] = Field((0.7, 1.5), description="(low, high), both > 0")
 
     @model_validator(mode="after")
@@ -243,7 +243,7 @@ class GammaAugment(MskConfig):
 class ContrastAugment(MskConfig):
     """Brightness and contrast jitter (torchvision ``ColorJitter``) after the preprocessing."""
 
-    p: float = Field(0.8, ge=0, le=1)
+    p: float = Field(0.8, ge=0, le=1, description="probability of a brightness and contrast jitter")
     brightness: float = Field(0.3, ge=0, le=1, description="brightness factor drawn from [1 - b, 1 + b]")
     contrast: float = Field(0.3, ge=0, le=1, description="contrast factor drawn from [1 - c, 1 + c]")
 
@@ -251,7 +251,7 @@ class ContrastAugment(MskConfig):
 class BlurAugment(MskConfig):
     """Gaussian blur of the stored image (soft detectors, downscaled exports)."""
 
-    p: float = Field(0.2, ge=0, le=1)
+    p: float = Field(0.2, ge=0, le=1, description="probability of a blur")
     sigma: tuple[float, float] = Field((0.3, 1.2), description="standard deviation, in pixels of the network input")
 
     @model_validator(mode="after")
@@ -265,7 +265,7 @@ class BlurAugment(MskConfig):
 class NoiseAugment(MskConfig):
     """Gaussian (electronic) or Poisson (quantum) noise on the stored image."""
 
-    p: float = Field(0.2, ge=0, le=1)
+    p: float = Field(0.2, ge=0, le=1, description="probability of noise")
     std: tuple[float, float] = Field((0.005, 0.03), description="Gaussian standard deviation, fraction of full scale")
     poisson: float = Field(0.5, ge=0, le=1, description="share of the noisy images that get Poisson noise instead")
     photons: tuple[float, float] = Field((30.0, 300.0), description="Poisson: expected counts at full scale "
@@ -283,7 +283,7 @@ class NoiseAugment(MskConfig):
 class JpegAugment(MskConfig):
     """JPEG compression artefacts: encode and decode at a random quality (Pillow)."""
 
-    p: float = Field(0.2, ge=0, le=1)
+    p: float = Field(0.2, ge=0, le=1, description="probability of JPEG compression")
     quality: tuple[int, int] = Field((25, 90), description="JPEG quality range, 1-95")
 
     @model_validator(mode="after")
@@ -298,14 +298,14 @@ class LetterboxAugment(MskConfig):
     """Pad to a random aspect ratio with black, then resize back to a square: the content is
     squeezed between black bars, as an image of another shape squared by the ingest."""
 
-    p: float = Field(0.4, ge=0, le=1)
+    p: float = Field(0.4, ge=0, le=1, description="probability of a letterbox")
     max_aspect: float = Field(1.6, ge=1, le=4, description="largest long/short side ratio of the padded image")
 
 
 class BorderAugment(MskConfig):
     """Black bars of random width on random sides (padding, collimation, cropped exports)."""
 
-    p: float = Field(0.3, ge=0, le=1)
+    p: float = Field(0.3, ge=0, le=1, description="probability of black bars")
     max_width: float = Field(0.15, gt=0, lt=0.5, description="widest bar, a fraction of the side")
 
 

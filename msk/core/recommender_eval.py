@@ -75,13 +75,14 @@ class ClassifierSpec(MskConfig):
 class TrainingBudget(MskConfig):
     """The training budget every classifier gets (the same for all, so they compare fairly)."""
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="training epochs of each classifier")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
-    batch_size: int = Field(32, ge=2)
-    weight_decay: float = Field(1e-4, ge=0)
-    augment: bool = True
+    batch_size: int = Field(32, ge=2, description="images per training step")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    augment: bool = Field(True, description="augment training images")
     aug_prob: float = Field(0.8, ge=0, le=1, description="share of training images augmented")
-    class_weighting: Literal["none", "median_frequency"] = "none"
+    class_weighting: Literal["none", "median_frequency"] = Field(
+        "none", description="loss weights per class: median frequency balancing (Eigen & Fergus)")
 
 
 class RecommenderEvalConfig(MskConfig):
@@ -107,10 +108,11 @@ class RecommenderEvalConfig(MskConfig):
         default_factory=lambda: DeepClusterConfig(encoder="resnet18", k=100, epochs=5),
         description="DeepCluster for 'deepcluster' (image_size, seed and num_workers are set per run)")
     retriever: str = Field("lsh", description="retriever registry name (lsh: the recommender's default)")
-    retriever_options: dict[str, Any] = Field(default_factory=dict)
+    retriever_options: dict[str, Any] = Field(default_factory=dict, description="options of the retriever")
     ks: list[int] = Field([1, 3, 5, 7], min_length=1, description="neighbours that vote")
     k: int = Field(3, ge=1, description="the recommender's k in the model comparison (ANOVA, confusion, gallery)")
-    weighting: Literal["none", "distance", "inverse_frequency"] = "none"
+    weighting: Literal["none", "distance", "inverse_frequency"] = Field(
+        "none", description="vote weighting (msk.core.vote)")
     gallery_queries: int = Field(12, ge=0, description="test images shown in the gallery (first seed)")
     num_workers: int = Field(0, ge=0, description="Ray Train workers per training run; 0: in this process")
 

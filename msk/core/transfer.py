@@ -67,7 +67,8 @@ class TransferConfig(TrainConfig):
     cascade: bool = Field(False, description="phase 1 normal vs pathological, phase 2 entity vs entity")
     positive: str | None = Field(None, description="class whose sensitivity is reported in a two-class task")
     folds: int = Field(5, ge=2, description="patient-level folds; each is the test set once")
-    class_weighting: Literal["none", "median_frequency"] = Field("median_frequency")
+    class_weighting: Literal["none", "median_frequency"] = Field(
+        "median_frequency", description="loss weights per class: median frequency balancing (Eigen & Fergus)")
     num_workers: int = Field(0, ge=0, description="Ray Train workers per run; 0 runs in this process")
 
     @field_validator("arms")

@@ -150,15 +150,15 @@ class SegmentConfig(ModelConfig):
 class GatewayConfig(ReplicaConfig):
     """The HTTP ingress (FastAPI) deployment; it decodes uploads, so give it CPU too."""
 
-    num_cpus: float = Field(0.25, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1)
+    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per gateway replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one gateway replica handles at once")
 
 
 class ServeConfig(MskConfig):
     """Options of ``msk serve`` (YAML keys of its config file)."""
 
     host: str = Field("127.0.0.1", description="address the HTTP proxy listens on")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="port the HTTP proxy listens on")
     request_timeout_s: float = Field(60.0, gt=0, description="Serve's end-to-end HTTP timeout (a backstop)")
     call_timeout_s: float = Field(30.0, gt=0, description="longest wait for a model's answer (504 after)")
     max_upload_bytes: int = Field(64 * MiB, ge=1024, description="larger request bodies are refused (413)")

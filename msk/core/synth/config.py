@@ -91,18 +91,23 @@ class SynthConfig(MskConfig):
     """Options of ``msk synth`` (a deterministic synthetic PACS export)."""
 
     n_images: int = Field(2000, ge=1, description="total files written, corrupt ones included")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="random seed: the same config writes the same files")
     image_size: int = Field(320, ge=32, le=4096, description="long side of the images in pixels")
-    images_per_patient: tuple[int, int] = (1, 4)
-    lesion_fraction: float = Field(0.35, ge=0.0, le=1.0)
-    entity_set: str = "bone-tumours"
-    region_set: str = "samx-regions"
-    corrupt_fraction: float = Field(0.01, ge=0.0, le=1.0)
-    monochrome1_fraction: float = Field(0.2, ge=0.0, le=1.0)
-    transfer_syntaxes: list[str] = Field(default_factory=working_syntaxes)
-    priors: Literal["auto", "btxrd", "defaults"] = "auto"
-    btxrd_csv: Path | None = None
-    workers: int = Field(1, ge=1, le=256)
+    images_per_patient: tuple[int, int] = Field((1, 4), description="(min, max) images of one patient")
+    lesion_fraction: float = Field(0.35, ge=0.0, le=1.0, description="share of patients with a lesion")
+    entity_set: str = Field("bone-tumours", description="tumour entity set of the lesions (`msk plugins entity_set`)")
+    region_set: str = Field("samx-regions", description="anatomical region set of the images (`msk plugins entity_set`)")
+    corrupt_fraction: float = Field(0.01, ge=0.0, le=1.0, description="share of deliberately corrupt files "
+                                    "(the ingest must quarantine them)")
+    monochrome1_fraction: float = Field(0.2, ge=0.0, le=1.0, description="share of DICOMs stored MONOCHROME1 "
+                                        "(inverted grey levels)")
+    transfer_syntaxes: list[str] = Field(default_factory=working_syntaxes, description="DICOM transfer syntaxes "
+                                         "drawn from; default: every one this environment can write")
+    priors: Literal["auto", "btxrd", "defaults"] = Field(
+        "auto", description="age, sex and site per entity: 'btxrd' from the BTXRD metadata (btxrd_csv), "
+        "'defaults' the shipped ones, 'auto' BTXRD when found")
+    btxrd_csv: Path | None = Field(None, description="BTXRD dataset.csv; default: ../shared/data/btxrd-meta/dataset.csv")
+    workers: int = Field(1, ge=1, le=256, description="processes writing files (same files for any number)")
     style: Literal["basic", "radiograph"] = Field(
         "radiograph", description="'radiograph': realistic anatomy variation, framing (joint crops, "
         "rotation, black padding, markers) and detector physics; 'basic': the original cartoon phantoms")
