@@ -753,29 +753,26 @@ def serve(
 @app.command()
 @locks_run("out_dir")
 def demo(
-    out_dir: Path = typer.Argument(Path("out/demo"), metavar="OUT", help="output folder"),
-    n: int = typer.Option(300, "--n", help="number of synthetic files"),
-    image_size: int = typer.Option(128, help="ingested side length in px"),
+    out_dir: Path = typer.Argument(Path("out/demo"), metavar="OUT", help="a new output folder"),
+    n: Optional[int] = typer.Option(None, "--n", help="synthetic files \\[default: 800]"),
+    image_size: Optional[int] = typer.Option(None, help="ingest and network input side in px \\[default: 64]"),
+    serve: Optional[bool] = typer.Option(None, "--serve/--no-serve", help="start msk serve and send requests "
+                                         "of unseen patients \\[default: serve]"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
-    """Run the main job end to end on the embedded default: synth -> ingest.
+    """Run the whole chain on the embedded synthetic default: synth -> ingest -> cluster -> clusters named
+    by a SIMULATED expert (the synthetic truth) -> sorter -> lesion classifier -> recommender -> msk serve
+    answering unseen patients over HTTP -> OUT/report.html. About 10 minutes on 2 CPUs.
 
-    Uses a demo pseudonymisation key created next to the outputs' parent (never inside them).
+    Synthetic data: the numbers show the chain works, not how msk does on real radiographs.
 
-    [b]Example[/b]: [cyan]msk demo out/demo --n 300[/cyan]
+    [b]Example[/b]: [cyan]msk demo out/demo[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.ingest import IngestConfig, ingest as run_ingest
-    from msk.core.synth import SynthConfig, synthesize
+    from msk.core.demo import DemoConfig, run_demo
 
-    out_dir = out_dir.resolve()
-    key_file = out_dir.parent / f".{out_dir.name}.pseudonym.key"
-    srep = synthesize(out_dir / "synth", load_config(SynthConfig, None, n_images=n))
-    out.print(f"synthetic export: {srep.out / 'export'} ({srep.n_files} files)")
-    irep = run_ingest(srep.out / "export", out_dir / "ingest",
-                      load_config(IngestConfig, None, image_size=image_size, key_file=key_file,
-                                  create_key=True))
-    _print_ingest(irep)
-    out.print(f"ground truth: {srep.ground_truth}")
+    cfg = load_config(DemoConfig, config, n_images=n, image_size=image_size, serve=serve)
+    run_demo(out_dir, cfg, say=out.print)
 
 
 def main() -> None:
