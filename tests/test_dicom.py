@@ -492,3 +492,48 @@ def test_png_over_the_pixel_cap_is_too_large():
 def test_broken_png_is_corrupt():
     data = _pillow_bytes(RAMP.astype(np.uint8), "PNG")
     assert _reason(data[:60]) is QuarantineReason.CORRUPT
+
+
+def _j2k_header(rows: int, cols: int) -> bytes:
+    """The start of a JPEG 2000 codestream: SOC, then a SIZ segment declaring ``rows`` x ``cols``."""
+    import struct
+
+    siz = struct.pack(">HHIIIIIIIIH", 41, 0, cols, rows, 0, 0, cols, rows, 0, 0, 1) + bytes([15, 1, 1])
+    return b"\xff\x4f\xff\x51" + siz + bytes(200)
+
+
+def _jpeg_header(rows: int, cols: int) -> bytes:
+    """SOI, an APP0 segment, then a baseline SOF0 declaring ``rows`` x ``cols``."""
+    import struct
+
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + bytes(9)
+    return b"\xff\xd8" + app0 + b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, rows, cols, 1) + bytes(3) + bytes(100)
+
+
+def test_codestream_size_reads_jpeg_and_jpeg2000_headers():
+    from msk.core.dicom import codestream_size
+
+    assert codestream_size(_j2k_header(20000, 300)) == (20000, 300)
+    assert codestream_size(_jpeg_header(64, 48)) == (64, 48)
+    assert codestream_size(b"\x00\x00\x01\xb3" + bytes(60)) is None and codestream_size(b"\xff\xd8") is None
+
+
+@pytest.mark.parametrize("syntax, header, reason, fragment", [
+    (pydicom.uid.JPEG2000Lossless, _j2k_header(20000, 20000), QuarantineReason.TOO_LARGE, "20000x20000"),
+    (pydicom.uid.JPEG2000, _j2k_header(128, 128), QuarantineReason.CORRUPT, "larger than the 64x48"),
+    (pydicom.uid.JPEGBaseline8Bit, _jpeg_header(8000, 8000), QuarantineReason.TOO_LARGE, "8000x8000"),
+])
+def test_a_compressed_frame_larger_than_its_header_is_refused_before_decoding(syntax, header, reason, fragment):
+    """A 2 KB DICOM whose header says 64x48 but whose codestream declares 20000x20000 was decoded in
+    full (seconds, gigabytes) before failing; it is now refused from the codestream's own header."""
+    import time
+
+    ds = _image_dataset(RAMP.astype(np.uint8))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([header])
+    ds["PixelData"].is_undefined_length = True
+    began = time.perf_counter()
+    with pytest.raises(QuarantineError) as info:
+        read_image(_to_bytes(ds), max_pixels=50_000_000 if reason is QuarantineReason.CORRUPT else 10_000_000)
+    assert info.value.reason is reason and fragment in str(info.value)
+    assert time.perf_counter() - began < 1.0

@@ -441,7 +441,7 @@ def test_missing_or_invalid_token(server):
     ("{sex: F}", "not valid JSON"),
     ({"sex": "X", "age": 15}, "sex"),
     ({"sex": "F", "age": 130}, "age"),
-    ({"sex": "F", "site": "femur", "name": "Jane"}, "name"),
+    ({"sex": "F", "site": "femur", "name": "Jane"}, "1 unknown key(s) (position 3)"),
     ({"sex": "F", "site": "skull"}, "vocabulary"),
 ])
 def test_malformed_metadata(client, metadata, fragment):
@@ -788,3 +788,76 @@ def test_the_gateway_gives_lesion_crop_models_a_box_or_refuses():
     with gateway_client({"recommend": FakeHandle(recommend=recommend)}, token=None) as c:  # whole-image index
         answer = c.post("/v1/recommend", params={"box": "4,10,40,30"}, **raw).json()
         assert answer["input"] == "whole_image" and "box" not in answer and sent[-1] is None
+
+
+def test_hostile_requests_are_422_and_never_echo_client_text():
+    """Defects a probe found: deep JSON nesting and 5,000-digit integers in the metadata were 500s,
+    repeated fields and parameters were silently resolved (the last won), and unknown metadata keys
+    were quoted back (a key can be a patient's name)."""
+    calls = []
+
+    async def classify(*args):
+        calls.append(args)
+        return {"entities": [{"name": "a", "probability": 1.0}], "metadata_used": False}
+
+    image = ("x", png(HORIZONTAL), "image/png")
+    with gateway_client({"classify": FakeHandle(classify=classify), "sort": FakeHandle(sort=classify)},
+                        token=None) as c:
+        def post(metadata: str, files=None, **params):
+            return c.post("/v1/classify", files=files or {"image": image}, data={"metadata": metadata}, params=params)
+
+        for text, fragment in (("[" * 1000 + "]" * 1000, "nested too deeply"),
+                               ('{"sex": "F", "age": ' + "9" * 5000 + "}", "at most 4096"),
+                               ('["F", 15]', "must be a JSON object"),
+                               ('{"sex": "F", "Doe^Jane": 1}', "1 unknown key(s) (position 2)"),
+                               (json.dumps({"sex": "F", "site": "x" * 5000}), "at most 4096")):
+            error = assert_error(post(text), 422, "invalid_metadata")
+            assert fragment in error["message"] and "Doe" not in error["message"]
+        twice = c.post("/v1/classify", files=[("image", image), ("image", image)], data={"metadata": json.dumps(META)})
+        assert "sent 2 times" in assert_error(twice, 422, "invalid_request")["message"]
+        extra = c.post("/v1/classify", files={"image": image}, data={"metadata": json.dumps(META), "Doe^Jane": "1"})
+        error = assert_error(extra, 422, "invalid_request")
+        assert "1 unknown multipart field" in error["message"] and "Doe" not in error["message"]
+        repeated = c.post("/v1/sort", params=[("k", "1"), ("k", "100")], content=png(HORIZONTAL),
+                          headers={"Content-Type": "image/png"})
+        assert "k given more than once" in assert_error(repeated, 422, "invalid_request")["message"]
+        assert calls == []  # nothing reached a model
+        assert post(json.dumps(META)).status_code == 200 and len(calls) == 1
+
+
+def test_the_gateway_bounds_concurrent_decodes(monkeypatch):
+    """Uploads are decoded at most max_concurrent_decodes at a time per gateway replica (a burst of
+    small files that each decode to max_pixels exhausted the gateway's memory)."""
+    import threading
+
+    from msk.serve import app as app_module
+    from msk.serve.app import ModelClients, create_api
+
+    real, lock, active, peak = app_module.decode_radiograph, threading.Lock(), [0], [0]
+
+    def slow_decode(data, preprocess):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.1)
+        with lock:
+            active[0] -= 1
+        return real(data, preprocess)
+
+    async def sort(*args):
+        return {"regions": [], "unknown": False, "score": 0.0, "score_name": "msp"}
+
+    monkeypatch.setattr(app_module, "decode_radiograph", slow_decode)
+    settings = {"call_timeout_s": 5, "max_upload_bytes": 1 << 20, "preprocess": {"image_size": SQUARE},
+                "debug_routes": False, "token_digest": None, "max_concurrent_decodes": 2}
+    api = create_api(settings, ModelClients({"sort": FakeHandle(sort=sort)}, 5))
+
+    async def burst() -> list[int]:
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            answers = await asyncio.gather(*(c.post("/v1/sort", content=png(HORIZONTAL),
+                                                    headers={"Content-Type": "image/png"}) for _ in range(8)))
+        return [a.status_code for a in answers]
+
+    assert asyncio.run(burst()) == [200] * 8
+    assert peak[0] == 2

@@ -55,6 +55,7 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pydicom
+import pydicom.encaps
 import pydicom.pixels
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -404,6 +405,7 @@ def decode_dicom(
             source,
         )
     _require_decoder(ds, source)
+    _check_codestream(ds, meta, max_pixels, source)
 
     stored = decode_pixels(ds, frames=frames, source=source)
     found: tuple[str, ...] = ()
@@ -417,6 +419,61 @@ def decode_dicom(
             np.subtract(1.0, pixels, out=pixels)
     return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32),
                         replace(meta, window=window, warnings=found))
+
+
+#: JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic) and JPEG-LS SOF55.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def codestream_size(data: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` a compressed frame declares in its own header, read without decoding:
+    the SOF segment of JPEG / JPEG-LS, the SIZ marker of JPEG 2000 (raw codestream or JP2);
+    ``None`` for anything else or an unreadable header (the decoder then decides)."""
+    try:
+        if data[:2] == b"\xff\x4f" or data[4:8] == b"jP  ":  # J2K codestream, or a JP2 file around one
+            at = data.find(b"\xff\x4f\xff\x51", 0, 4096)
+            if at < 0:
+                return None
+            xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", data[at + 8:at + 24])
+            return ysiz - yosiz, xsiz - xosiz
+        if data[:2] == b"\xff\xd8":  # JPEG SOI: walk the marker segments to the frame header
+            at = 2
+            while at + 9 <= len(data) and data[at] == 0xFF:
+                marker = data[at + 1]
+                if marker == 0xFF:  # fill byte
+                    at += 1
+                    continue
+                if marker in _SOF_MARKERS:
+                    rows, cols = struct.unpack(">HH", data[at + 5:at + 9])
+                    return (rows, cols) if rows and cols else None  # rows 0: set later by a DNL segment
+                at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+    except struct.error:
+        return None
+    return None
+
+
+def _check_codestream(ds: Dataset, meta: ImageMeta, max_pixels: int, source: str) -> None:
+    """Refuse a compressed frame larger than its header says before it is decoded: a few KB of
+    JPEG 2000 can declare 20000 x 20000 pixels (a decompression bomb that ``max_pixels``, read
+    from the header, would not see)."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    if not syntax.is_encapsulated or syntax == pydicom.uid.RLELossless:
+        return
+    try:
+        first = next(pydicom.encaps.generate_fragmented_frames(ds.PixelData, number_of_frames=meta.n_frames))[0]
+    except Exception:  # noqa: BLE001 - broken encapsulation: the decoder says corrupt
+        return
+    size = codestream_size(bytes(first[:65536]))
+    if size is None:
+        return
+    rows, cols = size
+    if rows * cols > max_pixels:
+        raise QuarantineError(QuarantineReason.TOO_LARGE, f"the compressed frame is {rows}x{cols} = "
+                              f"{rows * cols} pixels > max_pixels {max_pixels} (the header says "
+                              f"{meta.rows}x{meta.cols})", source)
+    if rows * cols > meta.rows * meta.cols:
+        raise QuarantineError(QuarantineReason.CORRUPT, f"the compressed frame is {rows}x{cols}, larger than the "
+                              f"{meta.rows}x{meta.cols} its header says", source)
 
 
 def _require_decoder(ds: Dataset, source: str) -> None:

@@ -173,9 +173,14 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
 
     preprocess = PreprocessConfig.model_validate(settings["preprocess"])
 
+    decoding = asyncio.Semaphore(int(settings.get("max_concurrent_decodes") or 2))
+
     async def radiograph(data: bytes) -> Radiograph:
-        """Decode an upload as the ingest would (in a thread: DICOM decoding is CPU work)."""
-        return await asyncio.to_thread(decode_radiograph, data, preprocess)
+        """Decode an upload as the ingest would (in a thread: DICOM decoding is CPU work), at most
+        ``max_concurrent_decodes`` at once per gateway replica, so that a burst of uploads that
+        each decode to ``max_pixels`` cannot exhaust its memory."""
+        async with decoding:
+            return await asyncio.to_thread(decode_radiograph, data, preprocess)
 
     lesion_input = dict(settings.get("lesion_input") or {})
 
@@ -201,7 +206,8 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
     dependencies = [Depends(auth)]
     if auth.digest is not None:
         dependencies.insert(0, Depends(HTTPBearer(auto_error=False, description="the MSK_SERVE_TOKEN")))
-    v1 = APIRouter(prefix=f"/{API_VERSION}", dependencies=dependencies, responses=ERROR_RESPONSES)
+    v1 = APIRouter(prefix=f"/{API_VERSION}", dependencies=[*dependencies, Depends(single_parameters)],
+                   responses=ERROR_RESPONSES)
 
     @api.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -290,6 +296,15 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
     return api
 
 
+def single_parameters(request: Request) -> None:
+    """Refuse a query parameter given twice (``?k=1&k=100``: which one would the caller mean?)."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ApiError(422, "invalid_request", f"query parameter(s) {', '.join(repeated)} given more than once; "
+                       "give each once")
+
+
 def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
     """The ``?box=x0,y0,x1,y1`` query value (pixels of the uploaded image), checked like ``metadata.box``."""
     if text is None:
@@ -367,7 +382,7 @@ def application(config: ServeConfig):
             config.segmenter.model_dump(mode="json"), config.debug_routes)
     settings = {"call_timeout_s": config.call_timeout_s, "max_upload_bytes": config.max_upload_bytes,
                 "preprocess": preprocess, "token_digest": digest, "debug_routes": config.debug_routes,
-                "lesion_input": lesion_input}
+                "lesion_input": lesion_input, "max_concurrent_decodes": config.gateway.max_concurrent_decodes}
     return Gateway.options(**_options(config.gateway)).bind(settings, **bound)
 
 

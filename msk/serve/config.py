@@ -152,6 +152,8 @@ class GatewayConfig(ReplicaConfig):
 
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per gateway replica")
     max_ongoing_requests: int = Field(64, ge=1, description="requests one gateway replica handles at once")
+    max_concurrent_decodes: int = Field(2, ge=1, description="uploads decoded at once per gateway replica; each "
+                                        "can take up to ~8 bytes x preprocess.max_pixels of memory")
 
 
 class ServeConfig(MskConfig):

@@ -34,6 +34,8 @@ __all__ = ["RAW_TYPES", "ClinicalMetadata", "Radiograph", "Upload", "decode_radi
 #: Content types accepted as a raw image body.
 RAW_TYPES = frozenset({"application/dicom", "image/png", "image/jpeg", "application/octet-stream"})
 IMAGE_FIELD, METADATA_FIELD = "image", "metadata"
+#: Longest metadata JSON read (a real record is ~100 characters).
+MAX_METADATA_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,14 @@ async def read_upload(request: Request) -> Upload:
                        f"body with Content-Type {', '.join(sorted(RAW_TYPES))}; got {mime or 'none'!r}")
     form = await request.form(max_files=2, max_fields=4)
     try:
+        for name in (IMAGE_FIELD, METADATA_FIELD):
+            if len(form.getlist(name)) > 1:
+                raise ApiError(422, "invalid_request", f"multipart field '{name}' is sent "
+                               f"{len(form.getlist(name))} times; send it once")
+        unknown = [k for k in form.keys() if k not in (IMAGE_FIELD, METADATA_FIELD)]
+        if unknown:
+            raise ApiError(422, "invalid_request", f"{len(unknown)} unknown multipart field(s); only "
+                           f"'{IMAGE_FIELD}' and '{METADATA_FIELD}' are read")
         image = form.get(IMAGE_FIELD)
         if not isinstance(image, UploadFile):
             raise ApiError(422, "invalid_request", f"multipart field '{IMAGE_FIELD}' must be a file upload")
@@ -117,10 +127,22 @@ def parse_metadata(text: str | None) -> ClinicalMetadata:
     """Validate the ``metadata`` field; a 422 ``invalid_metadata`` names what is wrong, not values."""
     if text is None:
         raise ApiError(422, "invalid_metadata", f"multipart field '{METADATA_FIELD}' (JSON) is required")
+    if len(text) > MAX_METADATA_CHARS:
+        raise ApiError(422, "invalid_metadata", f"metadata is {len(text)} characters; at most "
+                       f"{MAX_METADATA_CHARS} are read")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(422, "invalid_metadata", f"metadata is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except (RecursionError, ValueError) as exc:  # nesting too deep; an integer of thousands of digits
+        kind = "nested too deeply" if isinstance(exc, RecursionError) else "holds a number too long to read"
+        raise ApiError(422, "invalid_metadata", f"metadata is not usable JSON (it {kind})") from None
+    if not isinstance(raw, dict):
+        raise ApiError(422, "invalid_metadata", f"metadata must be a JSON object, got {type(raw).__name__}")
+    unknown = [i for i, key in enumerate(raw, 1) if key not in ClinicalMetadata.model_fields]
+    if unknown:  # never quote a client's key back: it may be a patient's name
+        raise ApiError(422, "invalid_metadata", f"metadata has {len(unknown)} unknown key(s) (position "
+                       f"{', '.join(map(str, unknown[:5]))}); known keys: {', '.join(ClinicalMetadata.model_fields)}")
     try:
         return ClinicalMetadata.model_validate(raw)
     except ValidationError as exc:
