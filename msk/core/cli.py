@@ -25,6 +25,17 @@ console = Console(stderr=True)
 out = Console()
 
 CONFIG_HELP = "YAML file with options (relative paths in it are read from its folder); command-line options override it."
+PROFILE_HELP = ("sizes and epochs for this machine, for the options you leave unset: cpu, gpu or auto (gpu when "
+                "torch sees CUDA); table in docs/profiles.md")
+
+
+def _profiled(cfg, task: str, profile: str | None, run_dir: Path | None = None):
+    """``cfg`` with the machine profile's values for its unset options (msk.core.profiles), said on stderr."""
+    from msk.core.profiles import apply_profile
+
+    cfg, done = apply_profile(cfg, task, profile, run_dir=run_dir)
+    console.print(done.line(), soft_wrap=True, highlight=False)
+    return cfg
 
 
 def locks_run(param: str):
@@ -96,6 +107,7 @@ def synth(
     workers: Optional[int] = typer.Option(None, help="parallel processes \\[default: 1]"),
     style: Optional[str] = typer.Option(None, help="'radiograph' (realistic framing and exposure) or "
                                         "'basic' (the original phantoms) \\[default: radiograph]"),
+    image_size: Optional[int] = typer.Option(None, help="long side of the images in px \\[default: 320]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Write a deterministic synthetic PACS export (DICOM files + ground_truth.csv).
@@ -108,7 +120,8 @@ def synth(
     from msk.core.config import load_config
     from msk.core.synth import SynthConfig, synthesize
 
-    cfg = load_config(SynthConfig, config, n_images=n, seed=seed, workers=workers, style=style)
+    cfg = load_config(SynthConfig, config, n_images=n, seed=seed, workers=workers, style=style,
+                      image_size=image_size)
     report = synthesize(out_dir, cfg)
     out.print(f"wrote {report.n_files} files ({report.n_corrupt} deliberately corrupt, "
               f"{report.n_lesions} with a lesion) in {report.seconds:.1f} s")
@@ -210,13 +223,15 @@ def cluster(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder (checkpoints, history, assignments)"),
     k: Optional[int] = typer.Option(None, help="number of clusters \\[default: about one per 20 images, 10..1000]"),
-    epochs: Optional[int] = typer.Option(None, help="epochs \\[default: 10]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs \\[default: by --profile: cpu 5, gpu 10]"),
     encoder: Optional[str] = typer.Option(None, help="encoder name, see `msk plugins encoder` \\[default: resnet18]"),
-    image_size: Optional[int] = typer.Option(None, help="input side length \\[default: 128]"),
-    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process \\[default: 1]"),
+    image_size: Optional[int] = typer.Option(None, help="input side length \\[default: by --profile: cpu 64, gpu 128]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process "
+                                              "\\[default: by --profile: cpu 0, gpu 1]"),
     use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
     truth: Optional[Path] = typer.Option(None, "--truth", help="known regions (labels.csv or a synthetic "
                                          "ground_truth.csv) for nmi_truth/purity per epoch; never trained on"),
+    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Self-supervised DeepCluster: alternate k-means on features and training on the clusters.
@@ -230,6 +245,7 @@ def cluster(
 
     cfg = load_config(DeepClusterConfig, config, k=k, epochs=epochs, encoder=encoder,
                       image_size=image_size, num_workers=num_workers, use_gpu=use_gpu)
+    cfg = _profiled(cfg, "cluster", profile, run_dir)
     images, table = from_ingest(ingest_dir, columns=["image_id", "image", "height", "width"])
     image_ids = table["image_id"].to_pylist()
     known = None
@@ -361,10 +377,13 @@ def train_sorter(
     init: Optional[str] = typer.Option(None, help="checkpoint to fine-tune, or 'random' \\[default: the last checkpoint "
                                        "of the DeepCluster run LABELS came from (`msk clusters apply/label`), else random]"),
     encoder: Optional[str] = typer.Option(None, help="encoder name \\[default: resnet18]"),
-    epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: 10]"),
-    folds: Optional[int] = typer.Option(None, help="cross-validation folds \\[default: 5]"),
-    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process \\[default: 1]"),
+    image_size: Optional[int] = typer.Option(None, help="network input side \\[default: by --profile: cpu 64, gpu 128]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: by --profile: cpu 5, gpu 10]"),
+    folds: Optional[int] = typer.Option(None, help="cross-validation folds \\[default: by --profile: cpu 3, gpu 5]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process "
+                                              "\\[default: by --profile: cpu 0, gpu 1]"),
     use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
     holdout_ingest: Optional[Path] = typer.Option(None, help="external hold-out ingest folder"),
     holdout_labels: Optional[Path] = typer.Option(None, help="labels of the external hold-out"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
@@ -378,7 +397,8 @@ def train_sorter(
     from msk.core.sorter import SorterConfig, init_from_weak_labels, sorter_from_ingest
 
     cfg = load_config(SorterConfig, config, init=init, encoder=encoder, epochs=epochs, folds=folds,
-                      num_workers=num_workers, use_gpu=use_gpu)
+                      num_workers=num_workers, use_gpu=use_gpu, image_size=image_size)
+    cfg = _profiled(cfg, "sorter", profile, out_dir)
     cfg, note = init_from_weak_labels(cfg, labels)
     if note:
         console.print(note, soft_wrap=True, highlight=False)
@@ -478,7 +498,9 @@ def train_transfer(
                                  "hf-hub:org/name) to compare with random init (repeatable)"),
     cascade: bool = typer.Option(False, help="phase 1 normal vs pathological, phase 2 entity A vs B"),
     positive: Optional[str] = typer.Option(None, help="positive class for sensitivity/specificity"),
-    epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: 10]"),
+    image_size: Optional[int] = typer.Option(None, help="network input side \\[default: by --profile: cpu 64, gpu 128]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: by --profile: cpu 5, gpu 10]"),
+    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Fine-tune on a small labelled task from random init, msk checkpoints and pretrained weights, side by side.
@@ -496,7 +518,8 @@ def train_transfer(
             raise ConfigError(f"--arm {item!r}: expected NAME=CHECKPOINT or NAME=pretrained:WEIGHTS")
         arms[name] = path
     cfg = load_config(TransferConfig, config, arms=arms if arm else None, cascade=cascade or None,
-                      positive=positive, epochs=epochs)
+                      positive=positive, epochs=epochs, image_size=image_size)
+    cfg = _profiled(cfg, "transfer", profile, out_dir)
     result = transfer_from_ingest(ingest_dir, labels, cfg, out=out_dir)
     out.print(result.table())
     out.print(f"report: {out_dir}")
@@ -508,6 +531,7 @@ def embed(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     checkpoint: Path = typer.Argument(..., help="msk checkpoint (DeepCluster encoder or trained classifier)"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="folder for embeddings.parquet"),
+    image_size: Optional[int] = typer.Option(None, help="network input side \\[default: the checkpoint's training size]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """L2-normalised embeddings of every ingested image (Ray Data, batched; GPU when configured).
@@ -517,7 +541,7 @@ def embed(
     from msk.core.config import load_config
     from msk.core.embed import EmbedConfig, embed as run_embed
 
-    report = run_embed(ingest_dir, checkpoint, out_dir, load_config(EmbedConfig, config))
+    report = run_embed(ingest_dir, checkpoint, out_dir, load_config(EmbedConfig, config, image_size=image_size))
     out.print(f"{report.n_images} embeddings of dimension {report.dim} in {report.seconds:.1f} s")
     out.print(f"embeddings: {report.file}")
 
@@ -531,11 +555,14 @@ def train_segmenter(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="run folder (splits, folds, checkpoints)"),
     segmenter: Optional[str] = typer.Option(None, help="unet or unetplusplus (`msk plugins segmenter`) \\[default: unet]"),
     encoder: Optional[str] = typer.Option(None, help="smp encoder or tu-<timm name> \\[default: resnet34]"),
-    image_size: Optional[int] = typer.Option(None, help="network input side, a multiple of 32 \\[default: 128]"),
-    epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: 10]"),
-    folds: Optional[int] = typer.Option(None, help="cross-validation folds \\[default: 5]"),
-    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process \\[default: 1]"),
+    image_size: Optional[int] = typer.Option(None, help="network input side, a multiple of 32 "
+                                             "\\[default: by --profile: cpu 64, gpu 128]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: by --profile: cpu 5, gpu 10]"),
+    folds: Optional[int] = typer.Option(None, help="cross-validation folds \\[default: by --profile: cpu 3, gpu 5]"),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process "
+                                              "\\[default: by --profile: cpu 0, gpu 1]"),
     use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Train a lesion segmenter (U-Net / U-Net++, BCE + Dice): patient-level test set + k-fold CV
@@ -549,6 +576,7 @@ def train_segmenter(
 
     cfg = load_config(SegmenterConfig, config, segmenter=segmenter, encoder=encoder, image_size=image_size,
                       epochs=epochs, folds=folds, num_workers=num_workers, use_gpu=use_gpu)
+    cfg = _profiled(cfg, "segmenter", profile, out_dir)
     data = load_segmentation_data(ingest_dir, masks)
     for note in data.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
@@ -617,6 +645,9 @@ def eval_recommender(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     labels: Path = typer.Argument(..., metavar="LABELS", help="CSV image_id,entity (optional x0,y0,x1,y1 lesion box)"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="report folder (tables, gallery, confusion matrices)"),
+    image_size: Optional[int] = typer.Option(None, help="network input side, a multiple of 8 (the default ViT's "
+                                             "img_size follows it) \\[default: 64]"),
+    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Vote over the k most similar previous patients vs CNN/transformer classifiers, 3 seeds,
@@ -627,7 +658,19 @@ def eval_recommender(
     from msk.core.config import load_config
     from msk.core.recommender_eval import RecommenderEvalConfig, evaluate_recommender
 
-    result = evaluate_recommender(ingest_dir, labels, out_dir, load_config(RecommenderEvalConfig, config))
+    cfg = load_config(RecommenderEvalConfig, config)
+    if image_size is not None:
+        from msk.core.profiles import set_options
+
+        options: dict = {"image_size": image_size}
+        if "classifiers" not in cfg.model_fields_set:  # the default ViT's img_size follows image_size
+            options["classifiers"] = [c.model_dump() for c in cfg.classifiers]
+            for c in options["classifiers"]:
+                if "img_size" in c["encoder_options"]:
+                    c["encoder_options"]["img_size"] = image_size
+        cfg = set_options(cfg, options)
+    cfg = _profiled(cfg, "recommender", profile, out_dir)
+    result = evaluate_recommender(ingest_dir, labels, out_dir, cfg)
     out.print(result.summary.to_string())
     out.print(f"report: {result.out}")
 
@@ -638,6 +681,9 @@ def eval_fusion(
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     metadata: Path = typer.Argument(..., metavar="METADATA", help="CSV of image_id, entity and clinical metadata"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="report folder"),
+    image_size: Optional[int] = typer.Option(None, help="network input side of every image model (train.image_size) "
+                                             "\\[default: 64]"),
+    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Image-only vs metadata-only vs fusion vs XGBoost under patient-level k-fold CV, with fold
@@ -648,7 +694,11 @@ def eval_fusion(
     from msk.core.config import load_config
     from msk.core.fusion import FusionConfig, evaluate_fusion
 
-    result = evaluate_fusion(ingest_dir, metadata, load_config(FusionConfig, config), out=out_dir)
+    from msk.core.profiles import set_options
+
+    cfg = set_options(load_config(FusionConfig, config), {"train.image_size": image_size})
+    cfg = _profiled(cfg, "fusion", profile, out_dir)
+    result = evaluate_fusion(ingest_dir, metadata, cfg, out=out_dir)
     out.print(result.markdown())
     out.print(f"report: {out_dir}")
 
@@ -671,6 +721,7 @@ def build_recommender(
     masks: Optional[Path] = typer.Option(None, "--masks", help="masks table image_id,mask_path: boxes from "
                                          "each mask's extent"),
     k: Optional[int] = typer.Option(None, "--k", help="neighbours that vote \\[default: 3]"),
+    image_size: Optional[int] = typer.Option(None, help="encoder input side \\[default: the checkpoint's]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Embed the labelled images (lesion crops when boxes or masks are known, else whole images)
@@ -681,7 +732,7 @@ def build_recommender(
     from msk.core.config import load_config
     from msk.core.recommender_build import RecommenderBuildConfig, build_recommender as build
 
-    report = build(ingest_dir, labels, out_dir, encoder, load_config(RecommenderBuildConfig, config, k=k),
+    report = build(ingest_dir, labels, out_dir, encoder, load_config(RecommenderBuildConfig, config, k=k, image_size=image_size),
                    boxes=boxes, masks=masks)
     for line in report.lines():
         out.print(line, soft_wrap=True)
