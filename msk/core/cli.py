@@ -24,6 +24,19 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
+
+@app.callback()
+def _global_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own output (start-up, Ray Train and "
+                                 "library logs, Ray's actors), quiet by default; env MSK_VERBOSE=1 does the same"),
+) -> None:
+    """Turn an archive of musculoskeletal radiographs into diagnostic tools, on Ray."""
+    if verbose:
+        from msk.core.ray_start import set_verbose
+
+        set_verbose(True)
+
+
 CONFIG_HELP = "YAML file with options (relative paths in it are read from its folder); command-line options override it."
 PROFILE_HELP = ("sizes and epochs for this machine, for the options you leave unset: cpu, gpu or auto (gpu when "
                 "torch sees CUDA); table in docs/profiles.md")
@@ -48,14 +61,17 @@ def locks_run(param: str):
     def decorate(command):
         @functools.wraps(command)
         def locked(*args, **kwargs):
-            import click
+            try:  # typer 0.29 runs commands on its own copy of click (typer._click)
+                from typer._click.globals import get_current_context
+            except ImportError:
+                from click import get_current_context
 
             from msk.core.runlock import run_lock
 
             folder = kwargs.get(param)
             if folder is None:
                 return command(*args, **kwargs)
-            ctx = click.get_current_context(silent=True)
+            ctx = get_current_context(silent=True)  # "msk train sorter", recorded in the lock and FAILED
             with run_lock(folder, ctx.command_path if ctx else None,
                           force=os.environ.get("MSK_FORCE_UNLOCK", "") not in ("", "0")):
                 return command(*args, **kwargs)

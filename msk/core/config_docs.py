@@ -309,7 +309,8 @@ def render() -> str:
         "",
         "`classifiers[].name` is the `name` of each item of the list `classifiers`. Defaults are JSON "
         "(`null`, `true`, `[0.4, 1.0]`); \"see below\" marks a nested section, \"required\" a key without "
-        "a default.",
+        "a default. They are the models' own: a command with `--profile` fills the sizes and epochs you "
+        "leave unset from the machine's profile instead (docs/profiles.md), and says so when it starts.",
         "",
     ]
     lines += [f"- [{c.command}](#{_anchor(c.command)})" for c in commands]

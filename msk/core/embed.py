@@ -504,8 +504,9 @@ def embed(ingest_dir: str | os.PathLike, checkpoint_or_encoder: str | os.PathLik
     total = read_shards(ingest_dir, columns=["image_id"]).num_rows
     if rois is not None:
         total = min(total, len(rois))
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    from msk.core.ray_start import start_ray
+
+    start_ray(include_dashboard=False, log_to_driver=False)
     _check_resources(config, ray.cluster_resources())
     out.mkdir(parents=True, exist_ok=True)
     schema = embeddings_schema(info.dim, _stored(info, out))  # checkpoint relative to OUT (msk.core.paths)

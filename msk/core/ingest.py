@@ -464,10 +464,9 @@ class _ChunkCommitter:
 
 def _ensure_ray() -> None:
     """Start a local Ray instance unless one is running (``RAY_ADDRESS`` joins a cluster)."""
-    import ray
+    from msk.core.ray_start import start_ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    start_ray(include_dashboard=False, log_to_driver=False)
 
 
 @contextlib.contextmanager

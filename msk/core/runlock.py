@@ -10,7 +10,10 @@ Every command that writes a run folder holds ``FOLDER/.lock`` while it runs
 * a lock written on **another** host is respected (``flock`` need not reach across a network
   file system) unless ``force=True`` (``--force-unlock``) or the file is removed by hand;
 * the lock file is removed when the run ends, on success or error, and a folder the lock
-  itself created is removed again if the run left it empty.
+  itself created is removed again if the run left it empty;
+* a run that fails after writing into a folder it created leaves ``FOLDER/FAILED`` saying
+  which command failed, when and why (the files next to it are incomplete); a later run of
+  the same command that ends well removes it.
 
 Locks are re-entrant within a process (``msk import`` locks its folder and then runs an
 ingest on it). Older msk versions ``flock``-ed an empty ``.lock`` only in ``msk ingest``; such a
@@ -35,9 +38,10 @@ from pathlib import Path
 
 from msk.core.errors import MskError
 
-__all__ = ["LOCK_FILE", "Holder", "RunLockedError", "read_holder", "run_lock"]
+__all__ = ["FAILED_FILE", "LOCK_FILE", "Holder", "RunLockedError", "read_holder", "run_lock"]
 
 LOCK_FILE = ".lock"
+FAILED_FILE = "FAILED"
 logger = logging.getLogger(__name__)
 
 _held: dict[Path, int] = {}  # folder -> nesting depth, for re-entrant locks in this process
@@ -182,15 +186,71 @@ def run_lock(folder: str | os.PathLike, command: str | None = None, *,
         raise
     with _held_guard:
         _held[folder] = 1
+    failure: BaseException | None = None
     try:
         yield folder
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         with _held_guard:
             del _held[folder]
-        with contextlib.suppress(FileNotFoundError):
-            lock_file.unlink()  # while still holding the flock: a waiting opener re-checks the inode
-        os.close(fd)
-        _remove_if_created(folder, created)
+        try:
+            _record_outcome(folder, record["command"], failure, created=bool(created))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock_file.unlink()  # while still holding the flock: a waiting opener re-checks the inode
+            os.close(fd)
+            _remove_if_created(folder, created)
+
+
+def _failed(exc: BaseException | None) -> bool:
+    """Whether ``exc`` ended the run as a failure (an exit with status 0 is not one)."""
+    if exc is None or isinstance(exc, GeneratorExit):
+        return False
+    if isinstance(exc, SystemExit):
+        return exc.code not in (0, None)
+    return getattr(exc, "exit_code", 1) != 0  # click's Exit(0) is a normal end
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, MskError) or type(exc).__name__ == "Interrupted":
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _record_outcome(folder: Path, command: str, failure: BaseException | None, *, created: bool) -> None:
+    """Leave ``FOLDER/FAILED`` when a run fails after writing into a folder it created (or one
+    already marked failed), saying what failed and why; a run of the same command that ends well
+    removes the marker. A folder the failed run left empty gets no marker: it is removed."""
+    marker = folder / FAILED_FILE
+
+    def marked_by_this_command() -> bool:
+        try:
+            return marker.read_text().startswith(f"{command} failed")
+        except OSError:
+            return False
+
+    if not _failed(failure):
+        if failure is None and marked_by_this_command():
+            with contextlib.suppress(OSError):
+                marker.unlink()
+        return
+    try:
+        wrote = any(p.name not in (LOCK_FILE, FAILED_FILE) for p in folder.iterdir())
+    except OSError:
+        return
+    if not wrote or not (created or marked_by_this_command()):
+        return
+    with contextlib.suppress(OSError):
+        marker.write_text(
+            f"{command} failed: {_reason(failure)}\n"
+            f"at {time.strftime('%Y-%m-%dT%H:%M:%S%z')} (pid {os.getpid()} on {socket.gethostname()})\n"
+            "The files in this folder are what it wrote before it stopped: incomplete. Remove the folder, "
+            "or rerun the command on it where it resumes (this file goes when a rerun succeeds).\n")
 
 
 def _remove_if_created(folder: Path, created: list[Path]) -> None:

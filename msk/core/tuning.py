@@ -547,7 +547,6 @@ def tune_task(task: str, data: Any, *, out: str | os.PathLike,
     :param base: the task's config that trials start from (the values the space leaves alone).
     """
     import pandas as pd
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -563,8 +562,9 @@ def tune_task(task: str, data: Any, *, out: str | os.PathLike,
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
 
-    if not ray.is_initialized():
-        ray.init()
+    from msk.core.ray_start import start_ray
+
+    start_ray()
     _check_state_api(options)
     max_t = int(space.largest(spec.epochs_key, spec.epochs(base)))
     scheduler = FIFOScheduler() if options.scheduler == "fifo" else ASHAScheduler(

@@ -174,6 +174,9 @@ def _record_placement(storage: Path, workers: RayWorkers) -> None:
 def _ray_entry(loop: LoopFn, payload: dict[str, Any], storage: str) -> None:
     import ray
 
+    from msk.core.ray_start import quiet_worker
+
+    quiet_worker()
     payload = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in payload.items()}
     workers = RayWorkers()
     _record_placement(Path(storage), workers)
@@ -198,8 +201,9 @@ def run_workers(loop: LoopFn, payload: dict[str, Any], *, num_workers: int, use_
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()
+    from msk.core.ray_start import start_ray, train_logging_config
+
+    start_ray()
     shipped = {k: ray.put(v) if isinstance(v, np.ndarray) else v for k, v in payload.items()}
     callbacks = []
     if _TO_TUNE.get():
@@ -213,7 +217,8 @@ def run_workers(loop: LoopFn, payload: dict[str, Any], *, num_workers: int, use_
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                              storage_path=str(storage / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks,
+                             logging_config=train_logging_config()),
     )
     try:
         trainer.fit()
