@@ -23,10 +23,60 @@ def test_entity_set_contract(entry):
     assert len(set(es.names)) == len(es) and len({e.code for e in es.entities}) == len(es)
     for i, e in enumerate(es.entities):
         assert es.index(e.name) == i and es.index(e.code) == i
+        assert 0 <= e.female_fraction <= 1
         if es.kind == "tumour":
             assert isinstance(e.malignancy, Malignancy), f"{e.name} lacks a malignancy grade"
         for site in e.sites:  # sites name regions of the SAM-X set
             get_registry().get("entity_set", "samx-regions").index(site)
+
+
+@pytest.mark.parametrize("entry", _entries("lesion_drawer"))
+def test_lesion_drawer_contract(entry):
+    """A drawing marks a lesion of a few dozen pixels or more around its frame, the same one for
+    the same generator; its outline labels and its entity are known to msk."""
+    from msk.core.synth.canvas import Canvas, Capsule, Transform
+    from msk.core.synth.lesions import Frame
+
+    drawer = entry.spec
+    assert drawer.description, f"{entry.name}: give the drawer a description"
+    assert any(entry.name in es.spec.names for es in get_registry().entries("entity_set")), \
+        f"{entry.name}: no registered entity set has this entity"
+    masks = []
+    for seed in (0, 0, 1):
+        cv = Canvas(160, 160, Transform(160.0, centre=(80.0, 80.0)), np.full((160, 160), 0.5, np.float32))
+        cv.bone_part(Capsule((0.5, 0.1), (0.5, 0.9), 0.06), 0.012)  # a long bone along the frame
+        frame = Frame(c=(0.5, 0.5), along=(0.0, 1.0), across=(1.0, 0.0), r=0.06, depth=1.5)
+        drawer.draw(cv, frame, np.random.default_rng(seed))
+        assert np.isfinite(cv.bone).all() and np.isfinite(cv.soft).all()
+        masks.append(cv.mask.copy())
+    assert masks[0].sum() >= 24, f"{entry.name}: the drawing marks too little as lesion (lesion=True, cv.mark)"
+    assert np.array_equal(masks[0], masks[1]), f"{entry.name}: draw with the rng it is given only"
+    rows, cols = np.nonzero(masks[0])
+    assert np.abs(rows - 80).max() <= 60 and np.abs(cols - 80).max() <= 60, \
+        f"{entry.name}: the lesion strays more than 6 bone half widths from its frame"
+    assert all(isinstance(label, str) and label == label.strip().lower() for label in drawer.outlines)
+
+
+@pytest.mark.parametrize("entry", _entries("tuning_task"))
+def test_tuning_task_contract(entry):
+    """A task builds, its default config is valid, and names the command its best config is for."""
+    from msk.core.config import MskConfig
+    from msk.core.tuning import Task
+
+    spec = entry.spec
+    task = get_registry().build("tuning_task", entry.name, **spec.example_options)
+    assert isinstance(task, Task), f"{entry.name}: build must return a msk.core.tuning.Task"
+    assert issubclass(task.config_cls, MskConfig) and task.mode in ("min", "max") and task.metric
+    assert task.epochs(task.config_cls()) >= 1, f"{entry.name}: epochs_key must name the config's epochs"
+    assert spec.command.startswith("msk ") and spec.labels, f"{entry.name}: say its command and LABELS"
+    assert spec.space is None or spec.space.is_file()
+
+
+def test_every_kind_has_a_contract_test():
+    from msk.core.hookspecs import COMPONENT_KINDS
+
+    missing = [k.name for k in COMPONENT_KINDS if f"test_{k.name}_contract" not in globals()]
+    assert not missing, f"component kinds without a contract test here: {missing}"
 
 
 @pytest.mark.parametrize("entry", _entries("dataset"))

@@ -15,8 +15,84 @@ from msk.core.specs import ClustererSpec, EncoderSpec
 
 def test_every_kind_has_builtins():
     reg = get_registry()
-    for kind in ("entity_set", "dataset", "encoder", "segmenter", "clusterer", "retriever", "fusion_head"):
+    assert list(KINDS) == [k.name for k in hookspecs.COMPONENT_KINDS]
+    for kind in KINDS:
         assert reg.names(kind), f"no built-in {kind}"
+
+
+def _hookspecs():
+    return {name: f for name, f in vars(hookspecs).items()
+            if callable(f) and hasattr(f, f"{hookspecs.PROJECT}_spec")}
+
+
+def test_every_hook_is_documented_typed_and_used():
+    """Like datasette's test_plugin_hooks_are_documented: a hook without a docstring, without
+    annotations, or that neither a component kind nor the CLI consumes, fails here."""
+    import inspect
+    import typing
+
+    specs = _hookspecs()
+    assert len(specs) >= 9
+    for name, hook in specs.items():
+        assert inspect.getdoc(hook) and len(inspect.getdoc(hook)) > 40, f"{name} has no docstring"
+        assert "return" in hook.__annotations__, f"{name} has no return annotation"
+        params = [p for p in inspect.signature(hook).parameters]
+        assert all(p in hook.__annotations__ for p in params), f"{name}: annotate every parameter"
+    by_hook = {k.hook: k for k in hookspecs.COMPONENT_KINDS}
+    assert set(specs) == {*by_hook, "msk_commands"}
+    for hook_name, kind in by_hook.items():
+        assert typing.get_type_hints(specs[hook_name])["return"] == list[kind.spec], hook_name
+        assert kind.spec.__name__ in inspect.getdoc(specs[hook_name]), f"{hook_name}: name the spec in the doc"
+
+
+def test_every_hook_has_a_section_in_the_plugin_docs():
+    """As datasette's test_plugin_hooks_are_documented: docs/plugins.md has a heading per hook."""
+    from pathlib import Path
+
+    docs = (Path(hookspecs.__file__).parents[2] / "docs" / "plugins.md").read_text()
+    missing = [name for name in _hookspecs() if f"### {name}" not in docs]
+    assert not missing, f"hooks without a section in docs/plugins.md: {missing}"
+
+
+def test_core_never_imports_a_builtin_plugin():
+    """msk.core reaches built-in plugins only through the registry (which names them as strings)."""
+    import ast
+    from pathlib import Path
+
+    core = Path(hookspecs.__file__).parent
+    offenders = []
+    for path in sorted(core.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(core)}:{node.lineno} {n}" for n in names
+                          if n == "msk.plugins" or n.startswith("msk.plugins.")]
+    assert not offenders, offenders
+
+
+def test_plugins_add_subcommands():
+    import typer
+    from typer.testing import CliRunner
+
+    class Commands:
+        @hookspecs.hookimpl
+        def msk_commands(self, app):
+            @app.command("hello")
+            def hello(name: str = typer.Option("world")) -> None:
+                """Say hello. [b]Example[/b]: msk hello --name x"""
+                typer.echo(f"hello {name}")
+
+    app = typer.Typer()
+
+    @app.command()
+    def other() -> None:
+        """An existing command."""
+
+    reg = Registry(load_entrypoints=False)
+    reg.register(Commands(), name="commands")
+    reg.add_commands(app)
+    result = CliRunner().invoke(app, ["hello", "--name", "msk"])
+    assert result.exit_code == 0 and result.stdout.strip() == "hello msk"
 
 
 def test_names_with_wildcards():

@@ -77,7 +77,7 @@ def test_nested_keys_and_task_options():
     assert config.classifiers[0].encoder == "resnet34" and config.k == 5 and 5 in config.ks
     with pytest.raises(ConfigError, match="unweighted vote needs odd k"):
         load_space("recommender", {"k": {"choice": [3, 4]}})
-    with pytest.raises(ConfigError, match="unknown tuning task 'sortr'; tasks: sorter, fusion, recommender"):
+    with pytest.raises(ConfigError, match="unknown tuning task 'sortr'; tasks: fusion, recommender, sorter"):
         get_task("sortr")
 
 

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from msk.core.errors import MskError
+from msk.core.hookspecs import COMPONENT_KINDS
 
 app = typer.Typer(
     name="msk",
@@ -81,7 +82,8 @@ def locks_run(param: str):
 
 @app.command()
 def plugins(
-    kind: Optional[str] = typer.Argument(None, help="entity_set, dataset, encoder, segmenter, clusterer, retriever or fusion_head"),
+    kind: Optional[str] = typer.Argument(None, help=f"one of {', '.join(k.name for k in COMPONENT_KINDS)} "
+                                        "\\[default: all]"),
     pattern: str = typer.Option("*", "--pattern", "-p", help="shell wildcard on names, e.g. 'resnet*'"),
 ) -> None:
     """List registered components (built-in and third-party) and where they come from.
@@ -108,6 +110,8 @@ def plugins(
                 desc = f"{desc} [{len(spec)} {spec.kind}s]"
             elif k == "dataset":
                 desc = f"{desc}; options: {', '.join(spec.options.model_fields)}"
+            elif k == "tuning_task":
+                desc = f"{desc}; best config for `{spec.command}`"
             elif spec.is_family:
                 desc = f"{desc} [e.g. {spec.example_name}]"
             table.add_row(entry.name, desc, f"{entry.origin}\n[dim]{entry.plugin}[/dim]")
@@ -758,7 +762,8 @@ def build_recommender(
 @app.command()
 @locks_run("out_dir")
 def tune(
-    task: str = typer.Argument(..., metavar="TASK", help="sorter, fusion or recommender"),
+    task: str = typer.Argument(..., metavar="TASK", help="sorter, fusion, recommender or a plugin's "
+                              "(`msk plugins tuning_task`)"),
     ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest`"),
     labels: Path = typer.Argument(..., metavar="LABELS", help="the labels the task's command takes: "
                                   "weak labels (sorter), metadata CSV (fusion), image_id,entity CSV (recommender)"),
@@ -791,8 +796,9 @@ def tune(
                        space=checked, base=base, options=options)
     out.print(result.trials.to_string(index=False))
     out.print(result.summary())
-    command = {"sorter": "msk train sorter INGEST LABELS OUT", "fusion": "msk eval fusion INGEST METADATA OUT",
-               "recommender": "msk eval recommender INGEST LABELS OUT"}[task]
+    from msk.core.registry import tuning_task
+
+    command = tuning_task(task).command
     out.print(f"next: {command} --config {result.best_yaml}")
 
 
@@ -850,6 +856,9 @@ def main() -> None:
     shutdown.install()
     signum = None
     try:
+        from msk.core.registry import get_registry
+
+        get_registry().add_commands(app)  # plugins' subcommands (hook msk_commands)
         app()
     except MskError as exc:
         from rich.markup import escape

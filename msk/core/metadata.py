@@ -38,10 +38,7 @@ from pydantic import field_validator
 from msk.core.config import MskConfig
 from msk.core.errors import MskError
 from msk.core.specs import BonePosition
-from msk.plugins.entity_sets import BTXRD_SITE_TO_REGION, btxrd
-
-#: The 15 site flag columns of BTXRD's ``dataset.csv``, in file order: bones first, then joints.
-BTXRD_SITES: tuple[str, ...] = tuple(BTXRD_SITE_TO_REGION)
+from msk.core.btxrd import BTXRD_SITES
 #: BTXRD's view flag columns, which are also msk's view vocabulary.
 VIEWS: tuple[str, ...] = ("frontal", "lateral", "oblique")
 #: Columns of the canonical metadata frame, in order.
@@ -411,7 +408,7 @@ def read_btxrd(
     if not csv.is_file():
         raise MetadataError(f"{csv}: no such file")
     raw = pd.read_csv(csv)
-    entities = btxrd.names
+    entities = _btxrd_names()
     required = ["image_id", "center", "age", "gender", *BTXRD_SITES, "tumor", *entities, *VIEWS]
     absent = [c for c in required if c not in raw.columns]
     if absent:
@@ -447,8 +444,15 @@ def read_btxrd(
     return df
 
 
+def _btxrd_names() -> list[str]:
+    """The classes of the ``btxrd`` entity set (the entity columns of ``dataset.csv``)."""
+    from msk.core.registry import entity_set
+
+    return entity_set("btxrd").names
+
+
 def _btxrd_entities(raw: pd.DataFrame, csv: Path, annotations: Path) -> list[str | None]:
-    names = btxrd.names
+    names = _btxrd_names()
     flags = raw[names].to_numpy(dtype=bool)
     tumour = raw["tumor"].to_numpy(dtype=bool)
     result: list[str | None] = [None] * len(raw)

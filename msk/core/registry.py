@@ -18,32 +18,32 @@ import pluggy
 
 from msk.core import hookspecs
 from msk.core.errors import MskError
-from msk.core.specs import ComponentSpec, EntitySet
+from msk.core.specs import ComponentSpec, EntitySet, LesionDrawer, TuningTaskSpec
 
 DEFAULT_PLUGINS = (
     "msk.plugins.entity_sets",
+    "msk.plugins.lesion_drawers",
     "msk.plugins.datasets",
     "msk.plugins.encoders",
     "msk.plugins.segmenters",
     "msk.plugins.clusterers",
     "msk.plugins.retrievers",
     "msk.plugins.fusion_heads",
+    "msk.plugins.tuning_tasks",
 )
 
-#: kind -> hook name. The order is the pipeline order used by ``msk plugins``.
-KINDS: dict[str, str] = {
-    "entity_set": "msk_entity_sets",
-    "dataset": "msk_datasets",
-    "encoder": "msk_encoders",
-    "segmenter": "msk_segmenters",
-    "clusterer": "msk_clusterers",
-    "retriever": "msk_retrievers",
-    "fusion_head": "msk_fusion_heads",
-}
+#: kind -> hook name, from :data:`msk.core.hookspecs.COMPONENT_KINDS` (pipeline order, as
+#: ``msk plugins`` lists them).
+KINDS: dict[str, str] = {k.name: k.hook for k in hookspecs.COMPONENT_KINDS}
+_SPEC_TYPES: dict[str, type] = {k.name: k.spec for k in hookspecs.COMPONENT_KINDS}
 
 
 class UnknownComponentError(MskError, LookupError):
     """A name that no registered plugin provides; the message lists the available names."""
+
+
+class UnknownKindError(MskError, ValueError):
+    """A component kind that msk does not have; the message lists the kinds."""
 
 
 class PluginConflictError(MskError, RuntimeError):
@@ -55,7 +55,7 @@ class Registered:
     """A spec together with where it came from."""
 
     kind: str
-    spec: Any  # ComponentSpec, EntitySet or DatasetSpec
+    spec: Any  # one of the spec types of hookspecs.COMPONENT_KINDS
     plugin: str  # plugin (module) name
     origin: str  # "msk <version> (built-in)" or "<distribution> <version>"
 
@@ -75,6 +75,7 @@ class Registry:
         if load_entrypoints:
             self.pm.load_setuptools_entrypoints(hookspecs.PROJECT)
         self._catalog: dict[str, dict[str, Registered]] | None = None
+        self._apps: set[int] = set()  # typer apps the plugins' commands were added to
 
     # -- building the catalogue --------------------------------------------------------------
 
@@ -123,11 +124,18 @@ class Registry:
         self.pm.unregister(name=name)
         self._catalog = None
 
+    def add_commands(self, app: Any) -> None:
+        """Let every plugin add its subcommands to the typer ``app`` (hook ``msk_commands``),
+        once per app."""
+        if id(app) not in self._apps:
+            self._apps.add(id(app))
+            self.pm.hook.msk_commands(app=app)
+
     # -- lookups ------------------------------------------------------------------------------
 
     def _kind(self, kind: str) -> dict[str, Registered]:
         if kind not in KINDS:
-            raise ValueError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+            raise UnknownKindError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
         return self.catalog[kind]
 
     def entries(self, kind: str, pattern: str = "*") -> list[Registered]:
@@ -156,7 +164,7 @@ class Registry:
         )
 
     def get(self, kind: str, name: str) -> Any:
-        """The spec registered for ``name`` (a :class:`ComponentSpec` or :class:`EntitySet`)."""
+        """The spec registered for ``name`` (of the kind's spec type, see :data:`KINDS`)."""
         return self.lookup(kind, name).spec
 
     def build(self, kind: str, name: str, **options: Any) -> Any:
@@ -168,13 +176,7 @@ class Registry:
 
 
 def _check_spec(kind: str, spec: Any, plugin: str) -> None:
-    from msk.core import specs as s
-
-    expected = {
-        "entity_set": s.EntitySet, "dataset": s.DatasetSpec, "encoder": s.EncoderSpec,
-        "segmenter": s.SegmenterSpec, "clusterer": s.ClustererSpec, "retriever": s.RetrieverSpec,
-        "fusion_head": s.FusionHeadSpec,
-    }[kind]
+    expected = _SPEC_TYPES[kind]
     if not isinstance(spec, expected):
         raise TypeError(
             f"plugin {plugin!r} returned {type(spec).__name__} from {KINDS[kind]}; "
@@ -237,6 +239,16 @@ def build_retriever(name: str, **options: Any) -> Any:
 
 def build_fusion_head(name: str, **options: Any) -> Any:
     return get_registry().build("fusion_head", name, **options)
+
+
+def lesion_drawer(name: str) -> LesionDrawer:
+    """The :class:`~msk.core.specs.LesionDrawer` of the entity ``name``."""
+    return get_registry().get("lesion_drawer", name)
+
+
+def tuning_task(name: str) -> TuningTaskSpec:
+    """The :class:`~msk.core.specs.TuningTaskSpec` registered as ``name``."""
+    return get_registry().get("tuning_task", name)
 
 
 def dataset(name: str) -> Any:

@@ -12,13 +12,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field as PydanticField
 from pydantic import ValidationError
 
 from msk.core.config import MskConfig
 from msk.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from msk.core.synth.canvas import Canvas
+    from msk.core.synth.lesions import Frame
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,7 @@ class Entity:
     :param age_range: typical patient age (years) as ``(low, high)``; a prior for synthesis.
     :param sites: typical anatomical regions (names of the ``samx-regions`` set).
     :param positions: typical positions on the bone.
+    :param female_fraction: share of female patients; a prior for synthesis.
     """
 
     name: str
@@ -191,6 +198,7 @@ class Entity:
     age_range: tuple[int, int] | None = None
     sites: tuple[str, ...] = ()
     positions: tuple[BonePosition, ...] = ()
+    female_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -235,3 +243,66 @@ class EntitySet:
 
     def get(self, name: str) -> Entity:
         return self.entities[self.index(name)]
+
+
+#: BTXRD shape labels whose real outlines a lesion takes when its drawer names none: BTXRD's
+#: benign tumours.
+BTXRD_BENIGN_OUTLINES: tuple[str, ...] = ("simple bone cyst", "osteofibroma", "other bt")
+
+
+@dataclass(frozen=True)
+class LesionDrawer:
+    """How ``msk synth`` draws one tumour entity, and where its patients' priors come from.
+
+    The entity's other priors (typical age, share of women, sites, positions on the bone) are
+    fields of its :class:`Entity`; ``msk synth`` draws every entity of its ``entity_set`` and
+    refuses a set with an entity that no drawer names.
+
+    :param name: the entity's canonical name (as in its entity set), lower case; one drawer
+        serves every set that has an entity of this name.
+    :param draw: ``draw(canvas, frame, rng)`` draws the lesion on the
+        :class:`~msk.core.synth.canvas.Canvas` in the host bone's local
+        :class:`~msk.core.synth.lesions.Frame` (lengths in bone half widths: ``frame.ellipse``,
+        ``frame.ring``, ``frame.capsule``; ``canvas.lucency``, ``canvas.dense``, ...). What it
+        draws with ``lesion=True`` (and ``canvas.mark``) is the lesion's mask and box. Its only
+        randomness is ``rng``, so one generator gives one lesion.
+    :param outlines: BTXRD shape labels whose real tumour polygons outline the lesion where the
+        BTXRD annotations are present (:mod:`msk.core.synth.lesions`); ``()``: always as drawn.
+    :param fill: what fills a real outline under the drawing: ``"lucent"`` (bone destroyed) or
+        ``"dense"`` (exophytic bone, as an osteochondroma).
+    :param btxrd_column: the class column of BTXRD's ``dataset.csv`` whose rows give the
+        entity's joint (age, sex, site) prior under ``priors: btxrd``; ``None``: the entity's own.
+    :param description: one line shown by ``msk plugins``.
+    """
+
+    name: str
+    draw: Callable[[Canvas, Frame, np.random.Generator], None]
+    outlines: tuple[str, ...] = BTXRD_BENIGN_OUTLINES
+    fill: Literal["lucent", "dense"] = "lucent"
+    btxrd_column: str | None = None
+    description: str = ""
+
+    is_family = False
+
+    def __post_init__(self) -> None:
+        if self.fill not in ("lucent", "dense"):
+            raise ValueError(f"lesion drawer {self.name!r}: fill must be 'lucent' or 'dense', not {self.fill!r}")
+        if not callable(self.draw):
+            raise TypeError(f"lesion drawer {self.name!r}: draw must be callable")
+
+
+@dataclass(frozen=True)
+class TuningTaskSpec(ComponentSpec):
+    """A task ``msk tune`` searches hyperparameters for: ``build(name)`` returns a
+    :class:`msk.core.tuning.Task` (its config class, data loader, split, trial and metric).
+
+    :param command: the command that takes the best config, with its arguments
+        (``"msk train sorter INGEST LABELS OUT"``); ``msk tune`` prints it with ``--config``.
+    :param labels: what the LABELS argument of ``msk tune`` is for this task.
+    :param space: the default search space (YAML); ``None``: ``tune/<name>.yaml`` of the
+        repository checkout.
+    """
+
+    command: str = ""
+    labels: str = ""
+    space: Path | None = None

@@ -49,6 +49,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -225,9 +226,12 @@ def _first_error(exc: Exception) -> str:
 
 
 def default_space_path(task: str) -> Path:
-    """``tune/<task>.yaml`` of the repository checkout msk runs from."""
+    """The task's own default space (its spec's ``space``), else ``tune/<task>.yaml`` of the
+    repository checkout msk runs from."""
+    from msk.core.registry import tuning_task
+
     get_task(task)
-    path = Path(__file__).resolve().parents[2] / "tune" / f"{task}.yaml"
+    path = tuning_task(task).space or Path(__file__).resolve().parents[2] / "tune" / f"{task}.yaml"
     if not path.is_file():
         raise ConfigError(f"no default search space at {path} (msk is not running from a "
                           f"checkout); pass --space FILE (see tune/{task}.yaml in the repository)")
@@ -433,7 +437,34 @@ def _train_part(train, options: TuneOptions):
     return train.model_copy(update={"num_workers": options.num_workers, "use_gpu": options.use_gpu})
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (SorterTask(), FusionTask(), RecommenderTask())}
+class _RegisteredTasks(Mapping[str, Task]):
+    """The tuning tasks plugins register (hook ``msk_tuning_tasks``), by name."""
+
+    @staticmethod
+    def _names() -> list[str]:
+        from msk.core.registry import get_registry
+
+        return get_registry().names("tuning_task")
+
+    def __getitem__(self, name: str) -> Task:
+        from msk.core.registry import get_registry
+
+        if name not in self._names():
+            raise KeyError(name)
+        return get_registry().build("tuning_task", name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+#: task name -> :class:`Task`, the registry's view (built-ins: :mod:`msk.plugins.tuning_tasks`).
+TASKS: Mapping[str, Task] = _RegisteredTasks()
 
 
 def get_task(name: str) -> Task:
@@ -441,7 +472,8 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ConfigError(f"unknown tuning task {name!r}; tasks: {', '.join(TASKS)}") from None
+        raise ConfigError(f"unknown tuning task {name!r}; tasks: {', '.join(TASKS)} "
+                          "(`msk plugins tuning_task`)") from None
 
 
 # -- the search --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ distribution where ``../shared/data/btxrd-meta`` is present.
 
 from __future__ import annotations
 
+from msk.core.btxrd import BTXRD_SITE_TO_REGION  # noqa: F401  (kept importable from here)
 from msk.core.hookspecs import hookimpl
 from msk.core.specs import BonePosition as P
 from msk.core.specs import Entity, EntitySet
@@ -70,14 +71,6 @@ bone_tumours = EntitySet(
     ),
 )
 
-#: BTXRD site columns (dataset.csv) -> SAM-X region.
-BTXRD_SITE_TO_REGION = {
-    "hand": "hand", "ulna": "forearm", "radius": "forearm", "humerus": "humerus",
-    "foot": "foot", "tibia": "lower leg", "fibula": "lower leg", "femur": "femur",
-    "hip bone": "pelvis", "ankle-joint": "ankle", "knee-joint": "knee", "hip-joint": "hip",
-    "wrist-joint": "wrist", "elbow-joint": "elbow", "shoulder-joint": "shoulder",
-}
-
 btxrd = EntitySet(
     name="btxrd",
     kind="tumour",
@@ -97,5 +90,5 @@ btxrd = EntitySet(
 
 
 @hookimpl
-def msk_entity_sets():
+def msk_entity_sets() -> list[EntitySet]:
     return [samx_regions, bone_tumours, btxrd]

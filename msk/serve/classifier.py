@@ -186,8 +186,11 @@ def load_classifier_model(config: ClassifyConfig, preprocess: PreprocessConfig) 
     head, hidden, dropout = _fusion_options(config, ckpt.extra.get("architecture") or {}, path)
     if head is None:
         if not linear:
-            raise ConfigError(f"classifier.checkpoint: {path} holds a fusion head; set classifier.head (concat, "
-                              "gated or film), hidden and dropout as trained, and metadata_encoder")
+            from msk.core.registry import get_registry
+
+            heads = ", ".join(get_registry().names("fusion_head"))
+            raise ConfigError(f"classifier.checkpoint: {path} holds a fusion head; set classifier.head (one of "
+                              f"{heads}), hidden and dropout as trained, and metadata_encoder")
         if encoder is not None:
             raise ConfigError(f"classifier: {path} is an image-only model (linear head); it cannot use "
                               "metadata_encoder: drop it, or name the fusion checkpoint")

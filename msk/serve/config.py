@@ -126,7 +126,7 @@ class ClassifyConfig(ModelConfig):
 
     checkpoint: Path = Field(description="a trained classifier checkpoint (msk.core.train / msk.core.fusion)")
     metadata_encoder: Path | None = Field(None, description="the fitted MetadataEncoder (JSON) of a fusion model")
-    head: str | None = Field(None, description="fusion head the model was trained with (concat, gated, film); "
+    head: str | None = Field(None, description="fusion head the model was trained with (`msk plugins fusion_head`); "
                                                "None: as the checkpoint records (a linear head if none)")
     hidden: list[int] | None = Field(None, min_length=1, description="metadata MLP widths of the fusion "
                                      "head; None: as the checkpoint records, else [64, 32]")

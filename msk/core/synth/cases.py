@@ -22,11 +22,11 @@ from scipy.ndimage import gaussian_filter
 
 from msk.core.errors import QuarantineReason
 from msk.core.registry import entity_set
-from msk.core.specs import BonePosition, Entity, EntitySet
+from msk.core.specs import BonePosition, Entity, EntitySet, LesionDrawer
 from msk.core.synth import identity
 from msk.core.synth.canvas import Canvas, Transform
 from msk.core.synth.config import SynthConfig
-from msk.core.synth.lesions import draw_lesion, frame_for
+from msk.core.synth.lesions import draw_lesion, drawer_for, frame_for
 from msk.core.synth.phantoms import (
     REGIONS,
     Body,
@@ -199,6 +199,11 @@ def known_sets(config: SynthConfig) -> dict[str, EntitySet]:
         if name not in _SETS:
             _SETS[name] = entity_set(name)
     return {name: _SETS[name] for name in (config.entity_set, config.region_set)}
+
+
+def known_drawers(config: SynthConfig) -> dict[str, LesionDrawer]:
+    """The lesion drawers of the config's tumour entities (to hand to worker processes)."""
+    return {e.name: drawer_for(e.name) for e in known_sets(config)[config.entity_set].entities}
 
 
 def preload_sets(sets: dict[str, EntitySet]) -> None:

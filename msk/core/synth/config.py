@@ -138,15 +138,16 @@ class SynthConfig(MskConfig):
     @field_validator("entity_set")
     @classmethod
     def _entity_set(cls, v: str) -> str:
-        from msk.core.synth.lesions import LESIONS
+        from msk.core.synth.lesions import drawable
 
         es = _lookup_set(v)
         if es.kind != "tumour":
             raise ValueError(f"entity set {v!r} is a {es.kind} set, not a tumour set")
-        unknown = [e.name for e in es.entities if e.name not in LESIONS]
+        known = drawable()
+        unknown = [e.name for e in es.entities if e.name not in known]
         if unknown:
-            raise ValueError(f"entity set {v!r}: no lesion drawing for {', '.join(unknown)}; "
-                             f"drawable: {', '.join(LESIONS)}")
+            raise ValueError(f"entity set {v!r}: no lesion drawing for {', '.join(unknown)} (a plugin adds one "
+                             f"with the msk_lesion_drawers hook, docs/plugins.md); drawable: {', '.join(known)}")
         return v
 
     @field_validator("region_set")

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Iterator
 
 from msk.core.errors import ConfigError
-from msk.core.synth.cases import SynthCase, known_sets, preload_sets, priors_for, render_case
+from msk.core.synth.cases import SynthCase, known_drawers, known_sets, preload_sets, priors_for, render_case
 from msk.core.synth.config import TRANSFER_SYNTAXES, SynthConfig
 from msk.core.synth.dicom_writer import encode
+from msk.core.synth.lesions import preload_drawers
 
 GROUND_TRUTH = "ground_truth.csv"
 EXPORT = "export"
@@ -128,9 +129,10 @@ def produce(index: int, config: SynthConfig, export_dir: Path) -> tuple[dict[str
 _worker_state: tuple[SynthConfig, Path] | None = None
 
 
-def _init_worker(config: SynthConfig, export_dir: Path, sets: dict) -> None:
+def _init_worker(config: SynthConfig, export_dir: Path, sets: dict, drawers: dict) -> None:
     global _worker_state
     preload_sets(sets)
+    preload_drawers(drawers)
     _worker_state = (config, export_dir)
 
 
@@ -150,7 +152,7 @@ def _generate(config: SynthConfig, export_dir: Path) -> Iterator[tuple[dict[str,
     chunks = (range(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK))
     with ProcessPoolExecutor(config.workers, mp_context=get_context("spawn"),
                              initializer=_init_worker,
-                             initargs=(config, export_dir, known_sets(config))) as pool:
+                             initargs=(config, export_dir, known_sets(config), known_drawers(config))) as pool:
         pending: deque[Future] = deque()
         for chunk in chunks:
             pending.append(pool.submit(_produce_chunk, chunk))

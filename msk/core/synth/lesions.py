@@ -1,24 +1,11 @@
-"""Bone-tumour lesions: one drawing per entity of the ``bone-tumours`` set.
+"""Bone-tumour lesions: where a lesion sits on its bone, and how its drawing is placed.
 
-Each lesion is drawn in the *local frame* of its host bone (:class:`Frame`): ``along`` runs down
-the shaft away from the joint, ``across`` points to one cortex, and lengths are in units of the
-local bone half width ``r``, so a lesion scales with the bone it sits in (a phalanx or a femur).
-The drawings follow the textbook radiographic signs of each entity (Resnick; WHO 2020):
-
-=====================  =============================================================================
-entity                 drawn as
-=====================  =============================================================================
-osteosarcoma           metaphyseal mixed lytic/sclerotic mass, sunburst spicules, Codman triangle
-ewing sarcoma          diaphyseal permeative (moth-eaten) lucency, onion-skin periosteal lamellae
-osteochondroma         exophytic stalk in continuity with the medulla, pointing away from the joint
-enchondroma            central lucency with stippled ring-and-arc calcification
-non-ossifying fibroma  eccentric cortical lucency with a sclerotic, scalloped (multilobular) rim
-aneurysmal bone cyst   expansile eccentric "soap bubble" lucency with septa and a thin shell
-giant cell tumour      eccentric lytic epi-metaphyseal lesion reaching subchondral bone, no rim
-chondroblastoma        small round epiphyseal lucency with a thin sclerotic rim
-fibrous dysplasia      ground-glass diaphyseal lesion with mild expansion and cortical thinning
-chondrosarcoma         large lesion: endosteal scalloping, ring-and-arc matrix, thickened cortex
-=====================  =============================================================================
+Each entity is drawn by the lesion drawer a plugin registers for it (hook
+``msk_lesion_drawers``, :class:`~msk.core.specs.LesionDrawer`; the built-in drawings of the
+``bone-tumours`` set are :mod:`msk.plugins.lesion_drawings`). A drawer draws in the *local
+frame* of its host bone (:class:`Frame`): ``along`` runs down the shaft away from the joint,
+``across`` points to one cortex, and lengths are in units of the local bone half width ``r``,
+so a lesion scales with the bone it sits in (a phalanx or a femur).
 
 Everything that belongs to the lesion also marks the canvas's lesion mask, from which the
 bounding box is taken.
@@ -27,8 +14,8 @@ bounding box is taken.
 next to the repository or the working directory; the environment variable
 ``MSK_LESION_OUTLINES`` = ``drawn`` turns this off, or names another folder of LabelMe files),
 each lesion takes the outline of a real tumour: one BTXRD polygon of its entity
-(:data:`BTXRD_OUTLINES`; entities without a BTXRD class take the polygons of BTXRD's other benign
-or other malignant tumours), chosen and mirrored by the lesion's own generator (so a patient's
+(the drawer's ``outlines``, :data:`BTXRD_OUTLINES`; by default the polygons of BTXRD's benign
+tumours), chosen and mirrored by the lesion's own generator (so a patient's
 lesion keeps its outline in every image). The polygon, normalised to its principal axes, is
 placed on the lesion's site: its long axis along the bone, stretched over the extent that the
 entity's drawing covers there. The drawing is then cut to the polygon, a faint change of density
@@ -40,15 +27,16 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from msk.core.specs import BonePosition
-from msk.core.synth.canvas import Arc, Canvas, Capsule, Ellipse, Minus, Point, Polygon, Shape
+from msk.core.specs import BTXRD_BENIGN_OUTLINES, BonePosition, LesionDrawer
+from msk.core.synth.canvas import Canvas, Capsule, Ellipse, Minus, Point, Polygon, Shape
 from msk.core.synth.phantoms import Anchor
 
 
@@ -96,167 +84,65 @@ def frame_for(anchor: Anchor, position: BonePosition | None, side: int) -> Frame
     return Frame(c, along, across, anchor.half_width(depth), depth / max(anchor.half_width(depth), 1e-6))
 
 
-# -- the entities -------------------------------------------------------------------------------
-
-
-def osteosarcoma(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    length = rng.uniform(1.4, 2.4)
-    cv.lucency(f.ellipse(0, 0, length, 0.9), rng.uniform(0.25, 0.5))
-    for _ in range(int(rng.integers(4, 9))):
-        a, c = rng.uniform(-0.8, 0.8) * length, rng.uniform(-0.7, 0.7)
-        cv.dense(f.ellipse(a, c, rng.uniform(0.25, 0.6), rng.uniform(0.2, 0.45)), rng.uniform(0.15, 0.4),
-                 lesion=True, edge_px=2.0)
-    mass = f.ellipse(0, 1.0, length * 0.9, 0.9)
-    cv.soft_tissue(mass, 0.1, edge=0.6 * f.r)
-    cv.mark(mass)
-    for _ in range(int(rng.integers(10, 20))):  # sunburst: spicules radiating through the cortex
-        a = rng.uniform(-0.8, 0.8) * length
-        base = (a, 0.85)
-        out = rng.uniform(0.6, 1.4)
-        tip = (a * (1 + 0.25 * out), 0.85 + out)
-        cv.dense(f.capsule(base, tip, 0.06, 0.03), rng.uniform(0.35, 0.6), lesion=True)
-    for s in (-1, 1):  # Codman triangle at the edges of the periosteal reaction
-        a = s * length * 0.95
-        cv.dense(f.capsule((a, 1.0), (a + s * 0.5, 1.35), 0.04), 0.45, lesion=True)
-
-
-def ewing_sarcoma(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    length = rng.uniform(2.5, 4.0)
-    for _ in range(int(rng.integers(40, 80))):  # permeative, moth-eaten holes
-        a, c = rng.uniform(-1, 1) * length, rng.uniform(-0.95, 0.95)
-        cv.lucency(f.ellipse(a, c, rng.uniform(0.08, 0.2), rng.uniform(0.06, 0.14)), rng.uniform(0.5, 0.9))
-    cv.lucency(f.ellipse(0, 0, length, 0.9), 0.2)
-    for side in (-1, 1):  # onion-skin lamellae parallel to the cortex
-        for k in range(int(rng.integers(2, 5))):
-            off = side * (1.1 + 0.17 * k)
-            cv.dense(f.capsule((-length * 0.85, off), (length * 0.85, off), 0.05), 0.45 - 0.06 * k, lesion=True)
-    mass = f.ellipse(0, 1.2, length * 0.8, 0.8)
-    cv.soft_tissue(mass, 0.07, edge=0.6 * f.r)
-    cv.mark(mass)
-
-
-def osteochondroma(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    tilt = math.radians(rng.uniform(25, 55))  # points along the shaft, away from the joint
-    length = rng.uniform(1.4, 2.6)
-    base = (0.0, 0.75)
-    tip = (base[0] + length * math.sin(tilt), base[1] + length * math.cos(tilt))
-    cv.replace(f.ellipse(0.0, 0.8, 0.55, 0.3), 0.36, lesion=True)  # cortex opens into the stalk
-    stalk = Minus(f.capsule(base, tip, 0.6, 0.35), f.ellipse(0.0, 0.0, 3.0, 0.8))
-    cv.bone_part(stalk, 0.1 * f.r, 0.85, 0.4, lesion=True)
-    cap = f.ellipse(tip[0], tip[1], 0.55, 0.45)
-    cv.bone_part(cap, 0.06 * f.r, 0.6, 0.35, lesion=True)
-    for _ in range(int(rng.integers(2, 6))):
-        p = (tip[0] + rng.uniform(-0.5, 0.5), tip[1] + rng.uniform(0.1, 0.6))
-        cv.dense(f.ellipse(p[0], p[1], 0.08, 0.08), 0.35, lesion=True)
-
-
-def enchondroma(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    la, lc = rng.uniform(1.0, 1.8), rng.uniform(0.55, 0.75)
-    cv.lucency(f.ellipse(0, 0, la, lc), rng.uniform(0.45, 0.65))
-    _ring_and_arc(cv, f, rng, la * 0.8, lc * 0.8, int(rng.integers(6, 14)), 0.1)
-    for _ in range(int(rng.integers(5, 12))):  # stippled
-        a, c = rng.uniform(-0.8, 0.8) * la, rng.uniform(-0.8, 0.8) * lc
-        cv.dense(f.ellipse(a, c, 0.05, 0.05), rng.uniform(0.2, 0.4), lesion=True)
-
-
-def non_ossifying_fibroma(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    lobes = [(a, rng.uniform(0.55, 0.9), rng.uniform(0.32, 0.45))
-             for a in np.linspace(-1.0, 1.0, int(rng.integers(2, 5))) * rng.uniform(0.7, 1.3)]
-    for a, ha, hc in lobes:  # sclerotic rims first: the lobes' lucency erases the inner arcs
-        cv.dense(f.ring(a, 0.6, ha, hc, 0.12), rng.uniform(0.35, 0.5), lesion=True)
-    for a, ha, hc in lobes:
-        cv.lucency(f.ellipse(a, 0.6, ha, hc), rng.uniform(0.55, 0.8))
-
-
-def aneurysmal_bone_cyst(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    ha, hc = rng.uniform(1.1, 1.7), rng.uniform(1.0, 1.35)
-    off = rng.uniform(0.3, 0.5)
-    cv.lucency(f.ellipse(0, off, ha, hc), rng.uniform(0.75, 0.95))
-    cv.dense(f.ring(0, off, ha, hc, 0.06), 0.45, lesion=True)  # thin expanded shell
-    for _ in range(int(rng.integers(4, 8))):  # septa: the soap bubbles
-        a, c = rng.uniform(-0.6, 0.6) * ha, off + rng.uniform(-0.6, 0.6) * hc
-        s = rng.uniform(0.25, 0.5)
-        cv.dense(f.ring(a, c, s, s * rng.uniform(0.7, 1.0), 0.04), 0.18, lesion=True)
-
-
-def giant_cell_tumour(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    ha = min(rng.uniform(0.9, 1.3), f.depth - 0.05)  # reaches the subchondral plate
-    hc = rng.uniform(0.6, 0.8)
-    centre = (-(f.depth - ha - 0.05) if math.isfinite(f.depth) else 0.0, 0.3)
-    cv.lucency(f.ellipse(centre[0], centre[1], ha, hc), rng.uniform(0.7, 0.9), edge_px=1.0)
-    for _ in range(int(rng.integers(1, 4))):  # faint trabeculation, no sclerotic rim
-        a = centre[0] + rng.uniform(-0.5, 0.5) * ha
-        cv.dense(Arc(f.at(a, centre[1]), 0.4 * f.r, 0.02 * f.r, rng.uniform(0, 2 * math.pi), 0.8),
-                 0.12, lesion=True)
-
-
-def chondroblastoma(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    rad = rng.uniform(0.3, 0.42)
-    c = rng.uniform(-0.15, 0.25)
-    cv.dense(f.ring(0, c, rad, rad * 0.9, 0.06), 0.35, lesion=True)
-    cv.lucency(f.ellipse(0, c, rad, rad * 0.9), rng.uniform(0.55, 0.75))
-    for _ in range(int(rng.integers(0, 4))):
-        cv.dense(f.ellipse(rng.uniform(-0.5, 0.5) * rad, c + rng.uniform(-0.5, 0.5) * rad, 0.04, 0.04), 0.25,
-                 lesion=True)
-
-
-def fibrous_dysplasia(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    length = rng.uniform(2.5, 4.5)
-    expand = rng.uniform(1.05, 1.18)
-    cv.replace(f.ellipse(0, 0, length, expand), rng.uniform(0.5, 0.62))  # ground glass
-    cv.dense(f.ring(0, 0, length, expand, 0.06), 0.55, lesion=True)  # thin, expanded cortex
-
-
-def chondrosarcoma(cv: Canvas, f: Frame, rng: np.random.Generator) -> None:
-    length = rng.uniform(2.5, 4.0)
-    cv.lucency(f.ellipse(0, 0, length, 0.85), rng.uniform(0.35, 0.55))
-    for _ in range(int(rng.integers(5, 9))):  # endosteal scalloping
-        a, s = rng.uniform(-0.8, 0.8) * length, rng.choice((-1.0, 1.0))
-        cv.lucency(f.ellipse(a, s * 0.72, 0.3, 0.2), rng.uniform(0.5, 0.7))
-    _ring_and_arc(cv, f, rng, length * 0.85, 0.7, int(rng.integers(14, 28)), 0.13)
-    for s in (-1, 1):  # cortical thickening
-        cv.dense(f.capsule((-length * 0.8, s * 1.02), (length * 0.8, s * 1.02), 0.1), 0.3, lesion=True)
-
-
-def _ring_and_arc(cv: Canvas, f: Frame, rng: np.random.Generator, ha: float, hc: float, n: int,
-                  size: float) -> None:
-    """Chondroid matrix: small calcified rings and arcs inside an ellipse."""
-    for _ in range(n):
-        a, c = rng.uniform(-1, 1) * ha, rng.uniform(-1, 1) * hc
-        radius = rng.uniform(0.6, 1.3) * size * f.r
-        arc = Arc(f.at(a, c), radius, max(0.22 * radius, 1e-4), rng.uniform(0, 2 * math.pi),
-                  rng.uniform(1.0, 2.8))
-        cv.dense(arc, rng.uniform(0.3, 0.5), lesion=True)
-
+# -- the drawers -------------------------------------------------------------------------------
 
 Draw = Callable[[Canvas, Frame, np.random.Generator], None]
 
-#: entity name (as in the ``bone-tumours`` set) -> drawing.
-LESIONS: dict[str, Draw] = {
-    "aneurysmal bone cyst": aneurysmal_bone_cyst,
-    "chondroblastoma": chondroblastoma,
-    "chondrosarcoma": chondrosarcoma,
-    "enchondroma": enchondroma,
-    "ewing sarcoma": ewing_sarcoma,
-    "fibrous dysplasia": fibrous_dysplasia,
-    "giant cell tumour": giant_cell_tumour,
-    "non-ossifying fibroma": non_ossifying_fibroma,
-    "osteochondroma": osteochondroma,
-    "osteosarcoma": osteosarcoma,
-}
+#: drawers handed to a worker process (:func:`preload_drawers`); others come from the registry.
+_PRELOADED: dict[str, LesionDrawer] = {}
+
+
+def drawer_for(entity: str) -> LesionDrawer:
+    """The registered :class:`~msk.core.specs.LesionDrawer` of ``entity`` (hook
+    ``msk_lesion_drawers``); an :class:`~msk.core.registry.UnknownComponentError` lists the
+    drawable entities."""
+    if entity in _PRELOADED:
+        return _PRELOADED[entity]
+    from msk.core.registry import lesion_drawer
+
+    return lesion_drawer(entity)
+
+
+def drawable() -> list[str]:
+    """Names of the entities some plugin draws."""
+    from msk.core.registry import get_registry
+
+    return sorted({*get_registry().names("lesion_drawer"), *_PRELOADED})
+
+
+def preload_drawers(drawers: Mapping[str, LesionDrawer]) -> None:
+    """Hand already resolved drawers to this process (synthesis workers then never load the
+    plugin registry, and see drawers registered at run time in the parent)."""
+    _PRELOADED.update(drawers)
+
+
+class _DrawerView(Mapping[str, Any]):
+    """Read-only view of the registered drawers: entity name -> one field of its drawer."""
+
+    def __init__(self, field: str):
+        self._field = field
+
+    def __getitem__(self, entity: str) -> Any:
+        if entity not in drawable():
+            raise KeyError(entity)
+        return getattr(drawer_for(entity), self._field)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(drawable())
+
+    def __len__(self) -> int:
+        return len(drawable())
+
+
+#: entity name -> drawing, the registry's view (built-ins: :mod:`msk.plugins.lesion_drawers`).
+LESIONS: Mapping[str, Draw] = _DrawerView("draw")
 
 # -- real tumour outlines (BTXRD polygons) ------------------------------------------------------
 
-#: entity -> BTXRD shape labels whose polygons outline it.
-BTXRD_OUTLINES: dict[str, tuple[str, ...]] = {
-    "osteochondroma": ("osteochondroma", "multiple osteochondromas"),
-    "giant cell tumour": ("giant cell tumor",),
-    "osteosarcoma": ("osteosarcoma",),
-    "ewing sarcoma": ("osteosarcoma", "other mt"),
-    "chondrosarcoma": ("osteosarcoma", "other mt"),
-}
-#: outlines of the other (benign and intermediate) entities.
-BTXRD_BENIGN = ("simple bone cyst", "osteofibroma", "other bt")
+#: entity -> BTXRD shape labels whose polygons outline it (each drawer's ``outlines``).
+BTXRD_OUTLINES: Mapping[str, tuple[str, ...]] = _DrawerView("outlines")
+#: outlines of the entities whose drawer names none of its own (benign and intermediate ones).
+BTXRD_BENIGN = BTXRD_BENIGN_OUTLINES
 OUTLINES_ENV = "MSK_LESION_OUTLINES"
 ANNOTATIONS_RELATIVE = Path("..") / "shared" / "data" / "btxrd-meta" / "annotations"
 MAX_VERTICES = 48
@@ -318,7 +204,7 @@ def outline_library(folder: str) -> dict[str, tuple[np.ndarray, ...]]:
 
 def outlines_for(entity: str, folder: Path) -> tuple[np.ndarray, ...]:
     library = outline_library(str(folder))
-    labels = BTXRD_OUTLINES.get(entity, BTXRD_BENIGN)
+    labels = drawer_for(entity).outlines
     return tuple(o for label in labels for o in library.get(label, ()))
 
 
@@ -339,28 +225,29 @@ def _footprint(mask: np.ndarray, cv: Canvas, f: Frame) -> tuple[float, float, fl
 def draw_lesion(cv: Canvas, entity: str, frame: Frame, rng: np.random.Generator) -> None:
     """Draw ``entity`` at ``frame``: inside a real BTXRD outline where one is available (see the
     module doc), else as drawn."""
+    drawer = drawer_for(entity)
     folder = outline_folder()
     pool = outlines_for(entity, folder) if folder is not None else ()
     if not pool:
-        LESIONS[entity](cv, frame, rng)
+        drawer.draw(cv, frame, rng)
         return
     outline = pool[int(rng.integers(len(pool)))] * np.where(rng.random(2) < 0.5, -1.0, 1.0)
     probe = Canvas(cv.h, cv.w, cv.transform, cv.texture)
-    LESIONS[entity](probe, frame, copy.deepcopy(rng))
+    drawer.draw(probe, frame, copy.deepcopy(rng))
     extent = _footprint(probe.mask, cv, frame)
     if extent is None:  # the drawing (nearly) misses the canvas: nothing to outline
-        LESIONS[entity](cv, frame, rng)
+        drawer.draw(cv, frame, rng)
         return
     a0, a1, c0, c1 = extent
     polygon = Polygon(tuple(frame.at((a0 + a1) / 2 + u * (a1 - a0) / 2, (c0 + c1) / 2 + v * (c1 - c0) / 2)
                             for u, v in outline))
     cv.clipped_to(polygon)
     try:
-        if entity == "osteochondroma":  # exophytic bone
+        if drawer.fill == "dense":  # exophytic bone
             cv.dense(polygon, rng.uniform(0.08, 0.16), lesion=True)
         else:
             cv.lucency(polygon, rng.uniform(0.1, 0.25))
-        LESIONS[entity](cv, frame, rng)
+        drawer.draw(cv, frame, rng)
         cv.mark(polygon)
     finally:
         cv.clipped_to(None)

@@ -2,14 +2,16 @@
 
 Two sources:
 
-* :class:`DefaultPriors` — the shipped entity priors of the ``bone-tumours`` set (uniform age in
-  the entity's ``age_range``, sex 50/50, site uniform over the entity's typical ``sites``);
+* :class:`DefaultPriors` — the priors each :class:`~msk.core.specs.Entity` carries (uniform age
+  in its ``age_range``, female with probability ``female_fraction``, site uniform over its
+  typical ``sites``);
 * :class:`BtxrdPriors` — the real joint distribution of (age, sex, site) of the public BTXRD
-  data set (Yao et al., Sci Data 2025) for the entities that map to a BTXRD class
-  (osteochondroma, giant cell tumour, osteosarcoma): a case is drawn by picking one BTXRD row of
-  that class, so age, sex and site keep their correlations. Sites come from the row's site flags
-  through :data:`~msk.plugins.entity_sets.BTXRD_SITE_TO_REGION`. The other entities, and rows
-  without a mappable site, fall back to the shipped priors.
+  data set (Yao et al., Sci Data 2025) for the entities whose lesion drawer names a BTXRD class
+  column (``btxrd_column``; built-in: osteochondroma, giant cell tumour, osteosarcoma): a case
+  is drawn by picking one BTXRD row of that class, so age, sex and site keep their
+  correlations. Sites come from the row's site flags through
+  :data:`~msk.core.btxrd.BTXRD_SITE_TO_REGION`. The other entities, and rows without a mappable
+  site, fall back to the entity's own priors.
 
 Patients without a lesion are aged uniformly 2-90 with sex 50/50 under both.
 """
@@ -23,16 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from msk.core.btxrd import BTXRD_SITE_TO_REGION
 from msk.core.errors import ConfigError
 from msk.core.specs import Entity
-from msk.plugins.entity_sets import BTXRD_SITE_TO_REGION
-
-#: bone-tumours entity name -> BTXRD dataset.csv class column.
-BTXRD_ENTITY_COLUMN = {
-    "osteochondroma": "osteochondroma",
-    "giant cell tumour": "giant cell tumor",
-    "osteosarcoma": "osteosarcoma",
-}
 
 #: where ``priors: auto`` looks for the BTXRD metadata, relative to the repository root.
 BTXRD_RELATIVE = Path("..") / "shared" / "data" / "btxrd-meta" / "dataset.csv"
@@ -46,7 +41,7 @@ class Demographics:
 
 
 class DefaultPriors:
-    """The shipped priors of the entity set."""
+    """The priors each entity carries."""
 
     source = "defaults"
 
@@ -56,7 +51,8 @@ class DefaultPriors:
     def lesion(self, entity: Entity, rng: np.random.Generator) -> Demographics:
         low, high = entity.age_range or (5, 80)
         site = str(rng.choice(entity.sites)) if entity.sites else None
-        return Demographics(int(rng.integers(low, high + 1)), "F" if rng.random() < 0.5 else "M", site)
+        female = rng.random() < entity.female_fraction
+        return Demographics(int(rng.integers(low, high + 1)), "F" if female else "M", site)
 
 
 @dataclass(frozen=True)
@@ -64,14 +60,18 @@ class _Case:
     age: int
     sex: str
     sites: tuple[str, ...]
+    flags: frozenset[str]  # the columns flagged 1 (its class among them)
 
 
 @dataclass
 class BtxrdPriors(DefaultPriors):
-    """Age, sex and site drawn jointly from BTXRD rows of the entity's class."""
+    """Age, sex and site drawn jointly from BTXRD rows of the entity's class (the
+    ``btxrd_column`` of its lesion drawer)."""
 
     path: Path
-    cases: dict[str, tuple[_Case, ...]] = field(default_factory=dict)
+    rows: tuple[_Case, ...] = ()
+    columns: frozenset[str] = frozenset()
+    cases: dict[str, tuple[_Case, ...]] = field(default_factory=dict)  # entity -> its rows
 
     @property
     def source(self) -> str:  # type: ignore[override]
@@ -79,10 +79,23 @@ class BtxrdPriors(DefaultPriors):
 
     @classmethod
     def load(cls, path: Path) -> BtxrdPriors:
-        return cls(path, _read_btxrd(str(Path(path).resolve())))
+        columns, rows = _read_btxrd(str(Path(path).resolve()))
+        return cls(path, rows, columns)
+
+    def cases_of(self, entity: str) -> tuple[_Case, ...]:
+        """The BTXRD rows of ``entity``'s class; none for an entity whose drawer names no class."""
+        if entity not in self.cases:
+            from msk.core.synth.lesions import drawer_for
+
+            column = drawer_for(entity).btxrd_column
+            if column is not None and column not in self.columns:
+                raise ConfigError(f"{self.path}: no class column {column!r}, which the lesion drawer of "
+                                  f"{entity!r} names as its btxrd_column")
+            self.cases[entity] = tuple(c for c in self.rows if column in c.flags) if column else ()
+        return self.cases[entity]
 
     def lesion(self, entity: Entity, rng: np.random.Generator) -> Demographics:
-        cases = self.cases.get(entity.name)
+        cases = self.cases_of(entity.name)
         if not cases:
             return super().lesion(entity, rng)
         case = cases[int(rng.integers(len(cases)))]
@@ -92,22 +105,23 @@ class BtxrdPriors(DefaultPriors):
 
     def ages(self, entity: str) -> list[int]:
         """All BTXRD ages of ``entity`` (for checks and reports)."""
-        return [c.age for c in self.cases.get(entity, ())]
+        return [c.age for c in self.cases_of(entity)]
 
 
 @lru_cache(maxsize=4)
-def _read_btxrd(path: str) -> dict[str, tuple[_Case, ...]]:
+def _read_btxrd(path: str) -> tuple[frozenset[str], tuple[_Case, ...]]:
+    """The columns of a BTXRD ``dataset.csv`` and its rows with a valid age and sex."""
     p = Path(path)
     try:
         with p.open(newline="") as fh:
             rows = list(csv.DictReader(fh))
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read BTXRD metadata: {exc}") from None
-    needed = {"age", "gender", *BTXRD_SITE_TO_REGION, *BTXRD_ENTITY_COLUMN.values()}
+    needed = {"age", "gender", *BTXRD_SITE_TO_REGION}
     missing = needed - set(rows[0] if rows else ())
     if missing:
         raise ConfigError(f"{p}: not a BTXRD dataset.csv: missing columns {', '.join(sorted(missing))}")
-    out: dict[str, list[_Case]] = {name: [] for name in BTXRD_ENTITY_COLUMN}
+    out: list[_Case] = []
     for row in rows:
         try:
             age = int(float(row["age"]))
@@ -117,10 +131,9 @@ def _read_btxrd(path: str) -> dict[str, tuple[_Case, ...]]:
         if sex not in ("F", "M"):
             continue
         sites = tuple(BTXRD_SITE_TO_REGION[s] for s in BTXRD_SITE_TO_REGION if row[s].strip() == "1")
-        for entity, column in BTXRD_ENTITY_COLUMN.items():
-            if row[column].strip() == "1":
-                out[entity].append(_Case(age, sex, sites))
-    return {k: tuple(v) for k, v in out.items()}
+        flags = frozenset(k for k, v in row.items() if isinstance(v, str) and v.strip() == "1")
+        out.append(_Case(age, sex, sites, flags))
+    return frozenset(rows[0]), tuple(out)
 
 
 def default_btxrd_csv() -> Path | None:
