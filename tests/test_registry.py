@@ -45,6 +45,16 @@ def test_every_hook_is_documented_typed_and_used():
         assert kind.spec.__name__ in inspect.getdoc(specs[hook_name]), f"{hook_name}: name the spec in the doc"
 
 
+def test_builtin_hookimpls_are_typed_as_their_hooks():
+    import typing
+
+    reg = Registry(load_entrypoints=False)
+    for kind in hookspecs.COMPONENT_KINDS:
+        for impl in getattr(reg.pm.hook, kind.hook).get_hookimpls():
+            hints = typing.get_type_hints(impl.function)
+            assert hints.get("return") == list[kind.spec], f"{impl.plugin_name}.{kind.hook}: annotate -> list[...]"
+
+
 def test_every_hook_has_a_section_in_the_plugin_docs():
     """As datasette's test_plugin_hooks_are_documented: docs/plugins.md has a heading per hook."""
     from pathlib import Path

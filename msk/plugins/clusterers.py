@@ -71,7 +71,7 @@ class SklearnMiniBatchKMeans:
 
 
 @hookimpl
-def msk_clusterers():
+def msk_clusterers() -> list[ClustererSpec]:
     return [
         ClustererSpec("faiss-kmeans", lambda name, **o: FaissKMeans(**o),
                       "faiss k-means (CPU or GPU); DeepCluster default"),

@@ -238,7 +238,7 @@ def _png(path: Path, value: int = 100, size: tuple[int, int] = (16, 16)) -> None
 
 
 @hookimpl
-def msk_datasets():
+def msk_datasets() -> list[DatasetSpec]:
     return [
         DatasetSpec("csv", read_csv, CsvOptions,
                     "a CSV with a path and a label column (defaults: real-xr/labels.csv)", _csv_example),

@@ -29,7 +29,7 @@ def _tiny(name: str, in_chans: int = 1, **options):
 
 
 @hookimpl
-def msk_encoders():
+def msk_encoders() -> list[EncoderSpec]:
     resnets = [
         EncoderSpec(n, _timm, f"{n} from timm, random init or `pretrained`, {d}-d features")
         for n, d in (("resnet18", 512), ("resnet34", 512), ("resnet50", 2048))

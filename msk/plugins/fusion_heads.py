@@ -14,7 +14,7 @@ def _build(name: str, **options):
 
 
 @hookimpl
-def msk_fusion_heads():
+def msk_fusion_heads() -> list[FusionHeadSpec]:
     return [
         FusionHeadSpec("concat", _build, "joint fusion: metadata MLP embedding ++ image features"),
         FusionHeadSpec("gated", _build, "metadata gates the image features, then concatenation"),

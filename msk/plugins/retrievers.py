@@ -243,7 +243,7 @@ def _factory(cls: type[FaissRetriever]):
 
 
 @hookimpl
-def msk_retrievers():
+def msk_retrievers() -> list[RetrieverSpec]:
     return [
         RetrieverSpec("flat", _factory(FlatRetriever),
                       "exact cosine search (faiss IndexFlatIP); CPU or GPU"),

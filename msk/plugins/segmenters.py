@@ -19,7 +19,7 @@ def _smp(name: str, in_chans: int = 1, encoder: str = "resnet34", **options):
 
 
 @hookimpl
-def msk_segmenters():
+def msk_segmenters() -> list[SegmenterSpec]:
     return [
         SegmenterSpec("unet", _smp, "U-Net (smp), encoder resnet34 or any timm model as tu-<name>",
                       example_options=TINY),
