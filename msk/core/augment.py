@@ -35,8 +35,9 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``uint8 [H, W]`` -> ``float32 [1, H, W]`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0).float().div_(255.0)
+    """``uint8 [H, W]`` -> ``float32 [1, H, W]`` in [0, 1] (a copy: read-only arrays, e.g. from Ray's
+    object store, are fine)."""
+    return torch.tensor(image, dtype=torch.float32).unsqueeze(0).div_(255.0)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
