@@ -32,20 +32,25 @@ C = TypeVar("C", bound=BaseModel)
 #: The profile names ``--profile`` takes.
 PROFILE_NAMES = ("auto", "cpu", "gpu")
 
-#: task -> profile -> {option (dotted for nested configs): value}.
+#: task -> profile -> {option (dotted for nested configs): value}. The CPU profile keeps one Ray
+#: Train worker where a command trains few long runs (cluster, sorter, segmenter): the worker runs
+#: torch on one thread, which on a shared, loaded machine measured 8.2 s per sorter epoch where the
+#: same epoch in process with torch's two threads took 121.7 s (docs/profiles.md). Commands that
+#: train many short runs (transfer, fusion, recommender) stay in process: a Ray Train start costs
+#: 15-40 s per run.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cluster": {  # DeepClusterConfig
-        "cpu": {"image_size": 64, "epochs": 5, "batch_size": 64, "num_workers": 0},
+        "cpu": {"image_size": 64, "epochs": 5, "batch_size": 64, "num_workers": 1},
         "gpu": {"image_size": 128, "epochs": 10, "batch_size": 128, "num_workers": 1, "use_gpu": True,
                 "loader_workers": 4},
     },
     "sorter": {  # SorterConfig
-        "cpu": {"image_size": 64, "epochs": 5, "folds": 3, "batch_size": 32, "num_workers": 0},
+        "cpu": {"image_size": 64, "epochs": 5, "folds": 3, "batch_size": 32, "num_workers": 1},
         "gpu": {"image_size": 128, "epochs": 10, "folds": 5, "batch_size": 64, "num_workers": 1,
                 "use_gpu": True},
     },
     "segmenter": {  # SegmenterConfig (image_size a multiple of 32)
-        "cpu": {"image_size": 64, "epochs": 5, "folds": 3, "batch_size": 16, "num_workers": 0},
+        "cpu": {"image_size": 64, "epochs": 5, "folds": 3, "batch_size": 16, "num_workers": 1},
         "gpu": {"image_size": 128, "epochs": 10, "folds": 5, "batch_size": 32, "num_workers": 1,
                 "use_gpu": True},
     },
