@@ -24,7 +24,7 @@ def test_the_demo_runs_the_whole_chain_and_serves_what_it_trained(tmp_path, ray_
     numbers = saved["numbers"]
     assert numbers["ingest"]["ok"] + numbers["ingest"]["quarantined"] == 200
     assert list(saved["seconds"]) == ["synth", "ingest", "cluster", "name clusters", "sorter",
-                                      "lesion classifier", "recommender", "serve"]
+                                      "lesion classifier", "fusion classifier", "recommender", "serve"]
     assert numbers["labels"]["named_by"].startswith("automatic:") and "SIMULATED EXPERT" in "\n".join(lines)
     assert 0 <= numbers["sorter"]["top1_truth"] <= numbers["sorter"]["top2_truth"] <= 1
     served = numbers["serve"]

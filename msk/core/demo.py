@@ -14,9 +14,10 @@ newcomer would run them by hand, each step writing what the matching command wri
    ``msk eval sorter --truth``: top-1/top-2 against the weak labels and against the truth;
 6. lesion ROIs (true lesion box + 15 %, square) of the lesion images, patients split into
    **known** patients (the archive) and **unseen** ones: an image classifier of the entity on
-   the known patients' crops (fine-tuned from the sorter's encoder, transfer learning);
+   the known patients' crops (fine-tuned from the sorter's encoder, transfer learning), then a
+   fusion classifier (crop + age, sex, site; ``msk eval fusion``'s model) from its encoder;
 7. ``msk build recommender`` from the known patients' lesion crops with that encoder;
-8. ``msk serve`` on a free local port with the sorter, recommender and classifier; the unseen
+8. ``msk serve`` on a free local port with the sorter, recommender and fusion classifier; the unseen
    patients' DICOM files are sent over HTTP as a client would (``/v1/sort``, ``/v1/classify``
    with the lesion box in the metadata, ``/v1/recommend?box=``), plus one request without a box,
    which the lesion-crop models must refuse (422 ``box_required``);
@@ -170,6 +171,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
 
     from msk.core.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
     from msk.core.embed import Embedder, roi_crops
+    from msk.core.fusion import fit_fusion
+    from msk.core.metadata import MetadataEncoder, MetadataSchema
     from msk.core.ingest import IngestConfig, ingest
     from msk.core.labelling import export_clusters, name_clusters_from_truth
     from msk.core.recommender import Recommender
@@ -179,6 +182,9 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     from msk.core.synth import SynthConfig, synthesize
     from msk.core.train import TrainConfig, fit_classifier, load_model, predict_logits
     from msk.core.truth import read_truth
+    from msk.serve.classifier import load_classifier_model
+    from msk.serve.config import ClassifyConfig, RoiConfig
+    from msk.serve.config import PreprocessConfig as ServePreprocess
 
     from msk.core.runlock import LOCK_FILE
 
@@ -259,7 +265,6 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
         model, _ = load_model(fitted.best)
         seen = [i for i in unseen_idx if y[i] >= 0]
         predicted = np.argmax(predict_logits(model, crops[seen], image_size=config.roi_size), axis=1)
-        in_process = {ids[i]: classes[int(c)] for i, c in zip(seen, predicted)}
         numbers["classifier"] = {"classes": classes, "known_images": len(known_idx), "unseen_images": len(seen),
                                  "unseen_patients": len(unseen),
                                  "accuracy_unseen": round(_accuracy(predicted, y[seen]), 3),
@@ -268,6 +273,26 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
         say(f"   {len(classes)} entities; accuracy on {len(seen)} unseen patients' lesions "
             f"{numbers['classifier']['accuracy_unseen']:.3f} (majority class "
             f"{numbers['classifier']['majority_baseline']:.3f})")
+
+    with steps.step("fusion classifier", "lesion crop + age, sex, site and view (concat head), from that encoder"):
+        frame = _clinical(truth_file, ids, paths)
+        encoder = MetadataEncoder(MetadataSchema(sites=sorted(set(frame["site"].dropna())), unknown="ignore")).fit(
+            frame.iloc[known_idx])
+        (out / "fusion").mkdir(exist_ok=True)
+        encoder.save(out / "fusion" / "metadata_encoder.json")
+        meta = encoder.transform(frame)
+        fused = fit_fusion(crops[known_idx], y[known_idx], meta[known_idx], len(classes),
+                           clf_config.model_copy(update={"init": str(fitted.best)}), out=out / "fusion",
+                           head="concat", classes=classes)
+        served_model = load_classifier_model(
+            ClassifyConfig(checkpoint=fused.best, metadata_encoder=out / "fusion" / "metadata_encoder.json",
+                           classes=classes, roi=RoiConfig(margin=0.15, size=config.roi_size)),
+            ServePreprocess(image_size=config.image_size))
+        fused_p = np.argmax(served_model.probabilities(crops[seen], meta[seen].astype(np.float32)), axis=1)
+        in_process = {ids[i]: classes[int(c)] for i, c in zip(seen, fused_p)}
+        numbers["fusion"] = {"metadata": ["age", "sex", "site", "view"], "accuracy_unseen": round(_accuracy(fused_p, y[seen]), 3)}
+        say(f"   accuracy on the same unseen lesions {numbers['fusion']['accuracy_unseen']:.3f} (image only "
+            f"{numbers['classifier']['accuracy_unseen']:.3f})")
 
     with steps.step("recommender", "index the known patients' lesion crops with the classifier's encoder"):
         labels_csv = out / "recommender_labels.csv"
@@ -290,9 +315,10 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     answers: list[dict[str, Any]] = []
     if config.serve:
         with steps.step("serve", f"msk serve + {config.requests} requests of unseen patients over HTTP"):
-            answers = _serve_and_ask(out, config, classes, [(ids[i], paths[i], entities[i], source_boxes[i])
+            answers = _serve_and_ask(out, config, classes, [(ids[i], paths[i], entities[i], source_boxes[i],
+                                                              frame.iloc[i].to_dict())
                                                              for i in unseen_idx[:config.requests]],
-                                     synth.out / "export", regions, truth_file)
+                                     synth.out / "export", regions)
             for a in answers:  # the served models must answer as the same models did in this process
                 if "sorted" in a:
                     a["same_as_in_process"] = (a["classified"] == in_process.get(a["image_id"], a["classified"])
@@ -308,8 +334,26 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     return result
 
 
+def _clinical(truth_file: Path, ids: list[str], paths: list[str | None]):
+    """``image_id, sex, age, site, view`` of the lesion images, from the synthetic ground truth (its paths
+    are ``export/<the manifest's path>``)."""
+    import pandas as pd
+
+    from msk.core.metadata import DICOM_VIEWS
+
+    truth = pd.read_csv(truth_file)
+    rows = {p: r for p, r in zip(truth["path"], truth.to_dict("records"))}
+    records = []
+    for image_id, path in zip(ids, paths):
+        row = rows.get(f"export/{path}", {})
+        records.append({"image_id": image_id, "sex": row.get("sex") if row.get("sex") in ("M", "F") else None,
+                        "age": row.get("age"), "site": row.get("site"),
+                        "view": DICOM_VIEWS.get(str(row.get("view")).upper())})
+    return pd.DataFrame(records)
+
+
 def _serve_and_ask(out: Path, config: DemoConfig, classes: list[str], cases: list[tuple],
-                   export: Path, regions: dict[str, str], truth_file: Path) -> list[dict[str, Any]]:
+                   export: Path, regions: dict[str, str]) -> list[dict[str, Any]]:
     """Start ``msk serve`` (non-blocking) on the demo's models, send the unseen cases, stop it."""
     import secrets
 
@@ -330,25 +374,23 @@ def _serve_and_ask(out: Path, config: DemoConfig, classes: list[str], cases: lis
         "gateway": {"num_cpus": 0.1},
         "sorter": {"checkpoint": "sorter", "num_cpus": 0.1},
         "recommender": {"path": "recommender", "num_cpus": 0.1},
-        "classifier": {"checkpoint": "classifier/best.pt", "classes": classes, "num_cpus": 0.1,
-                       "roi": {"margin": 0.15, "size": config.roi_size}},
+        "classifier": {"checkpoint": "fusion/best.pt", "metadata_encoder": "fusion/metadata_encoder.json",
+                       "classes": classes, "num_cpus": 0.1, "roi": {"margin": 0.15, "size": config.roi_size}},
     }, sort_keys=False))
-    truth = pd.read_csv(truth_file)
-    meta = {Path(p).as_posix(): r for p, r in zip(truth["path"], truth.to_dict("records"))}
     url = serve_main(serve_yaml, blocking=False)
     headers = {"Authorization": f"Bearer {token.read_text().strip()}"}
     answers = []
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
-            for image_id, path, entity, box in cases:
+            for image_id, path, entity, box, clinical in cases:
                 data = (export / path).read_bytes()
-                row = meta.get(f"export/{path}", {})
-                sex = row.get("sex") if row.get("sex") in ("M", "F") else "F"
-                age = None if pd.isna(row.get("age", float("nan"))) else float(row["age"])
+                metadata = {"sex": clinical["sex"] or "F", "box": list(box),
+                            "age": None if pd.isna(clinical["age"]) else float(clinical["age"]),
+                            "site": None if pd.isna(clinical["site"]) else clinical["site"],
+                            "view": clinical["view"] or None}
                 files = {"image": (image_id, data, "application/dicom")}
                 sort = client.post("/v1/sort", files=files).json()
-                classify = client.post("/v1/classify", files=files, data={"metadata": json.dumps(
-                    {"sex": sex, "age": age, "box": list(box)})}).json()
+                classify = client.post("/v1/classify", files=files, data={"metadata": json.dumps(metadata)}).json()
                 recommend = client.post("/v1/recommend", files=files,
                                         params={"box": ",".join(f"{v:g}" for v in box)}).json()
                 answers.append({"image_id": image_id, "region": regions.get(image_id), "entity": entity,
@@ -413,6 +455,7 @@ def _write_report(result: DemoResult, answers: list[dict[str, Any]], config: Dem
         + img("sorter/gradcam.png", "Grad-CAM of test images"),
         f"<h2>6. Lesion classifier</h2>{table([{k: v for k, v in n['classifier'].items() if k != 'classes'}])}"
         f"<p>entities: {esc(', '.join(n['classifier']['classes']))}</p>",
+        f"<h2>6b. Fusion classifier (lesion crop + age, sex, site, view), served</h2>{table([n['fusion']])}",
         f"<h2>7. Recommender</h2>{table([n['recommender']])}",
     ]
     if answers:

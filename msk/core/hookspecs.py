@@ -171,6 +171,8 @@ def msk_commands(app: typer.Typer) -> None:
     with ``@app.command()`` or add a group with ``app.add_typer(...)``. Import heavy modules
     inside the commands so that ``msk --help`` stays fast; raise
     :class:`msk.core.errors.MskError` for a one-line error and exit code 2.
+
+    :return: nothing: the commands are added to ``app``.
     """
 
 
