@@ -661,7 +661,7 @@ def run_deepcluster(images: np.ndarray, config: DeepClusterConfig | None = None,
     if chosen is None:
         why = ("the resumed run's" if saved is not None and saved.config.get("k")
                else f"about one cluster per 20 of the {n} images, 10..1000")
-        _console().print(f"k = {config.k} ({why}; set k / --k to choose)", highlight=False)
+        _console().print(f"k = {config.k} ({why}; set k / --k to choose)", highlight=False, soft_wrap=True)
     for name, values in (("ground_truth", ground_truth), ("image_ids", image_ids)):
         if values is not None and len(values) != n:
             raise DeepClusterError(f"{name} has {len(values)} entries for {n} images")
