@@ -63,9 +63,11 @@ def resumed_run(tmp_path_factory):
     """One epoch, then the same folder resumed to two epochs."""
     out = tmp_path_factory.mktemp("deepcluster")
     images, truth = shapes()
-    first = run_deepcluster(images, tiny(epochs=1), out=out, ground_truth=truth, progress=False)
+    first = run_deepcluster(images, tiny(epochs=1, keep_checkpoints=None), out=out, ground_truth=truth,
+                            progress=False)
     first_ckpt_mtime = (out / "checkpoints" / "epoch-001.pt").stat().st_mtime_ns
-    second = run_deepcluster(images, tiny(epochs=2), out=out, ground_truth=truth, progress=True,
+    second = run_deepcluster(images, tiny(epochs=2, keep_checkpoints=None), out=out, ground_truth=truth,
+                             progress=True,
                              image_ids=[f"img{i}" for i in range(len(images))])
     return out, images, truth, first, second, first_ckpt_mtime
 
@@ -126,8 +128,10 @@ def test_resume_with_other_options_is_an_error(resumed_run):
 def test_k_defaults_from_the_number_of_images(tmp_path, capsys):
     assert [default_k(n) for n in (50, 800, 3000, 100_000)] == [10, 40, 150, 1000]
     images, _ = shapes(240)
-    result = run_deepcluster(images, tiny(k=None, epochs=1), out=tmp_path, progress=False)
+    result = run_deepcluster(images, tiny(k=None, epochs=2), out=tmp_path, progress=False)
     assert result.k == 12 and int(result.assignments.max()) < 12
+    # only the last epoch's checkpoint is kept by default (keep_checkpoints=1)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-002.pt"]
     assert "k = 12 (about one cluster per 20 of the 240 images" in capsys.readouterr().err
     # recorded as the number, so that readers of the run folder and a resumption see it
     assert load_config(DeepClusterConfig, tmp_path / "config.yaml").k == 12

@@ -251,7 +251,8 @@ def test_init_defaults_to_the_deepcluster_run_of_the_weak_labels(tmp_path):
 
     cfg, note = init_from_weak_labels(load_config(SorterConfig), labels)
     assert cfg.init == str(run / "checkpoints" / "epoch-002.pt") and cfg.encoder == "tiny-cnn"
-    assert note.startswith(f"init: {run / 'checkpoints' / 'epoch-002.pt'}, the last checkpoint") and "--init random" in note
+    assert note.startswith(f"init: {run / 'checkpoints' / 'epoch-002.pt'}, the last checkpoint")
+    assert "--init random" in note
     assert cfg.model_fields_set >= {"init", "encoder"} and cfg.folds == 5  # the rest stays default
 
     # --init (random or a checkpoint) wins; an --encoder of another architecture keeps random, saying so

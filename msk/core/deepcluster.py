@@ -66,7 +66,7 @@ HISTORY_FIELDS = ("epoch", "nmi_prev", "nmi_truth", "purity_truth", "loss", "n_n
 
 #: Options that may change between a run and its resumption.
 RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "use_gpu", "loader_workers",
-                               "collapse_threshold"})
+                               "collapse_threshold", "keep_checkpoints"})
 
 
 class DeepClusterError(MskError):
@@ -118,6 +118,9 @@ class DeepClusterConfig(MskConfig):
     use_gpu: bool = Field(False, description="one GPU per worker")
     loader_workers: int = Field(
         0, ge=0, description="DataLoader processes per worker preparing augmented images")
+    keep_checkpoints: int | None = Field(
+        1, ge=1, description="epoch checkpoints kept, the latest ones (each holds the encoder, its optimizer "
+                             "state and the epoch's assignments; the last resumes the run); None: every epoch's")
 
     def with_k(self, n_images: int, saved: dict[str, Any] | None = None) -> DeepClusterConfig:
         """This config with ``k`` resolved: as set, else the resumed run's (``saved``, its
@@ -497,6 +500,9 @@ def _save_epoch(out: Path, net, optimizer, config: DeepClusterConfig, epoch: int
         epoch=epoch, assignments=torch.from_numpy(labels.copy()), n_images=len(labels),
         optimizer=optimizer.state_dict(),
     )
+    if config.keep_checkpoints is not None:  # older epochs' weights are not needed to resume
+        for old in sorted((out / "checkpoints").glob("epoch-*.pt"))[:-config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
     _write_history(out, history)
     _write_assignments(out, labels, image_ids)
     return path
