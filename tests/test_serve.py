@@ -274,7 +274,7 @@ def test_health_readiness_and_openapi(server):
     assert not any(p.startswith("/v1/debug") for p in schema["paths"])
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     body = schema["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert body["required"] == ["image", "metadata"]
+    assert body["required"] == ["image", "metadata"] and body["additionalProperties"] is False
     assert body["properties"]["metadata"]["contentSchema"]["properties"]["sex"]["enum"] == ["M", "F"]
 
 

@@ -51,6 +51,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from msk.core import shutdown
+from msk.core.ray_start import start_ray
 from msk.core.config import load_config
 from msk.core.errors import ConfigError, MskError
 from msk.serve.auth import BearerAuth, resolve_token_digest
@@ -153,7 +154,7 @@ def _upload_body(with_metadata: bool) -> dict[str, Any]:
                                   "contentSchema": ClinicalMetadata.model_json_schema(),
                                   "example": '{"sex": "F", "age": 15, "site": "femur", "view": "frontal"}'}
     content: dict[str, Any] = {"multipart/form-data": {"schema": {
-        "type": "object", "properties": properties, "required": list(properties)}}}
+        "type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}}}
     if not with_metadata:
         content.update({t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(RAW_TYPES)})
     return {"requestBody": {"required": True, "content": content}}
@@ -414,13 +415,9 @@ def serve_main(config_path: str | PathLike | None, *, insecure: bool = False, ho
         (Serve keeps running in this Ray session: ``ray.serve.shutdown()`` stops it).
     :return: the base URL, e.g. ``http://127.0.0.1:8000``.
     """
-    import ray
-
     config = load_config(ServeConfig, config_path, host=host, port=port, insecure=True if insecure else None)
     app = application(config)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
-        shutdown.reinstall()  # ray.init replaced the CLI's SIGTERM handler
+    start_ray(include_dashboard=False, configure_logging=False)  # quiet unless msk -v; keeps the SIGTERM handler
     url = f"http://{config.host}:{config.port}"
     try:  # a signal during start-up stops the server like one while it serves
         serve.start(proxy_location="HeadOnly", http_options={
