@@ -228,6 +228,11 @@ def test_a_synthetic_ground_truth_is_joined_through_the_ingest_manifest(tmp_path
                                      weak_out=tmp_path / "weak.csv")
     assert [n.label for n in named.names] == ["knee", "hip", "wrist", ""] and named.n_known == 10
     assert named.weak_file == tmp_path / "weak.csv" and named.weak_file.is_file()
+    # the weak labels record their run, so that `msk train sorter` starts from its encoder
+    from msk.core.labelling import weak_labels_run
+
+    assert weak_labels_run(named.weak_file) == tmp_path / "run"
+    assert (tmp_path / "weak.source.json").is_file()
 
 
 def test_cli_clusters_label_says_it_is_a_simulated_expert(tmp_path, monkeypatch):
