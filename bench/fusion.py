@@ -36,7 +36,11 @@ from rich.table import Table
 
 from msk.core.baselines import METRICS, XgbConfig
 from msk.core.fusion import (
-    FusionConfig, TransformerConfig, evaluate_fusion, load_fusion_data, read_synth_truth,
+    FusionConfig,
+    TransformerConfig,
+    evaluate_fusion,
+    load_fusion_data,
+    read_synth_truth,
 )
 from msk.core.metadata import MetadataSchema
 from msk.core.registry import entity_set

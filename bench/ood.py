@@ -134,8 +134,14 @@ def main() -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     from msk.core.ood import calibrate, ood_score
     from msk.core.sort_images import run_preprocess
-    from msk.core.sorter import (SorterConfig, load_labelled, load_sorter, logits_and_features,
-                                 prepare_sorter_data, sorter_from_ingest)
+    from msk.core.sorter import (
+        SorterConfig,
+        load_labelled,
+        load_sorter,
+        logits_and_features,
+        prepare_sorter_data,
+        sorter_from_ingest,
+    )
 
     began = time.perf_counter()
     real_xr = SHARED / "real-xr"

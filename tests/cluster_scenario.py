@@ -85,9 +85,9 @@ def main(work: Path) -> dict:
         placements = [json.loads(p.read_text()) for p in sorted((result.out / "workers").glob("rank-*.json"))]
         lap("train")
 
-        from test_sorter import fast, labelled  # tests/ is this script's folder
-
         from msk.core.tuning import TuneOptions, tune_task
+
+        from test_sorter import fast, labelled  # tests/ is this script's folder
 
         tuned = tune_task("sorter", labelled(), out=work / "tune", base=fast(epochs=2),
                           space={"lr": {"loguniform": [1e-3, 1e-2]}},

@@ -20,6 +20,7 @@ from msk.core.recommender import Recommender
 from msk.core.recommender_build import RecommenderBuildConfig, RecommenderBuildError, build_recommender
 from msk.core.registry import build_encoder
 from msk.core.truth import TruthError
+
 from test_recommender import write_ingest  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,6 +17,7 @@ from pydicom.data import get_testdata_file
 
 from msk.core.dicom_seg import DicomSegError, write_dicom_seg
 from msk.core.errors import ConfigError, MskError
+
 from test_ingest import write_dicom  # tests/ is on sys.path (rootdir conftest)
 from test_segmentation import fake_ingest, small
 

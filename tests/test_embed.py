@@ -12,12 +12,21 @@ import pytest
 import torch
 
 from msk.core.checkpoint import CheckpointError, save_checkpoint
-from msk.core.errors import MskError
 from msk.core.dataset import images_from_table, read_shards
 from msk.core.embed import (
-    EMBEDDINGS_FILE, EmbedConfig, EmbedError, Embedder, embed, embedding_matrix, encoder_info,
-    map_source_box, read_embeddings, read_rois, roi_crops,
+    EMBEDDINGS_FILE,
+    EmbedConfig,
+    Embedder,
+    EmbedError,
+    embed,
+    embedding_matrix,
+    encoder_info,
+    map_source_box,
+    read_embeddings,
+    read_rois,
+    roi_crops,
 )
+from msk.core.errors import MskError
 from msk.core.ingest import SHARD_SCHEMA, square_image
 from msk.core.manifest import shard_path, write_manifest_part
 from msk.core.registry import build_encoder

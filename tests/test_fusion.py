@@ -17,8 +17,16 @@ from msk.core.baselines import XgbConfig
 from msk.core.checkpoint import CheckpointError, save_checkpoint
 from msk.core.errors import ConfigError
 from msk.core.fusion import (
-    FusionClassifier, FusionConfig, TransformerConfig, _plan, build_fusion_model, evaluate_fusion,
-    fit_fusion, letterbox_box, load_fusion_data, read_synth_truth,
+    FusionClassifier,
+    FusionConfig,
+    TransformerConfig,
+    _plan,
+    build_fusion_model,
+    evaluate_fusion,
+    fit_fusion,
+    letterbox_box,
+    load_fusion_data,
+    read_synth_truth,
 )
 from msk.core.ingest import SHARD_SCHEMA, square_image
 from msk.core.manifest import write_manifest_part

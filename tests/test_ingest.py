@@ -8,7 +8,6 @@ import shutil
 import sys
 from pathlib import Path
 
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from msk.core.errors import ConfigError
-from msk.core.synth import SynthConfig, render_case
-from msk.core.synth import lesions
+from msk.core.synth import SynthConfig, lesions, render_case
 from msk.core.synth.canvas import Box, Canvas, Ellipse, Polygon, Transform
 
 

@@ -7,8 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from msk.core.masks import (MaskError, MaskWarning, labelme_mask, load_mask, mask_to_square,
-                            read_mask_table, write_mask_png)
+from msk.core.masks import (
+    MaskError,
+    MaskWarning,
+    labelme_mask,
+    load_mask,
+    mask_to_square,
+    read_mask_table,
+    write_mask_png,
+)
 
 
 def _labelme(path, shapes, width=40, height=30):

@@ -10,11 +10,27 @@ from pydantic import ValidationError
 from torchvision.transforms import v2
 
 from msk.core.augment import (
-    GREY_MEAN, GREY_STD, RandomBlur, RandomBorder, RandomGamma, RandomInvert, RandomJpeg,
-    RandomLetterbox, RandomNoise, augmented_view, eval_transform, to_tensor, train_transform,
+    GREY_MEAN,
+    GREY_STD,
+    RandomBlur,
+    RandomBorder,
+    RandomGamma,
+    RandomInvert,
+    RandomJpeg,
+    RandomLetterbox,
+    RandomNoise,
+    augmented_view,
+    eval_transform,
+    to_tensor,
+    train_transform,
 )
 from msk.core.preprocess import (
-    AugmentConfig, InputConfig, PreprocessConfig, clahe, percentile_window, preprocess_image,
+    AugmentConfig,
+    InputConfig,
+    PreprocessConfig,
+    clahe,
+    percentile_window,
+    preprocess_image,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

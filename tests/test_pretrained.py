@@ -173,6 +173,7 @@ def test_a_checkpoint_rebuilds_without_the_weights_file(tmp_path, weights):
     from msk.serve.classifier import load_classifier_model
     from msk.serve.config import ClassifyConfig, PreprocessConfig, SortConfig
     from msk.serve.sorter import load_sorter_model
+
     from test_sorter import drawings  # tests/ is on sys.path (rootdir conftest)
 
     folder, state = weights

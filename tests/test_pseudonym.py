@@ -23,7 +23,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from msk.core.dicom import read_dicom_header, read_image
-from msk.core.pseudonym import ENV_VAR, PseudonymKeyError, Pseudonymiser, age_in_years, parse_key
+from msk.core.pseudonym import ENV_VAR, Pseudonymiser, PseudonymKeyError, age_in_years, parse_key
+
 from test_dicom import _to_bytes  # one DICOM serialiser for the reader and pseudonym tests
 
 REPO = Path(__file__).resolve().parents[1]

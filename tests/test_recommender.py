@@ -19,8 +19,14 @@ from msk.core.ingest import SHARD_SCHEMA
 from msk.core.manifest import shard_path, write_manifest_part
 from msk.core.recommender import Neighbour, Recommendation, Recommender, RecommenderError
 from msk.core.recommender_eval import (
-    ClassifierSpec, EvalError, RecommenderEvalConfig, anova, evaluate_recommender, evaluate_split,
-    load_eval_data, read_labels,
+    ClassifierSpec,
+    EvalError,
+    RecommenderEvalConfig,
+    anova,
+    evaluate_recommender,
+    evaluate_split,
+    load_eval_data,
+    read_labels,
 )
 from msk.core.retrieval import IndexFileError, RetrievalError
 from msk.core.splits import PatientOverlapError

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from msk.core.errors import MskError
-
 from msk.core import hookspecs
+from msk.core.errors import MskError
 from msk.core.registry import (
-    KINDS, PluginConflictError, Registry, UnknownComponentError, entity_set, get_registry,
+    KINDS,
+    PluginConflictError,
+    Registry,
+    UnknownComponentError,
+    entity_set,
+    get_registry,
 )
 from msk.core.specs import ClustererSpec, EncoderSpec
 

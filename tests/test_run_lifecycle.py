@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from msk.core.config import load_config
-from msk.core.errors import ConfigError, MskError
+from msk.core.errors import ConfigError
 from msk.core.runlock import LOCK_FILE, RunLockedError, read_holder, run_lock
 
 _SCRIPT = Path(sys.executable).with_name("msk")  # the installed entry point (its name is in messages)

@@ -16,8 +16,13 @@ import torch
 from msk.core.ingest import SHARD_SCHEMA, square_image
 from msk.core.manifest import write_manifest_part
 from msk.core.masks import write_mask_png
-from msk.core.segmentation import (SegmentationError, SegmenterConfig, load_segmentation_data, overlap_scores,
-                                   train_segmenter)
+from msk.core.segmentation import (
+    SegmentationError,
+    SegmenterConfig,
+    load_segmentation_data,
+    overlap_scores,
+    train_segmenter,
+)
 
 TINY = {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
 SOURCE = (40, 28)  # source images are portrait: the ingest pads them into 32 px squares

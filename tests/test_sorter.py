@@ -15,10 +15,17 @@ from msk.core.checkpoint import save_checkpoint
 from msk.core.labelling import LabelFileError
 from msk.core.registry import entity_set
 from msk.core.sorter import (
-    LabelledImages, SorterConfig, SorterError, load_labelled, load_sorter, plan_splits,
-    read_image_labels, train_sorter,
+    LabelledImages,
+    SorterConfig,
+    SorterError,
+    load_labelled,
+    load_sorter,
+    plan_splits,
+    read_image_labels,
+    train_sorter,
 )
 from msk.core.train import TrainConfig, fit_classifier
+
 from test_train import bars as drawings  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -466,9 +473,7 @@ def test_below_the_threshold_is_unknown():
 def test_sorter_json_round_trips_the_calibration(run, tmp_path):
     import shutil
 
-    from msk.core.errors import MskError
-
-    from msk.core.errors import ConfigError
+    from msk.core.errors import ConfigError, MskError
     from msk.serve.config import SortConfig
     from msk.serve.sorter import load_sorter_model
 

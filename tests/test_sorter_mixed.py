@@ -9,6 +9,7 @@ import pytest
 
 import msk.core.sorter as sorter_module
 from msk.core.sorter import LabelledImages, SorterError, train_sorter
+
 from test_sorter import fast, labelled  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,7 +7,12 @@ import pytest
 
 from msk.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from msk.core.train import (
-    TrainConfig, TrainError, build_classifier, class_weights, fit_classifier, load_model,
+    TrainConfig,
+    TrainError,
+    build_classifier,
+    class_weights,
+    fit_classifier,
+    load_model,
     predict_logits,
 )
 

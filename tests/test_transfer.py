@@ -14,8 +14,14 @@ from msk.core.errors import ConfigError
 from msk.core.sorter import LabelledImages
 from msk.core.train import TrainConfig, fit_classifier
 from msk.core.transfer import (
-    TransferConfig, TransferError, binary_rates, run_transfer, task_metrics, transfer_from_ingest,
+    TransferConfig,
+    TransferError,
+    binary_rates,
+    run_transfer,
+    task_metrics,
+    transfer_from_ingest,
 )
+
 from test_sorter import drawings, fake_ingest  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,9 +16,17 @@ from msk.core.fusion import FusionConfig, load_fusion_data
 from msk.core.recommender_eval import ClassifierSpec, RecommenderEvalConfig
 from msk.core.sorter import SorterConfig
 from msk.core.tuning import (
-    TASKS, StateApiWarning, TuneError, TuneOptions, default_space_path, get_task, load_space, trial_resources,
+    TASKS,
+    StateApiWarning,
+    TuneError,
+    TuneOptions,
+    default_space_path,
+    get_task,
+    load_space,
+    trial_resources,
     tune_task,
 )
+
 from test_fusion import lesions, quick_config
 from test_recommender import write_ingest
 from test_sorter import fast, labelled

@@ -14,10 +14,9 @@ global brightness and contrast (Caron et al. 2018, section 3.4).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import io
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -171,7 +171,8 @@ def ingest(
     [b]Example[/b]: [cyan]MSK_PSEUDONYM_KEY=... msk ingest /pacs/export out/ingest --image-size 256 --modality CR,DX[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.ingest import IngestConfig, ingest as run_ingest
+    from msk.core.ingest import IngestConfig
+    from msk.core.ingest import ingest as run_ingest
 
     if not src.is_dir():
         raise MskError(f"source folder {src} does not exist")
@@ -559,7 +560,8 @@ def embed(
     [b]Example[/b]: [cyan]msk embed out/ingest out/cluster/checkpoints/epoch-010.pt out/embeddings[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.embed import EmbedConfig, embed as run_embed
+    from msk.core.embed import EmbedConfig
+    from msk.core.embed import embed as run_embed
 
     report = run_embed(ingest_dir, checkpoint, out_dir, load_config(EmbedConfig, config, image_size=image_size))
     out.print(f"{report.n_images} embeddings of dimension {report.dim} in {report.seconds:.1f} s")
@@ -713,7 +715,6 @@ def eval_fusion(
     """
     from msk.core.config import load_config
     from msk.core.fusion import FusionConfig, evaluate_fusion
-
     from msk.core.profiles import set_options
 
     cfg = set_options(load_config(FusionConfig, config), {"train.image_size": image_size})
@@ -750,7 +751,8 @@ def build_recommender(
     [b]Example[/b]: [cyan]msk build recommender out/ingest out/synth/ground_truth.csv out/recommender --encoder out/cluster/checkpoints/epoch-010.pt[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.recommender_build import RecommenderBuildConfig, build_recommender as build
+    from msk.core.recommender_build import RecommenderBuildConfig
+    from msk.core.recommender_build import build_recommender as build
 
     report = build(ingest_dir, labels, out_dir, encoder, load_config(RecommenderBuildConfig, config, k=k, image_size=image_size),
                    boxes=boxes, masks=masks)

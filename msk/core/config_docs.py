@@ -30,7 +30,6 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 __all__ = ["EXTRA", "CommandConfigs", "Row", "command_configs", "config_rows", "render"]
 

@@ -35,7 +35,7 @@ import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,7 @@ def _write_summary(out: Path, src: str | os.PathLike, options: DatasetOptions, r
     """``OUT/import.json``: what was imported, with which options, and the counts."""
     summary = {
         "msk_version": msk.__version__,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": report.dataset,
         "src": str(Path(src).resolve()),
         "options": options.model_dump(mode="json"),

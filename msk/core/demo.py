@@ -35,7 +35,6 @@ import hashlib
 import html
 import json
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -167,16 +166,15 @@ def _accuracy(predicted, truth) -> float:
 
 def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=print) -> DemoResult:
     """Run the chain into ``out`` (see the module docstring) and write ``out/report.html``."""
-    import pandas as pd
-
     from msk.core.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
     from msk.core.embed import Embedder, roi_crops
     from msk.core.fusion import fit_fusion
-    from msk.core.metadata import MetadataEncoder, MetadataSchema
     from msk.core.ingest import IngestConfig, ingest
     from msk.core.labelling import export_clusters, name_clusters_from_truth
+    from msk.core.metadata import MetadataEncoder, MetadataSchema
     from msk.core.recommender import Recommender
     from msk.core.recommender_build import RecommenderBuildConfig, build_recommender
+    from msk.core.runlock import LOCK_FILE
     from msk.core.sorter import SorterConfig, load_labelled, train_sorter
     from msk.core.sorter_eval import evaluate_against_truth
     from msk.core.synth import SynthConfig, synthesize
@@ -185,8 +183,6 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     from msk.serve.classifier import load_classifier_model
     from msk.serve.config import ClassifyConfig, RoiConfig
     from msk.serve.config import PreprocessConfig as ServePreprocess
-
-    from msk.core.runlock import LOCK_FILE
 
     config = config or DemoConfig()
     out = Path(out).absolute()

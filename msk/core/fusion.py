@@ -54,12 +54,11 @@ from msk.core.baselines import METRICS, XgbConfig, classification_metrics, fit_x
 from msk.core.checkpoint import load_state
 from msk.core.config import MskConfig
 from msk.core.errors import ConfigError, MskError
-from msk.core.metadata import DICOM_VIEWS, MetadataEncoder, MetadataError, MetadataSchema, join_images
 from msk.core.ingest import map_box_to_square
+from msk.core.metadata import DICOM_VIEWS, MetadataEncoder, MetadataError, MetadataSchema, join_images
 from msk.core.registry import build_fusion_head, entity_set
 from msk.core.splits import patient_kfold, patient_split
-from msk.core.train import (FitResult, ImageClassifier, TrainConfig, fit, init_checkpoint, load_model,
-                            predict_logits)
+from msk.core.train import FitResult, ImageClassifier, TrainConfig, fit, init_checkpoint, load_model, predict_logits
 
 __all__ = [
     "BOX_COLUMNS", "FusionClassifier", "FusionConfig", "FusionData", "FusionResult",

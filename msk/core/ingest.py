@@ -43,7 +43,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -507,7 +507,12 @@ def _exclusive(out: Path) -> Iterator[None]:
 def _progress_bar(enabled: bool):
     from rich.console import Console
     from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     return Progress(
@@ -674,7 +679,7 @@ def _write_summary(src: Path, config: IngestConfig, report: IngestReport) -> Non
     """``OUT/ingest.json``: the last run's report and the config it used (inside the hospital zone)."""
     summary = {
         "msk_version": msk.__version__,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "src": str(src),
         "n_inputs": report.n_inputs,
         "n_skipped_existing": report.n_skipped_existing,

@@ -35,10 +35,11 @@ import numpy as np
 import pandas as pd
 from pydantic import field_validator
 
+from msk.core.btxrd import BTXRD_SITES
 from msk.core.config import MskConfig
 from msk.core.errors import MskError
 from msk.core.specs import BonePosition
-from msk.core.btxrd import BTXRD_SITES
+
 #: BTXRD's view flag columns, which are also msk's view vocabulary.
 VIEWS: tuple[str, ...] = ("frontal", "lateral", "oblique")
 #: Columns of the canonical metadata frame, in order.

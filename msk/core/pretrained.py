@@ -105,8 +105,13 @@ def _hub_file(repo: str, value: Any) -> str:
     """The local path of ``repo``'s weights (``model.safetensors``, else ``pytorch_model.bin``),
     from the Hugging Face cache or downloaded into it."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     repo_id, _, revision = repo.partition("@")
     for filename in ("model.safetensors", "pytorch_model.bin"):

@@ -131,8 +131,7 @@ def build_recommender(ingest: str | os.PathLike, labels: str | os.PathLike, out:
     import pyarrow.dataset as pads
 
     from msk.core.dataset import read_shards
-    from msk.core.embed import (EmbedError, Embedder, _ingest_resize, embedding_matrix,
-                                embeddings_table, read_rois)
+    from msk.core.embed import Embedder, EmbedError, _ingest_resize, embedding_matrix, embeddings_table, read_rois
     from msk.core.manifest import committed_shards
     from msk.core.recommender import Recommender
     from msk.core.truth import canonical_labels, check_overlap, read_truth

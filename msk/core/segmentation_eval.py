@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msk.core.segmentation import (SegmentationError, load_ensemble, load_segmentation_data, overlap_scores,
-                                   read_splits)
+from msk.core.segmentation import SegmentationError, load_ensemble, load_segmentation_data, overlap_scores, read_splits
 
 __all__ = ["SegmentationEvaluation", "evaluate_segmenter", "overlay_sheet"]
 

@@ -43,13 +43,11 @@ from pydantic import Field
 
 from msk.core.checkpoint import CheckpointError
 from msk.core.errors import MskError
-from msk.core.paths import resolve_stored, store_path
 from msk.core.labelling import DISCARD, LabelFileError, LabelVocabulary
-from msk.core.ood import (FEATURE_SCORES, UNKNOWN, FeatureDensity, UnknownCalibration, calibrate,
-                          ood_score)
+from msk.core.ood import FEATURE_SCORES, UNKNOWN, FeatureDensity, UnknownCalibration, calibrate, ood_score
+from msk.core.paths import resolve_stored, store_path
 from msk.core.specs import EntitySet
-from msk.core.train import (TrainConfig, TrainError, build_classifier, fit_classifier, load_model,
-                            predict_logits)
+from msk.core.train import TrainConfig, TrainError, build_classifier, fit_classifier, load_model, predict_logits
 
 __all__ = [
     "CrossValidation", "Evaluation", "FoldResult", "LabelledImages", "SorterConfig",

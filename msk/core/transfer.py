@@ -32,8 +32,15 @@ from pydantic import Field, field_validator
 
 from msk.core.checkpoint import CheckpointError, load_checkpoint
 from msk.core.pretrained import PretrainedError
-from msk.core.sorter import (LabelledImages, SorterError, _check_resumable, _patients_per_class,
-                             _progress, load_labelled, softmax)
+from msk.core.sorter import (
+    LabelledImages,
+    SorterError,
+    _check_resumable,
+    _patients_per_class,
+    _progress,
+    load_labelled,
+    softmax,
+)
 from msk.core.train import TrainConfig, TrainError, build_classifier, fit_classifier, predict_logits
 
 __all__ = ["ArmResult", "TransferConfig", "TransferError", "TransferResult", "binary_rates",

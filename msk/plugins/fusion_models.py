@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 
-
 def metadata_mlp(meta_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
     """``Linear -> BatchNorm1d -> ReLU -> Dropout`` per entry of ``hidden``."""
     layers: list[nn.Module] = []

@@ -51,17 +51,24 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from msk.core import shutdown
-from msk.core.ray_start import start_ray
 from msk.core.config import load_config
 from msk.core.errors import ConfigError, MskError
+from msk.core.ingest import map_box_from_square, map_box_to_square
+from msk.core.ray_start import start_ray
 from msk.serve.auth import BearerAuth, resolve_token_digest
 from msk.serve.config import PreprocessConfig, ReplicaConfig, ServeConfig, check_paths
 from msk.serve.errors import ApiError, install_error_handlers
-from msk.core.ingest import map_box_from_square, map_box_to_square
 from msk.serve.inputs import RAW_TYPES, ClinicalMetadata, Radiograph, decode_radiograph, parse_metadata, read_upload
 from msk.serve.replica import Rejection
-from msk.serve.schemas import (ClassifyResponse, ErrorResponse, Health, Ready, RecommendResponse, SegmentResponse,
-                               SortResponse)
+from msk.serve.schemas import (
+    ClassifyResponse,
+    ErrorResponse,
+    Health,
+    Ready,
+    RecommendResponse,
+    SegmentResponse,
+    SortResponse,
+)
 
 __all__ = ["API_VERSION", "Gateway", "ModelClients", "ServeError", "application", "build_app", "create_api",
            "serve_main"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -51,7 +51,7 @@ def syntax_key(name: str) -> str:
     raise ValueError(f"unknown transfer syntax {name!r}; known: {known}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def syntax_problem(key: str) -> str | None:
     """Why ``key`` cannot be written here (missing or broken encoder), or ``None`` if it works.
 

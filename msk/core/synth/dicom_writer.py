@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -56,7 +56,7 @@ def _with_pixels(ds: Dataset, case: SynthCase) -> bytes:
     return _save(ds, uid)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fastest_plugin(uid) -> str:
     """pylibjpeg-rle encodes RLE about 10x faster than pydicom's own encoder; else pydicom picks."""
     if uid == RLELossless and "pylibjpeg" in get_encoder(uid).available_plugins:

@@ -21,11 +21,11 @@ import csv
 import shutil
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator
 
 from msk.core.errors import ConfigError
 from msk.core.synth.cases import SynthCase, known_drawers, known_sets, preload_sets, priors_for, render_case

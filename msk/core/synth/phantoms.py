@@ -16,9 +16,9 @@ along the shaft) and points on flat bones (pelvis, skull, vertebrae, ribs, scapu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import numpy as np
 
@@ -961,7 +961,7 @@ def draw_region(body: Body, region: str) -> None:
     REGIONS[region].draw(body)
 
 
-@lru_cache(maxsize=None)
+@cache
 def region_anchors(region: str, view: str | None = None) -> tuple[Anchor, ...]:
     """Anchors of ``region`` for a typical adult (geometry only, nothing is drawn)."""
     spec = REGIONS[region]

@@ -104,7 +104,13 @@ def _framing(region: str, view: str, size: int, rng: np.random.Generator) -> Fra
 def render_radiograph(case, config, rng: np.random.Generator, r_window: float) -> None:
     """Render ``case`` in the ``radiograph`` style into ``case.pixels`` (and mask, box, spacing)."""
     from msk.core.synth.cases import (
-        _ANATOMY, _LESION_SHAPE, _annotate, _noise, _store, lesion_in_field, rng_for,
+        _ANATOMY,
+        _LESION_SHAPE,
+        _annotate,
+        _noise,
+        _store,
+        lesion_in_field,
+        rng_for,
     )
     from msk.core.synth.lesions import draw_lesion, frame_for
     from msk.core.synth.phantoms import find_anchor
