@@ -185,7 +185,7 @@ def main() -> int:
         cal = calibrate([val[i][0] for i in idx], score=score, keep=args.keep,
                         val_features=[val[i][1] for i in idx], densities=dens)
 
-        def scored(outs):
+        def scored(outs, idx=idx, score=score, dens=dens):
             return ood_score(np.stack([outs[i][0] for i in idx]), score,
                              fold_features=[outs[i][1] for i in idx], densities=dens)
 

@@ -48,9 +48,9 @@ def main() -> None:
     total_pixels = total_seconds = 0.0
     for path in track(files, description="decoding", console=Console(stderr=True)):
         data = path.read_bytes()
-        header = _median_seconds(lambda: read_dicom_header(data), args.repeats)
+        header = _median_seconds(lambda data=data: read_dicom_header(data), args.repeats)
         image = read_image(data, source=path.name)
-        decode = _median_seconds(lambda: read_image(data), args.repeats)
+        decode = _median_seconds(lambda data=data: read_image(data), args.repeats)
         pixels = image.pixels.size
         total_pixels += pixels
         total_seconds += decode

@@ -38,7 +38,8 @@ def main() -> None:
         size = sum(p.stat().st_size for p in (out / "export").rglob("*") if p.is_file())
         rows.append((workers, wall, args.n / wall, size / 2**20))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"msk synth, style {args.style}, n={args.n} (peak RSS of this process {peak:.0f} MiB; workers are separate processes)")
+    print(f"msk synth, style {args.style}, n={args.n} "
+          f"(peak RSS of this process {peak:.0f} MiB; workers are separate processes)")
     print(f"{'workers':>8} {'wall s':>8} {'files/s':>8} {'speed-up':>9} {'MiB':>7}")
     for workers, wall, fps, mib in rows:
         print(f"{workers:>8} {wall:>8.1f} {fps:>8.1f} {fps / rows[0][2]:>8.2f}x {mib:>7.0f}")

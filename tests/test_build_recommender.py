@@ -137,7 +137,7 @@ def write_ground_truth(path, labels):
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "patient_id", "region", "entity", "x0", "y0", "x1", "y1", "mask"])
-        for k, r in enumerate(labels.itertuples()):
+        for r in labels.itertuples():
             p, j = int(r.image_id[4:7]), int(r.image_id[-1])
             lesion = p % 2 == 0
             writer.writerow([f"export/{p}/{j}.dcm", f"MRN{p}", "knee", r.entity if lesion else "",

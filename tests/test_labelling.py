@@ -338,10 +338,10 @@ def test_cli_eval_sorter_scores_against_a_truth_next_to_the_weak_labels(tmp_path
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_cli_cluster_truth_fills_nmi_truth(tmp_path, monkeypatch):
+    from msk.core.dataset import read_shards
+
     from test_build_recommender import run_msk
     from test_recommender import write_ingest
-
-    from msk.core.dataset import read_shards
 
     write_ingest(tmp_path / "ingest", n_patients=2, per_patient=2)  # 12 images
     ids = read_shards(tmp_path / "ingest", columns=["image_id"]).column("image_id").to_pylist()

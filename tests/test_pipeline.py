@@ -21,7 +21,8 @@ def test_demo_accounts_for_every_file(ray_session, tmp_path, monkeypatch):
     rows = ground_truth_for_ingest(out / "synth", out / "ingest", status=None)
     assert len(rows) == 200  # nothing lost: one manifest row per written file
     got = rows["status"].where(rows["status"] == "ok", rows["reason"])
-    assert (got == rows["expected_status"]).all(), rows.loc[got != rows["expected_status"], ["path", "reason", "expected_status"]]
+    assert (got == rows["expected_status"]).all(), \
+        rows.loc[got != rows["expected_status"], ["path", "reason", "expected_status"]]
     assert set(rows["expected_status"]) >= {"ok", "empty", "corrupt", "not_an_image", "no_pixel_data"}
 
     shards = read_shards(out / "ingest", columns=["image_id", "height", "width", "patient_id"])

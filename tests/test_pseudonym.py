@@ -98,8 +98,7 @@ def _phi_dataset() -> Dataset:
 
 
 def _all_elements(ds: Dataset):
-    for elem in ds.iterall():
-        yield elem
+    yield from ds.iterall()
     if getattr(ds, "file_meta", None) is not None:
         yield from ds.file_meta.iterall()
 

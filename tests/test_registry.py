@@ -191,7 +191,8 @@ class _BadName:
 def test_duplicate_names_are_an_error_naming_both_plugins():
     reg = Registry(load_entrypoints=False)
     reg.register(_Dupe(), name="dupe-plugin")
-    with pytest.raises(PluginConflictError, match="'tiny-cnn' is registered by both 'msk.plugins.encoders' and 'dupe-plugin'"):
+    with pytest.raises(PluginConflictError,
+                       match="'tiny-cnn' is registered by both 'msk.plugins.encoders' and 'dupe-plugin'"):
         reg.names("encoder")
 
 

@@ -29,7 +29,8 @@ MSK = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "msk.core.
 REPO = Path(__file__).resolve().parents[1]
 
 
-def msk(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def msk(*args: str, cwd: Path | None = None, env: dict | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*MSK, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 

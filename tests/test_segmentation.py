@@ -53,7 +53,8 @@ def fake_ingest(root, n_patients: int = 8, per_patient: int = 2, seed: int = 0):
         truth.append({"path": f"export/{rel}", "patient_id": f"{i // per_patient:04d}", "entity": entity,
                       "mask": f"masks/{image_id}.png"})
     truth.append({"path": "export/normal.dcm", "patient_id": "9999", "entity": None, "mask": None})
-    manifest.append({"path": "normal.dcm", "image_id": "IDN", "status": "ok", "shard": "shards/part-000000-000.parquet"})
+    manifest.append({"path": "normal.dcm", "image_id": "IDN", "status": "ok",
+                     "shard": "shards/part-000000-000.parquet"})
     shard.append({"image_id": "IDN", "image": bytes(32 * 32), "height": 32, "width": 32, "source_height": 32,
                   "source_width": 32, "patient_id": "patN"})
     rows = [{k: r.get(k) for k in SHARD_SCHEMA.names} for r in shard]

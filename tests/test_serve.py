@@ -525,7 +525,8 @@ def test_missing_checkpoint_or_index_fails_at_startup(model_files, tmp_path, mon
         with pytest.raises(ConfigError, match=match):
             application(config)
     (tmp_path / "empty").mkdir()
-    config = ServeConfig.model_validate({**good, "recommender": {**good["recommender"], "path": str(tmp_path / "empty")}})
+    config = ServeConfig.model_validate(
+        {**good, "recommender": {**good["recommender"], "path": str(tmp_path / "empty")}})
     with pytest.raises(ConfigError, match="not a saved recommender"):
         application(config)
     config = ServeConfig.model_validate({**good, "classifier": {**good["classifier"], "hidden": [16]}})
@@ -731,8 +732,8 @@ def test_gateway_failures_are_json_without_serve():
         unavailable = c.post("/v1/recommend", **body)
         assert_error(unavailable, 503, "model_unavailable")
         assert unavailable.headers["retry-after"] == "2"
-        assert_error(c.post("/v1/classify", files={"image": ("x", png(HORIZONTAL))}, data={"metadata": json.dumps(META)}),
-                     504, "timeout")
+        assert_error(c.post("/v1/classify", files={"image": ("x", png(HORIZONTAL))},
+                            data={"metadata": json.dumps(META)}), 504, "timeout")
         assert "securitySchemes" not in c.get("/openapi.json").json().get("components", {})
     authorized = {"content": png(HORIZONTAL), "headers": {"Content-Type": "image/png",
                                                           "Authorization": f"Bearer {TOKEN}"}}

@@ -286,7 +286,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
             ServePreprocess(image_size=config.image_size))
         fused_p = np.argmax(served_model.probabilities(crops[seen], meta[seen].astype(np.float32)), axis=1)
         in_process = {ids[i]: classes[int(c)] for i, c in zip(seen, fused_p)}
-        numbers["fusion"] = {"metadata": ["age", "sex", "site", "view"], "accuracy_unseen": round(_accuracy(fused_p, y[seen]), 3)}
+        numbers["fusion"] = {"metadata": ["age", "sex", "site", "view"],
+                             "accuracy_unseen": round(_accuracy(fused_p, y[seen]), 3)}
         say(f"   accuracy on the same unseen lesions {numbers['fusion']['accuracy_unseen']:.3f} (image only "
             f"{numbers['classifier']['accuracy_unseen']:.3f})")
 

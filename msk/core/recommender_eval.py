@@ -93,7 +93,8 @@ class RecommenderEvalConfig(MskConfig):
     image_size: int = Field(64, ge=8, description="network input side (the ROI crop's side with roi)")
     roi: bool = Field(True, description="use the lesion box + margin (needs x0, y0, x1, y1 in the labels)")
     roi_margin: float = Field(0.15, ge=0, description="margin on each side, a fraction of the lesion's longer side")
-    entity_set: str | None = Field("bone-tumours", description="entity order of confusion matrices; None: sorted labels")
+    entity_set: str | None = Field("bone-tumours",
+                                   description="entity order of confusion matrices; None: sorted labels")
     classifiers: list[ClassifierSpec] = Field(
         default_factory=lambda: [
             ClassifierSpec(name="cnn", encoder="resnet18"),

@@ -18,8 +18,8 @@ region classifier:
 * **unknown inputs** (:mod:`msk.core.ood`): a threshold on the ensemble's score, calibrated on
   the out-of-fold validation images to keep ``ood_keep`` of them; the ensemble answers
   ``unknown`` below it. The default score (``mahalanobis``) keeps per fold the class means and
-  shared covariance of the training features (``fold-k/ood_density.npz``). A rerun of a run finished before calibration existed calibrates it
-  without retraining.
+  shared covariance of the training features (``fold-k/ood_density.npz``). A rerun of a run finished before
+  calibration existed calibrates it without retraining.
 
 Labels come from a CSV ``image_id,label`` (the ``row,image_id,label`` weak labels that
 ``msk clusters apply`` writes, or any such file) or, with the DeepCluster run folder, straight

@@ -3,9 +3,9 @@
 Each **arm** fine-tunes the same classifier (:func:`msk.core.train.fit_classifier`) from a
 different starting point: ``random`` initialisation, the DeepCluster checkpoint, the sorter's
 checkpoint, any other msk checkpoint, or weights from outside msk, ``pretrained:FILE`` or
-``pretrained:hf-hub:org/name`` (e.g. ImageNet weights, :mod:`msk.core.pretrained`). All arms see the same patient-level folds (stratified
-group k-fold over patients, every patient in exactly one test fold), the same options and the
-same budget: a fixed number of epochs without early stopping, the last epoch evaluated. Every
+``pretrained:hf-hub:org/name`` (e.g. ImageNet weights, :mod:`msk.core.pretrained`). All arms see the
+same patient-level folds (stratified group k-fold over patients, every patient in exactly one test fold),
+the same options and the same budget: a fixed number of epochs without early stopping, the last epoch evaluated. Every
 image is thus predicted once per arm by a model that never saw its patient, and the arms are
 compared on these out-of-fold predictions (pooled) and per fold (mean and spread).
 

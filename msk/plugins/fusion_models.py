@@ -1,4 +1,5 @@
-"""Modules behind the built-in fusion heads (imported only when one is built): image features + encoded clinical metadata -> entity logits.
+"""Modules behind the built-in fusion heads (imported only when one is built): image features + encoded
+clinical metadata -> entity logits.
 
 All heads share one structure. Metadata ``[B, meta_dim]`` goes through an MLP of
 ``Linear -> BatchNorm1d -> ReLU -> Dropout`` blocks (``hidden`` sizes) into a metadata

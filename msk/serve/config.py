@@ -45,7 +45,8 @@ class PreprocessConfig(MskConfig):
     training images: set ``ingest`` to read them from its ``ingest.json``.
     """
 
-    ingest: Path | None = Field(None, description="ingest output folder whose ingest.json gives image_size, resize, max_pixels")
+    ingest: Path | None = Field(
+        None, description="ingest output folder whose ingest.json gives image_size, resize, max_pixels")
     image_size: int = Field(256, ge=8, le=8192, description="side of the square image (the ingest's image_size)")
     resize: Literal["pad", "stretch"] = Field("pad", description="the ingest's resize mode")
     max_pixels: int = Field(50_000_000, gt=0, description="larger images are refused (422, reason too_large)")
@@ -111,7 +112,8 @@ class RecommendConfig(ModelConfig):
 
     path: Path = Field(description="a saved recommender folder (msk.core.recommender)")
     encoder: Path | None = Field(None, description="encoder checkpoint; default: the one the index was built with")
-    k: int | None = Field(None, ge=1, description="neighbours when the request does not say; default: the recommender's")
+    k: int | None = Field(None, ge=1,
+                          description="neighbours when the request does not say; default: the recommender's")
 
 
 class RoiConfig(MskConfig):

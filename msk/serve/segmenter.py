@@ -39,7 +39,8 @@ def inspect_segmenter(config: SegmentConfig) -> dict[str, Any]:
         folds = [run / f"fold-{int(f['fold'])}" / "best.pt" for f in info["folds"]]
         threshold = float(config.threshold if config.threshold is not None else info["threshold"])
     except FileNotFoundError:
-        raise ConfigError(f"segmenter.run: {run} is not a finished `msk train segmenter` run (no {INFO_FILE})") from None
+        raise ConfigError(
+            f"segmenter.run: {run} is not a finished `msk train segmenter` run (no {INFO_FILE})") from None
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"segmenter.run: {info_path} is unreadable ({exc})") from None
     missing = [str(p) for p in folds if not p.is_file()]

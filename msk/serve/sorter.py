@@ -69,7 +69,8 @@ def inspect_sorter(config: SortConfig) -> dict[str, Any]:
         try:
             info = json.loads(summary.read_text())
             folds, classes, image_size = int(info["folds"]), list(info["classes"]), int(info["image_size"])
-            unknown = None if info.get("unknown") is None else UnknownCalibration.from_json(info["unknown"], str(summary))
+            unknown = (None if info.get("unknown") is None
+                       else UnknownCalibration.from_json(info["unknown"], str(summary)))
         except MskError as exc:
             raise ConfigError(f"sorter.checkpoint: {exc}") from None
         except (OSError, KeyError, TypeError, ValueError) as exc:

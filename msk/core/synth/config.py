@@ -96,7 +96,8 @@ class SynthConfig(MskConfig):
     images_per_patient: tuple[int, int] = Field((1, 4), description="(min, max) images of one patient")
     lesion_fraction: float = Field(0.35, ge=0.0, le=1.0, description="share of patients with a lesion")
     entity_set: str = Field("bone-tumours", description="tumour entity set of the lesions (`msk plugins entity_set`)")
-    region_set: str = Field("samx-regions", description="anatomical region set of the images (`msk plugins entity_set`)")
+    region_set: str = Field("samx-regions",
+                            description="anatomical region set of the images (`msk plugins entity_set`)")
     corrupt_fraction: float = Field(0.01, ge=0.0, le=1.0, description="share of deliberately corrupt files "
                                     "(the ingest must quarantine them)")
     monochrome1_fraction: float = Field(0.2, ge=0.0, le=1.0, description="share of DICOMs stored MONOCHROME1 "
@@ -106,7 +107,8 @@ class SynthConfig(MskConfig):
     priors: Literal["auto", "btxrd", "defaults"] = Field(
         "auto", description="age, sex and site per entity: 'btxrd' from the BTXRD metadata (btxrd_csv), "
         "'defaults' the shipped ones, 'auto' BTXRD when found")
-    btxrd_csv: Path | None = Field(None, description="BTXRD dataset.csv; default: ../shared/data/btxrd-meta/dataset.csv")
+    btxrd_csv: Path | None = Field(None,
+                                   description="BTXRD dataset.csv; default: ../shared/data/btxrd-meta/dataset.csv")
     workers: int = Field(1, ge=1, le=256, description="processes writing files (same files for any number)")
     style: Literal["basic", "radiograph"] = Field(
         "radiograph", description="'radiograph': realistic anatomy variation, framing (joint crops, "
