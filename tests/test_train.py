@@ -98,6 +98,17 @@ def test_resume_continues_after_last_epoch(tmp_path):
         fit_classifier(x, y % 2, 2, fast(epochs=3), out=tmp_path)
 
 
+def test_a_resumed_run_repeats_the_uninterrupted_one(tmp_path):
+    """With augmentation (torch's random transforms): epochs 3-4 after a stop at epoch 2 are the
+    epochs 3-4 of a run that never stopped."""
+    x, y = bars(48)
+    config = fast(epochs=4, augment=True, aug_prob=1.0)
+    whole = fit_classifier(x, y, 3, config, out=tmp_path / "whole").history
+    fit_classifier(x, y, 3, config.model_copy(update={"epochs": 2}), out=tmp_path / "resumed")
+    resumed = fit_classifier(x, y, 3, config, out=tmp_path / "resumed").history
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
+
+
 def test_early_stopping(tmp_path):
     x, y = bars(48)
     rng = np.random.default_rng(0)

@@ -310,6 +310,9 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
     per_worker = (len(images) // world // config.batch_size) * config.batch_size or len(images) // world
     for epoch in range(start, config.epochs + 1):
         began = time.perf_counter()
+        # every random draw of an epoch (order, augmentation, dropout) depends on (seed, epoch, rank)
+        # only, so a resumed run repeats the epochs an uninterrupted one would have run
+        torch.manual_seed(config.seed + 7919 * epoch + rank)
         order = np.random.default_rng(config.seed + epoch).permutation(len(images))
         mine = order[rank * per_worker:(rank + 1) * per_worker]
         data = items(images[mine], labels[mine], None if meta is None else meta[mine],
