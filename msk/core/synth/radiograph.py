@@ -204,10 +204,10 @@ def _expose(cv: Canvas, rng: np.random.Generator, size: int) -> np.ndarray:
     """Beer-Lambert with soft tissue weighted up (a visible envelope) and a random kV
     (bone/soft contrast), then scatter (a blurred copy) and the heel effect."""
     k = Canvas.SOFT_SUBSAMPLE
-    soft = Image.fromarray(np.maximum(cv.soft, 0.0), mode="F")
-    soft = np.asarray(soft.resize((cv.w, cv.h), Image.BILINEAR, box=(0, 0, cv.w / k, cv.h / k)), dtype=np.float32)
+    soft = np.asarray(Image.fromarray(np.maximum(cv.soft, 0.0), mode="F").resize(
+        (cv.w, cv.h), Image.Resampling.BILINEAR, box=(0, 0, cv.w / k, cv.h / k)), dtype=np.float32)
     air = np.asarray(Image.fromarray(np.minimum(cv.soft, 0.0), mode="F").resize(
-        (cv.w, cv.h), Image.BILINEAR, box=(0, 0, cv.w / k, cv.h / k)), dtype=np.float32)
+        (cv.w, cv.h), Image.Resampling.BILINEAR, box=(0, 0, cv.w / k, cv.h / k)), dtype=np.float32)
     bone = np.maximum(cv.bone, 0.0)
     metal = np.maximum(bone - 1.6, 0.0)
     density = rng.uniform(1.0, 2.2) * soft + rng.uniform(0.4, 1.0) * (bone - metal) + 3.0 * metal + 1.5 * air
@@ -225,9 +225,9 @@ def _expose(cv: Canvas, rng: np.random.Generator, size: int) -> np.ndarray:
 def _wide_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     """A Gaussian blur of large ``sigma`` computed at a quarter of the resolution."""
     h, w = img.shape
-    small = Image.fromarray(img, mode="F").resize((max(w // 4, 1), max(h // 4, 1)), Image.BILINEAR)
+    small = Image.fromarray(img, mode="F").resize((max(w // 4, 1), max(h // 4, 1)), Image.Resampling.BILINEAR)
     small = Image.fromarray(gaussian_filter(np.asarray(small), sigma / 4, truncate=2.0), mode="F")
-    return np.asarray(small.resize((w, h), Image.BILINEAR), dtype=np.float32)
+    return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _process(img: np.ndarray, rng: np.random.Generator, size: int) -> None:
@@ -278,11 +278,15 @@ def _film(img: np.ndarray, rng: np.random.Generator, fr: Framing, tf: Transform,
         hu, hv = (short_half, long_half) if h > w else (long_half, short_half)
     f_in = rng.uniform(0.65, 0.95)
     hu, hv = hu * f_in, hv * f_in
-    if rng.random() < 0.6:  # collimated band inside the cassette
-        shutter = rng.uniform(0.8, 0.95)
+    shutter = rng.uniform(0.8, 0.95) if rng.random() < 0.6 else None  # collimated band inside the cassette
+    if box is not None:  # the lesion lies inside the exposed field: widen the cassette to take it in
+        corners = [(x - cx, y - cy) for x in (box[0], box[2]) for y in (box[1], box[3])]
+        reach_u = max(abs(x * c[0] + y * c[1]) for x, y in corners) + 2
+        reach_v = max(abs(-x * c[1] + y * c[0]) for x, y in corners) + 2
+        inner = shutter or 1.0
+        hu, hv = max(hu, reach_u / inner), max(hv, reach_v / inner)
+    if shutter is not None:
         band = (np.abs(du) > shutter * hu) | (np.abs(dv) > shutter * hv)
         img[band] = img[band] * 0.3 + rng.uniform(0.3, 0.7) * 0.7
     outside = (np.abs(du) > hu) | (np.abs(dv) > hv)
-    if box is not None:
-        outside[box[1]:box[3], box[0]:box[2]] = False
     img[outside] = rng.uniform(0.0, 0.03)
