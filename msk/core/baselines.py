@@ -290,7 +290,7 @@ def cross_validate(
     fit: FitFn,
     df: pd.DataFrame,
     y: np.ndarray,
-    groups: Sequence[Any],
+    groups: Sequence[Any] | np.ndarray,
     num_classes: int,
     schema: MetadataSchema | None = None,
     config: Any = None,

@@ -88,7 +88,7 @@ def _command_name(func: ast.FunctionDef, groups: dict[str, str]) -> str | None:
         typer_app = deco.func.value.id
         if typer_app != "app" and typer_app not in groups:
             continue
-        name = (deco.args[0].value if deco.args and isinstance(deco.args[0], ast.Constant)
+        name = (str(deco.args[0].value) if deco.args and isinstance(deco.args[0], ast.Constant)
                 else func.name.replace("_", "-"))
         return " ".join(["msk", *([groups[typer_app]] if typer_app != "app" else []), name])
     return None
@@ -96,13 +96,13 @@ def _command_name(func: ast.FunctionDef, groups: dict[str, str]) -> str | None:
 
 def _typer_groups(tree: ast.Module) -> dict[str, str]:
     """typer app variable -> its sub-command name (``app.add_typer(train_app, name="train")``)."""
-    groups = {}
+    groups: dict[str, str] = {}
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_typer"
                 and node.args and isinstance(node.args[0], ast.Name)):
             for kw in node.keywords:
                 if kw.arg == "name" and isinstance(kw.value, ast.Constant):
-                    groups[node.args[0].id] = kw.value.value
+                    groups[node.args[0].id] = str(kw.value.value)
     return groups
 
 

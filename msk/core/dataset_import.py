@@ -174,7 +174,9 @@ def import_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike,
         extras.update(dict.fromkeys(k for k in r.extra if k not in ("image_id", "label", "patient_id")))
     columns = ["image_id", "label", "patient_id", *(["entity"] if tumour and "entity" not in extras else []),
                *extras]
-    rows, quarantined, examples = [], Counter(), {}
+    rows: list[dict[str, Any]] = []
+    quarantined: Counter[str] = Counter()
+    examples: dict[str, Any] = {}
     for r in records:
         row = by_path[r.path]
         if row["status"] != OK:

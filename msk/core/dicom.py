@@ -651,7 +651,7 @@ def has_colour(rgb: np.ndarray, full_scale: float = 255.0) -> bool:
     r, g, b = flat[:, 0], flat[:, 1], flat[:, 2]
     chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # >= 0: no wrap
     coloured = np.count_nonzero(chroma > COLOUR_CHROMA * full_scale)
-    return coloured > COLOUR_MIN_FRACTION * flat.shape[0]
+    return bool(coloured > COLOUR_MIN_FRACTION * flat.shape[0])
 
 
 def _first(value: Any) -> float:

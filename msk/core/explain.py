@@ -85,9 +85,9 @@ def group_attributions(attributions: np.ndarray, feature_groups: Mapping[str, Se
 def importance_table(groups: pd.DataFrame, target: Sequence[int],
                      class_names: Sequence[str]) -> pd.DataFrame:
     """Mean absolute group attribution per entity (rows, by ``target``) plus an ``all`` row."""
-    target = np.asarray(target)
+    classes = np.asarray(target)
     absolute = groups.abs()
-    rows = {class_names[c]: absolute[target == c].mean() for c in sorted(set(target.tolist()))}
+    rows = {class_names[c]: absolute[classes == c].mean() for c in sorted(set(classes.tolist()))}
     rows["all"] = absolute.mean()
     table = pd.DataFrame(rows).T
     table.index.name = "entity"

@@ -179,7 +179,8 @@ def read_mask_table(path: str | os.PathLike) -> list[MaskRow]:
             if missing:
                 raise MaskError(f"{path}, line 1: no column {', '.join(missing)}; a masks table has columns "
                                 f"image_id,mask_path[,label] (found: {', '.join(columns) or 'none'})")
-            rows, seen = [], {}
+            rows: list[MaskRow] = []
+            seen: dict[str, int] = {}
             for line, row in enumerate(reader, 2):
                 image_id, mask = (row.get("image_id") or "").strip(), (row.get("mask_path") or "").strip()
                 where = f"{path}, line {line}"

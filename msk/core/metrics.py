@@ -43,31 +43,31 @@ def precision_at_k(neighbour_labels: Sequence[Sequence[str]], query_labels: Sequ
     return float(np.mean(hits))
 
 
-def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+def accuracy(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[Any] | np.ndarray) -> float:
     """Share of predictions equal to the truth."""
     y_true, y_pred = _pair(y_true, y_pred)
     return float(np.mean(y_true == y_pred))
 
 
-def macro_precision(y_true: Sequence[Any], y_pred: Sequence[Any],
+def macro_precision(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[Any] | np.ndarray,
                     labels: Sequence[Any] | None = None) -> float:
     """Unweighted mean over classes of precision (0 for a class never predicted)."""
     return _prf(y_true, y_pred, labels)[0]
 
 
-def macro_recall(y_true: Sequence[Any], y_pred: Sequence[Any],
+def macro_recall(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[Any] | np.ndarray,
                  labels: Sequence[Any] | None = None) -> float:
     """Unweighted mean over classes of recall (0 for a class with no true samples)."""
     return _prf(y_true, y_pred, labels)[1]
 
 
-def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any],
+def macro_f1(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[Any] | np.ndarray,
              labels: Sequence[Any] | None = None) -> float:
     """Unweighted mean over classes of F1 (0 for a class with neither hits nor predictions)."""
     return _prf(y_true, y_pred, labels)[2]
 
 
-def confusion_matrix(y_true: Sequence[str], y_pred: Sequence[str],
+def confusion_matrix(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray,
                      labels: EntitySet | Sequence[str]) -> np.ndarray:
     """int64 ``[C, C]`` counts: row = true class, column = predicted class, in ``labels`` order.
 
@@ -142,7 +142,7 @@ def top_k_accuracy(logits: Any, y: Any, k: int) -> float:
     return float(np.mean(rank < k))
 
 
-def cluster_purity(assignments: Sequence[Any], truth: Sequence[Any]) -> float:
+def cluster_purity(assignments: Sequence[Any] | np.ndarray, truth: Sequence[Any] | np.ndarray) -> float:
     """Share of items whose cluster's most frequent true label is their own label.
 
     The usual external measure of a clustering next to NMI: 1.0 when every cluster holds one
@@ -208,7 +208,7 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _pair(y_true: Sequence[Any], y_pred: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+def _pair(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y_true, y_pred = _numpy(y_true), _numpy(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"y_true and y_pred must be 1-D of equal length; got {y_true.shape} "
@@ -218,7 +218,7 @@ def _pair(y_true: Sequence[Any], y_pred: Sequence[Any]) -> tuple[np.ndarray, np.
     return y_true, y_pred
 
 
-def _prf(y_true: Sequence[Any], y_pred: Sequence[Any],
+def _prf(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[Any] | np.ndarray,
          labels: Sequence[Any] | None) -> tuple[float, float, float]:
     from sklearn.metrics import precision_recall_fscore_support
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class Annotation:
         return not self.boxes and not self.polygons
 
 
-def read_labelme(path: str | Path) -> Annotation:
+def read_labelme(path: str | os.PathLike) -> Annotation:
     """Read the rectangles and polygons of a LabelMe JSON file (the image itself is not read)."""
     path = Path(path)
     try:

@@ -83,7 +83,8 @@ def _pick(labels: list[str], count: int) -> list[int]:
     by: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
         by.setdefault(label, []).append(i)
-    order, queues = [], [list(v) for _, v in sorted(by.items())]
+    order: list[int] = []
+    queues = [list(v) for _, v in sorted(by.items())]
     while len(order) < count and any(queues):
         for q in queues:
             if q and len(order) < count:

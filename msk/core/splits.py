@@ -25,8 +25,8 @@ class PatientOverlapError(MskError, ValueError):
     """The same patient appears in the training and the test set."""
 
 
-def patient_split(patient_ids: Sequence[Any], labels: Sequence[Any], test_size: float | int = 0.2,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def patient_split(patient_ids: Sequence[Any] | np.ndarray, labels: Sequence[Any] | np.ndarray,
+                  test_size: float | int = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split images into train and test by patient, stratified by label.
 
     Each class's patients are shuffled (``seed``) and the first ones go to the test set; the
@@ -69,7 +69,7 @@ def patient_split(patient_ids: Sequence[Any], labels: Sequence[Any], test_size: 
     return train_idx.astype(np.int64), test_idx.astype(np.int64)
 
 
-def patient_kfold(patient_ids: Sequence[Any], labels: Sequence[Any], n_splits: int = 5,
+def patient_kfold(patient_ids: Sequence[Any] | np.ndarray, labels: Sequence[Any] | np.ndarray, n_splits: int = 5,
                   seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``n_splits`` ``(train_idx, test_idx)`` folds of image indices; every patient is in
     exactly one test fold, and classes are balanced over folds (scikit-learn's
@@ -100,7 +100,7 @@ def assert_disjoint_patients(train_ids: Iterable[Any], test_ids: Iterable[Any]) 
         )
 
 
-def _patients(patient_ids: Sequence[Any], labels: Sequence[Any]):
+def _patients(patient_ids: Sequence[Any] | np.ndarray, labels: Sequence[Any] | np.ndarray):
     """``(pids per image, patients in first-seen order, each patient's majority label)``."""
     pids = np.asarray(list(patient_ids), dtype=object)
     labels = [str(v) for v in labels]

@@ -50,6 +50,7 @@ class FaissKMeans:
                           gpu=self.gpu, verbose=self.verbose, min_points_per_centroid=1,
                           max_points_per_centroid=1_000_000)
         km.train(x)
+        assert km.centroids is not None  # set by train()
         dist, labels = km.index.search(x, 1)
         return ClusterResult(labels[:, 0].astype(np.int64), km.centroids.copy(), float(dist.sum()))
 

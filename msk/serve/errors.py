@@ -110,9 +110,10 @@ def install_error_handlers(app: FastAPI, *, max_body_bytes: int) -> None:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
         return JSONResponse(error_body("invalid_request", problems), 422)
 
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
+    # starlette types a handler as taking any Exception; each of these takes the one it is registered for
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.add_middleware(ContractMiddleware, max_body_bytes=max_body_bytes)
 
 

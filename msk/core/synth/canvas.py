@@ -433,7 +433,7 @@ class Canvas:
     def density(self) -> np.ndarray:
         soft = Image.fromarray(np.maximum(self.soft, 0.0), mode="F")
         k = self.SOFT_SUBSAMPLE
-        soft = soft.resize((self.w, self.h), Image.BILINEAR, box=(0, 0, self.w / k, self.h / k))
+        soft = soft.resize((self.w, self.h), Image.Resampling.BILINEAR, box=(0, 0, self.w / k, self.h / k))
         return np.asarray(soft, dtype=np.float32) + np.maximum(self.bone, 0.0)
 
     def intensity(self, attenuation: float) -> np.ndarray:

@@ -444,7 +444,7 @@ def _texture_bank() -> tuple[np.ndarray, np.ndarray]:
 
 def _smooth_field(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
     grid = Image.fromarray(rng.standard_normal((max(h // cell, 2), max(w // cell, 2))).astype(np.float32), mode="F")
-    return np.asarray(grid.resize((w, h), Image.BILINEAR), dtype=np.float32)
+    return np.asarray(grid.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _noise(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
