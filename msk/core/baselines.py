@@ -30,6 +30,7 @@ from pydantic import Field
 from msk.core import metrics
 from msk.core.config import MskConfig
 from msk.core.metadata import MetadataEncoder, MetadataSchema
+from msk.core.specs import FUSION_DROPOUT, FUSION_HIDDEN
 from msk.core.splits import patient_kfold, patient_split
 
 METRICS = ("accuracy", "precision", "recall", "f1")
@@ -42,8 +43,8 @@ class MlpConfig(MskConfig):
     """Training of the metadata-only MLP (a fusion head with ``image_dim=0``)."""
 
     head: str = "concat"
-    hidden: list[int] = [64, 32]
-    dropout: float = 0.2
+    hidden: list[int] = list(FUSION_HIDDEN)
+    dropout: float = FUSION_DROPOUT
     lr: float = 3e-3
     weight_decay: float = 1e-4
     batch_size: int = 64

@@ -450,10 +450,9 @@ class EmbedReport:
 
 def _ingest_resize(ingest_dir: Path) -> str:
     """The ``resize`` mode the ingest used (``OUT/ingest.json``); ``pad`` when not recorded."""
-    try:
-        return json.loads((ingest_dir / "ingest.json").read_text())["config"]["resize"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        return "pad"
+    from msk.core.manifest import ingest_squaring
+
+    return ingest_squaring(ingest_dir)["resize"]
 
 
 @contextlib.contextmanager

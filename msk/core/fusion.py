@@ -57,6 +57,7 @@ from msk.core.errors import ConfigError, MskError
 from msk.core.ingest import map_box_to_square
 from msk.core.metadata import DICOM_VIEWS, MetadataEncoder, MetadataError, MetadataSchema, join_images
 from msk.core.registry import build_fusion_head, entity_set
+from msk.core.specs import FUSION_DROPOUT, FUSION_HIDDEN
 from msk.core.splits import patient_kfold, patient_split
 from msk.core.train import FitResult, ImageClassifier, TrainConfig, fit, init_checkpoint, load_model, predict_logits
 
@@ -104,8 +105,8 @@ class FusionConfig(MskConfig):
                                    "default: the sorted entities present")
     heads: list[str] = Field(["concat", "gated"], min_length=1, description="fusion heads to "
                              "compare; the first also builds the single-branch models")
-    hidden: list[int] = Field([64, 32], min_length=1, description="metadata MLP widths")
-    dropout: float = Field(0.2, ge=0, lt=1, description="dropout of the fusion head")
+    hidden: list[int] = Field(list(FUSION_HIDDEN), min_length=1, description="metadata MLP widths")
+    dropout: float = Field(FUSION_DROPOUT, ge=0, lt=1, description="dropout of the fusion head")
     image_only: bool = Field(True, description="also report the image-only model (no metadata)")
     metadata_only: bool = Field(True, description="also report the metadata-only MLP (no image)")
     xgboost: XgbConfig | None = Field(default_factory=XgbConfig, description="null: no XGBoost row")
@@ -138,7 +139,7 @@ class FusionClassifier(ImageClassifier):
 
     def __init__(self, encoder_name: str, num_classes: int, *, head: str = "concat",
                  meta_dim: int, use_image: bool = True, sobel: bool = False,
-                 hidden: Sequence[int] = (64, 32), dropout: float = 0.2,
+                 hidden: Sequence[int] = FUSION_HIDDEN, dropout: float = FUSION_DROPOUT,
                  encoder_options: dict[str, Any] | None = None):
         super().__init__(encoder_name, num_classes, sobel=sobel, encoder_options=encoder_options)
         self.use_image, self.meta_dim = use_image, meta_dim
@@ -158,7 +159,7 @@ class FusionClassifier(ImageClassifier):
 
 def build_fusion_model(train: TrainConfig | dict[str, Any], num_classes: int, *,
                        head: str = "concat", meta_dim: int, use_image: bool = True,
-                       hidden: Sequence[int] = (64, 32), dropout: float = 0.2,
+                       hidden: Sequence[int] = FUSION_HIDDEN, dropout: float = FUSION_DROPOUT,
                        encoder_options: dict[str, Any] | None = None) -> FusionClassifier:
     """The model ``train`` describes (``encoder``, ``sobel``) with the encoder weights of
     ``train.init`` loaded, as :func:`msk.core.train.build_classifier` does for linear heads."""
@@ -174,8 +175,8 @@ def build_fusion_model(train: TrainConfig | dict[str, Any], num_classes: int, *,
 
 def fit_fusion(images: np.ndarray, labels: Sequence[int] | np.ndarray, meta: np.ndarray | None,
                num_classes: int, config: TrainConfig, *, out: str | os.PathLike,
-               head: str = "concat", use_image: bool = True, hidden: Sequence[int] = (64, 32),
-               dropout: float = 0.2, encoder_options: dict[str, Any] | None = None,
+               head: str = "concat", use_image: bool = True, hidden: Sequence[int] = FUSION_HIDDEN,
+               dropout: float = FUSION_DROPOUT, encoder_options: dict[str, Any] | None = None,
                val: tuple | None = None, classes: Sequence[str] | None = None) -> FitResult:
     """Train a :class:`FusionClassifier` end to end with :func:`msk.core.train.fit`.
 
@@ -293,10 +294,9 @@ def _ingest_images(ingest_dir: Path, meta: pd.DataFrame) -> tuple[pd.DataFrame, 
 
 
 def _resize_mode(ingest_dir: Path) -> str:
-    summary = ingest_dir / "ingest.json"
-    if summary.is_file():
-        return json.loads(summary.read_text()).get("config", {}).get("resize", "pad")
-    return "pad"
+    from msk.core.manifest import ingest_squaring
+
+    return ingest_squaring(ingest_dir)["resize"]
 
 
 def _roi_crops(images: np.ndarray, meta: pd.DataFrame, shapes: pd.DataFrame | None,

@@ -37,6 +37,26 @@ SUMMARY_FILE = "ingest.json"
 OK = "ok"
 QUARANTINED = "quarantined"
 
+
+def read_ingest_summary(ingest_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``INGEST/ingest.json`` (the last run's report and the config it used): the one reader of it.
+    ``None`` when the folder has none or it is unreadable (callers decide whether that is an error)."""
+    import json
+
+    try:
+        summary = json.loads((Path(ingest_dir) / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def ingest_squaring(ingest_dir: str | os.PathLike) -> dict[str, Any]:
+    """How an ingest squared its images: the recorded ``image_size``, ``resize`` and ``max_pixels``
+    (those it recorded; ``resize`` is ``pad`` when not recorded, as ingest's default)."""
+    config = (read_ingest_summary(ingest_dir) or {}).get("config") or {}
+    found = {k: config[k] for k in ("image_size", "resize", "max_pixels") if k in config}
+    return {"resize": "pad", **found}
+
 #: One row per input file, ``ok`` or ``quarantined``; nothing an ingest sees is left out.
 MANIFEST_SCHEMA = pa.schema(
     [

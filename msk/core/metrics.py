@@ -43,6 +43,15 @@ def precision_at_k(neighbour_labels: Sequence[Sequence[str]], query_labels: Sequ
     return float(np.mean(hits))
 
 
+def softmax(logits: Any) -> np.ndarray:
+    """Softmax over the last axis of ``[..., C]`` logits (row-wise for ``[N, C]``), in float64 so
+    that each row sums to 1; the one softmax of msk (sorter ensembles, transfer, serving)."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def accuracy(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[Any] | np.ndarray) -> float:
     """Share of predictions equal to the truth."""
     y_true, y_pred = _pair(y_true, y_pred)

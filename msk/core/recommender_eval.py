@@ -194,19 +194,17 @@ def synth_labels(synth_dir: str | os.PathLike, ingest_dir: str | os.PathLike) ->
     (paths relative to the ingest's source folder, read from ``ingest.json``) and returns
     ``image_id, entity, site, x0, y0, x1, y1`` of the images ingest accepted.
     """
-    import json
-
     import pandas as pd
 
-    from msk.core.manifest import read_manifest
+    from msk.core.manifest import read_ingest_summary, read_manifest
 
     synth_dir, ingest_dir = Path(synth_dir).resolve(), Path(ingest_dir)
     truth = pd.read_csv(synth_dir / "ground_truth.csv")
     truth = truth[truth["entity"].notna()]
-    try:
-        src = Path(json.loads((ingest_dir / "ingest.json").read_text())["src"]).resolve()
-    except (OSError, KeyError, ValueError) as exc:
-        raise EvalError(f"{ingest_dir}: no readable ingest.json ({exc}); run `msk ingest` first") from None
+    summary = read_ingest_summary(ingest_dir) or {}
+    if not summary.get("src"):
+        raise EvalError(f"{ingest_dir}: no readable ingest.json with its source folder; run `msk ingest` first")
+    src = Path(summary["src"]).resolve()
     try:
         prefix = src.relative_to(synth_dir).as_posix() + "/"
     except ValueError:

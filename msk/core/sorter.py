@@ -44,6 +44,7 @@ from pydantic import Field
 from msk.core.checkpoint import CheckpointError
 from msk.core.errors import MskError
 from msk.core.labelling import DISCARD, LabelFileError, LabelVocabulary
+from msk.core.metrics import softmax
 from msk.core.ood import FEATURE_SCORES, UNKNOWN, FeatureDensity, UnknownCalibration, calibrate, ood_score
 from msk.core.paths import resolve_stored, store_path
 from msk.core.specs import EntitySet
@@ -363,13 +364,6 @@ def _check_classes(data: LabelledImages, config: SorterConfig) -> tuple[Labelled
 
 
 # -- evaluation --------------------------------------------------------------------------------
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis of ``float [..., C]`` logits (row-wise for ``[N, C]``)."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass
@@ -802,12 +796,10 @@ def _ingest_info(data: LabelledImages, out: Path) -> dict[str, Any]:
     (its path relative to the run folder ``out``)."""
     info: dict[str, Any] = {"path": store_path(data.source, out) if data.source else None,
                             "image_size": int(data.images.shape[-1])}
-    summary = Path(data.source) / "ingest.json" if data.source else None
-    if summary is not None and summary.is_file():
-        try:
-            saved = json.loads(summary.read_text()).get("config", {})
-        except (OSError, ValueError):
-            saved = {}
+    if data.source:
+        from msk.core.manifest import read_ingest_summary
+
+        saved = (read_ingest_summary(data.source) or {}).get("config") or {}
         info.update({k: saved[k] for k in ("resize", "max_pixels") if k in saved})
     return info
 

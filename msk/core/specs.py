@@ -68,6 +68,12 @@ class ClustererSpec(ComponentSpec):
     ``fit(x: float32[N, D], k: int, seed: int) -> ClusterResult``."""
 
 
+#: Metadata MLP widths and dropout of a fusion head when none are given: the one place of these
+#: defaults (fusion training, the metadata-only baseline and serving older checkpoints).
+FUSION_HIDDEN: tuple[int, ...] = (64, 32)
+FUSION_DROPOUT: float = 0.2
+
+
 @dataclass(frozen=True)
 class FusionHeadSpec(ComponentSpec):
     """Fusion head: ``build(name, image_dim, meta_dim, num_classes, **options)`` returns a

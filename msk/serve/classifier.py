@@ -31,6 +31,7 @@ import numpy as np
 from ray import serve
 
 from msk.core.errors import ConfigError
+from msk.core.specs import FUSION_DROPOUT, FUSION_HIDDEN
 from msk.serve.config import ClassifyConfig, PreprocessConfig
 from msk.serve.replica import ModelReplica, Rejection, gradcam_png, softmax
 
@@ -144,7 +145,7 @@ class ClassifierModel:
         return gradcam_png(image, cam)
 
 
-_FUSION_DEFAULTS = {"hidden": [64, 32], "dropout": 0.2}
+_FUSION_DEFAULTS = {"hidden": list(FUSION_HIDDEN), "dropout": FUSION_DROPOUT}
 
 
 def _fusion_options(config: ClassifyConfig, saved: dict[str, Any], path: Path):

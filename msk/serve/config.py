@@ -19,7 +19,6 @@ field and the path, not in a replica log.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -59,13 +58,14 @@ class PreprocessConfig(MskConfig):
         """
         if self.ingest is None:
             return self
-        summary = Path(self.ingest) / "ingest.json"
-        try:
-            saved = json.loads(summary.read_text())["config"]
-        except FileNotFoundError:
-            raise ConfigError(f"preprocess.ingest: {summary} does not exist (not an ingest output folder?)") from None
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"preprocess.ingest: {summary} is unreadable ({exc})") from None
+        from msk.core.manifest import SUMMARY_FILE, read_ingest_summary
+
+        summary = Path(self.ingest) / SUMMARY_FILE
+        if not summary.is_file():
+            raise ConfigError(f"preprocess.ingest: {summary} does not exist (not an ingest output folder?)")
+        saved = (read_ingest_summary(self.ingest) or {}).get("config")
+        if not isinstance(saved, dict):
+            raise ConfigError(f"preprocess.ingest: {summary} is unreadable (no JSON object with its config)")
         values = {k: saved[k] for k in ("image_size", "resize", "max_pixels") if k in saved}
         clash = {k: (getattr(self, k), v) for k, v in values.items()
                  if k in self.model_fields_set and getattr(self, k) != v}

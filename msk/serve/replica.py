@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from msk.core.metrics import softmax
 from msk.serve.config import ModelConfig
 
 __all__ = ["ModelReplica", "Rejection", "gradcam_png", "softmax"]
@@ -31,14 +32,6 @@ class Rejection:
     status: int
     code: str
     message: str
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of ``[N, C]`` logits, as float64 (probabilities that sum to 1)."""
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def gradcam_png(image: np.ndarray, cam: np.ndarray) -> str:
