@@ -35,6 +35,7 @@ def out(tmp_path_factory, ray_session):
     return tmp / "out"
 
 
+@pytest.mark.slow
 def test_read_shards_returns_the_ok_rows_only(out):
     table = read_shards(out)
     manifest = read_manifest(out)
@@ -43,6 +44,7 @@ def test_read_shards_returns_the_ok_rows_only(out):
     assert table.num_rows == 6
 
 
+@pytest.mark.slow
 def test_read_shards_ignores_uncommitted_shards(out):
     stray = out / "shards" / "part-000099-000.parquet"
     pq.write_table(read_shards(out).slice(0, 1), stray)
@@ -52,12 +54,14 @@ def test_read_shards_ignores_uncommitted_shards(out):
         stray.unlink()
 
 
+@pytest.mark.slow
 def test_read_shards_with_columns_and_filter(out):
     table = read_shards(out, columns=["image_id", "width"], filter=pc.field("source_width") > 70)
     assert table.column_names == ["image_id", "width"]
     assert table.num_rows == 2  # widths 40 + 8 i > 70 for i = 4, 5
 
 
+@pytest.mark.slow
 def test_images_from_table_stacks_uint8(out):
     table = read_shards(out)
     images = images_from_table(table)
@@ -73,6 +77,7 @@ def test_images_from_table_refuses_mixed_sizes():
         images_from_table(table)
 
 
+@pytest.mark.slow
 def test_shard_dataset_items_and_fields(out):
     table = read_shards(out)
     ds = ShardDataset(table, fields={"id": "image_id", "w": "source_width"})
@@ -85,6 +90,7 @@ def test_shard_dataset_items_and_fields(out):
     assert fields == {"id": table.column("image_id")[1].as_py(), "w": table.column("source_width")[1].as_py()}
 
 
+@pytest.mark.slow
 def test_shard_dataset_in_a_dataloader_with_transform(out):
     ds = ShardDataset(out, fields=["source_width"], transform=lambda x: x * 2 - 1)
     images, fields = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
@@ -92,11 +98,13 @@ def test_shard_dataset_in_a_dataloader_with_transform(out):
     assert fields["source_width"].shape == (4,)
 
 
+@pytest.mark.slow
 def test_shard_dataset_names_a_missing_column(out):
     with pytest.raises(KeyError, match="diagnosis"):
         ShardDataset(out, fields={"label": "diagnosis"})
 
 
+@pytest.mark.slow
 def test_ray_dataset_streams_the_shards(out):
     ds = ray_dataset(out, columns=["image_id", "height"])
     assert ds.count() == 6

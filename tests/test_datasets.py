@@ -209,6 +209,7 @@ def test_ingest_paths_must_stay_inside_src(tmp_path, pseudonym_key):
 # -- msk import, end to end --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_import_csv_real_xr_then_sorter_gets_group_aware_patients(tmp_path, shared_data, ray_session,
                                                                   pseudonym_key):
@@ -250,6 +251,7 @@ def test_import_csv_real_xr_then_sorter_gets_group_aware_patients(tmp_path, shar
     assert len(set(data.patient_ids)) == 20 and data.notes == []
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_import_btxrd_feeds_recommender_and_fusion_readers(tmp_path, shared_data, ray_session,
                                                            pseudonym_key):

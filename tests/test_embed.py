@@ -78,6 +78,7 @@ def checkpoint(tmp_path_factory):
                            epoch=1)
 
 
+@pytest.mark.slow
 def test_embed_runs_on_ray_data_and_matches_the_embedder(archive, checkpoint, tmp_path, ray_session):
     ingest_dir, boxes = archive
     rois = {i: boxes[i] for i in list(boxes)[:9]}  # lesion images only
@@ -221,6 +222,7 @@ def test_bad_sources_are_refused(tmp_path):
         read_embeddings(tmp_path / "bad.parquet")
 
 
+@pytest.mark.slow
 def test_an_actor_pool_that_would_starve_the_reads_is_refused(archive, checkpoint, tmp_path,
                                                               ray_session):
     ingest_dir, _ = archive  # the test session's Ray has 2 CPUs

@@ -140,6 +140,7 @@ def test_encoder_options_and_init_from_an_msk_checkpoint(tmp_path):
         build_fusion_model(small(init=str(path), sobel=True), 3, meta_dim=4)
 
 
+@pytest.mark.slow
 def test_fit_fusion_on_ray_train(tmp_path, ray_session):
     x, meta = lesions(48)
     y = meta["entity"].map(ENTITIES.index).to_numpy()
@@ -152,6 +153,7 @@ def test_fit_fusion_on_ray_train(tmp_path, ray_session):
 # -- the protocol -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_fusion_writes_the_table_plots_and_resumes(tmp_path):
     images, meta = lesions(96)
     transformer = TransformerConfig(image_size=16, options={"patch_size": 8, "depth": 1,

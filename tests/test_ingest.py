@@ -134,6 +134,7 @@ def ingested(tmp_path_factory, ray_session):
     return src, tmp / "out", cfg, report
 
 
+@pytest.mark.slow
 def test_every_input_is_in_the_manifest_with_its_reason(ingested):
     src, out, _, report = ingested
     assert manifest_status(out) == EXPECTED
@@ -143,12 +144,14 @@ def test_every_input_is_in_the_manifest_with_its_reason(ingested):
     assert (out / "ingest.json").is_file()
 
 
+@pytest.mark.slow
 def test_manifest_names_the_node_that_decoded_each_file(ingested, ray_session):
     _, out, _, _ = ingested
     nodes = set(read_manifest(out, columns=["node"]).column("node").to_pylist())
     assert nodes == {ray_session.get_runtime_context().get_node_id()}  # one local node
 
 
+@pytest.mark.slow
 def test_quarantine_details_name_the_cause(ingested):
     _, out, _, _ = ingested
     rows = {r["path"]: r for r in read_manifest(out).to_pylist()}
@@ -161,6 +164,7 @@ def test_quarantine_details_name_the_cause(ingested):
         assert (r["detail"] is None) == (r["status"] == "ok")
 
 
+@pytest.mark.slow
 def test_image_ids_are_keyed_hashes_of_the_source_path(ingested):
     _, out, cfg, _ = ingested
     pseudonymiser = Pseudonymiser.from_env_or_file(cfg.key_file)
@@ -170,6 +174,7 @@ def test_image_ids_are_keyed_hashes_of_the_source_path(ingested):
     assert set(read_shards(out).column("image_id").to_pylist()) <= ids
 
 
+@pytest.mark.slow
 def test_shards_hold_square_bone_bright_images(ingested):
     _, out, cfg, _ = ingested
     table = read_shards(out)
@@ -189,6 +194,7 @@ def test_shards_hold_square_bone_bright_images(ingested):
     assert overflow[1, 32] > 200  # the over-range band is the brightest, not wrapped to dark
 
 
+@pytest.mark.slow
 def test_no_phi_anywhere_in_the_shards(ingested):
     _, out, _, _ = ingested
     for shard in sorted((out / "shards").glob("*.parquet")):
@@ -204,6 +210,7 @@ def test_no_phi_anywhere_in_the_shards(ingested):
     assert "DOE_JANE_MRN-4242/IM0001" in read_manifest(out).column("path").to_pylist()
 
 
+@pytest.mark.slow
 def test_rerun_is_idempotent(ingested):
     src, out, cfg, _ = ingested
     before = {p: p.stat().st_mtime_ns for p in sorted(out.rglob("*.parquet"))}
@@ -213,6 +220,7 @@ def test_rerun_is_idempotent(ingested):
     assert read_manifest(out).num_rows == len(EXPECTED)
 
 
+@pytest.mark.slow
 def test_new_files_are_added_and_deduplicated_against_earlier_runs(tmp_path, ray_session):
     src = build_archive(tmp_path / "export")
     out, cfg = tmp_path / "out", config(tmp_path)
@@ -239,6 +247,7 @@ def _assert_complete(out: Path) -> None:
     assert len(ids) == len(set(ids)) == N_OK
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_between_shards_and_manifest(tmp_path, ray_session, monkeypatch):
     src = build_archive(tmp_path / "export")
     out, cfg = tmp_path / "out", config(tmp_path)
@@ -263,6 +272,7 @@ def test_resume_after_a_crash_between_shards_and_manifest(tmp_path, ray_session,
     _assert_complete(out)
 
 
+@pytest.mark.slow
 def test_resume_after_losing_the_last_manifest_part(tmp_path, ray_session):
     src = build_archive(tmp_path / "export")
     out, cfg = tmp_path / "out", config(tmp_path)
@@ -276,6 +286,7 @@ def test_resume_after_losing_the_last_manifest_part(tmp_path, ray_session):
     _assert_complete(out)
 
 
+@pytest.mark.slow
 def test_an_ingest_written_before_the_node_column_still_resumes(tmp_path, ray_session):
     src = build_archive(tmp_path / "export")
     out, cfg = tmp_path / "out", config(tmp_path)
@@ -301,6 +312,7 @@ def _decode_or_die(batch, *, _real=ingest_module._decode_batch, **kwargs):
     return _real(batch, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_file_that_kills_its_worker_is_quarantined_alone(tmp_path, ray_session, monkeypatch):
     src = tmp_path / "export"
     src.mkdir()

@@ -115,6 +115,7 @@ def tiny_export(tmp_path_factory):
     return root / "synth" / "export"
 
 
+@pytest.mark.slow
 def test_a_ray_command_prints_no_ray_start_up(tiny_export, tmp_path):
     key = tmp_path / "key"
     key.write_text("0" * 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from msk.core.cli import app
@@ -9,6 +10,7 @@ from msk.core.dataset import read_shards
 from msk.core.synth import ground_truth_for_ingest
 
 
+@pytest.mark.slow
 def test_demo_accounts_for_every_file(ray_session, tmp_path, monkeypatch):
     monkeypatch.delenv("MSK_PSEUDONYM_KEY", raising=False)
     out = tmp_path / "demo"

@@ -63,6 +63,7 @@ def _real_xr_rows(shared_data: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_every_real_xr_file_decodes_ok(shared_data):
     rows = _real_xr_rows(shared_data)
@@ -82,6 +83,7 @@ def test_every_real_xr_file_decodes_ok(shared_data):
     assert set(coloured) == {"scoliosis-spine"} and 20 <= coloured["scoliosis-spine"] <= 54, coloured
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_a_handful_of_real_xr_files_ingest_ok_on_ray(shared_data, tmp_path, ray_session, pseudonym_key):
     rows = _real_xr_rows(shared_data)
@@ -406,6 +408,7 @@ def mixed_export(tmp_path_factory) -> Path:
     return src
 
 
+@pytest.mark.slow
 def test_cli_ingest_of_mixed_input_keeps_all_by_default_and_says_what(mixed_export, tmp_path, ray_session,
                                                                      pseudonym_key):
     result = CliRunner().invoke(app, ["ingest", str(mixed_export), str(tmp_path / "out"), "--image-size", "32"],
@@ -421,6 +424,7 @@ def test_cli_ingest_of_mixed_input_keeps_all_by_default_and_says_what(mixed_expo
     assert manifest["photo.jpg"]["warning"] == "colour_image" and manifest["scan.bmp"]["warning"] is None
 
 
+@pytest.mark.slow
 def test_cli_modality_filter_quarantines_the_rest(mixed_export, tmp_path, ray_session, pseudonym_key):
     result = CliRunner().invoke(app, ["ingest", str(mixed_export), str(tmp_path / "out"), "--image-size", "32",
                                       "--modality", "CR,dx"], env={"COLUMNS": "200"})

@@ -125,6 +125,7 @@ def test_unknown_name_lists_available_and_suggests():
     assert isinstance(exc.value, MskError)  # the CLI prints it as one line, exit 2
 
 
+@pytest.mark.slow
 def test_a_mistyped_encoder_is_one_line_and_exit_2_before_any_data_is_read(tmp_path):
     import subprocess
     import sys

@@ -44,6 +44,7 @@ def dead_pid() -> int:
 # -- one run per folder --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_folder_stops_at_once_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     with run_lock(run, "msk cluster"):
@@ -80,6 +81,7 @@ def test_the_lock_is_released_after_success_and_after_an_error(tmp_path):
     assert not (tmp_path / "a").exists()  # with the parents it created
 
 
+@pytest.mark.slow
 def test_a_cli_run_that_fails_releases_its_lock_and_leaves_no_empty_folder(tmp_path):
     result = msk("synth", str(tmp_path / "out"), "--config", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "missing.yaml does not exist" in result.stderr
@@ -244,6 +246,7 @@ def test_embeddings_store_their_checkpoint_relative_to_the_file(tmp_path, monkey
     assert encoder_info(read_embeddings(tmp_path / "emb"))["checkpoint"] == str(tmp_path / "ckpt" / "best.pt")
 
 
+@pytest.mark.slow
 def test_bad_serve_inputs_are_one_line_errors_with_the_fix(tmp_path, one_torch_thread):
     (tmp_path / "run").mkdir()
     rec, _ = tiny_recommender(tmp_path / "run")

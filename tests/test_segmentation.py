@@ -173,6 +173,7 @@ def test_train_resume_and_evaluate(tmp_path, one_torch_thread):
         assert sheet.size[1] >= 4 * 160  # a row per shown image
 
 
+@pytest.mark.slow
 def test_fold_training_runs_on_ray_train(tmp_path, ray_session):
     from msk.core.segmentation import _train_fold
 

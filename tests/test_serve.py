@@ -264,6 +264,7 @@ def assert_error(response: httpx.Response, status: int, code: str, reason: str |
 # -- contract and health --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_health_readiness_and_openapi(server):
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server}/readyz", timeout=30)
@@ -278,6 +279,7 @@ def test_health_readiness_and_openapi(server):
     assert body["properties"]["metadata"]["contentSchema"]["properties"]["sex"]["enum"] == ["M", "F"]
 
 
+@pytest.mark.slow
 def test_models_describes_what_is_served(client):
     described = client.get("/v1/models").json()
     assert described["preprocess"]["image_size"] == SQUARE
@@ -294,6 +296,7 @@ def test_models_describes_what_is_served(client):
 # -- happy paths ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sort_png_dicom_and_raw_body_agree(client):
     by_png = post_image(client, "/v1/sort", png(HORIZONTAL), k=2)
     assert by_png.status_code == 200, by_png.text
@@ -312,6 +315,7 @@ def test_sort_png_dicom_and_raw_body_agree(client):
     assert by_jpeg.json()["regions"][0]["name"] == "femur"
 
 
+@pytest.mark.slow
 def test_sort_says_unknown_below_the_calibrated_threshold(client, model_files):
     threshold = json.loads((model_files["sorter_run"] / "sorter.json").read_text())["unknown"]["threshold"]
     expected = probe_scores(model_files["sorter"])
@@ -324,11 +328,13 @@ def test_sort_says_unknown_below_the_calibrated_threshold(client, model_files):
         assert a["score"] == pytest.approx(a["regions"][0]["probability"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_sort_predicts_every_bar_class(client):
     predicted = [post_image(client, "/v1/sort", png(im), k=1).json()["regions"][0]["name"] for im in IMAGES]
     assert sum(p == REGIONS[y] for p, y in zip(predicted, LABELS)) >= 5
 
 
+@pytest.mark.slow
 def test_gradcam_png_and_no_phi_in_responses_or_logs(client, ray_session):
     marker = f"Phi{uuid.uuid4().hex[:12]}"
     data = dicom(HORIZONTAL, phi=f"{marker}^Jane")
@@ -347,6 +353,7 @@ def test_gradcam_png_and_no_phi_in_responses_or_logs(client, ray_session):
     assert not leaked, f"PHI marker in Ray logs: {leaked}"
 
 
+@pytest.mark.slow
 def test_recommend_returns_pseudonymised_neighbours_and_a_vote(client):
     answer = post_image(client, "/v1/recommend", png(HORIZONTAL)).json()
     assert len(answer["neighbours"]) == 3  # the recommender's k
@@ -362,6 +369,7 @@ def test_recommend_returns_pseudonymised_neighbours_and_a_vote(client):
     assert_error(post_image(client, "/v1/recommend", png(HORIZONTAL), k=4), 422, "invalid_request")
 
 
+@pytest.mark.slow
 def test_classify_image_and_metadata(client):
     answer = post_image(client, "/v1/classify", png(HORIZONTAL), metadata=META, gradcam="true").json()
     assert [e["name"] for e in answer["entities"]] in (ENTITIES, ENTITIES[::-1])
@@ -377,6 +385,7 @@ def test_classify_image_and_metadata(client):
     assert boxed["input"] == "box" and boxed["box"] == [4, 10, 40, 30]
 
 
+@pytest.mark.slow
 def test_segment_returns_the_lesion_in_the_uploaded_images_pixels(client):
     """The bar of a 64 px upload, segmented in the 32 px square: the mask comes back at 64 px and
     covers the bar; a blank image has no lesion (422 with the threshold)."""
@@ -401,6 +410,7 @@ def test_segment_returns_the_lesion_in_the_uploaded_images_pixels(client):
 # -- the error contract -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unsupported_types_and_unreadable_images(client):
     assert_error(client.post("/v1/sort", content=b"hello", headers={"Content-Type": "text/plain"}),
                  415, "unsupported_media_type")
@@ -414,6 +424,7 @@ def test_unsupported_types_and_unreadable_images(client):
                  400, "malformed_request")  # no boundary
 
 
+@pytest.mark.slow
 def test_oversize_uploads_are_refused(client):
     big = b"\0" * ((1 << 20) + 1)
     assert_error(post_image(client, "/v1/sort", big), 413, "payload_too_large")
@@ -426,6 +437,7 @@ def test_oversize_uploads_are_refused(client):
                  413, "payload_too_large")
 
 
+@pytest.mark.slow
 def test_missing_or_invalid_token(server):
     assert_error(httpx.post(f"{server}/v1/sort", content=png(HORIZONTAL), headers={"Content-Type": "image/png"}),
                  401, "unauthorized")
@@ -436,6 +448,7 @@ def test_missing_or_invalid_token(server):
     assert_error(httpx.get(f"{server}/v1/models", headers={"Authorization": f"Basic {TOKEN}"}), 401, "unauthorized")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metadata, fragment", [
     (None, "is required"),
     ("{sex: F}", "not valid JSON"),
@@ -449,12 +462,14 @@ def test_malformed_metadata(client, metadata, fragment):
     assert fragment in assert_error(response, 422, "invalid_metadata")["message"]
 
 
+@pytest.mark.slow
 def test_bad_parameters_and_routes(client):
     assert_error(post_image(client, "/v1/sort", png(HORIZONTAL), k=0), 422, "invalid_request")
     assert_error(client.get("/v1/sort"), 405, "method_not_allowed")
     assert_error(client.get("/v2/sort"), 404, "not_found")
 
 
+@pytest.mark.slow
 def test_model_timeout_is_a_json_504(client):
     started = time.perf_counter()
     assert_error(client.post("/v1/debug/stall/sort", params={"seconds": CALL_TIMEOUT_S + 2}), 504, "timeout")
@@ -479,6 +494,7 @@ async def _load(url: str, n: int, concurrency: int, route: str = "/v1/sort") -> 
     return statuses, latencies
 
 
+@pytest.mark.slow
 def test_bounded_load(server):
     began = time.perf_counter()
     statuses, latencies = asyncio.run(_load(server, 500, 8))
@@ -490,6 +506,7 @@ def test_bounded_load(server):
     assert p99 < 1000 * CALL_TIMEOUT_S
 
 
+@pytest.mark.slow
 def test_replica_crash_mid_load_recovers(client, server):
     async def scenario():
         load = asyncio.create_task(_load(server, 60, 4))

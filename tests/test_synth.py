@@ -80,6 +80,7 @@ def test_config_round_trips_through_yaml(tmp_path, export):
 # -- determinism --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_export_also_in_parallel(tmp_path, export):
     report, rows = export
     again = synthesize(tmp_path / "b", small(workers=2), progress=False)

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 PLUGIN = textwrap.dedent('''
     from msk.core.hookspecs import hookimpl
     from msk.core.specs import Entity, EntitySet, Malignancy
@@ -38,6 +40,7 @@ def _write_package(root: Path) -> Path:
     return pkg
 
 
+@pytest.mark.slow
 def test_installed_plugin_is_listed_and_usable(tmp_path):
     pkg = _write_package(tmp_path)
     target = tmp_path / "site"

@@ -148,6 +148,7 @@ def test_bad_input(tmp_path, images, labels, match):
         fit_classifier(images, labels, 3, fast(), out=tmp_path)
 
 
+@pytest.mark.slow
 def test_ray_train_two_workers(ray_session, tmp_path):
     x, y = bars(64)
     res = fit_classifier(x, y, 3, fast(epochs=2, num_workers=2), out=tmp_path, val=(x[:16], y[:16]))

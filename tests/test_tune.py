@@ -98,6 +98,7 @@ def test_a_trial_that_trains_itself_on_a_gpu_asks_tune_for_one():
 # -- searches ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sorter_trials_drive_ray_train_and_the_best_config_trains(tmp_path, ray_session):
     """Each trial is a Ray Train run (TorchTrainer, one worker) reporting every epoch to Tune;
     best.yaml is a SorterConfig that `msk train sorter --config` loads."""
@@ -123,6 +124,7 @@ def test_sorter_trials_drive_ray_train_and_the_best_config_trains(tmp_path, ray_
     assert result.best_yaml.read_text().startswith("# best of 2 trials of `msk tune sorter`")
 
 
+@pytest.mark.slow
 def test_asha_stops_trials_that_fall_behind(tmp_path, ray_session):
     """Sequential trials: a learning rate too small to learn is stopped at the first rung."""
     space = {"lr": {"choice": [1e-2, 1e-9]}, "epochs": 4}
@@ -137,6 +139,7 @@ def test_asha_stops_trials_that_fall_behind(tmp_path, ray_session):
     assert result.best_params["lr"] == 1e-2
 
 
+@pytest.mark.slow
 def test_fusion_trials_train_one_head_in_the_trial_process(tmp_path, ray_session):
     images, meta = lesions(48)
     base = quick_config(folds=2)
@@ -151,6 +154,7 @@ def test_fusion_trials_train_one_head_in_the_trial_process(tmp_path, ray_session
     assert (result.trials["epochs_run"] >= 1).all()
 
 
+@pytest.mark.slow
 def test_msk_tune_recommender_scores_the_vote_and_writes_its_config(tmp_path, ray_session):
     labels = write_ingest(tmp_path / "ingest", n_patients=6)
     labels.to_csv(tmp_path / "labels.csv", index=False)
@@ -170,6 +174,7 @@ def test_msk_tune_recommender_scores_the_vote_and_writes_its_config(tmp_path, ra
     assert best.k in (1, 3) and best.k in best.ks and best.classifiers[0].encoder == "tiny-cnn"
 
 
+@pytest.mark.slow
 def test_unusable_data_fails_before_ray_and_failed_trials_are_reported(tmp_path, ray_session):
     with pytest.raises(Exception, match="patients"):
         tune_task("sorter", labelled(12), out=tmp_path / "few", space={"lr": 1e-3}, base=fast(folds=5))
