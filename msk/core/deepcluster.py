@@ -611,11 +611,9 @@ class _Progress:
     def __init__(self, enabled: bool):
         self.progress = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from msk.core.progress import progress_bar
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(),
-                                     console=_console(), transient=False)
+            self.progress = progress_bar(True, description="{task.description}")
         self.task = None
 
     def __enter__(self):

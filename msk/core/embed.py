@@ -556,12 +556,9 @@ def _check_resources(config: EmbedConfig, resources: Mapping[str, float]) -> Non
 
 
 def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from msk.core.progress import progress_bar
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("images"), TimeElapsedColumn(), console=Console(stderr=True),
-                    disable=not enabled)
+    return progress_bar(enabled, "images")
 
 
 def _version() -> str:

@@ -505,26 +505,10 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 
 def _progress_bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from msk.core.progress import progress_bar
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("files · [green]{task.fields[ok]} ok[/green] · [yellow]{task.fields[quarantined]} quarantined"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
+    return progress_bar(enabled, "files · [green]{task.fields[ok]} ok[/green] · [yellow]{task.fields[quarantined]} "
+                        "quarantined", remaining=True)
 
 
 def ingest(src: str | os.PathLike, out: str | os.PathLike, config: IngestConfig | None = None, *,

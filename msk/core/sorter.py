@@ -942,29 +942,8 @@ def sorter_from_ingest(ingest: str | os.PathLike, labels: str | os.PathLike,
     return train_sorter(data, config, out=out, holdout=holdout, progress=progress)
 
 
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *args, **kwargs):
-        return 0
-
-    def update(self, *args, **kwargs):
-        pass
-
-    def advance(self, *args, **kwargs):
-        pass
-
-
 def _progress(enabled: bool):
-    """A rich progress bar on stderr (or a stand-in that shows nothing)."""
-    if not enabled:
-        return _NoProgress()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """The fold/epoch progress bar (:func:`msk.core.progress.progress_bar`; disabled: shows nothing)."""
+    from msk.core.progress import progress_bar
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True))
+    return progress_bar(enabled, description="{task.description}")

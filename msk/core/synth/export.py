@@ -163,21 +163,12 @@ def _generate(config: SynthConfig, export_dir: Path) -> Iterator[tuple[dict[str,
 
 
 def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import TaskProgressColumn
 
-    return Progress(
-        TextColumn("[bold]synth[/bold]"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} files/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not enabled,
-    )
+    from msk.core.progress import progress_bar
+
+    return progress_bar(enabled, TaskProgressColumn(), "{task.fields[rate]} files/s", remaining=True,
+                        description="[bold]synth[/bold]")
 
 
 def synthesize(out: Path, config: SynthConfig, *, progress: bool = True,
