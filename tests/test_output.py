@@ -154,3 +154,21 @@ def test_start_ray_is_quiet_unless_verbose(monkeypatch, verbose):
         assert options["logging_level"] >= logging.WARNING
         assert os.environ["RAY_LOGGER_LEVEL"] == "warning"  # Ray's workers inherit it
         assert ray_start.train_logging_config().log_level == "WARNING"
+
+
+def test_progress_follows_a_runs_history_per_epoch(tmp_path):
+    """The sorter's bar moves per epoch (it sat at 0/5 for minutes when it moved per fold): a
+    watcher counts the rows of the fold's history.csv while the fold trains."""
+    import time
+
+    from msk.core.progress import follow_history, progress_bar
+
+    history = tmp_path / "history.csv"
+    with progress_bar(False) as bar:
+        task = bar.add_task("sorter", total=10)
+        with follow_history(bar, task, history, 5, every_s=0.02):
+            time.sleep(0.1)
+            assert bar.tasks[0].completed == 5  # no history yet: the epochs of earlier folds
+            history.write_text("epoch,train_loss\n1,0.9\n2,0.7\n")
+            time.sleep(0.2)
+            assert bar.tasks[0].completed == 7

@@ -670,6 +670,7 @@ def eval_recommender(
     image_size: Optional[int] = typer.Option(None, help="network input side, a multiple of 8 (the default ViT's "
                                              "img_size follows it) \\[default: 64]"),
     profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON records instead of the table"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Vote over the k most similar previous patients vs CNN/transformer classifiers, 3 seeds,
@@ -693,7 +694,11 @@ def eval_recommender(
         cfg = set_options(cfg, options)
     cfg = _profiled(cfg, "recommender", profile, out_dir)
     result = evaluate_recommender(ingest_dir, labels, out_dir, cfg)
-    out.print(result.summary.to_string())
+    if as_json:
+        print(result.summary.to_json(orient="records", indent=1))
+        return
+    # plain text, never rich markup (model names like "[cnn]" are not tags), and never wrapped
+    out.print(result.summary.to_string(), markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {result.out}")
 
 

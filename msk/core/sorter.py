@@ -47,6 +47,7 @@ from msk.core.labelling import DISCARD, LabelFileError, LabelVocabulary
 from msk.core.metrics import softmax
 from msk.core.ood import FEATURE_SCORES, UNKNOWN, FeatureDensity, UnknownCalibration, calibrate, ood_score
 from msk.core.paths import resolve_stored, store_path
+from msk.core.progress import follow_history, progress_bar
 from msk.core.specs import EntitySet
 from msk.core.train import TrainConfig, TrainError, build_classifier, fit_classifier, load_model, predict_logits
 
@@ -859,13 +860,14 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
     (out / "config.yaml").write_text(config.to_yaml())
 
     folds = []
-    with _progress(progress) as bar:
-        task = bar.add_task(f"sorter: {config.folds} folds", total=config.folds)
+    with _progress(progress) as bar:  # one step per epoch of every fold
+        task = bar.add_task(f"sorter: {config.folds} folds", total=config.folds * config.epochs)
         for k, (train, val) in enumerate(plan.folds, 1):
             bar.update(task, description=f"sorter: fold {k}/{config.folds} ({len(train)} train, "
-                                         f"{len(val)} val images)")
-            folds.append(_train_fold(k, data, y, train, val, classes, config, out, extra))
-            bar.advance(task)
+                                         f"{len(val)} val images), epochs")
+            with follow_history(bar, task, out / f"fold-{k}" / "history.csv", (k - 1) * config.epochs):
+                folds.append(_train_fold(k, data, y, train, val, classes, config, out, extra))
+            bar.update(task, completed=k * config.epochs)  # early stopping ends a fold sooner
 
     models = [load_model(f.out / "best.pt")[0] for f in folds]
     unknown, densities = calibrate_unknown(models, data, y, plan, config, out)
@@ -944,6 +946,4 @@ def sorter_from_ingest(ingest: str | os.PathLike, labels: str | os.PathLike,
 
 def _progress(enabled: bool):
     """The fold/epoch progress bar (:func:`msk.core.progress.progress_bar`; disabled: shows nothing)."""
-    from msk.core.progress import progress_bar
-
     return progress_bar(enabled, description="{task.description}")
