@@ -834,7 +834,7 @@ def serve(
 @locks_run("out_dir")
 def demo(
     out_dir: Path = typer.Argument(Path("out/demo"), metavar="OUT", help="a new output folder"),
-    n: Optional[int] = typer.Option(None, "--n", help="synthetic files \\[default: 800]"),
+    n: Optional[int] = typer.Option(None, "--n", help="synthetic files \\[default: 1200]"),
     image_size: Optional[int] = typer.Option(None, help="ingest and network input side in px \\[default: 64]"),
     serve: Optional[bool] = typer.Option(None, "--serve/--no-serve", help="start msk serve and send requests "
                                          "of unseen patients \\[default: serve]"),
@@ -842,7 +842,7 @@ def demo(
 ) -> None:
     """Run the whole chain on the embedded synthetic default: synth -> ingest -> cluster -> clusters named
     by a SIMULATED expert (the synthetic truth) -> sorter -> lesion classifier -> recommender -> msk serve
-    answering unseen patients over HTTP -> OUT/report.html. About 10 minutes on 2 CPUs.
+    answering unseen patients over HTTP -> OUT/report.html. About 6 minutes on 2 idle CPUs.
 
     Synthetic data: the numbers show the chain works, not how msk does on real radiographs.
 

@@ -59,19 +59,19 @@ class DemoError(MskError):
 
 
 class DemoConfig(MskConfig):
-    """Options of ``msk demo`` (YAML keys of ``--config``). The defaults fit 2 CPUs in ~10 minutes."""
+    """Options of ``msk demo`` (YAML keys of ``--config``). The defaults fit 2 CPUs in well under 15 minutes."""
 
-    n_images: int = Field(800, ge=100, description="synthetic files (about 1 % corrupt)")
+    n_images: int = Field(1200, ge=100, description="synthetic files (about 1 % corrupt)")
     lesion_fraction: float = Field(0.6, gt=0, le=1, description="share of synthetic images with a tumour "
                                                                "(msk synth's default is 0.35)")
     synth_size: int = Field(192, ge=64, description="long side of the synthetic images in px")
     image_size: int = Field(64, ge=32, description="ingest square side and network input of every model")
     encoder: str = Field("resnet18", description="encoder of DeepCluster, the sorter and the classifier")
     k: int | None = Field(None, ge=2, description="DeepCluster clusters; default from the data size (default_k)")
-    cluster_epochs: int = Field(4, ge=1, description="DeepCluster epochs")
-    sorter_epochs: int = Field(4, ge=1, description="sorter epochs per fold")
+    cluster_epochs: int = Field(5, ge=1, description="DeepCluster epochs")
+    sorter_epochs: int = Field(6, ge=1, description="sorter epochs per fold")
     folds: int = Field(3, ge=2, description="sorter cross-validation folds")
-    classifier_epochs: int = Field(10, ge=1, description="lesion classifier epochs")
+    classifier_epochs: int = Field(15, ge=1, description="lesion classifier epochs")
     roi_size: int = Field(64, ge=16, description="side of the lesion crops")
     unseen_share: float = Field(0.25, gt=0, lt=1, description="share of lesion patients kept unseen "
                                                               "(served, never indexed or trained on)")
