@@ -717,14 +717,15 @@ class FakeHandle:
 
 
 def gateway_client(handles: dict, *, token: str | None = TOKEN, timeout_s: float = 0.5,
-                   lesion_input: dict[str, bool] | None = None):
+                   lesion_input: dict[str, bool] | None = None, clients_file: Path | None = None):
     from starlette.testclient import TestClient
 
     from msk.serve.app import ModelClients, create_api
 
     settings = {"call_timeout_s": timeout_s, "max_upload_bytes": 1 << 20,
                 "preprocess": {"image_size": SQUARE}, "debug_routes": False,
-                "token_digest": None if token is None else token_digest(token), "lesion_input": lesion_input}
+                "token_digest": None if token is None else token_digest(token), "lesion_input": lesion_input,
+                "clients_file": None if clients_file is None else str(clients_file)}
     return TestClient(create_api(settings, ModelClients(handles, timeout_s)), raise_server_exceptions=False)
 
 
@@ -879,3 +880,47 @@ def test_the_gateway_bounds_concurrent_decodes(monkeypatch):
 
     assert asyncio.run(burst()) == [200] * 8
     assert peak[0] == 2
+
+
+def test_named_clients_are_logged_and_rotate_without_a_restart(tmp_path, caplog):
+    """Several tokens, each with a client name, from a file of digests: the access log names the
+    client (never the token), and editing the file adds or revokes a client while serving."""
+    import logging
+
+    from msk.serve.auth import _main, add_client, read_clients
+
+    clients = tmp_path / "clients"
+    alice, bob = add_client("alice", clients), add_client("bob", clients)
+    assert clients.stat().st_mode & 0o077 == 0 and alice not in clients.read_text()
+    assert set(read_clients(clients).values()) == {"alice", "bob"}
+
+    async def sort(*_):
+        return {"regions": [], "unknown": False, "score": 0.0, "score_name": "msp"}
+
+    def post(c, token):
+        return c.post("/v1/sort", content=png(HORIZONTAL), headers={"Content-Type": "image/png",
+                                                                   "Authorization": f"Bearer {token}"})
+
+    with caplog.at_level(logging.INFO, logger="ray.serve.msk.access"), \
+            gateway_client({"sort": FakeHandle(sort=sort)}, clients_file=clients) as c:
+        assert post(c, alice).status_code == 200 and post(c, bob).status_code == 200
+        assert post(c, TOKEN).status_code == 200  # the default token still works: client "default"
+        assert_error(post(c, "x" * 40), 401, "unauthorized")
+        lines = [r.getMessage() for r in caplog.records if r.name == "ray.serve.msk.access"]
+        assert any("client=alice route=POST /v1/sort status=200" in line for line in lines), lines
+        assert any("client=default" in line for line in lines)
+        assert any("client=unauthenticated" in line and "status=401" in line for line in lines)
+        assert not any(alice in line or bob in line for line in lines)
+        # revoke bob and add carol: no restart
+        kept = [line for line in clients.read_text().splitlines() if line.startswith("alice")]
+        clients.write_text("".join(line + "\n" for line in kept))
+        carol = add_client("carol", clients)
+        assert_error(post(c, bob), 401, "unauthorized")
+        assert post(c, carol).status_code == 200 and post(c, alice).status_code == 200
+    bad = tmp_path / "bad"
+    bad.write_text("# clients\nalice 1234\n")
+    with pytest.raises(ConfigError, match="bad, line 2: expected 'NAME SHA256'"):
+        read_clients(bad)
+    with pytest.raises(ConfigError, match="already has a client 'alice'"):
+        add_client("alice", clients)
+    assert _main(["add", "dave", str(clients)]) == 0 and "dave" in read_clients(clients).values()

@@ -55,7 +55,7 @@ from msk.core.config import load_config
 from msk.core.errors import ConfigError, MskError
 from msk.core.ingest import map_box_from_square, map_box_to_square
 from msk.core.ray_start import start_ray
-from msk.serve.auth import BearerAuth, resolve_token_digest
+from msk.serve.auth import BearerAuth, read_clients, resolve_token_digest
 from msk.serve.config import PreprocessConfig, ReplicaConfig, ServeConfig, check_paths
 from msk.serve.errors import ApiError, install_error_handlers
 from msk.serve.inputs import RAW_TYPES, ClinicalMetadata, Radiograph, decode_radiograph, parse_metadata, read_upload
@@ -79,6 +79,7 @@ ENDPOINTS = {"sort": "sorter", "recommend": "recommender", "classify": "classifi
 READY_TIMEOUT_S = 5.0
 
 logger = logging.getLogger("ray.serve.msk")
+access_logger = logging.getLogger("ray.serve.msk.access")
 
 
 class ServeError(MskError):
@@ -210,10 +211,26 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
                   summary="Musculoskeletal radiograph models: anatomical sorter, similar-patient "
                           "recommender, image + metadata classifier, lesion segmenter.")
     install_error_handlers(api, max_body_bytes=int(settings["max_upload_bytes"]))
-    auth = BearerAuth(settings.get("token_digest"))
+    auth = BearerAuth(settings.get("token_digest"), settings.get("clients_file"))
     dependencies = [Depends(auth)]
-    if auth.digest is not None:
-        dependencies.insert(0, Depends(HTTPBearer(auto_error=False, description="the MSK_SERVE_TOKEN")))
+    if auth.enabled:
+        dependencies.insert(0, Depends(HTTPBearer(auto_error=False, description="the MSK_SERVE_TOKEN or a "
+                                                                                "named client's token")))
+    count = _request_counter()
+
+    @api.middleware("http")
+    async def access_log(request: Request, call_next):
+        """One line per /v1 request: client name, route template, status, latency (no PHI: never
+        the path's values, headers, file names or bodies); and the msk_requests metric."""
+        began = time.perf_counter()
+        response = await call_next(request)
+        if request.url.path.startswith(f"/{API_VERSION}/"):
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            client = getattr(request.state, "client", "unauthenticated")
+            access_logger.info("client=%s route=%s %s status=%d ms=%.1f", client, request.method, route,
+                               response.status_code, (time.perf_counter() - began) * 1000)
+            count(client, route, response.status_code)
+        return response
     v1 = APIRouter(prefix=f"/{API_VERSION}", dependencies=[*dependencies, Depends(single_parameters)],
                    responses=ERROR_RESPONSES)
 
@@ -304,6 +321,26 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
     return api
 
 
+def _request_counter():
+    """``count(client, route, status)``: Ray Serve's ``msk_requests`` counter (per client, route and
+    status, exported with Serve's metrics), or a no-op outside a Ray worker."""
+    try:
+        from ray.serve.metrics import Counter
+
+        counter = Counter("msk_requests", description="msk API requests by client, route and status",
+                          tag_keys=("client", "route", "status"))
+    except Exception:  # noqa: BLE001 - no Ray here (tests of the app alone): count nothing
+        return lambda *_: None
+
+    def count(client: str, route: str, status: int) -> None:
+        try:
+            counter.inc(tags={"client": client, "route": route, "status": str(status)})
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            pass
+
+    return count
+
+
 def single_parameters(request: Request) -> None:
     """Refuse a query parameter given twice (``?k=1&k=100``: which one would the caller mean?)."""
     names = [name for name, _ in request.query_params.multi_items()]
@@ -367,7 +404,11 @@ def application(config: ServeConfig):
     from msk.serve.sorter import SorterDeployment, inspect_sorter
 
     config = check_paths(config)
-    digest = resolve_token_digest(config.token_file, insecure=config.insecure)
+    digest = resolve_token_digest(config.token_file, insecure=config.insecure,
+                                  named_clients=config.clients_file is not None)
+    clients = None if config.insecure or config.clients_file is None else str(config.clients_file)
+    if clients is not None:
+        read_clients(clients)  # a malformed file fails here, naming its line
     preprocess = config.preprocess.model_dump(mode="json")
     bound: dict[str, Any] = {}
     lesion_input = {"recommend": False, "classify": False}
@@ -389,7 +430,8 @@ def application(config: ServeConfig):
         bound["segmenter"] = SegmenterDeployment.options(**_options(config.segmenter)).bind(
             config.segmenter.model_dump(mode="json"), config.debug_routes)
     settings = {"call_timeout_s": config.call_timeout_s, "max_upload_bytes": config.max_upload_bytes,
-                "preprocess": preprocess, "token_digest": digest, "debug_routes": config.debug_routes,
+                "preprocess": preprocess, "token_digest": digest, "clients_file": clients,
+                "debug_routes": config.debug_routes,
                 "lesion_input": lesion_input, "max_concurrent_decodes": config.gateway.max_concurrent_decodes}
     return Gateway.options(**_options(config.gateway)).bind(settings, **bound)
 

@@ -167,6 +167,8 @@ class ServeConfig(MskConfig):
     call_timeout_s: float = Field(30.0, gt=0, description="longest wait for a model's answer (504 after)")
     max_upload_bytes: int = Field(64 * MiB, ge=1024, description="larger request bodies are refused (413)")
     token_file: Path | None = Field(None, description="file holding the Bearer token (env MSK_SERVE_TOKEN wins)")
+    clients_file: Path | None = Field(None, description="named clients, one 'NAME SHA256' line each (python -m "
+                                      "msk.serve.auth add NAME FILE); re-read when it changes")
     insecure: bool = Field(False, description="no authentication at all (never on a network)")
     debug_routes: bool = Field(False, description="/v1/debug/{crash,stall}/{model}: for tests only")
     app_name: str = Field("msk", description="Ray Serve application name")
@@ -220,7 +222,8 @@ def check_paths(config: ServeConfig) -> ServeConfig:
             raise ConfigError(f"{field}: {path} is not a folder")
         return path
 
-    update: dict = {"token_file": need("token_file", config.token_file, "file")}
+    update: dict = {"token_file": need("token_file", config.token_file, "file"),
+                    "clients_file": need("clients_file", config.clients_file, "file")}
     pre = config.preprocess.model_copy(update={"ingest": need("preprocess.ingest", config.preprocess.ingest, "dir")})
     update["preprocess"] = pre.resolved()
     if config.sorter is not None:
