@@ -5,6 +5,7 @@ Commands import their pipeline lazily so that ``msk --help`` stays fast.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -861,6 +862,8 @@ def main() -> None:
     from msk.core import shutdown
 
     shutdown.install()
+    # DeepCluster's collapse is already one red console line per epoch; not again as a Python warning
+    warnings.filterwarnings("ignore", message=r"epoch \d+: one cluster holds")
     signum = None
     try:
         from msk.core.registry import get_registry

@@ -531,6 +531,9 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
     net = getattr(model, "module", model)  # without the DDP wrapper
     history = [row for row in read_history(out) if row["epoch"] <= start] if rank == 0 else []
     console = _console() if rank == 0 else None
+    # a collapse is said on the console by the process the user watches: this one when in process,
+    # the driver (from the history) for Ray Train workers
+    collapse_console = console if config.num_workers == 0 else None
     shard = np.arange(rank, n, world)
 
     with _Progress(progress and rank == 0) as bar:
@@ -565,7 +568,7 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
                     largest_cluster_share=clustering.largest_cluster_share,
                     n_empty_fixed=clustering.n_empty_fixed,
                 )
-                _warn_collapse(row, config.collapse_threshold, console)
+                _warn_collapse(row, config.collapse_threshold, collapse_console)
             labels = workers.broadcast(labels, (n,), torch.int64)
 
             # (c) a fresh head, one pass over uniformly sampled pseudo-labelled images
@@ -651,7 +654,8 @@ def run_deepcluster(images: np.ndarray, config: DeepClusterConfig | None = None,
         folder that holds a checkpoint is resumed after its last epoch.
     :param ground_truth: a label per image (e.g. the true region), for ``nmi_truth`` only.
     :param image_ids: an id per image, written next to the assignments.
-    :param progress: rich progress bar (in-process runs) and the history table at the end.
+    :param progress: rich progress bar (in-process runs); the history table is
+        :meth:`DeepClusterResult.table` (``msk cluster`` prints it once, on stdout).
     """
     config = config or DeepClusterConfig()
     _check_images(images, config)
@@ -688,14 +692,11 @@ def run_deepcluster(images: np.ndarray, config: DeepClusterConfig | None = None,
     except MskError as exc:
         raise DeepClusterError(str(exc)) from exc
     if config.num_workers:
-        for row in read_history(out):  # the workers' warnings stay in their processes
-            _warn_collapse(row, config.collapse_threshold)
+        for row in read_history(out):  # the workers' warnings stay in their processes: say them here once
+            _warn_collapse(row, config.collapse_threshold, _console())
 
     history = read_history(out)
-    result = DeepClusterResult(load_assignments(out), history, latest_checkpoint(out), out, config.k)
-    if progress:
-        _console().print(history_table(history))
-    return result
+    return DeepClusterResult(load_assignments(out), history, latest_checkpoint(out), out, config.k)
 
 
 def legacy_inputs(config: DeepClusterConfig, saved: dict[str, Any]) -> DeepClusterConfig:
