@@ -129,14 +129,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _lesions(ingest: Path, truth_file: Path, image_size: int):
-    """Lesion images: ``(ids, images uint8, entity, patient, source box, square box, source path)``."""
+def _lesions(ingest: Path, synth_dir: Path, truth_file: Path, image_size: int):
+    """Lesion images: ``(ids, images uint8, entity, patient, source box, square box, ground-truth rows)``;
+    the rows (:func:`msk.core.synth.ground_truth_for_ingest`, in the order of ``ids``) hold each file's
+    ``path`` under ``synth_dir`` and its clinical facts."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from msk.core.dataset import images_from_table, read_shards
     from msk.core.ingest import map_box_to_square
-    from msk.core.manifest import read_manifest
+    from msk.core.synth import ground_truth_for_ingest
     from msk.core.truth import read_truth
 
     truth = read_truth(truth_file, what="entity", ingest=ingest)
@@ -154,14 +156,14 @@ def _lesions(ingest: Path, truth_file: Path, image_size: int):
     source_boxes = [truth.boxes[i] for i in ids]
     square_boxes = [map_box_to_square(b, (int(h), int(w)), image_size)
                     for b, h, w in zip(source_boxes, heights, widths)]
-    manifest = read_manifest(ingest, columns=["path", "image_id", "status"]).to_pandas()
-    paths = dict(zip(manifest["image_id"], manifest["path"]))
-    return ids, images, [truth.labels[i] for i in ids], patients, source_boxes, square_boxes, \
-        [paths.get(i) for i in ids]
+    rows = ground_truth_for_ingest(synth_dir, ingest).set_index("image_id").loc[ids]
+    return ids, images, [truth.labels[i] for i in ids], patients, source_boxes, square_boxes, rows
 
 
 def _accuracy(predicted, truth) -> float:
-    return float(np.mean([p == t for p, t in zip(predicted, truth)])) if len(truth) else float("nan")
+    from msk.core.metrics import accuracy
+
+    return accuracy(list(truth), list(predicted)) if len(truth) else float("nan")
 
 
 def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=print) -> DemoResult:
@@ -245,8 +247,8 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
             "weak labels")
 
     with steps.step("lesion classifier", "entity from the lesion crop (box + 15 %), known patients"):
-        ids, images, entities, patients, source_boxes, square_boxes, paths = _lesions(
-            out / "ingest", truth_file, config.image_size)
+        ids, images, entities, patients, source_boxes, square_boxes, rows = _lesions(
+            out / "ingest", synth.out, truth_file, config.image_size)
         unseen = _patient_split(sorted(set(patients)), config.unseen_share, config.seed)
         known_idx = np.array([i for i, p in enumerate(patients) if p not in unseen])
         unseen_idx = np.array([i for i, p in enumerate(patients) if p in unseen])
@@ -271,7 +273,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
             f"{numbers['classifier']['majority_baseline']:.3f})")
 
     with steps.step("fusion classifier", "lesion crop + age, sex, site and view (concat head), from that encoder"):
-        frame = _clinical(truth_file, ids, paths)
+        frame = _clinical(rows)
         encoder = MetadataEncoder(MetadataSchema(sites=sorted(set(frame["site"].dropna())), unknown="ignore")).fit(
             frame.iloc[known_idx])
         (out / "fusion").mkdir(exist_ok=True)
@@ -312,10 +314,10 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     answers: list[dict[str, Any]] = []
     if config.serve:
         with steps.step("serve", f"msk serve + {config.requests} requests of unseen patients over HTTP"):
-            answers = _serve_and_ask(out, config, classes, [(ids[i], paths[i], entities[i], source_boxes[i],
-                                                              frame.iloc[i].to_dict())
+            answers = _serve_and_ask(out, config, classes, [(ids[i], rows["path"].iloc[i], entities[i],
+                                                              source_boxes[i], frame.iloc[i].to_dict())
                                                              for i in unseen_idx[:config.requests]],
-                                     synth.out / "export", regions)
+                                     synth.out, regions)
             for a in answers:  # the served models must answer as the same models did in this process
                 if "sorted" in a:
                     a["same_as_in_process"] = (a["classified"] == in_process.get(a["image_id"], a["classified"])
@@ -331,26 +333,19 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     return result
 
 
-def _clinical(truth_file: Path, ids: list[str], paths: list[str | None]):
-    """``image_id, sex, age, site, view`` of the lesion images, from the synthetic ground truth (its paths
-    are ``export/<the manifest's path>``)."""
+def _clinical(rows):
+    """``image_id, sex, age, site, view`` of the lesion images from their ground-truth rows."""
     import pandas as pd
 
     from msk.core.metadata import DICOM_VIEWS
 
-    truth = pd.read_csv(truth_file)
-    rows = {p: r for p, r in zip(truth["path"], truth.to_dict("records"))}
-    records = []
-    for image_id, path in zip(ids, paths):
-        row = rows.get(f"export/{path}", {})
-        records.append({"image_id": image_id, "sex": row.get("sex") if row.get("sex") in ("M", "F") else None,
-                        "age": row.get("age"), "site": row.get("site"),
-                        "view": DICOM_VIEWS.get(str(row.get("view")).upper())})
-    return pd.DataFrame(records)
+    return pd.DataFrame({"image_id": rows.index, "sex": rows["sex"].where(rows["sex"].isin(["M", "F"]), None),
+                         "age": rows["age"], "site": rows["site"],
+                         "view": [DICOM_VIEWS.get(str(v).upper()) for v in rows["view"]]}).reset_index(drop=True)
 
 
 def _serve_and_ask(out: Path, config: DemoConfig, classes: list[str], cases: list[tuple],
-                   export: Path, regions: dict[str, str]) -> list[dict[str, Any]]:
+                   synth_dir: Path, regions: dict[str, str]) -> list[dict[str, Any]]:
     """Start ``msk serve`` (non-blocking) on the demo's models, send the unseen cases, stop it."""
     import secrets
 
@@ -380,7 +375,7 @@ def _serve_and_ask(out: Path, config: DemoConfig, classes: list[str], cases: lis
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
             for image_id, path, entity, box, clinical in cases:
-                data = (export / path).read_bytes()
+                data = (synth_dir / path).read_bytes()
                 metadata = {"sex": clinical["sex"] or "F", "box": list(box),
                             "age": None if pd.isna(clinical["age"]) else float(clinical["age"]),
                             "site": None if pd.isna(clinical["site"]) else clinical["site"],
@@ -397,7 +392,7 @@ def _serve_and_ask(out: Path, config: DemoConfig, classes: list[str], cases: lis
                                 "recommended": recommend["entity"], "vote": round(recommend["confidence"], 3),
                                 "input": classify["input"]})
             if cases:
-                whole = client.post("/v1/classify", files={"image": ("x", (export / cases[0][1]).read_bytes())},
+                whole = client.post("/v1/classify", files={"image": ("x", (synth_dir / cases[0][1]).read_bytes())},
                                     data={"metadata": json.dumps({"sex": "F"})})
                 answers.append({"image_id": cases[0][0], "no_box": whole.status_code,
                                 "code": whole.json().get("error", {}).get("code")})

@@ -58,7 +58,16 @@ from msk.core.ray_start import start_ray
 from msk.serve.auth import BearerAuth, read_clients, resolve_token_digest
 from msk.serve.config import PreprocessConfig, ReplicaConfig, ServeConfig, check_paths
 from msk.serve.errors import ApiError, install_error_handlers
-from msk.serve.inputs import RAW_TYPES, ClinicalMetadata, Radiograph, decode_radiograph, parse_metadata, read_upload
+from msk.serve.inputs import (
+    BOX_RULE,
+    RAW_TYPES,
+    ClinicalMetadata,
+    Radiograph,
+    box_is_ordered,
+    decode_radiograph,
+    parse_metadata,
+    read_upload,
+)
 from msk.serve.replica import Rejection
 from msk.serve.schemas import (
     ClassifyResponse,
@@ -355,8 +364,8 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
     if text is None:
         return None
     x0, y0, x1, y1 = (float(v) for v in text.split(","))
-    if not (x0 < x1 and y0 < y1 and min(x0, y0) >= 0):
-        raise ApiError(422, "invalid_request", "box must be x0 < x1, y0 < y1, all >= 0 (pixels of the uploaded image)")
+    if not box_is_ordered((x0, y0, x1, y1)):
+        raise ApiError(422, "invalid_request", BOX_RULE)
     return x0, y0, x1, y1
 
 

@@ -98,6 +98,14 @@ def decode_radiograph(data: bytes, preprocess: PreprocessConfig) -> Radiograph:
     return Radiograph(pixels, tuple(decoded.pixels.shape))
 
 
+BOX_RULE = "box must be x0 < x1, y0 < y1, all >= 0 (pixels of the uploaded image)"
+
+
+def box_is_ordered(box) -> bool:
+    """A lesion box ``(x0, y0, x1, y1)`` a request may send (``metadata.box``, ``?box=``)."""
+    return box[0] < box[2] and box[1] < box[3] and min(box) >= 0
+
+
 class ClinicalMetadata(BaseModel):
     """The clinical facts ``/v1/classify`` takes with the image (the ``metadata`` form field).
 
@@ -118,8 +126,8 @@ class ClinicalMetadata(BaseModel):
     @field_validator("box")
     @classmethod
     def _ordered(cls, box: tuple[float, float, float, float] | None):
-        if box is not None and not (box[0] < box[2] and box[1] < box[3] and min(box) >= 0):
-            raise ValueError("box must be x0 < x1, y0 < y1, all >= 0 (pixels of the uploaded image)")
+        if box is not None and not box_is_ordered(box):
+            raise ValueError(BOX_RULE)
         return box
 
 
