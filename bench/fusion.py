@@ -5,10 +5,10 @@ From scratch (``--synth N``): ``msk synth`` writes N DICOM files with ground tru
 ``--synth-dir``/``--ingest-dir`` at an existing pair. Then, on the lesion images only:
 
 * metadata from the ground truth (age, sex, site = the image's region, bone position, view),
-  joined to the shards through the ingest manifest (``msk.core.fusion.read_synth_truth``);
+  joined to the shards through the ingest manifest (``msk.core.stages.fusion.training.read_synth_truth``);
 * ROI crops: the lesion box, mapped into the letterboxed 128 px image, made square with a
   15 % margin and resized to 64 px grey;
-* ``msk.core.fusion.evaluate_fusion``: a patient-level held-out test split (20 % of the
+* ``msk.core.stages.fusion.training.evaluate_fusion``: a patient-level held-out test split (20 % of the
   patients), 5-fold patient-level CV on the rest for the image-only CNN, the metadata-only MLP
   (same head, ``image_dim=0``), XGBoost on the metadata, the fused CNN with each head and,
   with ``--transformer``, an image-only ViT; the 5 fold models' summed logits on the held-out
@@ -34,23 +34,23 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from msk.core.baselines import METRICS, XgbConfig
-from msk.core.fusion import (
+from msk.core.data.metadata import MetadataSchema
+from msk.core.models.baselines import METRICS, XgbConfig
+from msk.core.registry import entity_set
+from msk.core.stages.fusion.training import (
     FusionConfig,
     TransformerConfig,
     evaluate_fusion,
     load_fusion_data,
     read_synth_truth,
 )
-from msk.core.metadata import MetadataSchema
-from msk.core.registry import entity_set
 
 console = Console()
 
 
 def make_export(n: int, work: Path, seed: int) -> tuple[Path, Path]:
     """``msk synth`` + ``msk ingest`` (128 px) into ``work``; reused when already there."""
-    from msk.core.ingest import IngestConfig, ingest
+    from msk.core.stages.ingest.pipeline import IngestConfig, ingest
     from msk.core.synth import SynthConfig, synthesize
 
     synth_dir, ingest_dir = work / "synth", work / "ingest"

@@ -6,10 +6,10 @@ process so that neither inherits the other's memory or warm Ray:
 * **plain**: ``pydicom.dcmread`` + ``pixel_array`` (first frame, colour averaged) + naive
   min-max + PIL bilinear resize to ``S x S`` ``uint8``, one file after another, nothing
   written, failures counted.
-* **msk-serial**: msk's per-file work (:func:`msk.core.ingest.process_file`: read, SHA-256,
-  :func:`~msk.core.dicom.read_image`, resize, pseudonymise) in the same kind of loop, without
+* **msk-serial**: msk's per-file work (:func:`msk.core.stages.ingest.pipeline.process_file`: read, SHA-256,
+  :func:`~msk.core.io.dicom.read_image`, resize, pseudonymise) in the same kind of loop, without
   Ray and without writing: what msk's reader costs compared with the plain loop.
-* **msk**: :func:`msk.core.ingest.ingest` into a fresh folder (decode, hash, pseudonymise,
+* **msk**: :func:`msk.core.stages.ingest.pipeline.ingest` into a fresh folder (decode, hash, pseudonymise,
   dedup, Parquet shards + manifest), on a local Ray started in the child. ``msk`` is the first
   ingest on that fresh Ray (its time includes starting the worker processes and importing the
   decoders in them; Ray's own start-up, ``ray.init``, is printed separately); ``msk-warm`` is a
@@ -65,7 +65,7 @@ def run_plain(src: Path, size: int) -> dict:
     import pydicom
     from PIL import Image
 
-    from msk.core.ingest import list_inputs
+    from msk.core.stages.ingest.pipeline import list_inputs
 
     warnings.simplefilter("ignore")  # pydicom warns about every truncated file
     files = list_inputs(src, ["*"], [".*"])
@@ -93,8 +93,8 @@ def run_plain(src: Path, size: int) -> dict:
 
 def run_serial(src: Path, size: int) -> dict:
     """msk's per-file work in a single-process loop: no Ray, nothing written."""
-    from msk.core.ingest import IngestConfig, list_inputs, process_file
-    from msk.core.pseudonym import Pseudonymiser
+    from msk.core.io.pseudonym import Pseudonymiser
+    from msk.core.stages.ingest.pipeline import IngestConfig, list_inputs, process_file
 
     config = IngestConfig(image_size=size)
     pseudonymiser = Pseudonymiser(b"bench-key-not-secret")
@@ -109,7 +109,7 @@ def run_msk(src: Path, dst: Path, size: int, key_file: Path) -> list[dict]:
     """``msk ingest`` into fresh folders under ``dst``, cold then warm, on a Ray started here."""
     import ray
 
-    from msk.core.ingest import IngestConfig, ingest
+    from msk.core.stages.ingest.pipeline import IngestConfig, ingest
 
     started = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False)

@@ -1,7 +1,7 @@
 """Metadata-only baselines on the real BTXRD metadata: what age, sex, site and view say about
 the tumour entity, before any image is seen.
 
-Protocol (all splits patient-level, see ``msk.core.metadata.read_btxrd`` for the pseudo-patient
+Protocol (all splits patient-level, see ``msk.core.data.metadata.read_btxrd`` for the pseudo-patient
 groups BTXRD needs because it publishes no patient id):
 
 1. hold out a test set: a stratified 20 % of the pseudo-patients (``--holdout random``) or
@@ -34,7 +34,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from msk.core.baselines import (
+from msk.core.data.metadata import MetadataSchema, read_btxrd
+from msk.core.data.splits import patient_split
+from msk.core.models.baselines import (
     METRICS,
     MlpConfig,
     XgbConfig,
@@ -43,8 +45,6 @@ from msk.core.baselines import (
     fit_mlp,
     fit_xgboost,
 )
-from msk.core.metadata import MetadataSchema, read_btxrd
-from msk.core.splits import patient_split
 from msk.plugins.entity_sets import btxrd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def main() -> None:
     console.print(f"transform calls that met a site unseen in their training fold: {unknown}")
 
     if args.explain:
-        from msk.core.explain import explain_metadata
+        from msk.core.models.explain import explain_metadata
 
         model = mlp.models[0]
         with warnings.catch_warnings():

@@ -47,7 +47,7 @@ def real_xr_labels(real_xr: Path, ingest: Path) -> Path:
     to ``labels.csv`` ``path`` -> ``region`` (both relative to real-xr/)."""
     import pandas as pd
 
-    from msk.core.manifest import read_manifest
+    from msk.core.io.manifest import read_manifest
 
     manifest = read_manifest(ingest, columns=["path", "image_id", "status"]).to_pandas()
     labels = pd.read_csv(real_xr / "labels.csv")
@@ -93,7 +93,7 @@ def ood_files() -> list[tuple[str, str, str]]:
 def decode_ood(preprocess) -> tuple[np.ndarray, list[str], list[str], list[str]]:
     """Decode the OOD files like uploads, the first decodable file of each identity:
     ``(images, kinds, names, refused)``."""
-    from msk.core.sort_images import read_images
+    from msk.core.stages.sorter.sorting import read_images
 
     images, kinds, names, refused, seen = [], [], [], [], set()
     for kind, path, identity in ood_files():
@@ -132,9 +132,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    from msk.core.ood import calibrate, ood_score
-    from msk.core.sort_images import run_preprocess
-    from msk.core.sorter import (
+    from msk.core.models.ood import calibrate, ood_score
+    from msk.core.stages.sorter.sorting import run_preprocess
+    from msk.core.stages.sorter.training import (
         SorterConfig,
         load_labelled,
         load_sorter,
@@ -146,7 +146,7 @@ def main() -> int:
     began = time.perf_counter()
     real_xr = SHARED / "real-xr"
     if not (args.ingest / "ingest.json").is_file():
-        from msk.core.ingest import IngestConfig, ingest
+        from msk.core.stages.ingest.pipeline import IngestConfig, ingest
 
         os.environ.setdefault("MSK_PSEUDONYM_KEY", "bench-ood-key-0123456789abcdef")
         report = ingest(real_xr, args.ingest, IngestConfig(image_size=args.ingest_size))

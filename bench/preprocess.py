@@ -47,7 +47,7 @@ def load(ingest: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from msk.core.dataset import images_from_table, read_shards
+    from msk.core.io.dataset import images_from_table, read_shards
 
     table = read_shards(ingest, columns=["image_id", "image", "height", "width"])
     manifest = pa.concat_tables([pq.read_table(f) for f in sorted(Path(ingest, "manifest").glob("*.parquet"))])
@@ -62,8 +62,8 @@ def histograms(args) -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from msk.core.augment import to_tensor
-    from msk.core.preprocess import PreprocessConfig, preprocess_image
+    from msk.core.data.augment import to_tensor
+    from msk.core.data.preprocess import PreprocessConfig, preprocess_image
 
     torch.set_num_threads(1)
     real, paths = load(args.real)
@@ -124,9 +124,9 @@ def _letterbox(image: np.ndarray, aspect: float = 1.6) -> np.ndarray:
 def robustness(args) -> None:
     import torch
 
-    from msk.core.preprocess import AugmentConfig, PreprocessConfig
-    from msk.core.splits import patient_split
-    from msk.core.train import TrainConfig, fit_classifier, predict_logits
+    from msk.core.data.preprocess import AugmentConfig, PreprocessConfig
+    from msk.core.data.splits import patient_split
+    from msk.core.models.train import TrainConfig, fit_classifier, predict_logits
 
     torch.set_num_threads(1)
     images, paths = load(args.real)

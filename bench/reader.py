@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from msk.core.dicom import read_dicom_header, read_image
+from msk.core.io.dicom import read_dicom_header, read_image
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_DICOM = re.compile(r"^(LICENSE|SOURCE|README|NOTES)|\.(json|md|rst|txt)$")

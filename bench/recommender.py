@@ -1,13 +1,13 @@
 """Evidence for the recommender: vote accuracy against a CNN and a vision transformer.
 
-Runs the evaluation protocol of :mod:`msk.core.recommender_eval` (patient-level 80/20 splits,
+Runs the evaluation protocol of :mod:`msk.core.stages.recommender.evaluation` (patient-level 80/20 splits,
 3 seeds, mean ± sd, ANOVA + Tukey HSD) on the lesion images of a synthetic export (10 bone
 tumour entities at several anatomical sites), each model seeing the lesion's region of
 interest (box + 15 %) cropped from the 128-px ingest and resized to 32 px.
 
 Models, all trained on the training patients only, with the same budget (epochs, lr, batch):
 
-* ``cnn``: tiny-cnn + linear head (``msk.core.train.fit_classifier``);
+* ``cnn``: tiny-cnn + linear head (``msk.core.models.train.fit_classifier``);
 * ``vit``: a vision transformer (timm ``vit_tiny_patch16_224`` at 32 px: 8-px patches, depth 6);
 * ``recommender[cnn]``: majority vote of the k nearest training images in the feature space of
   the fine-tuned ``cnn`` encoder (the recommender's encoder never saw a test patient);
@@ -43,7 +43,7 @@ def prepare(args) -> tuple[Path, Path]:
     """``(synth_dir, ingest_dir)``: existing ones, or a new export of ``--synth`` files."""
     if args.synth_dir and args.ingest:
         return args.synth_dir, args.ingest
-    from msk.core.ingest import IngestConfig, ingest
+    from msk.core.stages.ingest.pipeline import IngestConfig, ingest
     from msk.core.synth import SynthConfig, synthesize
 
     synth_dir, ingest_dir = args.work / "synth", args.work / "ingest"
@@ -59,7 +59,7 @@ def prepare(args) -> tuple[Path, Path]:
 
 
 def config(args):
-    from msk.core.recommender_eval import ClassifierSpec, RecommenderEvalConfig
+    from msk.core.stages.recommender.evaluation import ClassifierSpec, RecommenderEvalConfig
 
     size = args.image_size
     return RecommenderEvalConfig(
@@ -81,8 +81,8 @@ def config(args):
 def deploy(args, ingest_dir: Path, labels, result) -> None:
     """The deployable artefact: ``embed`` (Ray Data) every lesion ROI with seed 0's CNN encoder,
     build and save an LSH recommender of all of them, load it and time queries."""
-    from msk.core.embed import EmbedConfig, embed, embedding_matrix, read_embeddings, read_rois
-    from msk.core.recommender import Recommender
+    from msk.core.models.embed import EmbedConfig, embed, embedding_matrix, read_embeddings, read_rois
+    from msk.core.models.recommender import Recommender
 
     checkpoint = result.out / f"seed-{args.seeds.split(',')[0]}" / "cnn" / "best.pt"
     report = embed(ingest_dir, checkpoint, args.work / "embed", EmbedConfig(batch_size=128),
@@ -131,7 +131,7 @@ def main() -> None:
 
     import torch
 
-    from msk.core.recommender_eval import evaluate_recommender, synth_labels
+    from msk.core.stages.recommender.evaluation import evaluate_recommender, synth_labels
 
     torch.set_num_threads(args.threads)
     began = time.perf_counter()

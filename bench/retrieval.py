@@ -34,8 +34,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from msk.core.models.retrieval import Retriever, load_retriever
 from msk.core.registry import build_retriever
-from msk.core.retrieval import Retriever, load_retriever
 
 console = Console()
 K = 10

@@ -13,12 +13,12 @@ Steps, all through msk's own pipeline:
 3. ``msk eval segmenter``: the fold ensemble on the test patients (IoU/Dice per image, averaged
    per entity and overall), overlay sheet in ``work/<model>-eval/overlays.html``;
 4. the ROI comparison on the same test patients: an image classifier
-   (``msk.core.train.fit_classifier``, ``--classifier-encoder``) trained on the true-ROI crops
-   (``msk.core.roi.lesion_crop`` of the true mask: box + 15 %, square, ``--roi-size`` px) of the
-   segmenters' training patients, and a recommender (``msk.core.recommender.Recommender``, exact
+   (``msk.core.models.train.fit_classifier``, ``--classifier-encoder``) trained on the true-ROI crops
+   (``msk.core.data.roi.lesion_crop`` of the true mask: box + 15 %, square, ``--roi-size`` px) of the
+   segmenters' training patients, and a recommender (``msk.core.models.recommender.Recommender``, exact
    search, ``--k`` neighbours vote) whose gallery is those crops embedded with that classifier's
-   encoder (``msk.core.embed.Embedder``); both fed (a) the true ROI, (b) the ROI each segmenter
-   ensemble predicts (``msk.core.segmentation.predicted_rois``; an image where it finds no
+   encoder (``msk.core.models.embed.Embedder``); both fed (a) the true ROI, (b) the ROI each segmenter
+   ensemble predicts (``msk.core.stages.segmentation.training.predicted_rois``; an image where it finds no
    lesion counts as wrong, and is counted), (c) the whole image. For a fair (c), a second
    classifier and recommender are trained and built on whole images of the same patients.
 
@@ -50,7 +50,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 def make_data(work: Path, n: int, seed: int, size: int, synth_size: int) -> tuple[Path, Path]:
     """``msk synth`` (lesions only) + ``msk ingest`` into ``work/synth`` and ``work/ingest``."""
-    from msk.core.ingest import IngestConfig, ingest
+    from msk.core.stages.ingest.pipeline import IngestConfig, ingest
     from msk.core.synth import SynthConfig, synthesize
 
     synth, ingested = work / "synth", work / "ingest"
@@ -70,7 +70,7 @@ def step_time(segmenter: str, encoder: str, size: int, options: dict | None = No
     """Seconds per image of one training step (forward, backward, AdamW) here."""
     import torch
 
-    from msk.core.segmentation import DiceBCELoss, SegmentationModel
+    from msk.core.stages.segmentation.training import DiceBCELoss, SegmentationModel
 
     model, loss = SegmentationModel(segmenter, encoder, options), DiceBCELoss()
     opt = torch.optim.AdamW(model.parameters())
@@ -91,7 +91,7 @@ def step_flops(segmenter: str, encoder: str, size: int, options: dict | None = N
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from msk.core.segmentation import DiceBCELoss, SegmentationModel
+    from msk.core.stages.segmentation.training import DiceBCELoss, SegmentationModel
 
     model = SegmentationModel(segmenter, encoder, options)
     with FlopCounterMode(display=False) as counter:
@@ -124,7 +124,7 @@ def training_seconds(run: Path) -> float:
 
 def whole(images: np.ndarray, size: int) -> np.ndarray:
     """The whole square images resized to ``size`` (the crop function with the full-image box)."""
-    from msk.core.roi import crop_roi
+    from msk.core.data.roi import crop_roi
 
     side = images.shape[1]
     return np.stack([np.clip(np.rint(crop_roi(im, (0, 0, side, side), size) * 255), 0, 255).astype(np.uint8)
@@ -138,7 +138,7 @@ def predicted_crops(run: Path, images: np.ndarray, truth: np.ndarray, ids: list[
 
     :return: ``(crops, found, holds)``: ``holds`` marks the crops that contain at least half of
         the true lesion's pixels."""
-    from msk.core.segmentation import NoLesionFound, load_ensemble, predicted_rois
+    from msk.core.stages.segmentation.training import NoLesionFound, load_ensemble, predicted_rois
 
     ensemble = load_ensemble(run)
     crops = np.zeros((len(images), size, size), np.uint8)
@@ -159,9 +159,9 @@ def train_entity_models(name: str, crops: np.ndarray, labels: np.ndarray, data, 
                         classes: list[str], args, work: Path):
     """Classifier on ``crops`` of the training images ``index``, and a recommender whose gallery is
     those crops embedded by its encoder. Returns ``(classify(crops) -> labels, recommend(crops) -> labels)``."""
-    from msk.core.embed import Embedder, embeddings_table
-    from msk.core.recommender import Recommender
-    from msk.core.train import TrainConfig, fit_classifier, predict_logits
+    from msk.core.models.embed import Embedder, embeddings_table
+    from msk.core.models.recommender import Recommender
+    from msk.core.models.train import TrainConfig, fit_classifier, predict_logits
 
     config = TrainConfig(encoder=args.classifier_encoder, image_size=args.roi_size, epochs=args.classifier_epochs,
                          batch_size=32, lr=args.classifier_lr, num_workers=0, seed=args.seed)
@@ -183,8 +183,8 @@ def train_entity_models(name: str, crops: np.ndarray, labels: np.ndarray, data, 
 
 
 def roi_comparison(args, data, runs: dict[str, Path], work: Path, phases: dict[str, float]) -> None:
-    from msk.core.roi import lesion_crop
-    from msk.core.segmentation import read_splits
+    from msk.core.data.roi import lesion_crop
+    from msk.core.stages.segmentation.training import read_splits
 
     parts = [read_splits(run) for run in runs.values()]
     part = parts[0]
@@ -292,8 +292,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from msk.core.segmentation import SegmenterConfig, load_segmentation_data, train_segmenter
-    from msk.core.segmentation_eval import evaluate_segmenter
+    from msk.core.stages.segmentation.evaluation import evaluate_segmenter
+    from msk.core.stages.segmentation.training import SegmenterConfig, load_segmentation_data, train_segmenter
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

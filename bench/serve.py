@@ -2,7 +2,7 @@
 
 Both sides do the same work per input: decode the file with the ingest's reader, square it
 (:func:`msk.serve.inputs.decode_radiograph`), run the sorter and take the softmax
-(:meth:`msk.core.sorter.SorterEnsemble.predict_proba`), with one torch thread each:
+(:meth:`msk.core.stages.sorter.training.SorterEnsemble.predict_proba`), with one torch thread each:
 
 * **in-process, 1 by 1**: decode + predict one input at a time: the latency floor;
 * **in-process, batch B**: decode every input, predict in batches of ``B``: the throughput
@@ -53,7 +53,7 @@ def load_inputs(ingest: Path | None, n: int, size: int) -> tuple[list[bytes], di
     if ingest is not None and (ingest / "ingest.json").is_file():
         import json
 
-        from msk.core.manifest import read_manifest
+        from msk.core.io.manifest import read_manifest
 
         info = json.loads((ingest / "ingest.json").read_text())
         manifest = read_manifest(ingest, columns=["path", "status"]).to_pandas()
@@ -73,7 +73,7 @@ def load_inputs(ingest: Path | None, n: int, size: int) -> tuple[list[bytes], di
 
 
 def train_model(images: np.ndarray, encoder: str, image_size: int, out: Path) -> Path:
-    from msk.core.train import TrainConfig, fit_classifier
+    from msk.core.models.train import TrainConfig, fit_classifier
 
     labels = np.arange(len(images)) % 4
     config = TrainConfig(encoder=encoder, image_size=image_size, epochs=1, batch_size=8, augment=False)
@@ -166,7 +166,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from msk.core.checkpoint import load_checkpoint
+    from msk.core.io.checkpoint import load_checkpoint
     from msk.serve.app import application
     from msk.serve.config import PreprocessConfig, ServeConfig, SortConfig
     from msk.serve.inputs import decode_radiograph

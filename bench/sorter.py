@@ -2,21 +2,21 @@
 
 On a synthetic export (ground truth known) this runs
 
-1. **phase 1, DeepCluster** (:func:`msk.core.deepcluster.run_deepcluster`) on every ingested
+1. **phase 1, DeepCluster** (:func:`msk.core.stages.cluster.deepcluster.run_deepcluster`) on every ingested
    image; prints the NMI between the last epoch's clusters and the true regions;
 2. **labelling by an oracle**: the human step is *simulated*. Each cluster gets the majority
    ground-truth region of its members, written into the ``labels.csv`` a person would fill in
-   and applied with :func:`msk.core.labelling.apply_labels` exactly as ``msk clusters apply``
+   and applied with :func:`msk.core.stages.cluster.labelling.apply_labels` exactly as ``msk clusters apply``
    does. An oracle labeller is the best case of labelling by cluster (a person sees only
    a sample of each cluster); the weak labels are still noisy wherever a cluster mixes regions,
    and the bench prints how noisy;
-3. **phase 2, the sorter** (:func:`msk.core.sorter.sorter_from_ingest`) fine-tuned from the
+3. **phase 2, the sorter** (:func:`msk.core.stages.sorter.training.sorter_from_ingest`) fine-tuned from the
    DeepCluster checkpoint on those weak labels, a fixed 20 % patient-level test set and 5-fold
    cross-validation; prints top-1/top-2 of the fold ensemble on the held-out test patients,
    against the weak labels *and* against the true regions, and on an optional external
    hold-out (``--holdout N``: a second synthetic export, other seed, labelled with its true
    regions);
-4. **transfer** (:func:`msk.core.transfer.transfer_from_ingest`): a small downstream task on
+4. **transfer** (:func:`msk.core.stages.sorter.transfer.transfer_from_ingest`): a small downstream task on
    at most ``--transfer-n`` whole images, fine-tuned from random init and from the pretrained
    encoders over the same patient folds with the same budget; prints the pretrained-vs-random
    gap. ``--transfer-task entities`` (default): Ewing sarcoma vs osteosarcoma (the synthetic
@@ -61,7 +61,7 @@ class Clock:
 
 def make_data(work: Path, n: int, seed: int, image_size: int, name: str) -> tuple[Path, Path]:
     """``msk synth`` + ``msk ingest`` into ``work/<name>-synth`` and ``work/<name>-ingest``."""
-    from msk.core.ingest import IngestConfig, ingest
+    from msk.core.stages.ingest.pipeline import IngestConfig, ingest
     from msk.core.synth import SynthConfig, synthesize
 
     synth, ingested = work / f"{name}-synth", work / f"{name}-ingest"
@@ -76,7 +76,7 @@ def make_data(work: Path, n: int, seed: int, image_size: int, name: str) -> tupl
 def ground_truth(synth: Path, ingest: Path, image_ids: list[str]):
     """The true region and lesion entity of each ingested image (ground_truth.csv ``path`` is
     relative to the synth folder, ``export/...``; the manifest's is relative to ``export/``)."""
-    from msk.core.manifest import read_manifest
+    from msk.core.io.manifest import read_manifest
 
     manifest = read_manifest(ingest, columns=["path", "image_id"])
     id_of = dict(zip(manifest.column("path").to_pylist(), manifest.column("image_id").to_pylist()))
@@ -94,7 +94,7 @@ def ground_truth(synth: Path, ingest: Path, image_ids: list[str]):
 
 def oracle_labels(assignments: np.ndarray, regions: list[str], k: int, path: Path) -> Path:
     """The labels.csv an oracle fills in: each cluster's majority true region."""
-    from msk.core.labelling import majority_names, write_cluster_names
+    from msk.core.stages.cluster.labelling import majority_names, write_cluster_names
 
     return write_cluster_names(majority_names(assignments, regions, k=k), path)
 
@@ -162,10 +162,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from msk.core.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
-    from msk.core.labelling import apply_labels
-    from msk.core.sorter import SorterConfig, load_sorter, sorter_from_ingest
-    from msk.core.transfer import TransferConfig, transfer_from_ingest
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
+    from msk.core.stages.cluster.labelling import apply_labels
+    from msk.core.stages.sorter.training import SorterConfig, load_sorter, sorter_from_ingest
+    from msk.core.stages.sorter.transfer import TransferConfig, transfer_from_ingest
 
     clock = Clock()
     work = args.work.resolve()

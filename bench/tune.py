@@ -37,8 +37,8 @@ def main() -> None:
 
     import ray
 
-    from msk.core.recommender_eval import ClassifierSpec, RecommenderEvalConfig, synth_labels
-    from msk.core.tuning import TuneOptions, load_task_data, tune_task
+    from msk.core.stages.recommender.evaluation import ClassifierSpec, RecommenderEvalConfig, synth_labels
+    from msk.core.stages.tuning.search import TuneOptions, load_task_data, tune_task
 
     synth_dir, ingest_dir = prepare(args)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ what::
 Both nodes run on one machine, so the work folder plays the part of the cluster's shared storage.
 The head runs Ray's dashboard, as ``ray start --head`` does: Ray Train frees the placement group
 of a run whose controller dies with its Tune trial through the dashboard's State API (without it
-the second Ray-Train search hangs; see ``msk.core.tuning.StateApiWarning``).
+the second Ray-Train search hangs; see ``msk.core.stages.tuning.search.StateApiWarning``).
 Ray's files go to a private temporary folder (``RAY_TMPDIR``): ``Cluster`` records its address
 in ``<ray tmp>/ray/ray_current_cluster``, where a plain ``ray.init()`` of any other process on
 the machine would otherwise find and join it.
@@ -43,11 +43,11 @@ def main(work: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from msk.core.dataset import images_from_table, read_shards
-    from msk.core.ingest import IngestConfig, ingest
-    from msk.core.manifest import read_manifest
+    from msk.core.io.dataset import images_from_table, read_shards
+    from msk.core.io.manifest import read_manifest
+    from msk.core.models.train import TrainConfig, fit_classifier
+    from msk.core.stages.ingest.pipeline import IngestConfig, ingest
     from msk.core.synth import SynthConfig, ground_truth_for_ingest, synthesize
-    from msk.core.train import TrainConfig, fit_classifier
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -85,7 +85,7 @@ def main(work: Path) -> dict:
         placements = [json.loads(p.read_text()) for p in sorted((result.out / "workers").glob("rank-*.json"))]
         lap("train")
 
-        from msk.core.tuning import TuneOptions, tune_task
+        from msk.core.stages.tuning.search import TuneOptions, tune_task
 
         from test_sorter import fast, labelled  # tests/ is this script's folder
 

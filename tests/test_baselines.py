@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msk.core.baselines import (
+from msk.core.data.metadata import MetadataSchema, read_btxrd
+from msk.core.data.splits import patient_split
+from msk.core.models.baselines import (
     CVResult,
     MlpConfig,
     XgbConfig,
@@ -16,8 +18,6 @@ from msk.core.baselines import (
     fit_mlp,
     fit_xgboost,
 )
-from msk.core.metadata import MetadataSchema, read_btxrd
-from msk.core.splits import patient_split
 from msk.plugins.entity_sets import btxrd
 
 SITES = ["hand", "femur", "tibia", "humerus"]
@@ -111,7 +111,7 @@ def test_mlp_stops_early_and_keeps_its_best_weights(dev_and_test):
 
 
 def test_balanced_class_weights(dev_and_test):
-    from msk.core.baselines import _class_weights
+    from msk.core.models.baselines import _class_weights
 
     np.testing.assert_allclose(_class_weights(np.array([0, 0, 0, 1]), 3), [4 / 9, 4 / 3, 0.0])
     df, y, test_df, test_y = dev_and_test

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from msk.core.checkpoint import save_checkpoint
-from msk.core.dataset import read_shards
-from msk.core.embed import Embedder
-from msk.core.masks import write_mask_png
-from msk.core.recommender import Recommender
-from msk.core.recommender_build import RecommenderBuildConfig, RecommenderBuildError, build_recommender
+from msk.core.io.checkpoint import save_checkpoint
+from msk.core.io.dataset import read_shards
+from msk.core.io.masks import write_mask_png
+from msk.core.io.truth import TruthError
+from msk.core.models.embed import Embedder
+from msk.core.models.recommender import Recommender
 from msk.core.registry import build_encoder
-from msk.core.truth import TruthError
+from msk.core.stages.recommender.build import RecommenderBuildConfig, RecommenderBuildError, build_recommender
 
 from test_recommender import write_ingest  # tests/ is on sys.path (rootdir conftest)
 
@@ -33,7 +33,8 @@ def run_msk(monkeypatch, *args) -> tuple[int, str, str]:
     stderr and exit code 2); returns ``(exit code, stdout, stderr)``."""
     from click.testing import CliRunner
 
-    from msk.core import cli, shutdown
+    from msk.core import cli
+    from msk.core.runtime import shutdown
 
     monkeypatch.setattr(shutdown, "install", lambda: None)  # no signal handlers in pytest
     monkeypatch.setattr(shutdown, "stop_ray", lambda **kw: None)  # the session's Ray stays up

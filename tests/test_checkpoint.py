@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msk.core.checkpoint import CheckpointError, load_checkpoint, load_encoder, load_state, save_checkpoint
+from msk.core.io.checkpoint import CheckpointError, load_checkpoint, load_encoder, load_state, save_checkpoint
 from msk.core.registry import build_encoder
 
 

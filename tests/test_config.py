@@ -47,7 +47,7 @@ def test_missing_file(tmp_path):
 
 def test_profile_fills_only_the_options_left_unset(tmp_path):
     from msk.core.profiles import PROFILES, apply_profile
-    from msk.core.sorter import SorterConfig
+    from msk.core.stages.sorter.training import SorterConfig
 
     f = tmp_path / "sorter.yaml"
     f.write_text("epochs: 7\n")
@@ -68,7 +68,7 @@ def test_auto_profile_follows_the_machine(monkeypatch):
     import torch
 
     from msk.core.profiles import apply_profile
-    from msk.core.transfer import TransferConfig
+    from msk.core.stages.sorter.transfer import TransferConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg, done = apply_profile(load_config(TransferConfig), "transfer", "auto")
@@ -82,9 +82,9 @@ def test_auto_profile_follows_the_machine(monkeypatch):
 
 
 def test_profile_sets_nested_options_and_keeps_a_resumed_runs_values(tmp_path):
-    from msk.core.deepcluster import DeepClusterConfig
-    from msk.core.fusion import FusionConfig
     from msk.core.profiles import apply_profile
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig
+    from msk.core.stages.fusion.training import FusionConfig
 
     cfg, done = apply_profile(load_config(FusionConfig), "fusion", "cpu")
     assert cfg.train.epochs == 10 and cfg.train.encoder == "tiny-cnn"  # the rest of the block as it was
@@ -122,7 +122,7 @@ def test_eval_recommender_image_size_carries_the_default_vit(tmp_path, monkeypat
     """--image-size 96 reaches the config, and the default ViT's img_size follows it."""
     from typer.testing import CliRunner
 
-    import msk.core.recommender_eval as recommender_eval
+    import msk.core.stages.recommender.evaluation as recommender_eval
     from msk.core.cli import app
 
     seen = {}

@@ -71,7 +71,7 @@ def test_a_new_command_is_documented_without_a_hand_list(tmp_path, monkeypatch):
 @train_app.command("widget")
 def train_widget(config=None):
     """A command added after the generator was written."""
-    from msk.core.embed import EmbedConfig
+    from msk.core.models.embed import EmbedConfig
 
     load_config(EmbedConfig, config)
 '''
@@ -85,13 +85,13 @@ def train_widget(config=None):
 
 
 def test_nested_keys_are_dotted_with_the_defaults_the_command_uses(commands):
-    from msk.core.fusion import FusionConfig
+    from msk.core.stages.fusion.training import FusionConfig
 
     rows = {row.key: row for row in config_rows(FusionConfig)}
     assert rows["train.augmentation.rotation.p"].default == "1.0"
     assert rows["train.epochs"].default == str(FusionConfig().train.epochs)  # the fusion default, not TrainConfig's
     assert rows["train"].default == "see below"
-    from msk.core.recommender_eval import RecommenderEvalConfig
+    from msk.core.stages.recommender.evaluation import RecommenderEvalConfig
 
     keys = {row.key for row in config_rows(RecommenderEvalConfig)}
     assert {"classifiers[].name", "deepcluster.augmentation.crop.scale"} <= keys

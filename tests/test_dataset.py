@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from msk.core.dataset import ShardDataset, images_from_table, ray_dataset, read_shards
 from msk.core.errors import MskError
-from msk.core.ingest import IngestConfig, ingest
-from msk.core.manifest import read_manifest
+from msk.core.io.dataset import ShardDataset, images_from_table, ray_dataset, read_shards
+from msk.core.io.manifest import read_manifest
+from msk.core.stages.ingest.pipeline import IngestConfig, ingest
 
 SIZE = 32
 

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from msk.core.dataset_import import ImportConfig, import_dataset, read_records
 from msk.core.errors import ConfigError, DatasetError, MskError
 from msk.core.registry import UnknownComponentError
+from msk.core.stages.ingest.importing import ImportConfig, import_dataset, read_records
 from msk.plugins.datasets import MURA_REGIONS
 
 UPPER_LIMB = ("elbow", "finger", "forearm", "humerus", "shoulder", "wrist")
@@ -135,7 +135,7 @@ def _btxrd_layout(tmp_path: Path, shared_data: Path, n: int = 12) -> tuple[Path,
 
 @pytest.mark.shared_data
 def test_btxrd_layout_from_btxrd_meta(tmp_path, shared_data):
-    from msk.core.roi import lesion_box, read_labelme
+    from msk.core.data.roi import lesion_box, read_labelme
     from msk.plugins.entity_sets import btxrd
 
     src, rows = _btxrd_layout(tmp_path, shared_data)
@@ -199,7 +199,7 @@ def test_bad_paths_options_and_names(tmp_path):
 
 
 def test_ingest_paths_must_stay_inside_src(tmp_path, pseudonym_key):
-    from msk.core.ingest import ingest
+    from msk.core.stages.ingest.pipeline import ingest
 
     (tmp_path / "src").mkdir()
     with pytest.raises(MskError, match="relative POSIX paths inside the source folder; got '../x.png'"):
@@ -214,8 +214,8 @@ def test_ingest_paths_must_stay_inside_src(tmp_path, pseudonym_key):
 def test_import_csv_real_xr_then_sorter_gets_group_aware_patients(tmp_path, shared_data, ray_session,
                                                                   pseudonym_key):
     from msk.core.cli import app
-    from msk.core.pseudonym import Pseudonymiser
-    from msk.core.sorter import load_labelled
+    from msk.core.io.pseudonym import Pseudonymiser
+    from msk.core.stages.sorter.training import load_labelled
 
     rows = _real_xr_rows(shared_data, n=40)
     for i, r in enumerate(rows):  # pairs of images share a group, as a patient's views would
@@ -255,8 +255,8 @@ def test_import_csv_real_xr_then_sorter_gets_group_aware_patients(tmp_path, shar
 @pytest.mark.shared_data
 def test_import_btxrd_feeds_recommender_and_fusion_readers(tmp_path, shared_data, ray_session,
                                                            pseudonym_key):
-    from msk.core.fusion import FusionConfig, load_fusion_data
-    from msk.core.recommender_eval import load_eval_data, read_labels
+    from msk.core.stages.fusion.training import FusionConfig, load_fusion_data
+    from msk.core.stages.recommender.evaluation import load_eval_data, read_labels
 
     src, rows = _btxrd_layout(tmp_path, shared_data)
     report = import_dataset("btxrd", src, tmp_path / "out",

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from msk.core.augment import SobelFilter, eval_transform, to_tensor, train_transform
-from msk.core.checkpoint import load_checkpoint, load_encoder
 from msk.core.config import load_config
-from msk.core.deepcluster import (
+from msk.core.data.augment import SobelFilter, eval_transform, to_tensor, train_transform
+from msk.core.errors import ConfigError
+from msk.core.io.checkpoint import load_checkpoint, load_encoder
+from msk.core.stages.cluster.deepcluster import (
     CollapseWarning,
     DeepClusterConfig,
     DeepClusterError,
@@ -25,7 +26,6 @@ from msk.core.deepcluster import (
     run_deepcluster,
     uniform_cluster_indices,
 )
-from msk.core.errors import ConfigError
 
 SHAPES = ("disc", "square", "hbar", "vbar")
 
@@ -156,7 +156,8 @@ def test_fewer_images_than_clusters_is_an_error(tmp_path):
 def test_from_ingest_reads_images_and_rows(monkeypatch):
     import pyarrow as pa
 
-    from msk.core import dataset, deepcluster
+    from msk.core.io import dataset
+    from msk.core.stages.cluster import deepcluster
 
     images, _ = shapes(3, size=16)
     table = pa.table({"image_id": ["a", "b", "c"], "patient_id": ["p", "p", "q"],

@@ -10,8 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from msk.core.cli import app
-from msk.core.dataset import read_shards
 from msk.core.demo import DemoConfig, DemoError, default_k, run_demo
+from msk.core.io.dataset import read_shards
 from msk.core.synth import ground_truth_for_ingest
 
 SMALL = DemoConfig(n_images=200, synth_size=128, image_size=32, cluster_epochs=1, sorter_epochs=1, folds=2,

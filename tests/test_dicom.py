@@ -19,7 +19,8 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from msk.core.dicom import (
+from msk.core.errors import QuarantineError, QuarantineReason
+from msk.core.io.dicom import (
     DecodedImage,
     apply_modality,
     apply_voi,
@@ -29,7 +30,6 @@ from msk.core.dicom import (
     read_image,
     sniff_format,
 )
-from msk.core.errors import QuarantineError, QuarantineReason
 
 # The shared files are listed at collection time to parametrize over them (the `shared_data`
 # fixture, which skips where the data is absent, supplies the path inside each test).
@@ -511,7 +511,7 @@ def _jpeg_header(rows: int, cols: int) -> bytes:
 
 
 def test_codestream_size_reads_jpeg_and_jpeg2000_headers():
-    from msk.core.dicom import codestream_size
+    from msk.core.io.dicom import codestream_size
 
     assert codestream_size(_j2k_header(20000, 300)) == (20000, 300)
     assert codestream_size(_jpeg_header(64, 48)) == (64, 48)

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from msk.core.dicom_seg import DicomSegError, write_dicom_seg
 from msk.core.errors import ConfigError, MskError
+from msk.core.io.dicom_seg import DicomSegError, write_dicom_seg
 
 from test_ingest import write_dicom  # tests/ is on sys.path (rootdir conftest)
 from test_segmentation import fake_ingest, small
@@ -76,7 +76,7 @@ def test_seg_of_pydicom_images_reads_back(tmp_path, name):
 
 @pytest.mark.shared_data
 def test_seg_of_a_real_radiograph(tmp_path, shared_data):
-    from msk.core.dicom import read_image
+    from msk.core.io.dicom import read_image
 
     path = shared_data / "dicom-hip-dx" / "dicoms" / "xray" / "331_DDH_1.dcm"  # CR, JPEG 2000, RGB
     source = pydicom.dcmread(path)
@@ -138,7 +138,7 @@ def segmenter_run(tmp_path_factory):
     """A tiny finished `msk train segmenter` run (2 folds, 1 epoch, 32 px)."""
     import torch
 
-    from msk.core.segmentation import load_segmentation_data, train_segmenter
+    from msk.core.stages.segmentation.training import load_segmentation_data, train_segmenter
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -159,13 +159,13 @@ def lesion_image(rows: int, cols: int, box: tuple[int, int, int, int], bright: f
 @pytest.fixture
 def bright_is_lesion(monkeypatch):
     """The ensemble's lesion probability is the image's brightness: known lesions, exact boxes."""
-    from msk.core.segmentation import SegmenterEnsemble
+    from msk.core.stages.segmentation.training import SegmenterEnsemble
 
     monkeypatch.setattr(SegmenterEnsemble, "probabilities", lambda self, images: images.astype(np.float32) / 255)
 
 
 def test_segmenter_json_records_how_images_were_squared(segmenter_run, tmp_path):
-    from msk.core.segment_images import segment_preprocess
+    from msk.core.stages.segmentation.segmenting import segment_preprocess
 
     info = json.loads((segmenter_run / "segmenter.json").read_text())
     assert info["ingest"]["image_size"] == info["image_size"] == 32
@@ -184,7 +184,7 @@ def test_segmenter_json_records_how_images_were_squared(segmenter_run, tmp_path)
 
 
 def test_find_images_names_outputs_uniquely(tmp_path):
-    from msk.core.segment_images import find_images
+    from msk.core.stages.segmentation.segmenting import find_images
 
     for folder in ("a", "b"):
         write_dicom(tmp_path / "scans" / folder / "IM1.dcm", np.zeros((8, 8), np.uint16))
@@ -203,7 +203,7 @@ def test_cli_segment_writes_masks_table_and_seg(segmenter_run, tmp_path, bright_
     from typer.testing import CliRunner
 
     from msk.core.cli import app
-    from msk.core.masks import load_mask
+    from msk.core.io.masks import load_mask
 
     scans = tmp_path / "scans"
     dcm = write_dicom(scans / "knee.dcm", lesion_image(48, 36, (8, 10, 20, 22), 4000, 300).astype(np.uint16))
@@ -254,7 +254,7 @@ def test_cli_segment_runs_the_trained_ensemble(segmenter_run, tmp_path, one_torc
     from typer.testing import CliRunner
 
     from msk.core.cli import app
-    from msk.core.masks import load_mask
+    from msk.core.io.masks import load_mask
 
     scans = tmp_path / "scans"
     write_dicom(scans / "a" / "IM1", lesion_image(40, 28, (8, 12, 18, 24), 3500, 400).astype(np.uint16))

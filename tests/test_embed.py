@@ -11,9 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from msk.core.checkpoint import CheckpointError, save_checkpoint
-from msk.core.dataset import images_from_table, read_shards
-from msk.core.embed import (
+from msk.core.errors import MskError
+from msk.core.io.checkpoint import CheckpointError, save_checkpoint
+from msk.core.io.dataset import images_from_table, read_shards
+from msk.core.io.manifest import shard_path, write_manifest_part
+from msk.core.models.embed import (
     EMBEDDINGS_FILE,
     EmbedConfig,
     Embedder,
@@ -26,10 +28,8 @@ from msk.core.embed import (
     read_rois,
     roi_crops,
 )
-from msk.core.errors import MskError
-from msk.core.ingest import SHARD_SCHEMA, square_image
-from msk.core.manifest import shard_path, write_manifest_part
 from msk.core.registry import build_encoder
+from msk.core.stages.ingest.pipeline import SHARD_SCHEMA, square_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -128,7 +128,7 @@ def test_roi_crops_of_letterboxed_images_show_the_lesion(archive):
 
 
 def test_classifier_checkpoint_embeds_with_its_features(tmp_path):
-    from msk.core.train import TrainConfig, fit_classifier
+    from msk.core.models.train import TrainConfig, fit_classifier
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (8, 24, 24), dtype=np.uint8)
@@ -138,9 +138,9 @@ def test_classifier_checkpoint_embeds_with_its_features(tmp_path):
     embedder = Embedder(fitted.best)
     x = embedder.embed_images(images)
     with torch.no_grad():
-        from msk.core.augment import eval_transform, to_tensor
+        from msk.core.data.augment import eval_transform, to_tensor
 
-        preprocess = fitted.model.input_config.preprocess  # as trained (msk.core.preprocess)
+        preprocess = fitted.model.input_config.preprocess  # as trained (msk.core.data.preprocess)
         batch = torch.stack([eval_transform(24, preprocess)(to_tensor(i)) for i in images])
         ref = fitted.model.features(batch).numpy()
     np.testing.assert_allclose(x, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
@@ -167,7 +167,7 @@ def test_map_source_box_follows_the_letterbox():
     assert map_source_box((0, 0, 160, 320), (320, 160), 64) == (16.0, 0.0, 48.0, 64.0)
     assert map_source_box((80, 160, 80, 160), (320, 160), 64) == (32.0, 32.0, 32.0, 32.0)
     assert map_source_box((0, 0, 160, 320), (320, 160), 64, "stretch") == (0.0, 0.0, 64.0, 64.0)
-    with pytest.raises(MskError, match="empty"):  # raised by msk.core.ingest.map_box_to_square
+    with pytest.raises(MskError, match="empty"):  # raised by msk.core.stages.ingest.pipeline.map_box_to_square
         map_source_box((0, 0, 1, 1), (0, 10), 64)
 
 

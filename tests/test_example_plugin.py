@@ -35,7 +35,7 @@ TRAIN_AND_SERVE = textwrap.dedent('''
 
     torch.set_num_threads(1)
     from msk.core.registry import entity_set
-    from msk.core.train import TrainConfig, fit_classifier
+    from msk.core.models.train import TrainConfig, fit_classifier
     from msk.serve.classifier import load_classifier_model
     from msk.serve.config import ClassifyConfig, PreprocessConfig
 

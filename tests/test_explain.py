@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msk.core.explain import (
+from msk.core.data.metadata import MetadataEncoder, MetadataSchema
+from msk.core.models.explain import (
     explain_metadata,
     group_attributions,
     importance_table,
     metadata_attributions,
     plot_importance,
 )
-from msk.core.metadata import MetadataEncoder, MetadataSchema
 from msk.core.registry import build_fusion_head
 
 SITES = ["hand", "humerus", "tibia", "femur", "foot"]

@@ -1,4 +1,4 @@
-"""Fusion models trained end to end, and the cross-validated comparison of msk.core.fusion.
+"""Fusion models trained end to end, and the cross-validated comparison of msk.core.stages.fusion.training.
 
 The toy task: the entity is (bar orientation in the image) x (sex in the metadata), so each
 branch alone knows half of the label and only a fused model can know all of it.
@@ -13,10 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from msk.core.baselines import XgbConfig
-from msk.core.checkpoint import CheckpointError, save_checkpoint
+from msk.core.data.metadata import MetadataEncoder, MetadataError, MetadataSchema
+from msk.core.data.splits import patient_split
 from msk.core.errors import ConfigError
-from msk.core.fusion import (
+from msk.core.io.checkpoint import CheckpointError, save_checkpoint
+from msk.core.io.manifest import write_manifest_part
+from msk.core.models.baselines import XgbConfig
+from msk.core.models.train import TrainConfig, load_model, predict_logits
+from msk.core.registry import build_encoder
+from msk.core.stages.fusion.training import (
     FusionClassifier,
     FusionConfig,
     TransformerConfig,
@@ -28,12 +33,7 @@ from msk.core.fusion import (
     load_fusion_data,
     read_synth_truth,
 )
-from msk.core.ingest import SHARD_SCHEMA, square_image
-from msk.core.manifest import write_manifest_part
-from msk.core.metadata import MetadataEncoder, MetadataError, MetadataSchema
-from msk.core.registry import build_encoder
-from msk.core.splits import patient_split
-from msk.core.train import TrainConfig, load_model, predict_logits
+from msk.core.stages.ingest.pipeline import SHARD_SCHEMA, square_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from msk.core.gradcam import grad_cam, mean_cam, overlay, save_overlays, target_layer
-from msk.core.train import ImageClassifier
+from msk.core.models.gradcam import grad_cam, mean_cam, overlay, save_overlays, target_layer
+from msk.core.models.train import ImageClassifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

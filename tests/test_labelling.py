@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from msk.core.labelling import LabelFileError, apply_labels, export_clusters, read_label_file
+from msk.core.stages.cluster.labelling import LabelFileError, apply_labels, export_clusters, read_label_file
 
 # 10 images: cluster 0 has 5, cluster 1 has 3, cluster 2 has 1, cluster 3 is empty, cluster 4 has 1
 ASSIGNMENTS = np.array([0, 0, 1, 0, 1, 2, 0, 1, 0, 4])
@@ -139,7 +139,7 @@ def test_bad_file_layouts(tmp_path):
 
 
 def test_majority_names_pick_the_most_frequent_label_and_report_purity(tmp_path):
-    from msk.core.labelling import majority_names, write_cluster_names
+    from msk.core.stages.cluster.labelling import majority_names, write_cluster_names
 
     assignments = [0, 0, 0, 1, 1, 1, 1, 0]
     truth = ["knee", "knee", "hand", "hip", "hip", "hip", "knee", "knee"]
@@ -163,7 +163,7 @@ def test_majority_names_pick_the_most_frequent_label_and_report_purity(tmp_path)
 
 def write_run(run, assignments, k):
     """A finished DeepCluster run folder as `msk cluster` leaves it (without checkpoints)."""
-    from msk.core.deepcluster import DeepClusterConfig
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig
 
     run.mkdir(parents=True, exist_ok=True)
     np.save(run / "assignments.npy", np.asarray(assignments))
@@ -192,7 +192,7 @@ RUN_TRUTH = ["knee", "Knee", "KNEE", "hand", "hip", "hip", "hand", "wrist", "wri
 def test_clusters_are_named_by_the_majority_of_a_partial_truth(tmp_path):
     from sklearn.metrics import normalized_mutual_info_score
 
-    from msk.core.labelling import name_clusters_from_truth
+    from msk.core.stages.cluster.labelling import name_clusters_from_truth
 
     ids = write_run(tmp_path / "run", RUN_ASSIGNMENTS, k=4)
     truth = write_truth(tmp_path / "labels.csv", [(i, t) for i, t in zip(ids, RUN_TRUTH) if t])
@@ -216,8 +216,8 @@ def test_clusters_are_named_by_the_majority_of_a_partial_truth(tmp_path):
 
 
 def test_a_synthetic_ground_truth_is_joined_through_the_ingest_manifest(tmp_path):
-    from msk.core.labelling import name_clusters_from_truth
-    from msk.core.manifest import write_manifest_part
+    from msk.core.io.manifest import write_manifest_part
+    from msk.core.stages.cluster.labelling import name_clusters_from_truth
 
     ids = write_run(tmp_path / "run", RUN_ASSIGNMENTS, k=4)
     write_manifest_part(tmp_path / "ingest", 0, [
@@ -229,7 +229,7 @@ def test_a_synthetic_ground_truth_is_joined_through_the_ingest_manifest(tmp_path
     assert [n.label for n in named.names] == ["knee", "hip", "wrist", ""] and named.n_known == 10
     assert named.weak_file == tmp_path / "weak.csv" and named.weak_file.is_file()
     # the weak labels record their run, so that `msk train sorter` starts from its encoder
-    from msk.core.labelling import weak_labels_run
+    from msk.core.stages.cluster.labelling import weak_labels_run
 
     assert weak_labels_run(named.weak_file) == tmp_path / "run"
     assert (tmp_path / "weak.source.json").is_file()
@@ -275,7 +275,7 @@ def test_cli_clusters_export_shows_the_truth(tmp_path, monkeypatch):
     from test_recommender import write_ingest
 
     write_ingest(tmp_path / "ingest", n_patients=2, per_patient=2)  # 12 images
-    from msk.core.dataset import read_shards
+    from msk.core.io.dataset import read_shards
 
     ids = read_shards(tmp_path / "ingest", columns=["image_id"]).column("image_id").to_pylist()
     write_run(tmp_path / "run", RUN_ASSIGNMENTS, k=4)
@@ -338,7 +338,7 @@ def test_cli_eval_sorter_scores_against_a_truth_next_to_the_weak_labels(tmp_path
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_cli_cluster_truth_fills_nmi_truth(tmp_path, monkeypatch):
-    from msk.core.dataset import read_shards
+    from msk.core.io.dataset import read_shards
 
     from test_build_recommender import run_msk
     from test_recommender import write_ingest

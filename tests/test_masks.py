@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from msk.core.masks import (
+from msk.core.io.masks import (
     MaskError,
     MaskWarning,
     labelme_mask,
@@ -99,7 +99,7 @@ def test_mask_images_are_checked_against_their_image(tmp_path):
 
 @pytest.mark.parametrize("resize", ["pad", "stretch"])
 def test_mask_to_square_follows_the_box_mapping(resize):
-    from msk.core.ingest import map_box_to_square
+    from msk.core.stages.ingest.pipeline import map_box_to_square
 
     mask = np.zeros((90, 160), bool)
     mask[20:50, 40:120] = True

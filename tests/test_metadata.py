@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 from msk.core.config import load_config
-from msk.core.errors import ConfigError
-from msk.core.metadata import (
+from msk.core.data.metadata import (
     BTXRD_SITES,
     CANONICAL_COLUMNS,
     MetadataEncoder,
@@ -20,7 +19,8 @@ from msk.core.metadata import (
     read_btxrd,
     read_msk_metadata,
 )
-from msk.core.roi import read_labelme
+from msk.core.data.roi import read_labelme
+from msk.core.errors import ConfigError
 from msk.plugins.entity_sets import btxrd
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msk.core.metrics import (
+from msk.core.models.metrics import (
     accuracy,
     confusion_matrix,
     confusion_matrix_png,
@@ -122,7 +122,7 @@ def test_evaluate_retrieval():
 
 
 def test_cluster_purity_counts_each_cluster_majority():
-    from msk.core.metrics import cluster_purity
+    from msk.core.models.metrics import cluster_purity
 
     assert cluster_purity([0, 0, 1, 1], ["a", "a", "b", "b"]) == 1.0
     assert cluster_purity([0, 0, 0, 1], ["a", "b", "b", "a"]) == pytest.approx(0.75)

@@ -1,11 +1,11 @@
-"""Scores and thresholds of 'unknown' inputs (msk.core.ood), without a trained model."""
+"""Scores and thresholds of 'unknown' inputs (msk.core.models.ood), without a trained model."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from msk.core.ood import FeatureDensity, UnknownCalibration, calibrate, calibrate_threshold, ood_score
+from msk.core.models.ood import FeatureDensity, UnknownCalibration, calibrate, calibrate_threshold, ood_score
 
 
 def test_threshold_keeps_at_least_the_requested_share():

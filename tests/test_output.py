@@ -1,5 +1,5 @@
-"""Readable output: Ray's own output off unless ``msk -v`` (msk.core.ray_start), and a failed run
-leaves no empty folder, or a FAILED marker next to what it wrote (msk.core.runlock)."""
+"""Readable output: Ray's own output off unless ``msk -v`` (msk.core.runtime.ray_start), and a failed run
+leaves no empty folder, or a FAILED marker next to what it wrote (msk.core.runtime.runlock)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from msk.core import ray_start
 from msk.core.cli import app
 from msk.core.errors import MskError
-from msk.core.runlock import FAILED_FILE, LOCK_FILE, run_lock
+from msk.core.runtime import ray_start
+from msk.core.runtime.runlock import FAILED_FILE, LOCK_FILE, run_lock
 
 _SCRIPT = Path(sys.executable).with_name("msk")
 MSK = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "msk.core.cli"]
@@ -161,7 +161,7 @@ def test_progress_follows_a_runs_history_per_epoch(tmp_path):
     watcher counts the rows of the fold's history.csv while the fold trains."""
     import time
 
-    from msk.core.progress import follow_history, progress_bar
+    from msk.core.runtime.progress import follow_history, progress_bar
 
     history = tmp_path / "history.csv"
     with progress_bar(False) as bar:

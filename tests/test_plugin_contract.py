@@ -61,11 +61,11 @@ def test_lesion_drawer_contract(entry):
 def test_tuning_task_contract(entry):
     """A task builds, its default config is valid, and names the command its best config is for."""
     from msk.core.config import MskConfig
-    from msk.core.tuning import Task
+    from msk.core.stages.tuning.search import Task
 
     spec = entry.spec
     task = get_registry().build("tuning_task", entry.name, **spec.example_options)
-    assert isinstance(task, Task), f"{entry.name}: build must return a msk.core.tuning.Task"
+    assert isinstance(task, Task), f"{entry.name}: build must return a msk.core.stages.tuning.search.Task"
     assert issubclass(task.config_cls, MskConfig) and task.mode in ("min", "max") and task.metric
     assert task.epochs(task.config_cls()) >= 1, f"{entry.name}: epochs_key must name the config's epochs"
     assert spec.command.startswith("msk ") and spec.labels, f"{entry.name}: say its command and LABELS"
@@ -81,9 +81,9 @@ def test_every_kind_has_a_contract_test():
 
 @pytest.mark.parametrize("entry", _entries("dataset"))
 def test_dataset_contract(entry, tmp_path):
-    from msk.core.dataset_import import read_records
     from msk.core.errors import ConfigError
     from msk.core.specs import DatasetOptions
+    from msk.core.stages.ingest.importing import read_records
 
     spec = entry.spec
     assert issubclass(spec.options, DatasetOptions), f"{entry.name}: options must subclass DatasetOptions"

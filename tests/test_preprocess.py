@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 from torchvision.transforms import v2
 
-from msk.core.augment import (
+from msk.core.data.augment import (
     GREY_MEAN,
     GREY_STD,
     RandomBlur,
@@ -24,7 +24,7 @@ from msk.core.augment import (
     to_tensor,
     train_transform,
 )
-from msk.core.preprocess import (
+from msk.core.data.preprocess import (
     AugmentConfig,
     InputConfig,
     PreprocessConfig,
@@ -208,7 +208,7 @@ def test_augmented_view_shape_dtype_range_and_seeded_determinism():
 
 def test_train_transform_is_the_classic_pipeline():
     """``AugmentConfig.legacy()`` reproduces the augmentation msk had before, draw for draw."""
-    from msk.core.augment import _normalize
+    from msk.core.data.augment import _normalize
 
     classic = v2.Compose([v2.RandomResizedCrop(32, scale=(0.4, 1.0), antialias=True), v2.RandomHorizontalFlip(),
                           v2.RandomRotation(10.0), v2.ColorJitter(brightness=0.3, contrast=0.3),
@@ -225,7 +225,7 @@ def test_train_transform_is_the_classic_pipeline():
 
 
 def test_old_train_configs_load():
-    from msk.core.train import TrainConfig
+    from msk.core.models.train import TrainConfig
 
     old = TrainConfig.model_validate({"encoder": "tiny-cnn", "augment": False, "aug_prob": 0.5})
     assert old.preprocess == PreprocessConfig() and old.augmentation == AugmentConfig()
@@ -243,8 +243,8 @@ def _capture(model):
 
 
 def test_training_evaluation_and_serving_feed_identical_inputs(tmp_path):
-    from msk.core.sorter import SorterEnsemble
-    from msk.core.train import TrainConfig, _Arrays, fit_classifier, load_model, predict_logits
+    from msk.core.models.train import TrainConfig, _Arrays, fit_classifier, load_model, predict_logits
+    from msk.core.stages.sorter.training import SorterEnsemble
     from msk.serve.config import SortConfig
     from msk.serve.sorter import load_sorter_model
 
@@ -275,7 +275,7 @@ def test_training_evaluation_and_serving_feed_identical_inputs(tmp_path):
 
 
 def test_old_checkpoint_without_preprocess_predicts_as_before(tmp_path):
-    from msk.core.train import ImageClassifier, TrainConfig, _save, load_model, predict_logits
+    from msk.core.models.train import ImageClassifier, TrainConfig, _save, load_model, predict_logits
 
     torch.manual_seed(0)
     model = ImageClassifier("tiny-cnn", 3)
@@ -298,9 +298,9 @@ def test_old_checkpoint_without_preprocess_predicts_as_before(tmp_path):
 
 
 def test_gradcam_and_embedder_use_the_model_s_preprocessing(tmp_path):
-    from msk.core.embed import Embedder
-    from msk.core.gradcam import grad_cam
-    from msk.core.train import ImageClassifier, TrainConfig, _save, load_model
+    from msk.core.models.embed import Embedder
+    from msk.core.models.gradcam import grad_cam
+    from msk.core.models.train import ImageClassifier, TrainConfig, _save, load_model
 
     torch.manual_seed(0)
     preprocess = PreprocessConfig(gamma=0.5)
@@ -320,7 +320,7 @@ def test_gradcam_and_embedder_use_the_model_s_preprocessing(tmp_path):
 
 
 def test_deepcluster_resumes_old_runs_with_their_inputs():
-    from msk.core.deepcluster import DeepClusterConfig, legacy_inputs
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, legacy_inputs
 
     fresh = DeepClusterConfig(encoder="tiny-cnn", k=4)
     old = legacy_inputs(fresh, {"encoder": "tiny-cnn", "k": 4, "image_size": 128})

@@ -14,9 +14,9 @@ import torch
 
 from msk.core.config import load_config
 from msk.core.errors import ConfigError
-from msk.core.pretrained import PretrainedError, locate
+from msk.core.models.pretrained import PretrainedError, locate
+from msk.core.models.train import TrainConfig, fit_classifier, load_model, predict_logits
 from msk.core.registry import build_encoder
-from msk.core.train import TrainConfig, fit_classifier, load_model, predict_logits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -114,7 +114,7 @@ def test_unusable_files_are_named(tmp_path, make, message):
 
 
 def test_an_msk_checkpoint_is_sent_to_init(tmp_path):
-    from msk.core.checkpoint import save_checkpoint
+    from msk.core.io.checkpoint import save_checkpoint
 
     encoder = build_encoder(f"timm/{ARCH}")
     path = save_checkpoint(tmp_path / "dc.pt", encoder, arch=f"timm/{ARCH}", in_chans=1, config={}, epoch=1)
@@ -168,8 +168,8 @@ def test_tiny_cnn_has_no_pretrained_weights(weights):
 def test_a_checkpoint_rebuilds_without_the_weights_file(tmp_path, weights):
     """Training records `pretrained`; load_model, the embedder and the served models take the
     checkpoint's weights and never open the file (here deleted, as on a serving machine)."""
-    from msk.core.checkpoint import load_checkpoint
-    from msk.core.embed import Embedder
+    from msk.core.io.checkpoint import load_checkpoint
+    from msk.core.models.embed import Embedder
     from msk.serve.classifier import load_classifier_model
     from msk.serve.config import ClassifyConfig, PreprocessConfig, SortConfig
     from msk.serve.sorter import load_sorter_model
@@ -207,7 +207,7 @@ def test_init_and_pretrained_are_one_start_or_the_other(weights):
 
 
 def test_deepcluster_encoder_starts_from_pretrained(weights):
-    from msk.core.deepcluster import DeepClusterConfig, DeepClusterNet
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, DeepClusterNet
 
     folder, state = weights
     net = DeepClusterNet(DeepClusterConfig(encoder=f"timm/{ARCH}", k=4, sobel=True,

@@ -22,8 +22,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from msk.core.dicom import read_dicom_header, read_image
-from msk.core.pseudonym import ENV_VAR, Pseudonymiser, PseudonymKeyError, age_in_years, parse_key
+from msk.core.io.dicom import read_dicom_header, read_image
+from msk.core.io.pseudonym import ENV_VAR, Pseudonymiser, PseudonymKeyError, age_in_years, parse_key
 
 from test_dicom import _to_bytes  # one DICOM serialiser for the reader and pseudonym tests
 
@@ -128,7 +128,7 @@ def test_pseudonym_is_hmac_sha256_of_kind_and_value(pseudonym_key):
 
 
 def test_pseudonyms_are_stable_across_processes(pseudonymiser):
-    code = ("from msk.core.pseudonym import Pseudonymiser;"
+    code = ("from msk.core.io.pseudonym import Pseudonymiser;"
             "p = Pseudonymiser.from_env_or_file();"
             "print(p.pseudonym('MRN-4711-XY', 'patient'), p.uid('1.2.3'))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

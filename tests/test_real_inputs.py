@@ -20,13 +20,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
 
 from msk.core.cli import app
-from msk.core.dataset import images_from_table, read_shards
-from msk.core.dicom import LUMA, read_image, sniff_format
 from msk.core.errors import QuarantineError, QuarantineReason
-from msk.core.ingest import IngestConfig, ingest, process_file
-from msk.core.manifest import read_manifest
-from msk.core.pseudonym import Pseudonymiser
-from msk.core.screening import normalise_modalities
+from msk.core.io.dataset import images_from_table, read_shards
+from msk.core.io.dicom import LUMA, read_image, sniff_format
+from msk.core.io.manifest import read_manifest
+from msk.core.io.pseudonym import Pseudonymiser
+from msk.core.io.screening import normalise_modalities
+from msk.core.stages.ingest.pipeline import IngestConfig, ingest, process_file
 
 KEY = b"test-key-0123456789abcdef"
 RNG = np.random.default_rng(0)

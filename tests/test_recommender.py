@@ -13,12 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from msk.core.embed import embeddings_table
+from msk.core.data.splits import PatientOverlapError
 from msk.core.errors import ConfigError
-from msk.core.ingest import SHARD_SCHEMA
-from msk.core.manifest import shard_path, write_manifest_part
-from msk.core.recommender import Neighbour, Recommendation, Recommender, RecommenderError
-from msk.core.recommender_eval import (
+from msk.core.io.manifest import shard_path, write_manifest_part
+from msk.core.models.embed import embeddings_table
+from msk.core.models.recommender import Neighbour, Recommendation, Recommender, RecommenderError
+from msk.core.models.retrieval import IndexFileError, RetrievalError
+from msk.core.stages.ingest.pipeline import SHARD_SCHEMA
+from msk.core.stages.recommender.evaluation import (
     ClassifierSpec,
     EvalError,
     RecommenderEvalConfig,
@@ -28,8 +30,6 @@ from msk.core.recommender_eval import (
     load_eval_data,
     read_labels,
 )
-from msk.core.retrieval import IndexFileError, RetrievalError
-from msk.core.splits import PatientOverlapError
 
 ENTITIES = ["chondrosarcoma", "enchondroma", "osteochondroma"]
 
@@ -123,7 +123,7 @@ def test_load_refuses_what_does_not_fit(tmp_path, recommender):
 
 def test_loading_imports_neither_torch_nor_ray(tmp_path, recommender):
     folder = recommender.save(tmp_path / "rec")
-    code = ("import sys; from msk.core.recommender import Recommender; "
+    code = ("import sys; from msk.core.models.recommender import Recommender; "
             f"r = Recommender.load({str(folder)!r}); r.recommend([[1.0] + [0.0] * 7]); "
             "heavy = {'torch', 'ray'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

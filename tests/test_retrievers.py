@@ -9,10 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from msk.core import retrieval
 from msk.core.errors import ConfigError
-from msk.core.registry import build_retriever, get_registry
-from msk.core.retrieval import (
+from msk.core.models import retrieval
+from msk.core.models.retrieval import (
     IndexFileError,
     RetrievalError,
     Retriever,
@@ -20,6 +19,7 @@ from msk.core.retrieval import (
     load_retriever,
     write_index_file,
 )
+from msk.core.registry import build_retriever, get_registry
 from msk.plugins.retrievers import FlatRetriever, HNSWRetriever
 
 DIM = 32

@@ -1,6 +1,6 @@
-"""A run's life cycle on the command line: one run per folder (msk.core.runlock), paths that
-survive moving a run tree (msk.core.paths), and a clean shutdown on SIGTERM/SIGINT
-(msk.core.shutdown): no Ray process of the command left behind."""
+"""A run's life cycle on the command line: one run per folder (msk.core.runtime.runlock), paths that
+survive moving a run tree (msk.core.io.paths), and a clean shutdown on SIGTERM/SIGINT
+(msk.core.runtime.shutdown): no Ray process of the command left behind."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import yaml
 
 from msk.core.config import load_config
 from msk.core.errors import ConfigError
-from msk.core.runlock import LOCK_FILE, RunLockedError, read_holder, run_lock
+from msk.core.runtime.runlock import LOCK_FILE, RunLockedError, read_holder, run_lock
 
 _SCRIPT = Path(sys.executable).with_name("msk")  # the installed entry point (its name is in messages)
 MSK = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "msk.core.cli"]
@@ -94,7 +94,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, c
     pid = dead_pid()
     (run / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
                                              "command": "msk train sorter", "started": "yesterday"}))
-    with caplog.at_level(logging.WARNING, logger="msk.core.runlock"):
+    with caplog.at_level(logging.WARNING, logger="msk.core.runtime.runlock"):
         with run_lock(run, "msk train sorter"):
             assert read_holder(run / LOCK_FILE).pid == os.getpid()
     assert f"stale lock of msk train sorter (pid {pid}" in caplog.text and "no longer running" in caplog.text
@@ -115,7 +115,7 @@ def test_a_lock_from_another_host_is_respected_unless_forced(tmp_path):
 
 
 def test_locks_are_reentrant_in_one_process_and_ingest_uses_them(tmp_path):
-    from msk.core.ingest import IngestConfig, ingest
+    from msk.core.stages.ingest.pipeline import IngestConfig, ingest
 
     run = tmp_path / "run"
     with run_lock(run, "msk import"):
@@ -134,7 +134,7 @@ def test_locks_are_reentrant_in_one_process_and_ingest_uses_them(tmp_path):
 
 
 def test_config_file_paths_resolve_from_the_files_folder(tmp_path, monkeypatch):
-    from msk.core.train import TrainConfig
+    from msk.core.models.train import TrainConfig
     from msk.serve.config import ServeConfig
 
     conf = tmp_path / "conf"
@@ -164,9 +164,9 @@ def tiny_recommender(root: Path) -> tuple[Path, np.ndarray]:
     built from inside ``root`` with relative paths, as a user in a shell would."""
     import torch
 
-    from msk.core.embed import Embedder, embeddings_table
-    from msk.core.recommender import Recommender
-    from msk.core.train import TrainConfig, fit_classifier
+    from msk.core.models.embed import Embedder, embeddings_table
+    from msk.core.models.recommender import Recommender
+    from msk.core.models.train import TrainConfig, fit_classifier
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -188,7 +188,7 @@ def tiny_recommender(root: Path) -> tuple[Path, np.ndarray]:
 
 
 def test_a_moved_run_tree_keeps_its_recommender_working(tmp_path, monkeypatch, one_torch_thread):
-    from msk.core.recommender import Recommender
+    from msk.core.models.recommender import Recommender
     from msk.serve.config import RecommendConfig
     from msk.serve.recommender import inspect_recommender
 
@@ -214,7 +214,7 @@ def test_a_moved_run_tree_keeps_its_recommender_working(tmp_path, monkeypatch, o
 
 
 def test_an_old_recommender_with_an_absolute_checkpoint_still_loads(tmp_path, one_torch_thread):
-    from msk.core.recommender import Recommender
+    from msk.core.models.recommender import Recommender
 
     rec, _ = tiny_recommender(tmp_path)
     meta = json.loads((rec / "recommender.json").read_text())
@@ -227,7 +227,7 @@ def test_an_old_recommender_with_an_absolute_checkpoint_still_loads(tmp_path, on
 def test_embeddings_store_their_checkpoint_relative_to_the_file(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    from msk.core.embed import EncoderInfo, _stored, embeddings_table, encoder_info, read_embeddings
+    from msk.core.models.embed import EncoderInfo, _stored, embeddings_table, encoder_info, read_embeddings
 
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "best.pt").write_bytes(b"x")

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from msk.core.ingest import SHARD_SCHEMA, square_image
-from msk.core.manifest import write_manifest_part
-from msk.core.masks import write_mask_png
-from msk.core.segmentation import (
+from msk.core.io.manifest import write_manifest_part
+from msk.core.io.masks import write_mask_png
+from msk.core.stages.ingest.pipeline import SHARD_SCHEMA, square_image
+from msk.core.stages.segmentation.training import (
     SegmentationError,
     SegmenterConfig,
     load_segmentation_data,
@@ -110,7 +110,7 @@ def test_config_is_checked():
 
 
 def test_default_segmenter_is_a_resnet34_unet():
-    from msk.core.segmentation import SegmentationModel
+    from msk.core.stages.segmentation.training import SegmentationModel
 
     model = SegmentationModel("unet", SegmenterConfig().encoder)
     assert model.encoder_name == "unet:resnet34" and type(model.encoder.net).__name__ == "Unet"
@@ -121,8 +121,14 @@ def test_default_segmenter_is_a_resnet34_unet():
 def test_a_segmenter_learns_the_lesions(tmp_path, one_torch_thread):
     import functools
 
-    from msk.core.segmentation import DiceBCELoss, MaskPairs, _model_factory, dice_hits, predict_probabilities
-    from msk.core.train import fit
+    from msk.core.models.train import fit
+    from msk.core.stages.segmentation.training import (
+        DiceBCELoss,
+        MaskPairs,
+        _model_factory,
+        dice_hits,
+        predict_probabilities,
+    )
 
     ingest, table, _ = fake_ingest(tmp_path, n_patients=12)
     data = load_segmentation_data(ingest, table)
@@ -141,7 +147,7 @@ def test_a_segmenter_learns_the_lesions(tmp_path, one_torch_thread):
 
 
 def test_train_resume_and_evaluate(tmp_path, one_torch_thread):
-    from msk.core.segmentation_eval import evaluate_segmenter
+    from msk.core.stages.segmentation.evaluation import evaluate_segmenter
 
     ingest, table, synth = fake_ingest(tmp_path)
     data = load_segmentation_data(ingest, table)
@@ -175,7 +181,7 @@ def test_train_resume_and_evaluate(tmp_path, one_torch_thread):
 
 @pytest.mark.slow
 def test_fold_training_runs_on_ray_train(tmp_path, ray_session):
-    from msk.core.segmentation import _train_fold
+    from msk.core.stages.segmentation.training import _train_fold
 
     ingest, table, _ = fake_ingest(tmp_path)
     data = load_segmentation_data(ingest, table)
@@ -187,8 +193,8 @@ def test_fold_training_runs_on_ray_train(tmp_path, ray_session):
 
 
 def test_predicted_rois_crop_the_largest_lesion_and_refuse_no_lesion():
-    from msk.core.roi import roi_box
-    from msk.core.segmentation import NoLesionFound, SegmenterEnsemble, lesion_mask, predicted_rois
+    from msk.core.data.roi import roi_box
+    from msk.core.stages.segmentation.training import NoLesionFound, SegmenterEnsemble, lesion_mask, predicted_rois
 
     probs = np.zeros((2, 64, 64), np.float32)
     probs[0, 20:30, 30:44] = 0.9  # the lesion

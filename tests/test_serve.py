@@ -66,7 +66,7 @@ def bars(n: int, seed: int = 0, size: int = SOURCE) -> tuple[np.ndarray, np.ndar
 
 def squares(images: np.ndarray) -> np.ndarray:
     """The training images: what the ingest (and so the server) makes of the uploads."""
-    from msk.core.ingest import square_image
+    from msk.core.stages.ingest.pipeline import square_image
 
     return np.stack([square_image(im / 255.0, SQUARE) for im in images])
 
@@ -130,11 +130,11 @@ def model_files(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
     token file."""
     import pandas as pd
 
-    from msk.core.embed import Embedder, embeddings_table
-    from msk.core.fusion import fit_fusion
-    from msk.core.metadata import MetadataEncoder, MetadataSchema
-    from msk.core.recommender import Recommender
-    from msk.core.train import TrainConfig, fit_classifier
+    from msk.core.data.metadata import MetadataEncoder, MetadataSchema
+    from msk.core.models.embed import Embedder, embeddings_table
+    from msk.core.models.recommender import Recommender
+    from msk.core.models.train import TrainConfig, fit_classifier
+    from msk.core.stages.fusion.training import fit_fusion
 
     root = tmp_path_factory.mktemp("serve")
     images, labels = bars(60)
@@ -170,7 +170,7 @@ def model_files(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
 
 def bar_segmenter(images: np.ndarray, out: Path) -> Path:
     """A `msk train segmenter` run (2 folds, tiny U-Net) whose lesion is the bright bar or square."""
-    from msk.core.segmentation import SegmentationData, SegmenterConfig, train_segmenter
+    from msk.core.stages.segmentation.training import SegmentationData, SegmenterConfig, train_segmenter
 
     n = len(images)
     data = SegmentationData(images, images >= 128, ["lesion"] * n, [f"pat-{i // 2:03d}" for i in range(n)],
@@ -184,8 +184,8 @@ def bar_segmenter(images: np.ndarray, out: Path) -> Path:
 
 def probe_scores(checkpoint: Path) -> np.ndarray:
     """The msp score of each of :data:`PROBES` under the sorter ``checkpoint``."""
-    from msk.core.ood import ood_score
-    from msk.core.train import load_model, predict_logits
+    from msk.core.models.ood import ood_score
+    from msk.core.models.train import load_model, predict_logits
 
     return ood_score(predict_logits(load_model(checkpoint)[0], squares(PROBES), image_size=SQUARE), "msp")
 
@@ -559,7 +559,7 @@ def test_missing_checkpoint_or_index_fails_at_startup(model_files, tmp_path, mon
 def test_fusion_checkpoint_records_its_head_for_serving(model_files):
     """A fusion checkpoint carries head, hidden and dropout: the serve config need not repeat them;
     an older checkpoint without the record still needs them."""
-    from msk.core.checkpoint import load_checkpoint, save_checkpoint
+    from msk.core.io.checkpoint import load_checkpoint, save_checkpoint
     from msk.serve.classifier import load_classifier_model
     from msk.serve.config import ClassifyConfig, PreprocessConfig
 
@@ -765,7 +765,7 @@ def test_the_gateway_gives_lesion_crop_models_a_box_or_refuses():
     """A recommender built from lesion crops gets the caller's box (mapped into the square image),
     else the segmenter's, else 422 box_required; whole-image models get no box. Fake models record
     what they were sent."""
-    from msk.core.ingest import map_box_to_square
+    from msk.core.stages.ingest.pipeline import map_box_to_square
     from msk.serve.replica import Rejection
 
     sent = []

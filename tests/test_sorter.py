@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from msk.core.checkpoint import save_checkpoint
-from msk.core.labelling import LabelFileError
+from msk.core.io.checkpoint import save_checkpoint
+from msk.core.models.train import TrainConfig, fit_classifier
 from msk.core.registry import entity_set
-from msk.core.sorter import (
+from msk.core.stages.cluster.labelling import LabelFileError
+from msk.core.stages.sorter.training import (
     LabelledImages,
     SorterConfig,
     SorterError,
@@ -24,7 +25,6 @@ from msk.core.sorter import (
     read_image_labels,
     train_sorter,
 )
-from msk.core.train import TrainConfig, fit_classifier
 
 from test_train import bars as drawings  # tests/ is on sys.path (rootdir conftest)
 
@@ -214,8 +214,8 @@ def test_init_from_a_checkpoint_of_another_architecture(tmp_path):
 
 def test_fine_tunes_a_deepcluster_checkpoint(tmp_path):
     """init = a DeepCluster checkpoint (Sobel input): the sorter's fold models start from it."""
-    from msk.core.checkpoint import load_checkpoint
-    from msk.core.deepcluster import DeepClusterConfig, run_deepcluster
+    from msk.core.io.checkpoint import load_checkpoint
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, run_deepcluster
 
     data = labelled()
     dc = run_deepcluster(data.images, DeepClusterConfig(encoder="tiny-cnn", k=6, epochs=1,
@@ -230,8 +230,8 @@ def test_fine_tunes_a_deepcluster_checkpoint(tmp_path):
 
 def fake_cluster_run(run, image_ids, arch: str = "tiny-cnn"):
     """A DeepCluster run folder (config.yaml, assignments.csv, two epoch checkpoints)."""
-    from msk.core.deepcluster import DeepClusterConfig
     from msk.core.registry import build_encoder
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig
 
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(DeepClusterConfig(k=3, encoder=arch).to_yaml())
@@ -247,8 +247,8 @@ def test_init_defaults_to_the_deepcluster_run_of_the_weak_labels(tmp_path):
     import shutil
 
     from msk.core.config import load_config
-    from msk.core.labelling import WeakLabels, weak_labels_run
-    from msk.core.sorter import init_from_weak_labels
+    from msk.core.stages.cluster.labelling import WeakLabels, weak_labels_run
+    from msk.core.stages.sorter.training import init_from_weak_labels
 
     run = fake_cluster_run(tmp_path / "project" / "cluster", ["a", "b", "c"])
     weak = WeakLabels(["hand", "knee", None], {"hand": 1, "knee": 1}, {0: "hand", 1: "knee"}, 0, 1,
@@ -293,7 +293,7 @@ def write(path, header, rows):
 
 def fake_ingest(folder, data: LabelledImages, *, patients=True):
     """A committed ingest output holding ``data``'s images (one shard, one manifest part)."""
-    from msk.core.manifest import write_manifest_part
+    from msk.core.io.manifest import write_manifest_part
 
     n, size = len(data), data.images.shape[1]
     (folder / "shards").mkdir(parents=True)
@@ -339,7 +339,7 @@ def test_a_cluster_labels_file_needs_its_run(tmp_path):
 
 
 def test_cluster_labels_with_their_run_surface_labelling_errors(tmp_path):
-    from msk.core.deepcluster import DeepClusterConfig
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig
 
     data = labelled(6)
     ingest = fake_ingest(tmp_path / "ingest", data)
@@ -394,9 +394,9 @@ def test_holdout_sharing_patients_is_refused(tmp_path):
 
 def out_of_fold_scores(out, score="mahalanobis"):
     """Each validation image scored by the fold model it validates (no image scores itself)."""
-    from msk.core.ood import FeatureDensity, ood_score
-    from msk.core.sorter import logits_and_features
-    from msk.core.train import load_model
+    from msk.core.models.ood import FeatureDensity, ood_score
+    from msk.core.models.train import load_model
+    from msk.core.stages.sorter.training import logits_and_features
 
     data = labelled()
     fold_of = {r["image_id"]: r["val_fold"] for r in csv.DictReader((out / "splits.csv").open())}
@@ -411,9 +411,9 @@ def out_of_fold_scores(out, score="mahalanobis"):
 
 
 def test_feature_density_is_fitted_on_each_folds_training_images(run):
-    from msk.core.ood import FeatureDensity
-    from msk.core.sorter import logits_and_features
-    from msk.core.train import load_model
+    from msk.core.models.ood import FeatureDensity
+    from msk.core.models.train import load_model
+    from msk.core.stages.sorter.training import logits_and_features
 
     _, out = run
     data = labelled()
@@ -451,8 +451,8 @@ class Fixed(torch.nn.Module):
 
 
 def test_below_the_threshold_is_unknown():
-    from msk.core.ood import UnknownCalibration
-    from msk.core.sorter import SorterEnsemble
+    from msk.core.models.ood import UnknownCalibration
+    from msk.core.stages.sorter.training import SorterEnsemble
 
     images = labelled(4).images
     uniform = [Fixed([0.0, 0.0, 0.0]), Fixed([1.0, 1.0, 1.0])]  # max softmax 1/3

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-import msk.core.sorter as sorter_module
-from msk.core.sorter import LabelledImages, SorterError, train_sorter
+import msk.core.stages.sorter.training as sorter_module
+from msk.core.stages.sorter.training import LabelledImages, SorterError, train_sorter
 
 from test_sorter import fast, labelled  # tests/ is on sys.path (rootdir conftest)
 

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from msk.core.splits import PatientOverlapError, assert_disjoint_patients, patient_kfold, patient_split
+from msk.core.data.splits import PatientOverlapError, assert_disjoint_patients, patient_kfold, patient_split
 
 
 @pytest.fixture(scope="module")

@@ -198,7 +198,7 @@ def test_ground_truth_columns_are_complete(export):
 
 
 def test_every_lesion_has_its_mask_png(export):
-    from msk.core.masks import load_mask
+    from msk.core.io.masks import load_mask
 
     report, rows = export
     with_mask = [r for r in rows if r["mask"]]
@@ -409,7 +409,7 @@ def test_a_turned_cassette_is_scanned_onto_black():
 def test_lesions_lie_inside_the_exposed_field(tmp_path):
     """A lesion near the film's edge widens the cassette to take it in; it used to be cut out of the
     black surround as a bright square patch (44 of 200 lesion images at 192 px, seed 3)."""
-    from msk.core.dicom import read_image
+    from msk.core.io.dicom import read_image
 
     report = synthesize(tmp_path, SynthConfig(n_images=80, seed=3, image_size=192, lesion_fraction=1.0,
                                               corrupt_fraction=0.0), progress=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msk.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from msk.core.train import (
+from msk.core.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from msk.core.models.train import (
     TrainConfig,
     TrainError,
     build_classifier,
@@ -74,7 +74,7 @@ def test_class_names_and_per_epoch_scores_are_recorded(tmp_path):
 
 def test_encoder_options_are_recorded_so_checkpoints_rebuild_alone(tmp_path):
     """A ViT trained at 24 px (img_size, patch_size options) loads and embeds from its checkpoint."""
-    from msk.core.embed import Embedder
+    from msk.core.models.embed import Embedder
 
     x, y = bars(24, size=24)
     options = {"img_size": 24, "patch_size": 8, "depth": 1}

@@ -11,9 +11,9 @@ import pytest
 
 from msk.core.config import load_config
 from msk.core.errors import ConfigError
-from msk.core.sorter import LabelledImages
-from msk.core.train import TrainConfig, fit_classifier
-from msk.core.transfer import (
+from msk.core.models.train import TrainConfig, fit_classifier
+from msk.core.stages.sorter.training import LabelledImages
+from msk.core.stages.sorter.transfer import (
     TransferConfig,
     TransferError,
     binary_rates,
@@ -170,7 +170,7 @@ def imagenet_file(tmp_path_factory):
 
 
 def test_a_pretrained_weights_arm_runs_beside_random(tmp_path, imagenet_file):
-    from msk.core.checkpoint import load_checkpoint
+    from msk.core.io.checkpoint import load_checkpoint
 
     config = fast(encoder="timm/resnet10t", epochs=1,
                   arms={"random": "random", "imagenet": f"pretrained:{imagenet_file}"})

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from msk.core.cli import app
 from msk.core.config import load_config
 from msk.core.errors import ConfigError
-from msk.core.fusion import FusionConfig, load_fusion_data
-from msk.core.recommender_eval import ClassifierSpec, RecommenderEvalConfig
-from msk.core.sorter import SorterConfig
-from msk.core.tuning import (
+from msk.core.stages.fusion.training import FusionConfig, load_fusion_data
+from msk.core.stages.recommender.evaluation import ClassifierSpec, RecommenderEvalConfig
+from msk.core.stages.sorter.training import SorterConfig
+from msk.core.stages.tuning.search import (
     TASKS,
     StateApiWarning,
     TuneError,

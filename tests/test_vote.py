@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msk.core.vote import vote
+from msk.core.models.vote import vote
 
 
 def test_plain_majority():

@@ -34,7 +34,7 @@ def _global_options(
 ) -> None:
     """Turn an archive of musculoskeletal radiographs into diagnostic tools, on Ray."""
     if verbose:
-        from msk.core.ray_start import set_verbose
+        from msk.core.runtime.ray_start import set_verbose
 
         set_verbose(True)
 
@@ -54,7 +54,7 @@ def _profiled(cfg, task: str, profile: str | None, run_dir: Path | None = None):
 
 
 def locks_run(param: str):
-    """Decorator: the command holds the run lock (msk.core.runlock) of its folder argument
+    """Decorator: the command holds the run lock (msk.core.runtime.runlock) of its folder argument
     ``param`` while it runs; a second run on that folder stops at once naming the holder.
     ``MSK_FORCE_UNLOCK=1`` takes over a lock another host recorded."""
     import functools
@@ -68,7 +68,7 @@ def locks_run(param: str):
             except ImportError:
                 from click import get_current_context
 
-            from msk.core.runlock import run_lock
+            from msk.core.runtime.runlock import run_lock
 
             folder = kwargs.get(param)
             if folder is None:
@@ -172,8 +172,8 @@ def ingest(
     [b]Example[/b]: [cyan]MSK_PSEUDONYM_KEY=... msk ingest /pacs/export out/ingest --image-size 256 --modality CR,DX[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.ingest import IngestConfig
-    from msk.core.ingest import ingest as run_ingest
+    from msk.core.stages.ingest.pipeline import IngestConfig
+    from msk.core.stages.ingest.pipeline import ingest as run_ingest
 
     if not src.is_dir():
         raise MskError(f"source folder {src} does not exist")
@@ -215,8 +215,8 @@ def import_(
     import yaml
 
     from msk.core.config import load_config
-    from msk.core.dataset_import import ImportConfig, import_dataset
     from msk.core.errors import ConfigError
+    from msk.core.stages.ingest.importing import ImportConfig, import_dataset
 
     cfg = load_config(ImportConfig, config)
     options = dict(cfg.options)
@@ -263,7 +263,7 @@ def cluster(
     [b]Example[/b]: [cyan]msk cluster out/ingest out/cluster --k 1000 --epochs 10 --encoder resnet18[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
 
     cfg = load_config(DeepClusterConfig, config, k=k, epochs=epochs, encoder=encoder,
                       image_size=image_size, num_workers=num_workers, use_gpu=use_gpu)
@@ -272,7 +272,7 @@ def cluster(
     image_ids = table["image_id"].to_pylist()
     known = None
     if truth is not None:
-        from msk.core.labelling import truth_of_images
+        from msk.core.stages.cluster.labelling import truth_of_images
 
         known = truth_of_images(image_ids, truth, ingest_dir, ingest=ingest_dir)
         if None in known:
@@ -293,7 +293,7 @@ app.add_typer(clusters_app, name="clusters")
 
 def _run_images_and_k(run_dir: Path, ingest_dir: Path | None):
     from msk.core.config import load_config
-    from msk.core.deepcluster import DeepClusterConfig, from_ingest, load_assignments
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, load_assignments
 
     cfg = load_config(DeepClusterConfig, run_dir / "config.yaml")
     images = None
@@ -316,7 +316,7 @@ def clusters_export(
 
     [b]Example[/b]: [cyan]msk clusters export out/ingest out/cluster --to out/sheets --truth labels.csv[/cyan]
     """
-    from msk.core.labelling import export_clusters, run_image_ids, truth_of_images, truth_scores
+    from msk.core.stages.cluster.labelling import export_clusters, run_image_ids, truth_of_images, truth_scores
 
     images, assignments, k = _run_images_and_k(run_dir, ingest_dir)
     known = None
@@ -345,7 +345,7 @@ def clusters_apply(
     """
     import csv
 
-    from msk.core.labelling import apply_labels
+    from msk.core.stages.cluster.labelling import apply_labels
 
     _, assignments, k = _run_images_and_k(run_dir, None)
     weak = apply_labels(labels_file, assignments, region_set=region_set, k=k)
@@ -374,7 +374,7 @@ def clusters_label(
 
     [b]Example[/b]: [cyan]msk clusters label out/cluster --from out/synth/ground_truth.csv --ingest out/ingest[/cyan]
     """
-    from msk.core.labelling import name_clusters_from_truth
+    from msk.core.stages.cluster.labelling import name_clusters_from_truth
 
     named = name_clusters_from_truth(run_dir, truth, ingest=ingest_dir, region_set=region_set, weak_out=save)
     console.print(f"[bold yellow]simulated expert:[/bold yellow] clusters named automatically by the majority "
@@ -416,7 +416,7 @@ def train_sorter(
     [b]Example[/b]: [cyan]msk train sorter out/ingest out/cluster/weak_labels.csv out/sorter --init out/cluster/checkpoints/epoch-010.pt[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.sorter import SorterConfig, init_from_weak_labels, sorter_from_ingest
+    from msk.core.stages.sorter.training import SorterConfig, init_from_weak_labels, sorter_from_ingest
 
     cfg = load_config(SorterConfig, config, init=init, encoder=encoder, epochs=epochs, folds=folds,
                       num_workers=num_workers, use_gpu=use_gpu, image_size=image_size)
@@ -447,8 +447,8 @@ def sort(
     """
     import json
 
-    from msk.core.sort_images import read_images, run_preprocess, sort_answer
-    from msk.core.sorter import load_sorter
+    from msk.core.stages.sorter.sorting import read_images, run_preprocess, sort_answer
+    from msk.core.stages.sorter.training import load_sorter
 
     preprocess = run_preprocess(run_dir, ingest_dir)
     read = read_images(images, preprocess)
@@ -495,7 +495,7 @@ def segment(
     [b]Example[/b]: [cyan]msk segment out/segmenter scans/knee.dcm scans/hips/ --out out/masks --dicom-seg[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.segment_images import SegmentOptions, segment_files
+    from msk.core.stages.segmentation.segmenting import SegmentOptions, segment_files
 
     options = load_config(SegmentOptions, None, threshold=threshold, dicom_seg=dicom_seg)
 
@@ -531,7 +531,7 @@ def train_transfer(
     """
     from msk.core.config import load_config
     from msk.core.errors import ConfigError
-    from msk.core.transfer import TransferConfig, transfer_from_ingest
+    from msk.core.stages.sorter.transfer import TransferConfig, transfer_from_ingest
 
     arms = {"random": "random"}
     for item in arm:
@@ -561,8 +561,8 @@ def embed(
     [b]Example[/b]: [cyan]msk embed out/ingest out/cluster/checkpoints/epoch-010.pt out/embeddings[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.embed import EmbedConfig
-    from msk.core.embed import embed as run_embed
+    from msk.core.models.embed import EmbedConfig
+    from msk.core.models.embed import embed as run_embed
 
     report = run_embed(ingest_dir, checkpoint, out_dir, load_config(EmbedConfig, config, image_size=image_size))
     out.print(f"{report.n_images} embeddings of dimension {report.dim} in {report.seconds:.1f} s")
@@ -594,8 +594,8 @@ def train_segmenter(
     [b]Example[/b]: [cyan]msk train segmenter out/ingest out/synth out/segmenter --segmenter unetplusplus --epochs 20[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.segmentation import SegmenterConfig, load_segmentation_data
-    from msk.core.segmentation import train_segmenter as train
+    from msk.core.stages.segmentation.training import SegmenterConfig, load_segmentation_data
+    from msk.core.stages.segmentation.training import train_segmenter as train
 
     cfg = load_config(SegmenterConfig, config, segmenter=segmenter, encoder=encoder, image_size=image_size,
                       epochs=epochs, folds=folds, num_workers=num_workers, use_gpu=use_gpu)
@@ -632,7 +632,7 @@ def eval_sorter(
     import dataclasses
     import json
 
-    from msk.core.sorter_eval import evaluate_against_truth
+    from msk.core.stages.sorter.evaluation import evaluate_against_truth
 
     result = evaluate_against_truth(run_dir, truth, ingest=ingest_dir)
     if as_json:
@@ -655,7 +655,7 @@ def eval_segmenter(
 
     [b]Example[/b]: [cyan]msk eval segmenter out/segmenter out/ingest out/synth out/segmenter-eval[/cyan]
     """
-    from msk.core.segmentation_eval import evaluate_segmenter
+    from msk.core.stages.segmentation.evaluation import evaluate_segmenter
 
     result = evaluate_segmenter(run_dir, ingest_dir, masks, out_dir, sheet_images=sheet_images)
     out.print(result.table())
@@ -680,7 +680,7 @@ def eval_recommender(
     [b]Example[/b]: [cyan]msk eval recommender out/ingest labels.csv out/eval-recommender[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.recommender_eval import RecommenderEvalConfig, evaluate_recommender
+    from msk.core.stages.recommender.evaluation import RecommenderEvalConfig, evaluate_recommender
 
     cfg = load_config(RecommenderEvalConfig, config)
     if image_size is not None:
@@ -720,8 +720,8 @@ def eval_fusion(
     [b]Example[/b]: [cyan]msk eval fusion out/ingest metadata.csv out/eval-fusion[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.fusion import FusionConfig, evaluate_fusion
     from msk.core.profiles import set_options
+    from msk.core.stages.fusion.training import FusionConfig, evaluate_fusion
 
     cfg = set_options(load_config(FusionConfig, config), {"train.image_size": image_size})
     cfg = _profiled(cfg, "fusion", profile, out_dir)
@@ -757,8 +757,8 @@ def build_recommender(
     [b]Example[/b]: [cyan]msk build recommender out/ingest out/synth/ground_truth.csv out/recommender --encoder out/cluster/checkpoints/epoch-010.pt[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.recommender_build import RecommenderBuildConfig
-    from msk.core.recommender_build import build_recommender as build
+    from msk.core.stages.recommender.build import RecommenderBuildConfig
+    from msk.core.stages.recommender.build import build_recommender as build
 
     report = build(ingest_dir, labels, out_dir, encoder, load_config(RecommenderBuildConfig, config, k=k, image_size=image_size),
                    boxes=boxes, masks=masks)
@@ -793,7 +793,7 @@ def tune(
     [b]Example[/b]: [cyan]msk tune sorter out/ingest out/cluster/weak_labels.csv out/tune-sorter --samples 16 --use-gpu[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.tuning import TuneOptions, get_task, load_space, load_task_data, tune_task
+    from msk.core.stages.tuning.search import TuneOptions, get_task, load_space, load_task_data, tune_task
 
     spec = get_task(task)
     base = load_config(spec.config_cls, config)
@@ -858,8 +858,8 @@ def demo(
 
 def main() -> None:
     """The ``msk`` entry point: MskError -> one line + exit 2; SIGTERM/SIGINT -> the Ray processes
-    the command started are shut down, exit 128 + signal (``msk serve``: 0), see msk.core.shutdown."""
-    from msk.core import shutdown
+    the command started are shut down, exit 128 + signal (``msk serve``: 0), see msk.core.runtime.shutdown."""
+    from msk.core.runtime import shutdown
 
     shutdown.install()
     # DeepCluster's collapse is already one red console line per epoch; not again as a Python warning

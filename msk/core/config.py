@@ -1,6 +1,6 @@
 """Typed configuration: every job's options are a pydantic model, loadable from YAML.
 
-Each job defines its model next to its code (``IngestConfig`` in :mod:`msk.core.ingest`, ...)
+Each job defines its model next to its code (``IngestConfig`` in :mod:`msk.core.stages.ingest.pipeline`, ...)
 by subclassing :class:`MskConfig`; :func:`load_config` reads a YAML file into it (relative paths
 from the file's folder) and applies command-line overrides, with errors that name the file and
 the offending field.
@@ -29,7 +29,7 @@ class MskConfig(BaseModel):
         existing files relative to it (read back by :func:`load_config` from any directory)."""
         data = self.model_dump(mode="json")
         if folder is not None:
-            from msk.core.paths import stored_config_paths
+            from msk.core.io.paths import stored_config_paths
 
             data = stored_config_paths(data, type(self), folder)
         return yaml.safe_dump(data, sort_keys=False)
@@ -54,9 +54,9 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
     """Build ``cls`` from the YAML file at ``path`` (optional) updated with non-None ``overrides``.
 
     Relative paths in the file are read from the file's folder, not the current directory
-    (:func:`msk.core.paths.resolve_config_paths`); ``overrides`` are taken as they are.
+    (:func:`msk.core.io.paths.resolve_config_paths`); ``overrides`` are taken as they are.
     """
-    from msk.core.paths import resolve_config_paths
+    from msk.core.io.paths import resolve_config_paths
 
     data: dict[str, Any] = {}
     where = "options"

@@ -45,8 +45,8 @@ import numpy as np
 from pydantic import Field
 
 from msk.core.config import MskConfig
-from msk.core.deepcluster import default_k
 from msk.core.errors import MskError
+from msk.core.stages.cluster.deepcluster import default_k
 
 __all__ = ["DemoConfig", "DemoError", "DemoResult", "default_k", "run_demo"]
 
@@ -136,10 +136,10 @@ def _lesions(ingest: Path, synth_dir: Path, truth_file: Path, image_size: int):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from msk.core.dataset import images_from_table, read_shards
-    from msk.core.ingest import map_box_to_square
+    from msk.core.io.dataset import images_from_table, read_shards
+    from msk.core.io.truth import read_truth
+    from msk.core.stages.ingest.pipeline import map_box_to_square
     from msk.core.synth import ground_truth_for_ingest
-    from msk.core.truth import read_truth
 
     truth = read_truth(truth_file, what="entity", ingest=ingest)
     ids = sorted(i for i in truth.labels if i in truth.boxes)
@@ -161,27 +161,27 @@ def _lesions(ingest: Path, synth_dir: Path, truth_file: Path, image_size: int):
 
 
 def _accuracy(predicted, truth) -> float:
-    from msk.core.metrics import accuracy
+    from msk.core.models.metrics import accuracy
 
     return accuracy(list(truth), list(predicted)) if len(truth) else float("nan")
 
 
 def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=print) -> DemoResult:
     """Run the chain into ``out`` (see the module docstring) and write ``out/report.html``."""
-    from msk.core.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
-    from msk.core.embed import Embedder, roi_crops
-    from msk.core.fusion import fit_fusion
-    from msk.core.ingest import IngestConfig, ingest
-    from msk.core.labelling import export_clusters, name_clusters_from_truth
-    from msk.core.metadata import MetadataEncoder, MetadataSchema
-    from msk.core.recommender import Recommender
-    from msk.core.recommender_build import RecommenderBuildConfig, build_recommender
-    from msk.core.runlock import LOCK_FILE
-    from msk.core.sorter import SorterConfig, load_labelled, train_sorter
-    from msk.core.sorter_eval import evaluate_against_truth
+    from msk.core.data.metadata import MetadataEncoder, MetadataSchema
+    from msk.core.io.truth import read_truth
+    from msk.core.models.embed import Embedder, roi_crops
+    from msk.core.models.recommender import Recommender
+    from msk.core.models.train import TrainConfig, fit_classifier, load_model, predict_logits
+    from msk.core.runtime.runlock import LOCK_FILE
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
+    from msk.core.stages.cluster.labelling import export_clusters, name_clusters_from_truth
+    from msk.core.stages.fusion.training import fit_fusion
+    from msk.core.stages.ingest.pipeline import IngestConfig, ingest
+    from msk.core.stages.recommender.build import RecommenderBuildConfig, build_recommender
+    from msk.core.stages.sorter.evaluation import evaluate_against_truth
+    from msk.core.stages.sorter.training import SorterConfig, load_labelled, train_sorter
     from msk.core.synth import SynthConfig, synthesize
-    from msk.core.train import TrainConfig, fit_classifier, load_model, predict_logits
-    from msk.core.truth import read_truth
     from msk.serve.classifier import load_classifier_model
     from msk.serve.config import ClassifyConfig, RoiConfig
     from msk.serve.config import PreprocessConfig as ServePreprocess
@@ -337,7 +337,7 @@ def _clinical(rows):
     """``image_id, sex, age, site, view`` of the lesion images from their ground-truth rows."""
     import pandas as pd
 
-    from msk.core.metadata import DICOM_VIEWS
+    from msk.core.data.metadata import DICOM_VIEWS
 
     return pd.DataFrame({"image_id": rows.index, "sex": rows["sex"].where(rows["sex"].isin(["M", "F"]), None),
                          "age": rows["age"], "site": rows["site"],

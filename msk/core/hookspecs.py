@@ -108,7 +108,7 @@ def msk_segmenters() -> list[SegmenterSpec]:
     """Register lesion segmenters (U-Net, U-Net++, ...): image -> one lesion logit per pixel.
 
     Used by ``msk train segmenter`` and ``msk eval segmenter``; the predicted mask gives the
-    region of interest (:mod:`msk.core.roi`). ``build(name=..., in_chans=1, encoder=...,
+    region of interest (:mod:`msk.core.data.roi`). ``build(name=..., in_chans=1, encoder=...,
     **options)`` must work without network access (no pretrained downloads).
 
     :return: list of :class:`msk.core.specs.SegmenterSpec`.

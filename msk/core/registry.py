@@ -217,9 +217,9 @@ def entity_set(name: str) -> EntitySet:
 
 
 def build_encoder(name: str, **options: Any) -> Any:
-    """Inside :func:`msk.core.pretrained.weights_from_checkpoint` the option ``pretrained`` is
+    """Inside :func:`msk.core.models.pretrained.weights_from_checkpoint` the option ``pretrained`` is
     dropped: an msk checkpoint's weights are loaded next."""
-    from msk.core.pretrained import for_build
+    from msk.core.models.pretrained import for_build
 
     return get_registry().build("encoder", name, **for_build(options))
 

@@ -85,7 +85,7 @@ class FusionHeadSpec(ComponentSpec):
 @dataclass(frozen=True)
 class RetrieverSpec(ComponentSpec):
     """Nearest-neighbour index: ``build(name, dim, **options)`` returns a
-    :class:`msk.core.retrieval.Retriever` with ``train(x)``, ``add(x, ids)``,
+    :class:`msk.core.models.retrieval.Retriever` with ``train(x)``, ``add(x, ids)``,
     ``search(q, k) -> SearchResult(ids, distances, indices, metric)``, ``save(path)``,
     ``ntotal`` and a class method ``load(path)``."""
 
@@ -300,7 +300,7 @@ class LesionDrawer:
 @dataclass(frozen=True)
 class TuningTaskSpec(ComponentSpec):
     """A task ``msk tune`` searches hyperparameters for: ``build(name)`` returns a
-    :class:`msk.core.tuning.Task` (its config class, data loader, split, trial and metric).
+    :class:`msk.core.stages.tuning.search.Task` (its config class, data loader, split, trial and metric).
 
     :param command: the command that takes the best config, with its arguments
         (``"msk train sorter INGEST LABELS OUT"``); ``msk tune`` prints it with ``--config``.

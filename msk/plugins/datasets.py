@@ -3,7 +3,7 @@ class, MURA and BTXRD.
 
 Each layout is a reader ``read(src, options) -> records`` over the layout's label files (the
 images are never opened here), a pydantic options model and a tiny example layout for the
-plugin contract test. ``msk import`` (:mod:`msk.core.dataset_import`) does everything the
+plugin contract test. ``msk import`` (:mod:`msk.core.stages.ingest.importing`) does everything the
 layouts share: label checks against the entity set, path checks, the ingest, the keyed
 pseudonyms and the labels file. See ``docs/datasets.md``.
 """
@@ -36,7 +36,7 @@ _MURA = re.compile(r"(?:^|/)(XR_[A-Z]+)/patient(\d+)/study(\d+)_(positive|negati
 
 def _files(src: Path) -> list[str]:
     """Every non-hidden file under ``src``, relative POSIX paths, sorted (as ``msk ingest`` lists)."""
-    from msk.core.ingest import list_inputs
+    from msk.core.stages.ingest.pipeline import list_inputs
 
     return list_inputs(src, ["*"], [".*"])
 
@@ -175,14 +175,14 @@ class BtxrdOptions(DatasetOptions):
         "annotations", description="folder of the LabelMe JSONs (lesion boxes); null: no boxes")
     grouping: Literal["image", "run"] = Field(
         "image", description="patient of an image: BTXRD has no patient id, so image = each image "
-        "its own patient; run = consecutive images of identical metadata (msk.core.metadata.read_btxrd)")
+        "its own patient; run = consecutive images of identical metadata (msk.core.data.metadata.read_btxrd)")
 
 
 def read_btxrd_layout(src: Path, options: BtxrdOptions) -> Iterator[DatasetRecord]:
     import pandas as pd
 
-    from msk.core.metadata import read_btxrd
-    from msk.core.roi import lesion_box, read_labelme
+    from msk.core.data.metadata import read_btxrd
+    from msk.core.data.roi import lesion_box, read_labelme
 
     table = _within(src, options.csv)
     annotations = _within(src, options.annotations) if options.annotations else None
@@ -205,7 +205,7 @@ def read_btxrd_layout(src: Path, options: BtxrdOptions) -> Iterator[DatasetRecor
 def _btxrd_example(folder: Path) -> dict[str, Any]:
     import json
 
-    from msk.core.metadata import BTXRD_SITES, VIEWS
+    from msk.core.data.metadata import BTXRD_SITES, VIEWS
     from msk.plugins.entity_sets import btxrd
 
     header = ["image_id", "center", "age", "gender", *BTXRD_SITES, "tumor", "benign", "malignant",

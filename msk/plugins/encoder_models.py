@@ -10,7 +10,7 @@ class TimmEncoder(nn.Module):
     """A timm backbone with its classifier removed: ``[B, C, H, W] -> [B, feature_dim]``.
 
     :param pretrained: starting weights: a weights file, a hub id or ``True`` (timm's default
-        weights), loaded as :func:`msk.core.pretrained.timm_with_weights` explains; ``None``:
+        weights), loaded as :func:`msk.core.models.pretrained.timm_with_weights` explains; ``None``:
         random init.
     """
 
@@ -20,7 +20,7 @@ class TimmEncoder(nn.Module):
 
         self.model_name = model_name
         if pretrained:
-            from msk.core.pretrained import timm_with_weights
+            from msk.core.models.pretrained import timm_with_weights
 
             self.backbone = timm_with_weights(model_name, pretrained, num_classes=0, in_chans=in_chans, **options)
         else:

@@ -1,7 +1,7 @@
 """Built-in image encoders: ResNets (the paper's backbones), any timm model by name, and a tiny
 CNN for tests and CPU smoke runs. They start from random weights, or, with the option
 ``pretrained`` (timm encoders only), from a weights file or a Hugging Face hub id
-(:mod:`msk.core.pretrained`); msk's own checkpoints (DeepCluster, sorter) are loaded by the
+(:mod:`msk.core.models.pretrained`); msk's own checkpoints (DeepCluster, sorter) are loaded by the
 training code. Torch is imported only when one is built."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _tiny(name: str, in_chans: int = 1, **options):
     from msk.plugins.encoder_models import TinyCNN
 
     if options.pop("pretrained", None):
-        from msk.core.pretrained import PretrainedError
+        from msk.core.models.pretrained import PretrainedError
 
         raise PretrainedError(f"encoder {name!r} has no pretrained weights; drop the option pretrained "
                               "or use a timm encoder such as resnet18")

@@ -9,8 +9,8 @@ distribution where ``../shared/data/btxrd-meta`` is present.
 
 from __future__ import annotations
 
-from msk.core.btxrd import BTXRD_SITE_TO_REGION  # noqa: F401  (kept importable from here)
 from msk.core.hookspecs import hookimpl
+from msk.core.io.btxrd import BTXRD_SITE_TO_REGION  # noqa: F401  (kept importable from here)
 from msk.core.specs import BonePosition as P
 from msk.core.specs import Entity, EntitySet
 from msk.core.specs import Malignancy as M

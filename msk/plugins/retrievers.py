@@ -1,7 +1,7 @@
 """Built-in retrievers for the recommender, all on faiss: exact search ("flat"), locality-sensitive
 hashing ("lsh"), a graph index ("hnsw") and an inverted file ("ivf").
 
-All four store L2-normalised vectors (see :mod:`msk.core.retrieval` for the interface, the
+All four store L2-normalised vectors (see :mod:`msk.core.models.retrieval` for the interface, the
 distances and the file format). The defaults below were chosen from ``bench/retrieval.py``; the
 measurements and the reasons are in ``docs/recommender.md``.
 """
@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from msk.core.config import MskConfig
 from msk.core.hookspecs import hookimpl
-from msk.core.retrieval import Metric, RetrievalError, Retriever
+from msk.core.models.retrieval import Metric, RetrievalError, Retriever
 from msk.core.specs import RetrieverSpec
 
 

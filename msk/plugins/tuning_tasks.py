@@ -1,6 +1,6 @@
 """Built-in tuning tasks of ``msk tune``: the sorter, the fusion heads and the recommender.
 
-The tasks themselves (:class:`msk.core.tuning.Task` subclasses) are imported when one is built,
+The tasks themselves (:class:`msk.core.stages.tuning.search.Task` subclasses) are imported when one is built,
 so that listing plugins stays cheap.
 """
 
@@ -14,7 +14,7 @@ from msk.core.specs import TuningTaskSpec
 
 
 def _build(cls_name: str, name: str, **options: Any) -> Any:
-    from msk.core import tuning
+    from msk.core.stages.tuning import search as tuning
 
     return getattr(tuning, cls_name)(**options)
 

@@ -50,11 +50,11 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from msk.core import shutdown
 from msk.core.config import load_config
 from msk.core.errors import ConfigError, MskError
-from msk.core.ingest import map_box_from_square, map_box_to_square
-from msk.core.ray_start import start_ray
+from msk.core.runtime import shutdown
+from msk.core.runtime.ray_start import start_ray
+from msk.core.stages.ingest.pipeline import map_box_from_square, map_box_to_square
 from msk.serve.auth import BearerAuth, read_clients, resolve_token_digest
 from msk.serve.config import PreprocessConfig, ReplicaConfig, ServeConfig, check_paths
 from msk.serve.errors import ApiError, install_error_handlers
@@ -377,7 +377,7 @@ def segment_answer(found: dict[str, Any], image: Radiograph, preprocess: Preproc
     import numpy as np
     from PIL import Image
 
-    from msk.core.masks import mask_from_square
+    from msk.core.io.masks import mask_from_square
 
     mask = mask_from_square(found["mask"], image.source_shape, preprocess.resize)
     buffer = io.BytesIO()
@@ -469,7 +469,7 @@ def serve_main(config_path: str | PathLike | None, *, insecure: bool = False, ho
     :param insecure: serve without authentication (a loud warning says so).
     :param host, port: override the config's ``host``/``port``.
     :param blocking: wait until Ctrl-C or SIGTERM, then shut Serve down (the CLI then shuts
-        Ray down, see :mod:`msk.core.shutdown`); ``False`` returns at once
+        Ray down, see :mod:`msk.core.runtime.shutdown`); ``False`` returns at once
         (Serve keeps running in this Ray session: ``ray.serve.shutdown()`` stops it).
     :return: the base URL, e.g. ``http://127.0.0.1:8000``.
     """

@@ -1,19 +1,19 @@
 """``/v1/classify``: radiograph + clinical metadata -> entity probabilities, as a Ray Serve deployment.
 
-Two kinds of checkpoint are served, both written by :func:`msk.core.train.fit`:
+Two kinds of checkpoint are served, both written by :func:`msk.core.models.train.fit`:
 
-* a **fusion model** (:class:`msk.core.fusion.FusionClassifier`, from ``msk eval fusion`` /
-  :func:`msk.core.fusion.fit_fusion`): its checkpoint records the head, ``hidden`` and
+* a **fusion model** (:class:`msk.core.stages.fusion.training.FusionClassifier`, from ``msk eval fusion`` /
+  :func:`msk.core.stages.fusion.training.fit_fusion`): its checkpoint records the head, ``hidden`` and
   ``dropout`` (older checkpoints: set them as trained); set ``metadata_encoder``, the fitted
-  :class:`~msk.core.metadata.MetadataEncoder` saved with ``MetadataEncoder.save``. The request's
+  :class:`~msk.core.data.metadata.MetadataEncoder` saved with ``MetadataEncoder.save``. The request's
   metadata is encoded exactly as the training rows were;
-* an **image-only** classifier (linear head, :func:`msk.core.train.fit_classifier`): the
+* an **image-only** classifier (linear head, :func:`msk.core.models.train.fit_classifier`): the
   metadata is still validated, and the answer says ``metadata_used: false``.
 
 With ``roi`` set the model sees the lesion crop, as fusion models are trained: the gateway maps
 the metadata's ``box`` (pixels of the uploaded image) into the square image, or asks the
 segmenter for the lesion when there is no box (:mod:`msk.serve.segmenter`); the crop is the box
-widened by the margin, square (:func:`msk.core.roi.lesion_crop`). Without a box and without a
+widened by the margin, square (:func:`msk.core.data.roi.lesion_crop`). Without a box and without a
 segmenter such a model refuses the request (422 ``box_required``): a whole radiograph is never
 classified by a model that learnt from lesion crops.
 """
@@ -39,7 +39,7 @@ __all__ = ["ClassifierDeployment", "ClassifierModel", "load_classifier_model"]
 
 
 def _word(value: str) -> str:
-    """A vocabulary word as :mod:`msk.core.metadata` compares them."""
+    """A vocabulary word as :mod:`msk.core.data.metadata` compares them."""
     return str(value).strip().lower().replace("_", " ")
 
 
@@ -86,7 +86,7 @@ class ClassifierModel:
         return meta if isinstance(meta, Rejection) else (image, meta)
 
     def _crop(self, pixels: np.ndarray, box) -> np.ndarray | Rejection:
-        from msk.core.roi import RoiError, lesion_crop
+        from msk.core.data.roi import RoiError, lesion_crop
 
         if box is None:
             return Rejection(422, "box_required", "this classifier was trained on lesion crops: send metadata "
@@ -100,7 +100,7 @@ class ClassifierModel:
     def _encode(self, metadata: dict[str, Any]) -> np.ndarray | Rejection:
         import pandas as pd
 
-        from msk.core.metadata import MetadataError
+        from msk.core.data.metadata import MetadataError
 
         schema = self.encoder.schema
         for field, vocabulary in (("site", schema.sites), ("view", schema.views)):
@@ -117,7 +117,7 @@ class ClassifierModel:
             return Rejection(422, "invalid_metadata", f"metadata: {exc}")
 
     def probabilities(self, images: np.ndarray, meta: np.ndarray | None) -> np.ndarray:
-        from msk.core.train import predict_logits
+        from msk.core.models.train import predict_logits
 
         return softmax(predict_logits(self.model, images, image_size=self.image_size, meta=meta))
 
@@ -125,7 +125,7 @@ class ClassifierModel:
         import torch
         from torch import nn
 
-        from msk.core.gradcam import grad_cam
+        from msk.core.models.gradcam import grad_cam
 
         class WithMetadata(nn.Module):
             """``images -> logits`` with this request's metadata bound (Grad-CAM feeds images only)."""
@@ -164,9 +164,9 @@ def _fusion_options(config: ClassifyConfig, saved: dict[str, Any], path: Path):
 
 def load_classifier_model(config: ClassifyConfig, preprocess: PreprocessConfig) -> ClassifierModel:
     """Build the classifier the config describes; :class:`ConfigError` says what does not fit."""
-    from msk.core.checkpoint import CheckpointError, load_checkpoint
-    from msk.core.metadata import MetadataEncoder, MetadataError
-    from msk.core.train import TrainConfig, load_model
+    from msk.core.data.metadata import MetadataEncoder, MetadataError
+    from msk.core.io.checkpoint import CheckpointError, load_checkpoint
+    from msk.core.models.train import TrainConfig, load_model
 
     path = Path(config.checkpoint)
     try:
@@ -200,7 +200,7 @@ def load_classifier_model(config: ClassifyConfig, preprocess: PreprocessConfig) 
         if linear:
             raise ConfigError(f"classifier.head={head!r} but {path} has a linear head (an image-only "
                               "model); leave head out")
-        from msk.core.fusion import build_fusion_model
+        from msk.core.stages.fusion.training import build_fusion_model
 
         train = {k: v for k, v in ckpt.config.items() if k in TrainConfig.model_fields}
         build = functools.partial(build_fusion_model, {**train, "init": "random"}, num_classes,

@@ -38,8 +38,8 @@ MiB = 1 << 20
 class PreprocessConfig(MskConfig):
     """How an upload becomes the square ``uint8`` image the models were trained on.
 
-    The decoder is the ingest's (:func:`msk.core.dicom.read_image`) and the square the
-    ingest's (:func:`msk.core.ingest.square_image`); the models then apply their own eval
+    The decoder is the ingest's (:func:`msk.core.io.dicom.read_image`) and the square the
+    ingest's (:func:`msk.core.stages.ingest.pipeline.square_image`); the models then apply their own eval
     transform. ``image_size`` and ``resize`` must be those of the ingest that made the
     training images: set ``ingest`` to read them from its ``ingest.json``.
     """
@@ -58,7 +58,7 @@ class PreprocessConfig(MskConfig):
         """
         if self.ingest is None:
             return self
-        from msk.core.manifest import SUMMARY_FILE, read_ingest_summary
+        from msk.core.io.manifest import SUMMARY_FILE, read_ingest_summary
 
         summary = Path(self.ingest) / SUMMARY_FILE
         if not summary.is_file():
@@ -110,7 +110,7 @@ class SortConfig(ModelConfig):
 class RecommendConfig(ModelConfig):
     """``/v1/recommend``: similar previous patients and a vote on their entity."""
 
-    path: Path = Field(description="a saved recommender folder (msk.core.recommender)")
+    path: Path = Field(description="a saved recommender folder (msk.core.models.recommender)")
     encoder: Path | None = Field(None, description="encoder checkpoint; default: the one the index was built with")
     k: int | None = Field(None, ge=1,
                           description="neighbours when the request does not say; default: the recommender's")
@@ -126,7 +126,8 @@ class RoiConfig(MskConfig):
 class ClassifyConfig(ModelConfig):
     """``/v1/classify``: radiograph + clinical metadata -> entity probabilities."""
 
-    checkpoint: Path = Field(description="a trained classifier checkpoint (msk.core.train / msk.core.fusion)")
+    checkpoint: Path = Field(description="a trained classifier checkpoint "
+                                         "(msk.core.models.train / msk.core.stages.fusion.training)")
     metadata_encoder: Path | None = Field(None, description="the fitted MetadataEncoder (JSON) of a fusion model")
     head: str | None = Field(None, description="fusion head the model was trained with (`msk plugins fusion_head`); "
                                                "None: as the checkpoint records (a linear head if none)")

@@ -1,7 +1,7 @@
 """``/v1/recommend``: similar previous patients and a vote on their entity, as a Ray Serve deployment.
 
-The model is a saved :class:`msk.core.recommender.Recommender` (index + pseudonymised records)
-and the encoder that made its embeddings (:class:`msk.core.embed.Embedder`, from the
+The model is a saved :class:`msk.core.models.recommender.Recommender` (index + pseudonymised records)
+and the encoder that made its embeddings (:class:`msk.core.models.embed.Embedder`, from the
 checkpoint recorded in ``recommender.json`` unless the config names another). Query images
 are embedded in batches (``@serve.batch``); each request then searches the index and votes.
 The answer carries only what the recommender stores: pseudonymised ``patient_id``,
@@ -10,7 +10,7 @@ The answer carries only what the recommender stores: pseudonymised ``patient_id`
 A recommender built from lesion crops (``recommender.json`` records the encoder's
 ``roi_margin``) is queried with the same crop: the lesion box the caller sends, or the
 segmenter's when it is configured (:mod:`msk.serve.segmenter`), widened by that margin
-(:func:`msk.core.roi.lesion_crop`). Without either it refuses the request (422
+(:func:`msk.core.data.roi.lesion_crop`). Without either it refuses the request (422
 ``box_required``): a whole radiograph compared with lesion crops gave confident wrong answers.
 """
 
@@ -33,7 +33,7 @@ __all__ = ["RecommenderDeployment", "inspect_recommender"]
 
 def inspect_recommender(config: RecommendConfig) -> dict[str, Any]:
     """The recommender's description and its encoder checkpoint, checked without loading the index."""
-    from msk.core.recommender import META_FILE, resolved_encoder
+    from msk.core.models.recommender import META_FILE, resolved_encoder
 
     meta_path = Path(config.path) / META_FILE
     try:
@@ -70,8 +70,8 @@ class RecommenderDeployment(ModelReplica):
     batched = "_embed"
 
     def __init__(self, config: dict[str, Any], debug: bool = False):
-        from msk.core.embed import Embedder
-        from msk.core.recommender import Recommender
+        from msk.core.models.embed import Embedder
+        from msk.core.models.recommender import Recommender
 
         self.config = RecommendConfig.model_validate(config)
         self.info = inspect_recommender(self.config)
@@ -89,8 +89,8 @@ class RecommenderDeployment(ModelReplica):
                         box: tuple[float, float, float, float] | None = None) -> dict[str, Any] | Rejection:
         """The ``k`` nearest previous images of a square ``uint8`` image and the vote on their entity;
         ``box``: the lesion in the image's pixels (needed when the index holds lesion crops)."""
-        from msk.core.recommender import RecommenderError
-        from msk.core.roi import RoiError, lesion_crop
+        from msk.core.data.roi import RoiError, lesion_crop
+        from msk.core.models.recommender import RecommenderError
 
         if self.margin is not None:
             if box is None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from msk.core.metrics import softmax
+from msk.core.models.metrics import softmax
 from msk.serve.config import ModelConfig
 
 __all__ = ["ModelReplica", "Rejection", "gradcam_png", "softmax"]
@@ -35,10 +35,10 @@ class Rejection:
 
 
 def gradcam_png(image: np.ndarray, cam: np.ndarray) -> str:
-    """Base64 PNG of :func:`msk.core.gradcam.overlay` of ``cam`` on the grey ``image``."""
+    """Base64 PNG of :func:`msk.core.models.gradcam.overlay` of ``cam`` on the grey ``image``."""
     from PIL import Image
 
-    from msk.core.gradcam import overlay
+    from msk.core.models.gradcam import overlay
 
     buffer = io.BytesIO()
     Image.fromarray(overlay(image, cam)).save(buffer, format="PNG")

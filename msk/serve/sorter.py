@@ -2,12 +2,12 @@
 
 The model is what ``msk train sorter`` wrote: a run folder (``sorter.json`` + ``fold-k/best.pt``)
 is served as its fold ensemble (mean of the fold models' softmax, as the sorter evaluates it:
-:class:`msk.core.sorter.SorterEnsemble`); a single classifier checkpoint is served alone, with
+:class:`msk.core.stages.sorter.training.SorterEnsemble`); a single classifier checkpoint is served alone, with
 its class names from the config, the checkpoint (``extra["classes"]``) or, for 28 outputs, the
 ``samx-regions`` entity set.
 
 A run folder's ``sorter.json`` also holds the calibrated ``unknown`` threshold
-(:mod:`msk.core.ood`): every answer says whether the image scored below it (``unknown``), with
+(:mod:`msk.core.models.ood`): every answer says whether the image scored below it (``unknown``), with
 its score and the threshold. A single checkpoint and a run from before calibration have no
 threshold and never answer ``unknown``.
 """
@@ -54,7 +54,7 @@ def inspect_sorter(config: SortConfig) -> dict[str, Any]:
 
     Raises :class:`ConfigError` naming the file for anything that would fail in a replica.
     """
-    from msk.core.checkpoint import CheckpointError, load_checkpoint
+    from msk.core.io.checkpoint import CheckpointError, load_checkpoint
 
     path = Path(config.checkpoint)
     if path.is_dir():
@@ -63,8 +63,8 @@ def inspect_sorter(config: SortConfig) -> dict[str, Any]:
             raise ConfigError(f"sorter.checkpoint: {path} is a folder without sorter.json (not a finished "
                               "`msk train sorter` run); name a run folder or a .pt checkpoint")
         from msk.core.errors import MskError
-        from msk.core.ood import FEATURE_SCORES, UnknownCalibration
-        from msk.core.sorter import DENSITY_FILE
+        from msk.core.models.ood import FEATURE_SCORES, UnknownCalibration
+        from msk.core.stages.sorter.training import DENSITY_FILE
 
         try:
             info = json.loads(summary.read_text())
@@ -99,15 +99,15 @@ def inspect_sorter(config: SortConfig) -> dict[str, Any]:
 
 
 def load_sorter_model(config: SortConfig):
-    """The :class:`~msk.core.sorter.SorterEnsemble` the config names (CPU, eval mode)."""
-    from msk.core.sorter import SorterEnsemble
-    from msk.core.train import load_model
+    """The :class:`~msk.core.stages.sorter.training.SorterEnsemble` the config names (CPU, eval mode)."""
+    from msk.core.models.train import load_model
+    from msk.core.stages.sorter.training import SorterEnsemble
 
     info = inspect_sorter(config)
     models = [load_model(path)[0] for path in info["checkpoints"]]
     densities = None
     if info["unknown"] is not None:  # a run folder (checked above): a feature score's densities
-        from msk.core.sorter import load_densities
+        from msk.core.stages.sorter.training import load_densities
 
         densities = load_densities(Path(config.checkpoint), len(models), info["unknown"])
     return SorterEnsemble(models, info["classes"], info["image_size"], info["unknown"], densities)
@@ -136,7 +136,7 @@ class SorterDeployment(ModelReplica):
         return await asyncio.to_thread(self._predict, np.stack(images))
 
     def _gradcam(self, image: np.ndarray, target: int) -> str:
-        from msk.core.gradcam import mean_cam
+        from msk.core.models.gradcam import mean_cam
 
         with self.lock:
             cam = mean_cam(self.ensemble.models, image[None], [target], image_size=self.ensemble.image_size)[0]
@@ -144,8 +144,8 @@ class SorterDeployment(ModelReplica):
 
     async def sort(self, image: np.ndarray, k: int | None = None, gradcam: bool = False) -> dict[str, Any]:
         """The ``k`` most probable regions of a square ``uint8`` image, most probable first, and
-        whether it scores below the ``unknown`` threshold (:func:`msk.core.sort_images.sort_answer`)."""
-        from msk.core.sort_images import sort_answer
+        whether it scores below the ``unknown`` threshold (:func:`msk.core.stages.sorter.sorting.sort_answer`)."""
+        from msk.core.stages.sorter.sorting import sort_answer
 
         probs, score = await self._probabilities(image)
         result = sort_answer(probs, score, self.ensemble, k or self.config.top_k)

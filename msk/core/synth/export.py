@@ -9,7 +9,7 @@ Layout under ``out/``::
 
 Each file is written as soon as it is generated and its ground-truth row is appended and
 flushed, so memory stays bounded whatever ``n_images`` is. The ground truth's ``mask`` column names
-the lesion's mask (a PNG of the image's size, 255 = lesion, :func:`msk.core.masks.load_mask`
+the lesion's mask (a PNG of the image's size, 255 = lesion, :func:`msk.core.io.masks.load_mask`
 reads it), empty for images without a lesion. With ``workers > 1`` the indices are
 generated in worker processes in chunks, at most a few chunks in flight, and the rows are still
 written in index order: the output is byte-identical to a serial run.
@@ -111,7 +111,7 @@ def mask_relpath(case: SynthCase) -> str:
 def produce(index: int, config: SynthConfig, export_dir: Path) -> tuple[dict[str, str], SynthCase]:
     """Render, encode and write file ``index`` (and its lesion mask); returns its ground-truth row
     and the case (pixels dropped)."""
-    from msk.core.masks import write_mask_png
+    from msk.core.io.masks import write_mask_png
 
     case = render_case(index, config)
     path = export_dir / case.relpath
@@ -165,7 +165,7 @@ def _generate(config: SynthConfig, export_dir: Path) -> Iterator[tuple[dict[str,
 def _progress(enabled: bool):
     from rich.progress import TaskProgressColumn
 
-    from msk.core.progress import progress_bar
+    from msk.core.runtime.progress import progress_bar
 
     return progress_bar(enabled, TaskProgressColumn(), "{task.fields[rate]} files/s", remaining=True,
                         description="[bold]synth[/bold]")

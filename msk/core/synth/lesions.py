@@ -187,7 +187,7 @@ def normalise_outline(points: np.ndarray) -> np.ndarray | None:
 @lru_cache(maxsize=2)
 def outline_library(folder: str) -> dict[str, tuple[np.ndarray, ...]]:
     """BTXRD shape label -> normalised polygons of every LabelMe file in ``folder`` (sorted)."""
-    from msk.core.roi import RoiError, read_labelme
+    from msk.core.data.roi import RoiError, read_labelme
 
     library: dict[str, list[np.ndarray]] = {}
     for path in sorted(Path(folder).glob("*.json")):

@@ -10,7 +10,7 @@ Two sources:
   column (``btxrd_column``; built-in: osteochondroma, giant cell tumour, osteosarcoma): a case
   is drawn by picking one BTXRD row of that class, so age, sex and site keep their
   correlations. Sites come from the row's site flags through
-  :data:`~msk.core.btxrd.BTXRD_SITE_TO_REGION`. The other entities, and rows without a mappable
+  :data:`~msk.core.io.btxrd.BTXRD_SITE_TO_REGION`. The other entities, and rows without a mappable
   site, fall back to the entity's own priors.
 
 Patients without a lesion are aged uniformly 2-90 with sex 50/50 under both.
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msk.core.btxrd import BTXRD_SITE_TO_REGION
 from msk.core.errors import ConfigError
+from msk.core.io.btxrd import BTXRD_SITE_TO_REGION
 from msk.core.specs import Entity
 
 #: where ``priors: auto`` looks for the BTXRD metadata, relative to the repository root.

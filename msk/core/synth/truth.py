@@ -20,7 +20,7 @@ def ground_truth_for_ingest(synth_out: str | os.PathLike, ingest_out: str | os.P
     :param status: keep only manifest rows with this status (``None``: all rows).
     :raises ValueError: when a manifest row has no ground-truth row (not this export's ingest).
     """
-    from msk.core.manifest import read_manifest
+    from msk.core.io.manifest import read_manifest
 
     truth = pd.read_csv(Path(synth_out) / "ground_truth.csv", dtype={"patient_id": str, "entity": str})
     manifest = read_manifest(ingest_out, columns=["path", "image_id", "status", "reason"]).to_pandas()

@@ -1,0 +1,1 @@
+"""Running on Ray: starting Ray, workers, run locks, orderly shutdown, progress."""

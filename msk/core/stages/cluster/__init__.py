@@ -1,0 +1,1 @@
+"""DeepCluster and the expert's naming of clusters."""

@@ -1,0 +1,1 @@
+"""Image + clinical metadata fusion and its XGBoost baseline."""

@@ -1,0 +1,1 @@
+"""The similar-patient recommender: building its index and evaluating it."""

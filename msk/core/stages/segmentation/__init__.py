@@ -1,0 +1,1 @@
+"""Lesion segmentation: training, evaluation, segmenting files."""
