@@ -7,7 +7,7 @@ For each phantom style (``SynthConfig.style``; ``basic`` is the original drawing
 of each is its label; every image goes through the DICOM writer and :func:`msk.core.io.dicom.read_image`
 exactly as ``msk synth`` + ``msk ingest`` would), trains a classifier on all 28 synthetic regions
 with :func:`msk.core.models.train.fit_classifier` (in this process, no Ray), decodes every real-xr image
-with ``read_image`` + :func:`msk.core.stages.ingest.pipeline.square_image` at the same size, and scores top-1 and
+with ``read_image`` + :func:`msk.core.data.squaring.square_image` at the same size, and scores top-1 and
 top-2 per real region with the predictions restricted to the 9 regions real-xr has (chance 11 %).
 No real image is used for training or model selection. The tables of all styles are printed side
 by side; :func:`synthetic_only_on_real` is the function other benchmarks (``bench/real.py``) import.
@@ -32,8 +32,8 @@ CACHE = Path(tempfile.gettempdir()) / "msk-synth-to-real"
 def real_images(root: Path, size: int) -> tuple[np.ndarray, list[str]]:
     """Every real-xr image as ``uint8 [N, size, size]`` (read_image + square_image) and its
     region; cached under the temp folder by size and the labels file's digest."""
+    from msk.core.data.squaring import square_image
     from msk.core.io.dicom import read_image
-    from msk.core.stages.ingest.pipeline import square_image
 
     labels = root / "labels.csv"
     key = hashlib.sha1(labels.read_bytes()).hexdigest()[:12]
@@ -55,8 +55,8 @@ def synthetic_images(n: int, size: int, *, render_size: int, style: str, seed: i
     """``n`` synthetic images (no corrupt files) as ``uint8 [n, size, size]`` and their true
     regions, decoded by ``read_image`` from the DICOM bytes ``msk synth`` would write.
     With ``regions`` only images of those regions are kept (indices are drawn until ``n``)."""
+    from msk.core.data.squaring import square_image
     from msk.core.io.dicom import read_image
-    from msk.core.stages.ingest.pipeline import square_image
     from msk.core.synth import SynthConfig, render_case
     from msk.core.synth.cases import plan_case
     from msk.core.synth.dicom_writer import encode

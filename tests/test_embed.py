@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from msk.core.data.squaring import square_image
 from msk.core.errors import MskError
 from msk.core.io.checkpoint import CheckpointError, save_checkpoint
 from msk.core.io.dataset import images_from_table, read_shards
@@ -29,7 +30,7 @@ from msk.core.models.embed import (
     roi_crops,
 )
 from msk.core.registry import build_encoder
-from msk.core.stages.ingest.pipeline import SHARD_SCHEMA, square_image
+from msk.core.stages.ingest.pipeline import SHARD_SCHEMA
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -167,7 +168,7 @@ def test_map_source_box_follows_the_letterbox():
     assert map_source_box((0, 0, 160, 320), (320, 160), 64) == (16.0, 0.0, 48.0, 64.0)
     assert map_source_box((80, 160, 80, 160), (320, 160), 64) == (32.0, 32.0, 32.0, 32.0)
     assert map_source_box((0, 0, 160, 320), (320, 160), 64, "stretch") == (0.0, 0.0, 64.0, 64.0)
-    with pytest.raises(MskError, match="empty"):  # raised by msk.core.stages.ingest.pipeline.map_box_to_square
+    with pytest.raises(MskError, match="empty"):  # raised by msk.core.data.squaring.map_box_to_square
         map_source_box((0, 0, 1, 1), (0, 10), 64)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from msk.core.data.metadata import MetadataEncoder, MetadataError, MetadataSchema
 from msk.core.data.splits import patient_split
+from msk.core.data.squaring import square_image
 from msk.core.errors import ConfigError
 from msk.core.io.checkpoint import CheckpointError, save_checkpoint
 from msk.core.io.manifest import write_manifest_part
@@ -33,7 +34,7 @@ from msk.core.stages.fusion.training import (
     load_fusion_data,
     read_synth_truth,
 )
-from msk.core.stages.ingest.pipeline import SHARD_SCHEMA, square_image
+from msk.core.stages.ingest.pipeline import SHARD_SCHEMA
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

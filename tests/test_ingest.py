@@ -15,12 +15,13 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
+from msk.core.data.squaring import square_image
 from msk.core.errors import MskError
 from msk.core.io.dataset import images_from_table, read_shards
 from msk.core.io.manifest import read_manifest
 from msk.core.io.pseudonym import Pseudonymiser
 from msk.core.stages.ingest import pipeline as ingest_module
-from msk.core.stages.ingest.pipeline import IngestConfig, ingest, list_inputs, square_image
+from msk.core.stages.ingest.pipeline import IngestConfig, ingest, list_inputs
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"

@@ -99,7 +99,7 @@ def test_mask_images_are_checked_against_their_image(tmp_path):
 
 @pytest.mark.parametrize("resize", ["pad", "stretch"])
 def test_mask_to_square_follows_the_box_mapping(resize):
-    from msk.core.stages.ingest.pipeline import map_box_to_square
+    from msk.core.data.squaring import map_box_to_square
 
     mask = np.zeros((90, 160), bool)
     mask[20:50, 40:120] = True

@@ -278,8 +278,8 @@ def test_btxrd_masks_lie_inside_their_crop_box(btxrd_annotations):
 def test_square_mapping_round_trips_boxes_and_masks(source_shape, resize):
     """A lesion drawn on the square model input maps back onto the uploaded image (serving answers
     in the caller's pixels): the box and the mask land where they were in the source."""
+    from msk.core.data.squaring import map_box_from_square, map_box_to_square
     from msk.core.io.masks import mask_from_square, mask_to_square
-    from msk.core.stages.ingest.pipeline import map_box_from_square, map_box_to_square
 
     h, w = source_shape
     box = (w * 0.25, h * 0.4, w * 0.6, h * 0.7)

@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from msk.core.data.squaring import square_image
 from msk.core.io.manifest import write_manifest_part
 from msk.core.io.masks import write_mask_png
-from msk.core.stages.ingest.pipeline import SHARD_SCHEMA, square_image
+from msk.core.stages.ingest.pipeline import SHARD_SCHEMA
 from msk.core.stages.segmentation.training import (
     SegmentationError,
     SegmenterConfig,

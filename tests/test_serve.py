@@ -66,7 +66,7 @@ def bars(n: int, seed: int = 0, size: int = SOURCE) -> tuple[np.ndarray, np.ndar
 
 def squares(images: np.ndarray) -> np.ndarray:
     """The training images: what the ingest (and so the server) makes of the uploads."""
-    from msk.core.stages.ingest.pipeline import square_image
+    from msk.core.data.squaring import square_image
 
     return np.stack([square_image(im / 255.0, SQUARE) for im in images])
 
@@ -765,7 +765,7 @@ def test_the_gateway_gives_lesion_crop_models_a_box_or_refuses():
     """A recommender built from lesion crops gets the caller's box (mapped into the square image),
     else the segmenter's, else 422 box_required; whole-image models get no box. Fake models record
     what they were sent."""
-    from msk.core.stages.ingest.pipeline import map_box_to_square
+    from msk.core.data.squaring import map_box_to_square
     from msk.serve.replica import Rejection
 
     sent = []

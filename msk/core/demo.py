@@ -136,9 +136,9 @@ def _lesions(ingest: Path, synth_dir: Path, truth_file: Path, image_size: int):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from msk.core.data.squaring import map_box_to_square
     from msk.core.io.dataset import images_from_table, read_shards
     from msk.core.io.truth import read_truth
-    from msk.core.stages.ingest.pipeline import map_box_to_square
     from msk.core.synth import ground_truth_for_ingest
 
     truth = read_truth(truth_file, what="entity", ingest=ingest)

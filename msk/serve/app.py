@@ -51,10 +51,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from msk.core.config import load_config
+from msk.core.data.squaring import map_box_from_square, map_box_to_square
 from msk.core.errors import ConfigError, MskError
 from msk.core.runtime import shutdown
 from msk.core.runtime.ray_start import start_ray
-from msk.core.stages.ingest.pipeline import map_box_from_square, map_box_to_square
 from msk.serve.auth import BearerAuth, read_clients, resolve_token_digest
 from msk.serve.config import PreprocessConfig, ReplicaConfig, ServeConfig, check_paths
 from msk.serve.errors import ApiError, install_error_handlers

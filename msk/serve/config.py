@@ -39,7 +39,7 @@ class PreprocessConfig(MskConfig):
     """How an upload becomes the square ``uint8`` image the models were trained on.
 
     The decoder is the ingest's (:func:`msk.core.io.dicom.read_image`) and the square the
-    ingest's (:func:`msk.core.stages.ingest.pipeline.square_image`); the models then apply their own eval
+    ingest's (:func:`msk.core.data.squaring.square_image`); the models then apply their own eval
     transform. ``image_size`` and ``resize`` must be those of the ingest that made the
     training images: set ``ingest`` to read them from its ``ingest.json``.
     """

@@ -8,7 +8,7 @@ never read: a name can hold a patient's).
 
 :func:`decode_radiograph` is the ingest's own preprocessing: :func:`msk.core.io.dicom.read_image`
 (the full DICOM pixel pipeline, or Pillow for PNG/JPEG) then
-:func:`msk.core.stages.ingest.pipeline.square_image`; a file the ingest would quarantine is refused with the
+:func:`msk.core.data.squaring.square_image`; a file the ingest would quarantine is refused with the
 quarantine reason (:func:`msk.serve.errors.unreadable_image`). Only the pixels go on to the
 models; the DICOM header is dropped here.
 """
@@ -87,8 +87,8 @@ async def read_upload(request: Request) -> Upload:
 
 def decode_radiograph(data: bytes, preprocess: PreprocessConfig) -> Radiograph:
     """Decode and square an upload exactly as the ingest does (CPU work: run it in a thread)."""
+    from msk.core.data.squaring import square_image
     from msk.core.io.dicom import read_image
-    from msk.core.stages.ingest.pipeline import square_image
 
     try:
         decoded = read_image(data, source="upload", max_pixels=preprocess.max_pixels)

@@ -2,7 +2,7 @@
 and mapped into the square images of an ingest.
 
 A mask is ``bool [H, W]`` in the pixels of its *source* image (the radiograph as it was
-ingested, before :func:`msk.core.stages.ingest.pipeline.square_image` made it square). Two file kinds are read:
+ingested, before :func:`msk.core.data.squaring.square_image` made it square). Two file kinds are read:
 
 * **LabelMe JSON** (BTXRD's format; :func:`msk.core.data.roi.read_labelme`): polygons are filled with
   Pillow's ``ImageDraw``; rectangles are filled only when the file has no polygon (BTXRD draws a
@@ -131,9 +131,9 @@ def load_mask(path: str | os.PathLike, image_shape: tuple[int, int] | None = Non
 
 def mask_to_square(mask: np.ndarray, size: int, resize: Literal["pad", "stretch"] = "pad") -> np.ndarray:
     """Map a source-image mask into the ``size`` x ``size`` image that
-    :func:`msk.core.stages.ingest.pipeline.square_image` makes from that source: the same scaling and padding
+    :func:`msk.core.data.squaring.square_image` makes from that source: the same scaling and padding
     (one implementation), then a 0.5 threshold of the anti-aliased result."""
-    from msk.core.stages.ingest.pipeline import square_image
+    from msk.core.data.squaring import square_image
 
     return square_image(mask.astype(np.float32), size, resize) >= 128
 
@@ -142,7 +142,7 @@ def mask_from_square(mask: np.ndarray, source_shape: tuple[int, int],
                      resize: Literal["pad", "stretch"] = "pad") -> np.ndarray:
     """The inverse of :func:`mask_to_square`: a mask of the ingest's square image -> ``bool
     [height, width]`` in the source image's pixels (a predicted lesion drawn on the original)."""
-    from msk.core.stages.ingest.pipeline import unsquare_image
+    from msk.core.data.squaring import unsquare_image
 
     return unsquare_image(np.asarray(mask, np.float32), source_shape, resize) >= 0.5
 

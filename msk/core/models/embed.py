@@ -22,7 +22,7 @@ recommender's evaluation).
 
 **Regions of interest.** Lesion boxes are given in pixels of the *source* image (the decoded
 DICOM, e.g. ``x0, y0, x1, y1`` of a synthetic export's ground truth). Ingest resized the source
-to a square (letterbox ``pad`` or ``stretch``, see :func:`msk.core.stages.ingest.pipeline.square_image`) and
+to a square (letterbox ``pad`` or ``stretch``, see :func:`msk.core.data.squaring.square_image`) and
 kept its size in ``source_height`` / ``source_width``; :func:`map_source_box` maps the box into
 the shard image, :func:`msk.core.data.roi.roi_box` adds the margin and
 :func:`msk.core.data.roi.crop_roi` crops it to the network's input size.
@@ -46,9 +46,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from msk.core.config import MskConfig
+from msk.core.data.squaring import map_box_to_square
 from msk.core.errors import MskError
 from msk.core.io.paths import resolve_stored, store_path
-from msk.core.stages.ingest.pipeline import map_box_to_square
 
 __all__ = [
     "EMBEDDINGS_FILE", "EmbedConfig", "EmbedError", "EmbedReport", "Embedder", "EncoderInfo",

@@ -53,6 +53,7 @@ from msk.core.config import MskConfig
 from msk.core.data.augment import eval_transform, to_tensor
 from msk.core.data.metadata import DICOM_VIEWS, MetadataEncoder, MetadataError, MetadataSchema, join_images
 from msk.core.data.splits import patient_kfold, patient_split
+from msk.core.data.squaring import map_box_to_square
 from msk.core.errors import ConfigError, MskError
 from msk.core.io.checkpoint import load_state
 from msk.core.models.baselines import METRICS, XgbConfig, classification_metrics, fit_xgboost
@@ -67,7 +68,6 @@ from msk.core.models.train import (
 )
 from msk.core.registry import build_fusion_head, entity_set
 from msk.core.specs import FUSION_DROPOUT, FUSION_HIDDEN
-from msk.core.stages.ingest.pipeline import map_box_to_square
 
 __all__ = [
     "BOX_COLUMNS", "FusionClassifier", "FusionConfig", "FusionData", "FusionResult",
@@ -262,7 +262,7 @@ class FusionData:
         return h.hexdigest()[:16]
 
 
-#: Lesion boxes in source pixels -> ingest image pixels (see :func:`msk.core.stages.ingest.pipeline.map_box_to_square`).
+#: Lesion boxes in source pixels -> ingest image pixels (see :func:`msk.core.data.squaring.map_box_to_square`).
 letterbox_box = map_box_to_square
 
 

@@ -3,7 +3,7 @@ the lesion mask written in each file's own pixels (PNG) and, for DICOM files, op
 DICOM Segmentation object a PACS shows over the image (:mod:`msk.core.io.dicom_seg`).
 
 Files are decoded and squared as the ingest and ``/v1/segment`` do it
-(:func:`msk.core.io.dicom.read_image`, :func:`msk.core.stages.ingest.pipeline.square_image`), at the square size
+(:func:`msk.core.io.dicom.read_image`, :func:`msk.core.data.squaring.square_image`), at the square size
 and resize mode of the ingest the run was trained on: ``segmenter.json`` records them under
 ``"ingest"`` (``--ingest`` names the ingest folder instead; a run from before that record falls
 back to its ingest folder if it still exists, else to its ``image_size`` and ``pad``). The fold
@@ -199,9 +199,9 @@ class _Decoded:
 
 
 def _decode(batch: list[tuple[Path, str]], preprocess) -> Iterator[_Decoded | SegmentRow]:
+    from msk.core.data.squaring import square_image
     from msk.core.errors import QuarantineError
     from msk.core.io.dicom import read_image
-    from msk.core.stages.ingest.pipeline import square_image
 
     for path, name in batch:
         try:

@@ -5,7 +5,7 @@ cross-validated by patient, and evaluated by IoU and Dice.
   from a masks table ``image_id,mask_path[,label]`` (:mod:`msk.core.io.masks`; PNG masks or LabelMe
   JSON) or from a synthetic export's ``ground_truth.csv`` (its ``mask`` column, label = entity).
   Masks are in source-image pixels and are mapped into the ingest's square images exactly as
-  :func:`msk.core.stages.ingest.pipeline.square_image` mapped the image (:func:`msk.core.io.masks.mask_to_square`);
+  :func:`msk.core.data.squaring.square_image` mapped the image (:func:`msk.core.io.masks.mask_to_square`);
 * **splits**: :func:`msk.core.stages.sorter.training.plan_splits`: a fixed, patient-level test set
   (``test_size``) and ``folds``-fold patient-level cross-validation over the other patients,
   stratified by label (entity);

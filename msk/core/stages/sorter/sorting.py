@@ -2,7 +2,7 @@
 
 Files are decoded and squared exactly as ``/v1/sort`` does it
 (:func:`msk.serve.inputs.decode_radiograph`: the ingest's :func:`msk.core.io.dicom.read_image`
-and :func:`msk.core.stages.ingest.pipeline.square_image`), at the size and resize mode of the ingest the run
+and :func:`msk.core.data.squaring.square_image`), at the size and resize mode of the ingest the run
 was trained on (``sorter.json`` records them under ``"ingest"``; ``--ingest`` names the ingest
 folder instead). :func:`sort_answer` is the answer per image that the CLI prints and
 ``/v1/sort`` returns: the ``k`` most probable regions, the image's score, the threshold and
