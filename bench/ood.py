@@ -132,11 +132,11 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    from msk.core.data.labelled import load_labelled
     from msk.core.models.ood import calibrate, ood_score
     from msk.core.stages.sorter.sorting import run_preprocess
     from msk.core.stages.sorter.training import (
         SorterConfig,
-        load_labelled,
         load_sorter,
         logits_and_features,
         prepare_sorter_data,

@@ -59,7 +59,7 @@ def import_real(real: Path, out: Path, size: int, resize: str):
     """``msk import csv`` of real-xr into ``out`` (idempotent) and its labelled images."""
     from msk.core.stages.ingest.importing import ImportConfig, import_dataset
     from msk.core.stages.ingest.pipeline import IngestConfig
-    from msk.core.stages.sorter.training import load_labelled
+    from msk.core.data.labelled import load_labelled
 
     config = ImportConfig(ingest=IngestConfig(image_size=size, resize=resize))
     report = import_dataset("csv", real, out, config, progress=False)
@@ -72,7 +72,7 @@ def synthetic(n: int, size: int, regions: list[str], style: str, seed: int = 1):
     """``n`` synthetic images of ``regions`` as :class:`LabelledImages` (one patient each)."""
     from synth_to_real import synthetic_images
 
-    from msk.core.stages.sorter.training import LabelledImages
+    from msk.core.data.labelled import LabelledImages
 
     x, y = synthetic_images(n, size, render_size=max(128, size), style=style, seed=seed, regions=regions)
     ids = [f"synth:{i}" for i in range(len(y))]
@@ -113,7 +113,8 @@ def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
 def sorter_run(name: str, data, truth: list[str], args, work: Path, extra_train=None) -> pd.DataFrame:
     """``train_sorter`` on ``data`` (its labels may be weak), scored on its test set against
     ``truth`` (the true region of every image of ``data``)."""
-    from msk.core.stages.sorter.training import SorterConfig, load_sorter, plan_splits, train_sorter
+    from msk.core.data.splits import plan_splits
+    from msk.core.stages.sorter.training import SorterConfig, load_sorter, train_sorter
 
     config = SorterConfig(encoder=args.encoder, image_size=args.image_size, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, folds=args.folds, num_workers=0,
@@ -210,7 +211,7 @@ def main() -> None:
         history, weak = deepcluster_run("deepcluster-9", real, args, args.work)
         dc_tables["DeepCluster, 9 regions (all sources)"] = history
         if "weak" not in skip:
-            from msk.core.stages.sorter.training import LabelledImages
+            from msk.core.data.labelled import LabelledImages
 
             weak_data = LabelledImages(real.images, weak, real.patient_ids, real.image_ids, real.source)
             tables["weak labels (DeepCluster + simulated expert)"] = sorter_run(

@@ -6,7 +6,7 @@ On a synthetic export (ground truth known) this runs
    image; prints the NMI between the last epoch's clusters and the true regions;
 2. **labelling by an oracle**: the human step is *simulated*. Each cluster gets the majority
    ground-truth region of its members, written into the ``labels.csv`` a person would fill in
-   and applied with :func:`msk.core.stages.cluster.labelling.apply_labels` exactly as ``msk clusters apply``
+   and applied with :func:`msk.core.io.labels.apply_labels` exactly as ``msk clusters apply``
    does. An oracle labeller is the best case of labelling by cluster (a person sees only
    a sample of each cluster); the weak labels are still noisy wherever a cluster mixes regions,
    and the bench prints how noisy;
@@ -162,8 +162,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from msk.core.io.labels import apply_labels
     from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
-    from msk.core.stages.cluster.labelling import apply_labels
     from msk.core.stages.sorter.training import SorterConfig, load_sorter, sorter_from_ingest
     from msk.core.stages.sorter.transfer import TransferConfig, transfer_from_ingest
 

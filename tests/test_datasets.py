@@ -214,8 +214,8 @@ def test_ingest_paths_must_stay_inside_src(tmp_path, pseudonym_key):
 def test_import_csv_real_xr_then_sorter_gets_group_aware_patients(tmp_path, shared_data, ray_session,
                                                                   pseudonym_key):
     from msk.core.cli import app
+    from msk.core.data.labelled import load_labelled
     from msk.core.io.pseudonym import Pseudonymiser
-    from msk.core.stages.sorter.training import load_labelled
 
     rows = _real_xr_rows(shared_data, n=40)
     for i, r in enumerate(rows):  # pairs of images share a group, as a patient's views would

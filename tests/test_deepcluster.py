@@ -12,6 +12,7 @@ from msk.core.config import load_config
 from msk.core.data.augment import SobelFilter, eval_transform, to_tensor, train_transform
 from msk.core.errors import ConfigError
 from msk.core.io.checkpoint import load_checkpoint, load_encoder
+from msk.core.io.labels import load_assignments
 from msk.core.stages.cluster.deepcluster import (
     CollapseWarning,
     DeepClusterConfig,
@@ -20,7 +21,6 @@ from msk.core.stages.cluster.deepcluster import (
     fix_empty_clusters,
     l2_normalize,
     latest_checkpoint,
-    load_assignments,
     pca_whiten,
     read_history,
     run_deepcluster,

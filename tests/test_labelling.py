@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from msk.core.stages.cluster.labelling import LabelFileError, apply_labels, export_clusters, read_label_file
+from msk.core.io.labels import LabelFileError, apply_labels, read_label_file
+from msk.core.stages.cluster.labelling import export_clusters
 
 # 10 images: cluster 0 has 5, cluster 1 has 3, cluster 2 has 1, cluster 3 is empty, cluster 4 has 1
 ASSIGNMENTS = np.array([0, 0, 1, 0, 1, 2, 0, 1, 0, 4])
@@ -229,7 +230,7 @@ def test_a_synthetic_ground_truth_is_joined_through_the_ingest_manifest(tmp_path
     assert [n.label for n in named.names] == ["knee", "hip", "wrist", ""] and named.n_known == 10
     assert named.weak_file == tmp_path / "weak.csv" and named.weak_file.is_file()
     # the weak labels record their run, so that `msk train sorter` starts from its encoder
-    from msk.core.stages.cluster.labelling import weak_labels_run
+    from msk.core.io.labels import weak_labels_run
 
     assert weak_labels_run(named.weak_file) == tmp_path / "run"
     assert (tmp_path / "weak.source.json").is_file()

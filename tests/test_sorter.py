@@ -11,20 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from msk.core.data.labelled import LabelledImages, load_labelled
+from msk.core.data.splits import plan_splits
+from msk.core.errors import TrainingDataError
 from msk.core.io.checkpoint import save_checkpoint
+from msk.core.io.labels import LabelFileError, read_image_labels
 from msk.core.models.train import TrainConfig, fit_classifier
 from msk.core.registry import entity_set
-from msk.core.stages.cluster.labelling import LabelFileError
-from msk.core.stages.sorter.training import (
-    LabelledImages,
-    SorterConfig,
-    SorterError,
-    load_labelled,
-    load_sorter,
-    plan_splits,
-    read_image_labels,
-    train_sorter,
-)
+from msk.core.stages.sorter.training import SorterConfig, SorterError, load_sorter, train_sorter
 
 from test_train import bars as drawings  # tests/ is on sys.path (rootdir conftest)
 
@@ -78,7 +72,7 @@ def test_splits_are_patient_level_with_a_fixed_test_set():
 
 def test_too_few_patients_for_the_folds():
     data = labelled(10)  # 5 patients
-    with pytest.raises(SorterError, match=r"5 patient\(s\) \(10 images\) are too few for a 20% "
+    with pytest.raises(TrainingDataError, match=r"5 patient\(s\) \(10 images\) are too few for a 20% "
                                           r"test set and 5 folds: at least 6 are needed"):
         plan_splits(data.patient_ids, data.labels, folds=5)
 
@@ -247,7 +241,7 @@ def test_init_defaults_to_the_deepcluster_run_of_the_weak_labels(tmp_path):
     import shutil
 
     from msk.core.config import load_config
-    from msk.core.stages.cluster.labelling import WeakLabels, weak_labels_run
+    from msk.core.io.labels import WeakLabels, weak_labels_run
     from msk.core.stages.sorter.training import init_from_weak_labels
 
     run = fake_cluster_run(tmp_path / "project" / "cluster", ["a", "b", "c"])
@@ -364,7 +358,7 @@ def test_labels_of_images_not_in_the_ingest_output(tmp_path):
     ingest = fake_ingest(tmp_path / "ingest", data)
     labels = write(tmp_path / "labels.csv", ["image_id", "label"],
                    [(i, "hand") for i in [*data.image_ids[:2], "zz1", "zz2"]])
-    with pytest.raises(SorterError, match=r"labels 2 of 4 image\(s\) that are not in the ingest "
+    with pytest.raises(TrainingDataError, match=r"labels 2 of 4 image\(s\) that are not in the ingest "
                                           r"output .*ingest: zz1, zz2; were the labels made for "
                                           r"another ingest\?"):
         load_labelled(ingest, labels)

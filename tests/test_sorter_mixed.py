@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import msk.core.stages.sorter.training as sorter_module
-from msk.core.stages.sorter.training import LabelledImages, SorterError, train_sorter
+from msk.core.data.labelled import LabelledImages
+from msk.core.stages.sorter.training import SorterError, train_sorter
 
 from test_sorter import fast, labelled  # tests/ is on sys.path (rootdir conftest)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from msk.core.config import load_config
+from msk.core.data.labelled import LabelledImages
 from msk.core.errors import ConfigError
 from msk.core.models.train import TrainConfig, fit_classifier
-from msk.core.stages.sorter.training import LabelledImages
 from msk.core.stages.sorter.transfer import (
     TransferConfig,
     TransferError,

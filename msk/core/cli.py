@@ -183,6 +183,43 @@ def ingest(
     _print_ingest(report)
 
 
+@app.command()
+def listen(
+    spool: Path = typer.Argument(..., help="folder the received instances are written to (an msk ingest source)"),
+    allow: Optional[str] = typer.Option(None, "--allow", help="calling AE titles allowed to send, comma-separated "
+                                        "(required here or as allowed_callers in --config)"),
+    ae_title: Optional[str] = typer.Option(None, help="msk's own AE title \\[default: MSK]"),
+    host: Optional[str] = typer.Option(None, help="address to listen on \\[default: 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, help="TCP port; 0 takes a free one \\[default: 11112]"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Receive DICOM (C-STORE SCP, answers C-ECHO) into SPOOL until Ctrl-C or SIGTERM; then msk ingest SPOOL OUT.
+
+    Each instance is written durably (temp file, fsync, rename) before it is acknowledged, as
+    SPOOL/<calling AE>/<SOP Instance UID>-<hash>.dcm; callers not in the allow-list are rejected.
+
+    [b]Example[/b]: [cyan]msk listen /data/spool --allow CR01,PACS --host 10.0.0.5 --port 11112[/cyan]
+    """
+    import threading
+
+    from msk.core.config import load_config
+    from msk.core.stages.listen.receiver import ListenConfig, Receiver
+
+    cfg = load_config(ListenConfig, config, ae_title=ae_title, host=host, port=port,
+                      allowed_callers=allow.split(",") if allow is not None else None)
+    receiver = Receiver(spool, cfg)
+    bound_host, bound_port = receiver.start()
+    out.print(f"listening on {bound_host}:{bound_port} as {cfg.ae_title} for {', '.join(cfg.allowed_callers)}; "
+              f"spool {receiver.spool}", soft_wrap=True)
+    try:
+        threading.Event().wait()  # until SIGINT/SIGTERM (msk.core.runtime.shutdown raises here)
+    finally:
+        receiver.stop()
+        counts = receiver.counts
+        out.print(f"stopped: {counts['stored']} stored, {counts['resent']} already in the spool, "
+                  f"{counts['failed']} refused (not written), {counts['echo']} C-ECHO")
+
+
 def _print_ingest(report) -> None:
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.by_reason.items())) or "none"
     out.print(f"{report.n_inputs} inputs: {report.n_ok} ok, {report.n_quarantined} quarantined "
@@ -293,7 +330,8 @@ app.add_typer(clusters_app, name="clusters")
 
 def _run_images_and_k(run_dir: Path, ingest_dir: Path | None):
     from msk.core.config import load_config
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, load_assignments
+    from msk.core.io.labels import load_assignments
+    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest
 
     cfg = load_config(DeepClusterConfig, run_dir / "config.yaml")
     images = None
@@ -345,7 +383,7 @@ def clusters_apply(
     """
     import csv
 
-    from msk.core.stages.cluster.labelling import apply_labels
+    from msk.core.io.labels import apply_labels
 
     _, assignments, k = _run_images_and_k(run_dir, None)
     weak = apply_labels(labels_file, assignments, region_set=region_set, k=k)
@@ -384,6 +422,33 @@ def clusters_label(
         out.print(line, soft_wrap=True)
     out.print(f"cluster names: {named.names_file} (cluster, size, label, purity, named_by)", soft_wrap=True)
     out.print(f"weak labels:   {named.weak_file}", soft_wrap=True)
+
+
+@clusters_app.command("review")
+def clusters_review(
+    ingest_dir: Path = typer.Argument(..., metavar="INGEST", help="output folder of `msk ingest` (the images)"),
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk cluster`"),
+    host: Optional[str] = typer.Option(None, help="address to listen on \\[default: 127.0.0.1; any other "
+                                       "needs the token]"),
+    port: Optional[int] = typer.Option(None, help="port \\[default: 8765]"),
+    reviewer: Optional[str] = typer.Option(None, help="your name in the audit log \\[default: login name]"),
+    region_set: Optional[str] = typer.Option(None, help="entity set the names belong to \\[default: samx-regions]"),
+    hint_previous: Optional[Path] = typer.Option(None, help="hint: weak labels CSV of a previous run (off by default)"),
+    hint_truth: Optional[Path] = typer.Option(None, help="hint: partial truth CSV, majority and purity per "
+                                              "cluster (off by default)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Name the clusters in a browser, one at a time, by keyboard: every decision is saved at once to
+    RUN/review/labels.csv (what `msk clusters apply` reads) and RUN/review/audit.csv; restarting resumes.
+
+    [b]Example[/b]: [cyan]msk clusters review out/ingest out/cluster --reviewer dr-lee[/cyan]
+    """
+    from msk.core.config import load_config
+    from msk.core.stages.cluster.review import ReviewConfig, serve_review
+
+    cfg = load_config(ReviewConfig, config, host=host, port=port, reviewer=reviewer, region_set=region_set,
+                      hint_previous=hint_previous, hint_truth=hint_truth)
+    serve_review(ingest_dir, run_dir, cfg, say=lambda line: out.print(line, soft_wrap=True, highlight=False))
 
 
 train_app = typer.Typer(help="Supervised training on weak or expert labels.", no_args_is_help=True)

@@ -168,6 +168,7 @@ def _accuracy(predicted, truth) -> float:
 
 def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=print) -> DemoResult:
     """Run the chain into ``out`` (see the module docstring) and write ``out/report.html``."""
+    from msk.core.data.labelled import load_labelled
     from msk.core.data.metadata import MetadataEncoder, MetadataSchema
     from msk.core.io.truth import read_truth
     from msk.core.models.embed import Embedder, roi_crops
@@ -180,7 +181,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     from msk.core.stages.ingest.pipeline import IngestConfig, ingest
     from msk.core.stages.recommender.build import RecommenderBuildConfig, build_recommender
     from msk.core.stages.sorter.evaluation import evaluate_against_truth
-    from msk.core.stages.sorter.training import SorterConfig, load_labelled, train_sorter
+    from msk.core.stages.sorter.training import SorterConfig, train_sorter
     from msk.core.synth import SynthConfig, synthesize
     from msk.serve.classifier import load_classifier_model
     from msk.serve.config import ClassifyConfig, RoiConfig

@@ -46,6 +46,11 @@ class ConfigError(MskError):
     """An invalid configuration file or option."""
 
 
+class TrainingDataError(MskError):
+    """Images and labels that cannot be trained on as asked (too few patients for the splits,
+    labels of images that are not in the ingest); the message says what to change."""
+
+
 class DatasetError(MskError):
     """A labelled dataset layout that cannot be imported (missing column, unknown label, ...);
     the message names the file and line."""

@@ -12,13 +12,14 @@ label that sorts first).
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from msk.core.errors import MskError
+from msk.core.errors import MskError, TrainingDataError
 
 
 class PatientOverlapError(MskError, ValueError):
@@ -117,3 +118,64 @@ def _patients(patient_ids: Sequence[Any] | np.ndarray, labels: Sequence[Any] | n
     patients = list(counts)
     majority = [min(c, key=lambda lab: (-c[lab], lab)) for c in counts.values()]
     return pids, patients, majority
+
+
+@dataclass
+class CrossValidation:
+    """A fixed test set and ``(train, val)`` image indices per fold; see :func:`plan_splits`."""
+
+    test: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]
+
+    def parts(self, n: int) -> tuple[list[str], list[int | None]]:
+        """Per image: ``"test"`` or ``"dev"``, and the fold it validates (``None`` for test)."""
+        part, fold = ["dev"] * n, [None] * n
+        for i in self.test:
+            part[i] = "test"
+        for k, (_, val) in enumerate(self.folds, 1):
+            for i in val:
+                fold[i] = k
+        return part, fold
+
+
+def patients_per_class(patient_ids: Sequence[str], labels: Sequence[str]) -> dict[str, int]:
+    members: dict[str, set[str]] = defaultdict(set)
+    for p, label in zip(patient_ids, labels):
+        members[label].add(p)
+    return {label: len(p) for label, p in members.items()}
+
+
+def _min_patients(folds: int, test_size: float) -> int:
+    """Fewest patients for which a ``test_size`` test set leaves ``folds`` for the folds."""
+    n = folds + 1
+    while n - max(1, round(test_size * n)) < folds:
+        n += 1
+    return n
+
+
+def plan_splits(patient_ids: Sequence[str], labels: Sequence[str], *, folds: int = 5,
+                test_size: float = 0.2, seed: int = 0) -> CrossValidation:
+    """Patient-level test set plus ``folds``-fold cross-validation over the other patients.
+
+    :func:`msk.core.data.splits.patient_split` takes ``test_size`` of the patients, stratified by
+    class, as the test set; :func:`msk.core.data.splits.patient_kfold` (stratified group k-fold)
+    cuts the rest into ``folds`` validation folds, each fold training on the others. With the
+    defaults that is 20 % test and, per fold, 64 % train and 16 % validation.
+    """
+    pids = np.asarray(patient_ids, dtype=object)
+    labels = [str(v) for v in labels]
+    n_patients = len(set(patient_ids))
+    need = _min_patients(folds, test_size)
+    if n_patients < need:
+        raise TrainingDataError(f"{n_patients} patient(s) ({len(labels)} images) are too few for a "
+                          f"{test_size:.0%} test set and {folds} folds: at least {need} are needed; "
+                          "label more images or lower folds")
+    dev, test = patient_split(pids, labels, test_size, seed=seed)
+    dev_labels = [labels[i] for i in dev]
+    plan = []
+    for train, val in patient_kfold(pids[dev], dev_labels, folds, seed=seed):
+        train, val = dev[train], dev[val]
+        for a, b in ((train, val), (train, test), (val, test)):
+            assert_disjoint_patients(pids[a], pids[b])
+        plan.append((train, val))
+    return CrossValidation(test, plan)

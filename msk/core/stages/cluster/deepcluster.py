@@ -48,6 +48,7 @@ from msk.core.data.augment import ImageArrayDataset, augmented_view, encoder_in_
 from msk.core.data.preprocess import AugmentConfig, PreprocessConfig
 from msk.core.errors import ConfigError, MskError
 from msk.core.io.checkpoint import load_checkpoint, load_state, save_checkpoint
+from msk.core.io.labels import load_assignments
 from msk.core.models.metrics import cluster_purity
 from msk.core.registry import build_clusterer, build_encoder
 from msk.core.runtime.workers import Workers, run_workers
@@ -56,7 +57,7 @@ __all__ = [
     "CollapseWarning", "DeepClusterConfig", "DeepClusterError", "DeepClusterNet",
     "DeepClusterResult", "cluster_features", "deepcluster_loop", "default_k",
     "extract_features", "fix_empty_clusters", "from_ingest", "history_table", "l2_normalize",
-    "latest_checkpoint", "legacy_inputs", "load_assignments", "pca_whiten", "read_history", "run_deepcluster",
+    "latest_checkpoint", "legacy_inputs", "pca_whiten", "read_history", "run_deepcluster",
     "train_one_epoch", "uniform_cluster_indices",
 ]
 
@@ -286,6 +287,9 @@ class Clustering:
     n_empty_fixed: int
     pca_dim: int
     notes: list[str] = field(default_factory=list)
+    #: ``[k, pca_dim]`` mean of each cluster's whitened, normalised features (zeros when empty);
+    #: saved as ``centroids.npy`` for the nearest clusters of ``msk clusters review``
+    centroids: np.ndarray | None = None
 
 
 def cluster_features(features: np.ndarray, config: DeepClusterConfig, *, epoch: int) -> Clustering:
@@ -306,8 +310,11 @@ def cluster_features(features: np.ndarray, config: DeepClusterConfig, *, epoch: 
                                               strategy=config.empty_cluster,
                                               rng=np.random.default_rng(seed))
     sizes = np.bincount(labels, minlength=config.k)
+    centroids = np.zeros((config.k, x.shape[1]), np.float32)
+    np.add.at(centroids, labels, x)
+    centroids /= np.maximum(sizes, 1)[:, None]
     return Clustering(labels, int((sizes > 0).sum()), float(sizes.max() / len(labels)), fixed,
-                      dim, notes)
+                      dim, notes, centroids)
 
 
 def uniform_cluster_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -425,14 +432,6 @@ def _write_assignments(out: Path, labels: np.ndarray, image_ids: Sequence[str] |
             writer.writerow([i, image_ids[i] if image_ids is not None else "", c])
 
 
-def load_assignments(out: str | os.PathLike) -> np.ndarray:
-    """The last epoch's cluster of each image (``out/assignments.npy``) of a finished run."""
-    path = Path(out) / "assignments.npy"
-    if not path.is_file():
-        raise DeepClusterError(f"{path} does not exist; run `msk cluster` with this --out first")
-    return np.load(path)
-
-
 def _check_resumable(ckpt, config: DeepClusterConfig, n_images: int) -> None:
     saved = ckpt.config
     changed = sorted(k for k, v in config.model_dump(mode="json").items()
@@ -492,8 +491,9 @@ def _restore(model, optimizer, config: DeepClusterConfig, n: int, out: Path,
 
 def _save_epoch(out: Path, net, optimizer, config: DeepClusterConfig, epoch: int,
                 labels: np.ndarray, history: list[dict[str, Any]],
-                image_ids: Sequence[str] | None) -> Path:
-    """Rank 0's end of an epoch: checkpoint, ``history.csv`` and the assignments."""
+                image_ids: Sequence[str] | None, centroids: np.ndarray | None = None) -> Path:
+    """Rank 0's end of an epoch: checkpoint, ``history.csv``, the assignments and the cluster
+    centroids (``centroids.npy``)."""
     path = save_checkpoint(
         _checkpoint_path(out, epoch), net.encoder, arch=config.encoder,
         in_chans=encoder_in_chans(config.sobel), config=config.model_dump(mode="json"),
@@ -505,6 +505,9 @@ def _save_epoch(out: Path, net, optimizer, config: DeepClusterConfig, epoch: int
             old.unlink(missing_ok=True)
     _write_history(out, history)
     _write_assignments(out, labels, image_ids)
+    if centroids is not None:
+        np.save(out / ".centroids.npy", centroids)
+        os.replace(out / ".centroids.npy", out / "centroids.npy")
     return path
 
 
@@ -553,11 +556,11 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
 
             # (b) k-means on rank 0, assignments broadcast to all
             row: dict[str, Any] = {"epoch": epoch}
-            labels = None
+            labels = centroids = None
             if rank == 0:
                 bar.start(f"{title}: k-means k={config.k}", None)
                 clustering = cluster_features(features, config, epoch=epoch)
-                labels = clustering.labels
+                labels, centroids = clustering.labels, clustering.centroids
                 for note in clustering.notes if epoch == start + 1 else ():
                     console.print(f"[yellow]note[/yellow]: {note}")
                 row.update(
@@ -590,7 +593,7 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
             path = None
             if rank == 0:
                 history.append(row)
-                path = _save_epoch(out, net, encoder_opt, config, epoch, labels, history, image_ids)
+                path = _save_epoch(out, net, encoder_opt, config, epoch, labels, history, image_ids, centroids)
                 if not progress:
                     console.print(_epoch_line(row), highlight=False)
             workers.report(row, path)

@@ -6,7 +6,7 @@ cross-validated by patient, and evaluated by IoU and Dice.
   JSON) or from a synthetic export's ``ground_truth.csv`` (its ``mask`` column, label = entity).
   Masks are in source-image pixels and are mapped into the ingest's square images exactly as
   :func:`msk.core.data.squaring.square_image` mapped the image (:func:`msk.core.io.masks.mask_to_square`);
-* **splits**: :func:`msk.core.stages.sorter.training.plan_splits`: a fixed, patient-level test set
+* **splits**: :func:`msk.core.data.splits.plan_splits`: a fixed, patient-level test set
   (``test_size``) and ``folds``-fold patient-level cross-validation over the other patients,
   stratified by label (entity);
 * **training** (:func:`train_segmenter`): one :func:`msk.core.models.train.fit` run per fold in
@@ -447,7 +447,9 @@ def _train_fold(k: int, data: SegmentationData, train: np.ndarray, val: np.ndarr
 def train_segmenter(data: SegmentationData, config: SegmenterConfig | None = None, *,
                     out: str | os.PathLike) -> SegmenterResult:
     """Plan the patient-level splits, train one segmenter per fold and write ``out/segmenter.json``."""
-    from msk.core.stages.sorter.training import SorterError, _ingest_info, plan_splits
+    from msk.core.data.labelled import ingest_info
+    from msk.core.data.splits import plan_splits
+    from msk.core.errors import TrainingDataError
 
     config = config or SegmenterConfig()
     out = Path(out)
@@ -456,7 +458,7 @@ def train_segmenter(data: SegmentationData, config: SegmenterConfig | None = Non
     try:
         plan = plan_splits(data.patient_ids, _strata(data, config.folds), folds=config.folds,
                            test_size=config.test_size, seed=config.seed)
-    except SorterError as exc:
+    except TrainingDataError as exc:
         raise SegmentationError(str(exc).replace("label more images", "mask more images")) from None
     part, fold = plan.parts(len(data))
     _write_splits(out, data, part, fold)
@@ -464,7 +466,7 @@ def train_segmenter(data: SegmentationData, config: SegmenterConfig | None = Non
     folds = [_train_fold(k, data, train, val, config, out) for k, (train, val) in enumerate(plan.folds, 1)]
     info = {"segmenter": config.segmenter, "encoder": config.encoder, "image_size": int(data.images.shape[1]),
             "threshold": config.threshold, "source": data.source,
-            "ingest": _ingest_info(data, out),  # how `msk segment` squares new images: like these
+            "ingest": ingest_info(data, out),  # how `msk segment` squares new images: like these
             "folds": [{"fold": f.fold, "best_epoch": f.best_epoch, "val_dice": f.val_dice, "n_train": f.n_train,
                        "n_val": f.n_val} for f in folds],
             "n_images": len(data), "n_test": len(plan.test),

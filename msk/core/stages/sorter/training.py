@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,21 +40,19 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from msk.core.data.labelled import LabelledImages, ingest_info, load_labelled
+from msk.core.data.splits import CrossValidation, patients_per_class, plan_splits
 from msk.core.errors import MskError
 from msk.core.io.checkpoint import CheckpointError
-from msk.core.io.paths import resolve_stored, store_path
+from msk.core.io.paths import resolve_stored
 from msk.core.models.metrics import softmax
 from msk.core.models.ood import FEATURE_SCORES, UNKNOWN, FeatureDensity, UnknownCalibration, calibrate, ood_score
 from msk.core.models.train import TrainConfig, TrainError, build_classifier, fit_classifier, load_model, predict_logits
 from msk.core.runtime.progress import follow_history, progress_bar
-from msk.core.specs import EntitySet
-from msk.core.stages.cluster.labelling import DISCARD, LabelFileError, LabelVocabulary
 
 __all__ = [
-    "CrossValidation", "Evaluation", "FoldResult", "LabelledImages", "SorterConfig",
-    "SorterEnsemble", "SorterError", "SorterResult", "calibrate_unknown", "load_labelled",
-    "load_densities", "load_sorter", "logits_and_features", "plan_splits", "read_image_labels",
-    "read_sorter_info", "softmax",
+    "Evaluation", "FoldResult", "SorterConfig", "SorterEnsemble", "SorterError", "SorterResult",
+    "calibrate_unknown", "load_densities", "load_sorter", "logits_and_features", "read_sorter_info",
     "init_from_weak_labels", "sorter_from_ingest", "train_sorter",
 ]
 
@@ -94,254 +91,13 @@ class SorterConfig(TrainConfig):
 # -- labelled images ---------------------------------------------------------------------------
 
 
-@dataclass
-class LabelledImages:
-    """Images with a label each: what the sorter and transfer learning train on.
-
-    :param images: ``uint8 [N, S, S]``.
-    :param labels: canonical class name per image.
-    :param patient_ids: pseudonymised patient id per image (the split unit).
-    :param image_ids: ingest image id per image.
-    :param source: where the images came from (for messages).
-    :param notes: what loading had to assume (e.g. images without a patient id).
-    """
-
-    images: np.ndarray
-    labels: list[str]
-    patient_ids: list[str]
-    image_ids: list[str]
-    source: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        n = len(self.images)
-        if not (len(self.labels) == len(self.patient_ids) == len(self.image_ids) == n):
-            raise ValueError(f"{n} images, {len(self.labels)} labels, {len(self.patient_ids)} "
-                             f"patient ids and {len(self.image_ids)} image ids")
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, index: np.ndarray | Sequence[int]) -> LabelledImages:
-        index = np.asarray(index, dtype=np.int64)
-        return LabelledImages(self.images[index], [self.labels[i] for i in index],
-                              [self.patient_ids[i] for i in index],
-                              [self.image_ids[i] for i in index], self.source, list(self.notes))
-
-
-def _canonical(entities: EntitySet | None, extra: Sequence[str]):
-    """A function ``(label, path, line) -> canonical name`` that raises
-    :class:`LabelFileError` for a label outside ``entities`` and ``extra`` (without
-    ``entities``: every label, lower-cased). Labels are checked as in a labels file."""
-    extras = {x.strip().lower(): x for x in extra}
-    vocabulary = LabelVocabulary(entities) if entities is not None else None
-
-    def canonical(label: str, path: Path, line: int) -> str:
-        if label.strip().lower() in extras:
-            return extras[label.strip().lower()]
-        if vocabulary is None:
-            return label.strip().lower()
-        return vocabulary.canonical(label, f"{path}, line {line}", line)
-
-    return canonical
-
-
-def read_image_labels(path: str | os.PathLike, entities: EntitySet | None, *,
-                      extra: Sequence[str] = ()) -> dict[str, str]:
-    """``image_id -> canonical label`` from a CSV with the columns ``image_id`` and ``label``.
-
-    Other columns (``row`` of the weak labels of ``msk clusters apply``) are ignored; rows with
-    an empty label or ``discard`` are left out. Every label must be a name, code or alias of
-    ``entities`` (case-insensitive) or one of ``extra`` (e.g. ``"normal"``); without
-    ``entities`` any label is taken, lower-cased. Errors name the file and line: an unknown
-    label (with the closest region as a suggestion, and, for a second spelling of a region
-    written differently before, the line of the first), a row without an image id, and an
-    image labelled twice with different classes.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LabelFileError(f"labels file {path} does not exist")
-    canonical = _canonical(entities, extra)
-    labels: dict[str, str] = {}
-    line_of: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [x.strip().lower() for x in reader.fieldnames or []]
-        if "image_id" not in fields or "label" not in fields:
-            hint = (" (this is a cluster labels file: pass the DeepCluster run folder too, or use "
-                    "the weak labels `msk clusters apply` writes)" if "cluster" in fields else "")
-            raise LabelFileError(f"{path}, line 1: expected the columns image_id and label; "
-                                 f"found {reader.fieldnames}{hint}")
-        reader.fieldnames = fields
-        for row in reader:
-            line = reader.line_num
-            label, image_id = (row["label"] or "").strip(), (row["image_id"] or "").strip()
-            if not label or label.lower() == DISCARD:
-                continue
-            if not image_id:
-                raise LabelFileError(f"{path}, line {line}: label {label!r} without an image_id "
-                                     "(weak labels saved without image ids cannot be joined to "
-                                     "the images; `msk clusters apply` writes them)")
-            name = canonical(label, path, line)
-            if labels.get(image_id, name) != name:
-                raise LabelFileError(f"{path}, line {line}: image {image_id} is labelled "
-                                     f"{name!r} but line {line_of[image_id]} says "
-                                     f"{labels[image_id]!r}")
-            labels[image_id] = name
-            line_of.setdefault(image_id, line)
-    if not labels:
-        raise LabelFileError(f"{path}: no image has a label")
-    return labels
-
-
-def read_label_patients(path: str | os.PathLike) -> dict[str, str]:
-    """``image_id -> patient_id`` from the optional ``patient_id`` column of a labels CSV (as
-    ``msk import`` writes it: keyed pseudonyms); empty when the column is absent."""
-    with Path(path).open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        reader.fieldnames = [x.strip().lower() for x in reader.fieldnames or []]
-        if "patient_id" not in reader.fieldnames or "image_id" not in reader.fieldnames:
-            return {}
-        return {row["image_id"].strip(): row["patient_id"].strip() for row in reader
-                if (row["image_id"] or "").strip() and (row["patient_id"] or "").strip()}
-
-
-def _cluster_labels(labels: Path, cluster_run: Path, region_set: str) -> dict[str, str]:
-    """Weak labels from a filled-in cluster labels file and its DeepCluster run folder."""
-    from msk.core.config import load_config
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, load_assignments
-    from msk.core.stages.cluster.labelling import apply_labels
-
-    k = load_config(DeepClusterConfig, cluster_run / "config.yaml").k
-    weak = apply_labels(labels, load_assignments(cluster_run), region_set=region_set, k=k)
-    with (cluster_run / "assignments.csv").open(newline="") as f:
-        image_ids = [row["image_id"] for row in csv.DictReader(f)]
-    if len(image_ids) != len(weak.labels) or not all(image_ids):
-        raise SorterError(f"{cluster_run / 'assignments.csv'} does not give an image id for every "
-                          "image of the run; rerun `msk cluster` from an ingest output")
-    return {i: label for i, label in zip(image_ids, weak.labels) if label is not None}
-
-
-def load_labelled(ingest: str | os.PathLike, labels: str | os.PathLike, *,
-                  entity_set: str | None = "samx-regions", extra_labels: Sequence[str] = (),
-                  cluster_run: str | os.PathLike | None = None) -> LabelledImages:
-    """The labelled images of an ingest output.
-
-    :param labels: a CSV ``image_id,label`` (:func:`read_image_labels`) or, with
-        ``cluster_run``, the filled-in ``labels.csv``/YAML of ``msk clusters export``, applied
-        with :func:`msk.core.stages.cluster.labelling.apply_labels` (whose errors are raised unchanged).
-    :param entity_set: the set the labels must belong to; ``None`` takes any label.
-    :param extra_labels: labels accepted besides the entity set's names (``"normal"``).
-    Every labelled image id must be in the ingest output. An image whose shard row has no
-    patient id (PNG/JPEG inputs) takes the labels file's ``patient_id`` column where there is
-    one (``msk import`` writes it); images still without one count as patients of their own
-    (noted in :attr:`LabelledImages.notes`, with a warning).
-    """
-    import pyarrow.compute as pc
-
-    from msk.core.io.dataset import images_from_table, read_shards
-    from msk.core.registry import entity_set as get_entity_set
-
-    labels = Path(labels)
-    if cluster_run is not None:
-        by_id = _cluster_labels(labels, Path(cluster_run), entity_set or "samx-regions")
-    else:
-        entities = get_entity_set(entity_set) if entity_set is not None else None
-        by_id = read_image_labels(labels, entities, extra=extra_labels)
-    known = set(read_shards(ingest, columns=["image_id"]).column("image_id").to_pylist())
-    missing = sorted(set(by_id) - known)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise SorterError(f"{labels} labels {len(missing)} of {len(by_id)} image(s) that are not in "
-                          f"the ingest output {ingest}: {shown}; were the labels made for another "
-                          "ingest?")
-    table = read_shards(ingest, columns=["image_id", "image", "height", "width", "patient_id"],
-                        filter=pc.field("image_id").isin(sorted(by_id)))
-    image_ids = table.column("image_id").to_pylist()
-    patients = table.column("patient_id").to_pylist()
-    if cluster_run is None and not all(patients):  # PNG/JPEG: the labels file may carry them
-        from_labels = read_label_patients(labels)
-        patients = [p or from_labels.get(i) for p, i in zip(patients, image_ids)]
-    notes = []
-    anonymous = sum(1 for p in patients if not p)
-    if anonymous:
-        notes.append(f"{anonymous} image(s) have no patient id; each counts as a patient of its own")
-        warnings.warn(f"{ingest}: {notes[-1]}", stacklevel=2)
-    patients = [p if p else f"image:{i}" for p, i in zip(patients, image_ids)]
-    return LabelledImages(images_from_table(table), [by_id[i] for i in image_ids], patients,
-                          image_ids, str(ingest), notes)
-
-
 # -- splits ------------------------------------------------------------------------------------
-
-
-@dataclass
-class CrossValidation:
-    """A fixed test set and ``(train, val)`` image indices per fold; see :func:`plan_splits`."""
-
-    test: np.ndarray
-    folds: list[tuple[np.ndarray, np.ndarray]]
-
-    def parts(self, n: int) -> tuple[list[str], list[int | None]]:
-        """Per image: ``"test"`` or ``"dev"``, and the fold it validates (``None`` for test)."""
-        part, fold = ["dev"] * n, [None] * n
-        for i in self.test:
-            part[i] = "test"
-        for k, (_, val) in enumerate(self.folds, 1):
-            for i in val:
-                fold[i] = k
-        return part, fold
-
-
-def _patients_per_class(patient_ids: Sequence[str], labels: Sequence[str]) -> dict[str, int]:
-    members: dict[str, set[str]] = defaultdict(set)
-    for p, label in zip(patient_ids, labels):
-        members[label].add(p)
-    return {label: len(p) for label, p in members.items()}
-
-
-def _min_patients(folds: int, test_size: float) -> int:
-    """Fewest patients for which a ``test_size`` test set leaves ``folds`` for the folds."""
-    n = folds + 1
-    while n - max(1, round(test_size * n)) < folds:
-        n += 1
-    return n
-
-
-def plan_splits(patient_ids: Sequence[str], labels: Sequence[str], *, folds: int = 5,
-                test_size: float = 0.2, seed: int = 0) -> CrossValidation:
-    """Patient-level test set plus ``folds``-fold cross-validation over the other patients.
-
-    :func:`msk.core.data.splits.patient_split` takes ``test_size`` of the patients, stratified by
-    class, as the test set; :func:`msk.core.data.splits.patient_kfold` (stratified group k-fold)
-    cuts the rest into ``folds`` validation folds, each fold training on the others. With the
-    defaults that is 20 % test and, per fold, 64 % train and 16 % validation.
-    """
-    from msk.core.data.splits import assert_disjoint_patients, patient_kfold, patient_split
-
-    pids = np.asarray(patient_ids, dtype=object)
-    labels = [str(v) for v in labels]
-    n_patients = len(set(patient_ids))
-    need = _min_patients(folds, test_size)
-    if n_patients < need:
-        raise SorterError(f"{n_patients} patient(s) ({len(labels)} images) are too few for a "
-                          f"{test_size:.0%} test set and {folds} folds: at least {need} are needed; "
-                          "label more images or lower folds")
-    dev, test = patient_split(pids, labels, test_size, seed=seed)
-    dev_labels = [labels[i] for i in dev]
-    plan = []
-    for train, val in patient_kfold(pids[dev], dev_labels, folds, seed=seed):
-        train, val = dev[train], dev[val]
-        for a, b in ((train, val), (train, test), (val, test)):
-            assert_disjoint_patients(pids[a], pids[b])
-        plan.append((train, val))
-    return CrossValidation(test, plan)
 
 
 def _check_classes(data: LabelledImages, config: SorterConfig) -> tuple[LabelledImages, dict[str, int]]:
     """Enforce ``folds + 1`` patients per class: raise, or drop the class (``small_classes``)."""
     need = config.folds + 1
-    per_class = _patients_per_class(data.patient_ids, data.labels)
+    per_class = patients_per_class(data.patient_ids, data.labels)
     small = {c: n for c, n in per_class.items() if n < need}
     dropped: dict[str, int] = {}
     if small:
@@ -791,20 +547,6 @@ def calibrate_unknown(models: Sequence, data: LabelledImages, y: np.ndarray, pla
     return calibration, densities
 
 
-def _ingest_info(data: LabelledImages, out: Path) -> dict[str, Any]:
-    """How the training images were made (``msk sort`` prepares new images the same way):
-    the square side, and the ingest's resize mode and pixel limit where its folder is known
-    (its path relative to the run folder ``out``)."""
-    info: dict[str, Any] = {"path": store_path(data.source, out) if data.source else None,
-                            "image_size": int(data.images.shape[-1])}
-    if data.source:
-        from msk.core.io.manifest import read_ingest_summary
-
-        saved = (read_ingest_summary(data.source) or {}).get("config") or {}
-        info.update({k: saved[k] for k in ("resize", "max_pixels") if k in saved})
-    return info
-
-
 def prepare_sorter_data(data: LabelledImages, config: SorterConfig):
     """``(data, dropped, classes, y, plan)``: the images :func:`train_sorter` keeps (small
     classes dropped or refused as configured), their class names in region-set order, class
@@ -880,7 +622,7 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
     (out / "sorter.json").write_text(json.dumps({
         "classes": classes, "folds": config.folds, "image_size": config.image_size,
         "n_images": len(data), "n_test": len(plan.test), "dropped": dropped, "notes": notes,
-        "unknown": unknown.to_json(), "ingest": _ingest_info(data, out),
+        "unknown": unknown.to_json(), "ingest": ingest_info(data, out),
         "fold_results": [{"fold": f.fold, "best_epoch": f.best_epoch, "val_top1": f.val_top1,
                           "n_train": f.n_train, "n_val": f.n_val} for f in folds],
         "test": test.summary(), "holdout": held.summary() if held else None,
@@ -892,7 +634,7 @@ def init_from_weak_labels(config: SorterConfig, labels: str | os.PathLike) -> tu
     """``config`` starting from the DeepCluster run the weak labels came from, and a line saying so.
 
     When ``init`` is not set (nor pretrained weights) and ``labels`` was written by
-    ``msk clusters apply`` / ``label`` (:func:`msk.core.stages.cluster.labelling.weak_labels_run`), ``init``
+    ``msk clusters apply`` / ``label`` (:func:`msk.core.io.labels.weak_labels_run`), ``init``
     becomes that run's last checkpoint and ``encoder`` its architecture (unless ``encoder`` is
     set to another one: then training starts from random weights, as the line says). Otherwise
     ``config`` is returned unchanged, with a line only where something could not be done.
@@ -900,8 +642,8 @@ def init_from_weak_labels(config: SorterConfig, labels: str | os.PathLike) -> tu
     if "init" in config.model_fields_set or config.encoder_options.get("pretrained"):
         return config, None
     from msk.core.io.checkpoint import load_checkpoint
+    from msk.core.io.labels import weak_labels_run
     from msk.core.stages.cluster.deepcluster import latest_checkpoint
-    from msk.core.stages.cluster.labelling import weak_labels_run
 
     run = weak_labels_run(labels)
     if run is None:

@@ -30,18 +30,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from msk.core.data.labelled import LabelledImages, load_labelled
+from msk.core.data.splits import patients_per_class
 from msk.core.io.checkpoint import CheckpointError, load_checkpoint
+from msk.core.models.metrics import softmax
 from msk.core.models.pretrained import PretrainedError
 from msk.core.models.train import TrainConfig, TrainError, build_classifier, fit_classifier, predict_logits
-from msk.core.stages.sorter.training import (
-    LabelledImages,
-    SorterError,
-    _check_resumable,
-    _patients_per_class,
-    _progress,
-    load_labelled,
-    softmax,
-)
+from msk.core.stages.sorter.training import SorterError, _check_resumable, _progress
 
 __all__ = ["ArmResult", "TransferConfig", "TransferError", "TransferResult", "binary_rates",
            "class_rates", "run_transfer", "task_metrics", "transfer_from_ingest"]
@@ -205,7 +200,7 @@ def _task(labels: Sequence[str], config: TransferConfig) -> _Task:
 def _folds(data: LabelledImages, config: TransferConfig) -> list[tuple[np.ndarray, np.ndarray]]:
     from msk.core.data.splits import patient_kfold
 
-    per_class = _patients_per_class(data.patient_ids, data.labels)
+    per_class = patients_per_class(data.patient_ids, data.labels)
     small = {c: n for c, n in sorted(per_class.items()) if n < config.folds}
     if small:
         raise TransferError(f"{config.folds} folds need every class in at least {config.folds} "

@@ -303,7 +303,7 @@ class SorterTask(Task):
         return SorterConfig
 
     def load(self, ingest, labels, base):
-        from msk.core.stages.sorter.training import load_labelled
+        from msk.core.data.labelled import load_labelled
 
         return load_labelled(ingest, labels, entity_set=base.region_set)
 
