@@ -37,7 +37,8 @@ TRAIN_AND_SERVE = textwrap.dedent('''
     from msk.core.registry import entity_set
     from msk.core.models.train import TrainConfig, fit_classifier
     from msk.serve.classifier import load_classifier_model
-    from msk.serve.config import ClassifyConfig, PreprocessConfig
+    from msk.core.data.squaring import SquaringConfig
+    from msk.serve.config import ClassifyConfig
 
     export, out = Path(sys.argv[1]), Path(sys.argv[2])
     names = entity_set("cmf-differential").names
@@ -57,7 +58,7 @@ TRAIN_AND_SERVE = textwrap.dedent('''
     fit = fit_classifier(images, labels, len(names), config, out=out)  # no class names in the checkpoint
 
     served = load_classifier_model(ClassifyConfig(checkpoint=fit.best, entity_set="cmf-differential"),
-                                   PreprocessConfig(image_size=32))
+                                   SquaringConfig(image_size=32))
     probs = served.probabilities(images[:4], None)
     print(json.dumps({"counts": np.bincount(labels, minlength=len(names)).tolist(), "classes": served.classes,
                       "probs_shape": list(probs.shape), "row_sums": probs.sum(1).round(4).tolist()}))

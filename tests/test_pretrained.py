@@ -168,10 +168,11 @@ def test_tiny_cnn_has_no_pretrained_weights(weights):
 def test_a_checkpoint_rebuilds_without_the_weights_file(tmp_path, weights):
     """Training records `pretrained`; load_model, the embedder and the served models take the
     checkpoint's weights and never open the file (here deleted, as on a serving machine)."""
+    from msk.core.data.squaring import SquaringConfig
     from msk.core.io.checkpoint import load_checkpoint
     from msk.core.models.embed import Embedder
     from msk.serve.classifier import load_classifier_model
-    from msk.serve.config import ClassifyConfig, PreprocessConfig, SortConfig
+    from msk.serve.config import ClassifyConfig, SortConfig
     from msk.serve.sorter import load_sorter_model
 
     from test_sorter import drawings  # tests/ is on sys.path (rootdir conftest)
@@ -195,7 +196,7 @@ def test_a_checkpoint_rebuilds_without_the_weights_file(tmp_path, weights):
     np.testing.assert_allclose(predict_logits(model, images, image_size=32), expected, rtol=1e-5, atol=1e-5)
     assert Embedder(fitted.best).embed_images(images[:2]).shape[0] == 2
     assert load_sorter_model(SortConfig(checkpoint=fitted.best)).classes == ["a", "b", "c"]
-    served = load_classifier_model(ClassifyConfig(checkpoint=fitted.best), PreprocessConfig(image_size=32))
+    served = load_classifier_model(ClassifyConfig(checkpoint=fitted.best), SquaringConfig(image_size=32))
     assert torch.equal(served.model.encoder.backbone.layer1[0].conv1.weight, trained)
     with pytest.raises(PretrainedError, match="no such file"):  # a new training run does need the file
         build_encoder(f"timm/{ARCH}", pretrained=str(file))

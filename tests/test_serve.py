@@ -559,11 +559,12 @@ def test_missing_checkpoint_or_index_fails_at_startup(model_files, tmp_path, mon
 def test_fusion_checkpoint_records_its_head_for_serving(model_files):
     """A fusion checkpoint carries head, hidden and dropout: the serve config need not repeat them;
     an older checkpoint without the record still needs them."""
+    from msk.core.data.squaring import SquaringConfig
     from msk.core.io.checkpoint import load_checkpoint, save_checkpoint
     from msk.serve.classifier import load_classifier_model
-    from msk.serve.config import ClassifyConfig, PreprocessConfig
+    from msk.serve.config import ClassifyConfig
 
-    preprocess = PreprocessConfig(image_size=SQUARE, resize="pad")
+    preprocess = SquaringConfig(image_size=SQUARE, resize="pad")
     bare = ClassifyConfig(checkpoint=model_files["fusion"], metadata_encoder=model_files["metadata_encoder"],
                           classes=ENTITIES)
     model = load_classifier_model(bare, preprocess)
@@ -615,13 +616,14 @@ def test_sorter_run_folder_is_served_as_its_fold_ensemble(model_files, tmp_path)
 
 
 def test_classifier_crops_the_lesion_and_checks_the_vocabulary(model_files):
+    from msk.core.data.squaring import SquaringConfig
     from msk.serve.classifier import load_classifier_model
-    from msk.serve.config import ClassifyConfig, PreprocessConfig
+    from msk.serve.config import ClassifyConfig
     from msk.serve.replica import Rejection
 
     config = ClassifyConfig(checkpoint=model_files["fusion"], metadata_encoder=model_files["metadata_encoder"],
                             head="concat", hidden=[8], dropout=0.1, classes=ENTITIES, roi={"size": 24})
-    classifier = load_classifier_model(config, PreprocessConfig(image_size=SQUARE))
+    classifier = load_classifier_model(config, SquaringConfig(image_size=SQUARE))
     image = squares(IMAGES[:1])[0]
     crop, meta = classifier.prepare(image, (2, 5, 20, 15), META)  # the box in the square image's pixels
     assert crop.shape == (24, 24) and crop.dtype == np.uint8 and meta.shape == (classifier.encoder.dim,)
@@ -643,12 +645,12 @@ def test_config_validation(tmp_path):
     ingest.mkdir()
     (ingest / "ingest.json").write_text(json.dumps({"config": {"image_size": 128, "resize": "stretch",
                                                                "max_pixels": 1000}}))
-    from msk.serve.config import PreprocessConfig
+    from msk.core.data.squaring import SquaringConfig
 
-    assert PreprocessConfig(ingest=ingest).resolved().model_dump(exclude={"ingest"}) == {
+    assert SquaringConfig(ingest=ingest).resolved().model_dump(exclude={"ingest"}) == {
         "image_size": 128, "resize": "stretch", "max_pixels": 1000}
     with pytest.raises(ConfigError, match="image_size: 256 here, 128 in"):
-        PreprocessConfig(ingest=ingest, image_size=256).resolved()
+        SquaringConfig(ingest=ingest, image_size=256).resolved()
 
 
 def test_example_config_is_a_serve_config_file():

@@ -170,6 +170,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     """Run the chain into ``out`` (see the module docstring) and write ``out/report.html``."""
     from msk.core.data.labelled import load_labelled
     from msk.core.data.metadata import MetadataEncoder, MetadataSchema
+    from msk.core.data.squaring import SquaringConfig
     from msk.core.io.truth import read_truth
     from msk.core.models.embed import Embedder, roi_crops
     from msk.core.models.recommender import Recommender
@@ -185,7 +186,6 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     from msk.core.synth import SynthConfig, synthesize
     from msk.serve.classifier import load_classifier_model
     from msk.serve.config import ClassifyConfig, RoiConfig
-    from msk.serve.config import PreprocessConfig as ServePreprocess
 
     config = config or DemoConfig()
     out = Path(out).absolute()
@@ -286,7 +286,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
         served_model = load_classifier_model(
             ClassifyConfig(checkpoint=fused.best, metadata_encoder=out / "fusion" / "metadata_encoder.json",
                            classes=classes, roi=RoiConfig(margin=0.15, size=config.roi_size)),
-            ServePreprocess(image_size=config.image_size))
+            SquaringConfig(image_size=config.image_size))
         fused_p = np.argmax(served_model.probabilities(crops[seen], meta[seen].astype(np.float32)), axis=1)
         in_process = {ids[i]: classes[int(c)] for i, c in zip(seen, fused_p)}
         numbers["fusion"] = {"metadata": ["age", "sex", "site", "view"],

@@ -54,3 +54,31 @@ class TrainingDataError(MskError):
 class DatasetError(MskError):
     """A labelled dataset layout that cannot be imported (missing column, unknown label, ...);
     the message names the file and line."""
+
+
+#: What an unusable upload is told, per quarantine reason (never the decoder's own detail,
+#: which may quote header values).
+REASON_MESSAGES: dict[QuarantineReason, str] = {
+    QuarantineReason.EMPTY: "the upload is empty",
+    QuarantineReason.CORRUPT: "the file is truncated or malformed, or its pixel data does not decode",
+    QuarantineReason.NOT_AN_IMAGE: "the upload is neither DICOM nor PNG/JPEG",
+    QuarantineReason.NO_PIXEL_DATA: "the DICOM object holds no image (a report or presentation state?)",
+    QuarantineReason.UNSUPPORTED_SYNTAX: "no installed decoder handles the DICOM transfer syntax",
+    QuarantineReason.UNSUPPORTED_IMAGE: "the image's photometric interpretation or layout cannot be rendered",
+    QuarantineReason.TOO_LARGE: "the image has more pixels than this server accepts (max_pixels)",
+    QuarantineReason.DUPLICATE: "the upload duplicates another",
+    QuarantineReason.READ_ERROR: "the upload could not be read",
+    QuarantineReason.EXCLUDED_MODALITY: "the DICOM modality is not one this server takes",
+    QuarantineReason.TOO_SMALL: "the image is too small to be a radiograph",
+    QuarantineReason.EXTREME_ASPECT: "the image is a strip (its sides are too unequal to be a radiograph)",
+}
+
+
+def unusable_message(reason: QuarantineReason | str) -> str:
+    """The sentence a caller is told for an upload (or a file given to ``msk sort``) that the
+    ingest would quarantine for ``reason``; never the decoder's own detail, which may quote
+    header values."""
+    reason = QuarantineReason(reason)
+    if reason is QuarantineReason.NOT_AN_IMAGE:
+        return REASON_MESSAGES[reason]
+    return f"the image cannot be used: {REASON_MESSAGES[reason]}"

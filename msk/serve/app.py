@@ -51,12 +51,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from msk.core.config import load_config
-from msk.core.data.squaring import map_box_from_square, map_box_to_square
+from msk.core.data.squaring import SquaringConfig, map_box_from_square, map_box_to_square
 from msk.core.errors import ConfigError, MskError
 from msk.core.runtime import shutdown
 from msk.core.runtime.ray_start import start_ray
 from msk.serve.auth import BearerAuth, read_clients, resolve_token_digest
-from msk.serve.config import PreprocessConfig, ReplicaConfig, ServeConfig, check_paths
+from msk.serve.config import ReplicaConfig, ServeConfig, check_paths
 from msk.serve.errors import ApiError, install_error_handlers
 from msk.serve.inputs import (
     BOX_RULE,
@@ -145,7 +145,7 @@ class Gateway:
     """The FastAPI ingress deployment; each replica builds its app in :meth:`__serve_build_asgi_app__`.
 
     :param settings: ``call_timeout_s``, ``max_upload_bytes``, ``preprocess`` (a
-        :class:`PreprocessConfig` dump), ``token_digest`` (``None``: no authentication),
+        :class:`SquaringConfig` dump), ``token_digest`` (``None``: no authentication),
         ``debug_routes`` and ``lesion_input`` (endpoint -> true when its model was trained on
         lesion crops).
     :param sorter, recommender, classifier, segmenter: handles of the configured model deployments.
@@ -189,7 +189,7 @@ def create_api(settings: Mapping[str, Any], models: ModelClients) -> FastAPI:
     """The FastAPI app of one gateway replica (see :class:`Gateway` for ``settings``)."""
     import msk
 
-    preprocess = PreprocessConfig.model_validate(settings["preprocess"])
+    preprocess = SquaringConfig.model_validate(settings["preprocess"])
 
     decoding = asyncio.Semaphore(int(settings.get("max_concurrent_decodes") or 2))
 
@@ -369,7 +369,7 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
     return x0, y0, x1, y1
 
 
-def segment_answer(found: dict[str, Any], image: Radiograph, preprocess: PreprocessConfig) -> dict[str, Any]:
+def segment_answer(found: dict[str, Any], image: Radiograph, preprocess: SquaringConfig) -> dict[str, Any]:
     """The segmenter's mask and box (square-image pixels) on the uploaded image: box, PNG, area."""
     import base64
     import io

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from msk.core.data.squaring import SquaringConfig
 from msk.core.errors import ConfigError
 from msk.core.specs import FUSION_DROPOUT, FUSION_HIDDEN
-from msk.serve.config import ClassifyConfig, PreprocessConfig
+from msk.serve.config import ClassifyConfig
 from msk.serve.replica import ModelReplica, Rejection, gradcam_png, softmax
 
 __all__ = ["ClassifierDeployment", "ClassifierModel", "load_classifier_model"]
@@ -61,7 +62,7 @@ class ClassifierModel:
     """The classifier, its metadata encoder and class names, with the per-request preparation."""
 
     def __init__(self, model, encoder, classes: list[str], image_size: int,
-                 config: ClassifyConfig, preprocess: PreprocessConfig):
+                 config: ClassifyConfig, preprocess: SquaringConfig):
         self.model, self.encoder, self.classes = model, encoder, classes
         self.image_size, self.config, self.preprocess = image_size, config, preprocess
 
@@ -162,7 +163,7 @@ def _fusion_options(config: ClassifyConfig, saved: dict[str, Any], path: Path):
     return chosen["head"], chosen["hidden"], chosen["dropout"]
 
 
-def load_classifier_model(config: ClassifyConfig, preprocess: PreprocessConfig) -> ClassifierModel:
+def load_classifier_model(config: ClassifyConfig, preprocess: SquaringConfig) -> ClassifierModel:
     """Build the classifier the config describes; :class:`ConfigError` says what does not fit."""
     from msk.core.data.metadata import MetadataEncoder, MetadataError
     from msk.core.io.checkpoint import CheckpointError, load_checkpoint
@@ -224,7 +225,7 @@ class ClassifierDeployment(ModelReplica):
 
     def __init__(self, config: dict[str, Any], preprocess: dict[str, Any], debug: bool = False):
         self.config = ClassifyConfig.model_validate(config)
-        self.classifier = load_classifier_model(self.config, PreprocessConfig.model_validate(preprocess))
+        self.classifier = load_classifier_model(self.config, SquaringConfig.model_validate(preprocess))
         self.configure(self.config, debug=debug)
         self.classifier.model.to(self.device)
         self.lock = threading.Lock()  # Grad-CAM hooks must not see another request's forward pass

@@ -25,55 +25,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from msk.core.config import MskConfig
+from msk.core.data.squaring import SquaringConfig
 from msk.core.errors import ConfigError
 
 __all__ = [
-    "ClassifyConfig", "GatewayConfig", "ModelConfig", "PreprocessConfig", "RecommendConfig",
+    "ClassifyConfig", "GatewayConfig", "ModelConfig", "RecommendConfig",
     "ReplicaConfig", "RoiConfig", "SegmentConfig", "ServeConfig", "SortConfig", "check_paths",
 ]
 
 MiB = 1 << 20
-
-
-class PreprocessConfig(MskConfig):
-    """How an upload becomes the square ``uint8`` image the models were trained on.
-
-    The decoder is the ingest's (:func:`msk.core.io.dicom.read_image`) and the square the
-    ingest's (:func:`msk.core.data.squaring.square_image`); the models then apply their own eval
-    transform. ``image_size`` and ``resize`` must be those of the ingest that made the
-    training images: set ``ingest`` to read them from its ``ingest.json``.
-    """
-
-    ingest: Path | None = Field(
-        None, description="ingest output folder whose ingest.json gives image_size, resize, max_pixels")
-    image_size: int = Field(256, ge=8, le=8192, description="side of the square image (the ingest's image_size)")
-    resize: Literal["pad", "stretch"] = Field("pad", description="the ingest's resize mode")
-    max_pixels: int = Field(50_000_000, gt=0, description="larger images are refused (422, reason too_large)")
-
-    def resolved(self) -> PreprocessConfig:
-        """This config with the values of ``ingest``'s ``ingest.json`` filled in.
-
-        A value set explicitly that contradicts the ingest's is an error: the models would
-        see images prepared unlike their training images.
-        """
-        if self.ingest is None:
-            return self
-        from msk.core.io.manifest import SUMMARY_FILE, read_ingest_summary
-
-        summary = Path(self.ingest) / SUMMARY_FILE
-        if not summary.is_file():
-            raise ConfigError(f"preprocess.ingest: {summary} does not exist (not an ingest output folder?)")
-        saved = (read_ingest_summary(self.ingest) or {}).get("config")
-        if not isinstance(saved, dict):
-            raise ConfigError(f"preprocess.ingest: {summary} is unreadable (no JSON object with its config)")
-        values = {k: saved[k] for k in ("image_size", "resize", "max_pixels") if k in saved}
-        clash = {k: (getattr(self, k), v) for k, v in values.items()
-                 if k in self.model_fields_set and getattr(self, k) != v}
-        if clash:
-            detail = ", ".join(f"{k}: {mine!r} here, {theirs!r} in {summary}" for k, (mine, theirs) in clash.items())
-            raise ConfigError(f"preprocess contradicts the ingest it names ({detail}); drop the "
-                              "explicit value(s)")
-        return self.model_copy(update=values)
 
 
 class ReplicaConfig(MskConfig):
@@ -173,7 +133,7 @@ class ServeConfig(MskConfig):
     insecure: bool = Field(False, description="no authentication at all (never on a network)")
     debug_routes: bool = Field(False, description="/v1/debug/{crash,stall}/{model}: for tests only")
     app_name: str = Field("msk", description="Ray Serve application name")
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    preprocess: SquaringConfig = Field(default_factory=SquaringConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     sorter: SortConfig | None = None
     recommender: RecommendConfig | None = None

@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from msk.core.errors import QuarantineReason
+from msk.core.errors import QuarantineReason, unusable_message
 
 __all__ = ["ApiError", "ContractMiddleware", "error_body", "install_error_handlers", "unreadable_image"]
 
@@ -50,19 +50,6 @@ _STATUS_CODES = {400: "malformed_request", 401: "unauthorized", 404: "not_found"
                  405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
                  422: "invalid_request", 500: "internal", 503: "unavailable", 504: "timeout"}
 
-#: What an unusable upload is told, per quarantine reason (never the decoder's own detail,
-#: which may quote header values).
-REASON_MESSAGES: dict[QuarantineReason, str] = {
-    QuarantineReason.EMPTY: "the upload is empty",
-    QuarantineReason.CORRUPT: "the file is truncated or malformed, or its pixel data does not decode",
-    QuarantineReason.NOT_AN_IMAGE: "the upload is neither DICOM nor PNG/JPEG",
-    QuarantineReason.NO_PIXEL_DATA: "the DICOM object holds no image (a report or presentation state?)",
-    QuarantineReason.UNSUPPORTED_SYNTAX: "no installed decoder handles the DICOM transfer syntax",
-    QuarantineReason.UNSUPPORTED_IMAGE: "the image's photometric interpretation or layout cannot be rendered",
-    QuarantineReason.TOO_LARGE: "the image has more pixels than this server accepts (max_pixels)",
-    QuarantineReason.DUPLICATE: "the upload duplicates another",
-    QuarantineReason.READ_ERROR: "the upload could not be read",
-}
 
 
 class ApiError(Exception):
@@ -90,9 +77,8 @@ def unreadable_image(reason: QuarantineReason) -> ApiError:
     """The error for an upload the ingest would have quarantined for ``reason``."""
     reason = QuarantineReason(reason)
     if reason is QuarantineReason.NOT_AN_IMAGE:
-        return ApiError(415, "unsupported_media_type", REASON_MESSAGES[reason], reason=reason.value)
-    return ApiError(422, "unreadable_image", f"the image cannot be used: {REASON_MESSAGES[reason]}",
-                    reason=reason.value)
+        return ApiError(415, "unsupported_media_type", unusable_message(reason), reason=reason.value)
+    return ApiError(422, "unreadable_image", unusable_message(reason), reason=reason.value)
 
 
 def install_error_handlers(app: FastAPI, *, max_body_bytes: int) -> None:

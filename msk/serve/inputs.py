@@ -24,8 +24,8 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 
+from msk.core.data.squaring import SquaringConfig, read_square
 from msk.core.errors import QuarantineError
-from msk.serve.config import PreprocessConfig
 from msk.serve.errors import ApiError, unreadable_image
 
 __all__ = ["RAW_TYPES", "ClinicalMetadata", "Radiograph", "Upload", "decode_radiograph",
@@ -85,17 +85,13 @@ async def read_upload(request: Request) -> Upload:
         await form.close()
 
 
-def decode_radiograph(data: bytes, preprocess: PreprocessConfig) -> Radiograph:
+def decode_radiograph(data: bytes, preprocess: SquaringConfig) -> Radiograph:
     """Decode and square an upload exactly as the ingest does (CPU work: run it in a thread)."""
-    from msk.core.data.squaring import square_image
-    from msk.core.io.dicom import read_image
-
     try:
-        decoded = read_image(data, source="upload", max_pixels=preprocess.max_pixels)
+        pixels, source_shape = read_square(data, preprocess)
     except QuarantineError as exc:
         raise unreadable_image(exc.reason) from None
-    pixels = square_image(decoded.pixels, preprocess.image_size, preprocess.resize)
-    return Radiograph(pixels, tuple(decoded.pixels.shape))
+    return Radiograph(pixels, source_shape)
 
 
 BOX_RULE = "box must be x0 < x1, y0 < y1, all >= 0 (pixels of the uploaded image)"

@@ -9,14 +9,18 @@ Ingest, the stages and serving share these functions, so the geometry is written
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
-from msk.core.errors import MskError
+from msk.core.config import MskConfig
+from msk.core.errors import ConfigError, MskError
 
-__all__ = ["map_box_from_square", "map_box_to_square", "square_image", "unsquare_image"]
+__all__ = ["SquaringConfig", "map_box_from_square", "map_box_to_square", "read_square", "square_image",
+           "unsquare_image"]
 
 
 def square_image(pixels: np.ndarray, size: int, mode: Literal["pad", "stretch"] = "pad") -> np.ndarray:
@@ -90,3 +94,54 @@ def unsquare_image(square: np.ndarray, source_shape: tuple[int, int],
     left, top, new_w, new_h = _placement(source_shape, size, resize)
     inner = np.ascontiguousarray(square[top:top + new_h, left:left + new_w], dtype=np.float32)
     return np.asarray(Image.fromarray(inner, mode="F").resize((w, h), Image.Resampling.BILINEAR), np.float32)
+
+
+class SquaringConfig(MskConfig):
+    """How an upload becomes the square ``uint8`` image the models were trained on.
+
+    The decoder is the ingest's (:func:`msk.core.io.dicom.read_image`) and the square the
+    ingest's (:func:`msk.core.data.squaring.square_image`); the models then apply their own eval
+    transform. ``image_size`` and ``resize`` must be those of the ingest that made the
+    training images: set ``ingest`` to read them from its ``ingest.json``.
+    """
+
+    ingest: Path | None = Field(
+        None, description="ingest output folder whose ingest.json gives image_size, resize, max_pixels")
+    image_size: int = Field(256, ge=8, le=8192, description="side of the square image (the ingest's image_size)")
+    resize: Literal["pad", "stretch"] = Field("pad", description="the ingest's resize mode")
+    max_pixels: int = Field(50_000_000, gt=0, description="larger images are refused (422, reason too_large)")
+
+    def resolved(self) -> SquaringConfig:
+        """This config with the values of ``ingest``'s ``ingest.json`` filled in.
+
+        A value set explicitly that contradicts the ingest's is an error: the models would
+        see images prepared unlike their training images.
+        """
+        if self.ingest is None:
+            return self
+        from msk.core.io.manifest import SUMMARY_FILE, read_ingest_summary
+
+        summary = Path(self.ingest) / SUMMARY_FILE
+        if not summary.is_file():
+            raise ConfigError(f"preprocess.ingest: {summary} does not exist (not an ingest output folder?)")
+        saved = (read_ingest_summary(self.ingest) or {}).get("config")
+        if not isinstance(saved, dict):
+            raise ConfigError(f"preprocess.ingest: {summary} is unreadable (no JSON object with its config)")
+        values = {k: saved[k] for k in ("image_size", "resize", "max_pixels") if k in saved}
+        clash = {k: (getattr(self, k), v) for k, v in values.items()
+                 if k in self.model_fields_set and getattr(self, k) != v}
+        if clash:
+            detail = ", ".join(f"{k}: {mine!r} here, {theirs!r} in {summary}" for k, (mine, theirs) in clash.items())
+            raise ConfigError(f"preprocess contradicts the ingest it names ({detail}); drop the "
+                              "explicit value(s)")
+        return self.model_copy(update=values)
+
+
+def read_square(data: bytes, config: SquaringConfig, source: str = "upload") -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode a file's bytes and square them exactly as the ingest does: ``(uint8 [S, S] image,
+    decoded (height, width))``. A file the ingest would quarantine raises its
+    :class:`~msk.core.errors.QuarantineError` (CPU work: serving runs it in a thread)."""
+    from msk.core.io.dicom import read_image
+
+    decoded = read_image(data, source=source, max_pixels=config.max_pixels)
+    return square_image(decoded.pixels, config.image_size, config.resize), tuple(decoded.pixels.shape)

@@ -124,23 +124,23 @@ def _read_info(run: Path) -> dict[str, Any]:
 
 
 def segment_preprocess(run: str | os.PathLike, ingest: str | os.PathLike | None = None):
-    """The :class:`msk.serve.config.PreprocessConfig` that squares new images like the run's
+    """The :class:`msk.core.data.squaring.SquaringConfig` that squares new images like the run's
     training images: ``ingest``'s ``ingest.json`` if given, else what ``segmenter.json`` records
     (module docstring). A square size other than the run's is refused."""
-    from msk.serve.config import PreprocessConfig
+    from msk.core.data.squaring import SquaringConfig
 
     run = Path(run)
     info = _read_info(run)
     recorded, source = info.get("ingest"), info.get("source")
     if ingest is not None:
-        preprocess = PreprocessConfig(ingest=Path(ingest)).resolved()
+        preprocess = SquaringConfig(ingest=Path(ingest)).resolved()
     elif isinstance(recorded, dict) and "image_size" in recorded:
-        preprocess = PreprocessConfig(**{k: recorded[k] for k in ("image_size", "resize", "max_pixels")
+        preprocess = SquaringConfig(**{k: recorded[k] for k in ("image_size", "resize", "max_pixels")
                                          if k in recorded})
     elif source and (Path(source) / "ingest.json").is_file():
-        preprocess = PreprocessConfig(ingest=Path(source)).resolved()
+        preprocess = SquaringConfig(ingest=Path(source)).resolved()
     else:  # a run from before segmenter.json recorded its ingest, whose ingest folder is gone
-        preprocess = PreprocessConfig(image_size=int(info["image_size"]), resize="pad")
+        preprocess = SquaringConfig(image_size=int(info["image_size"]), resize="pad")
     if preprocess.image_size != int(info["image_size"]):
         raise ConfigError(f"--ingest {ingest}: its images are {preprocess.image_size} px but the segmenter "
                           f"{run} was trained on {info['image_size']} px images; give the run's own ingest folder")

@@ -1,7 +1,7 @@
 """``msk sort RUN IMAGE...``: a trained sorter on image files, with ``unknown`` for misfits.
 
 Files are decoded and squared exactly as ``/v1/sort`` does it
-(:func:`msk.serve.inputs.decode_radiograph`: the ingest's :func:`msk.core.io.dicom.read_image`
+(:func:`msk.core.data.squaring.read_square`: the ingest's :func:`msk.core.io.dicom.read_image`
 and :func:`msk.core.data.squaring.square_image`), at the size and resize mode of the ingest the run
 was trained on (``sorter.json`` records them under ``"ingest"``; ``--ingest`` names the ingest
 folder instead). :func:`sort_answer` is the answer per image that the CLI prints and
@@ -19,26 +19,26 @@ from typing import Any
 
 import numpy as np
 
-from msk.core.errors import ConfigError
+from msk.core.data.squaring import SquaringConfig, read_square
+from msk.core.errors import ConfigError, QuarantineError, unusable_message
 
 __all__ = ["FileError", "ReadImages", "read_images", "run_preprocess", "sort_answer"]
 
 
 def run_preprocess(run: str | os.PathLike, ingest: str | os.PathLike | None = None):
-    """The :class:`msk.serve.config.PreprocessConfig` that makes new images like the run's
+    """The :class:`msk.core.data.squaring.SquaringConfig` that makes new images like the run's
     training images: from ``ingest``'s ``ingest.json`` if given, else from ``sorter.json``."""
     from msk.core.stages.sorter.training import read_sorter_info
-    from msk.serve.config import PreprocessConfig
 
     if ingest is not None:
-        return PreprocessConfig(ingest=Path(ingest)).resolved()
+        return SquaringConfig(ingest=Path(ingest)).resolved()
     recorded = read_sorter_info(run).get("ingest")
     if not recorded or "image_size" not in recorded:
         raise ConfigError(f"{Path(run) / 'sorter.json'} does not record how its training images "
                           "were squared (a run from before `msk sort`); pass --ingest with the "
                           "run's ingest folder, or rerun `msk train sorter` on the run folder")
     values = {k: recorded[k] for k in ("image_size", "resize", "max_pixels") if k in recorded}
-    return PreprocessConfig(**values)
+    return SquaringConfig(**values)
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,6 @@ class ReadImages:
 def read_images(paths: Sequence[str | os.PathLike], preprocess) -> ReadImages:
     """Decode every file like an upload to ``/v1/sort``; unreadable files become
     :class:`FileError` s, never exceptions."""
-    from msk.serve.errors import ApiError
-    from msk.serve.inputs import decode_radiograph
-
     images, ok, errors = [], [], []
     for path in paths:
         try:
@@ -77,10 +74,10 @@ def read_images(paths: Sequence[str | os.PathLike], preprocess) -> ReadImages:
             errors.append(FileError(str(path), "read_error", exc.strerror or type(exc).__name__))
             continue
         try:
-            images.append(decode_radiograph(data, preprocess).pixels)
-        except ApiError as exc:
-            errors.append(FileError(str(path), exc.reason or exc.code,
-                                    exc.message.replace("the upload", "the file")))
+            images.append(read_square(data, preprocess)[0])
+        except QuarantineError as exc:
+            errors.append(FileError(str(path), exc.reason.value,
+                                    unusable_message(exc.reason).replace("the upload", "the file")))
             continue
         ok.append(str(path))
     size = preprocess.image_size
