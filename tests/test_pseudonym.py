@@ -232,12 +232,13 @@ def test_record_contains_no_phi(pseudonymiser):
         assert value not in serialised, f"{value!r} leaked into the record"
     assert set(record) == {"patient_id", "study_id", "series_id", "instance_id", "modality", "body_part",
                            "view_position", "laterality", "patient_sex", "age_years", "study_year",
-                           "source_hash"}
+                           "study_date", "source_hash"}
     assert record["patient_id"] == pseudonymiser.pseudonym(PHI["PatientID"], "patient")
     assert record["source_hash"] == pseudonymiser.record_id(SOURCE)
     assert (record["modality"], record["body_part"], record["view_position"], record["laterality"]) == (
         "CR", "HIP", "AP", "L")
     assert (record["patient_sex"], record["age_years"], record["study_year"]) == ("F", 52, 2023)
+    assert record["study_date"] is None  # dates: year (the default) keeps the year only
 
 
 @pytest.mark.shared_data

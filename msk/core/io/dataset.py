@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
@@ -37,7 +38,10 @@ def read_shards(out: str | os.PathLike, *, columns: Sequence[str] | None = None,
     ``columns`` selects columns; ``filter`` is a :mod:`pyarrow.dataset` expression applied
     while reading, e.g. ``pc.field("body_part") == "HAND"``.
     """
-    dataset = pads.dataset(_shard_files(out), format="parquet")
+    files = _shard_files(out)
+    # Shards written before a column was added (e.g. study_date) lack it: read it as null there.
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files]) if len(files) > 1 else None
+    dataset = pads.dataset(files, format="parquet", schema=schema)
     return dataset.to_table(columns=list(columns) if columns is not None else None, filter=filter)
 
 

@@ -10,10 +10,12 @@ Two outputs leave this module:
 
 * :meth:`Pseudonymiser.record` turns an :class:`~msk.core.io.dicom.ImageMeta` into the metadata
   msk writes: pseudonymous ids, coded facts (modality, body part, view, laterality, sex), age
-  in whole years (90 for anyone older than 89) and the study year. Names, birth dates, full
+  in whole years (90 for anyone older than 89) and the study year, or with ``dates="shift"``
+  the study date shifted by a keyed per-patient number of days. Names, birth dates, true full
   dates, institutions and raw UIDs never appear.
-* :meth:`Pseudonymiser.scrub_dataset` de-identifies a pydicom data set in place, in the spirit
-  of the DICOM PS3.15 Basic Application Level Confidentiality Profile (see docs/reader.md).
+* :meth:`Pseudonymiser.scrub_dataset` de-identifies a pydicom data set in place by the DICOM
+  PS3.15 Basic Application Level Confidentiality Profile (Table E.1-1, from
+  :mod:`msk.core.io.deid_profile`), with the options docs/privacy.md lists.
 
 Key sources (:meth:`Pseudonymiser.from_env_or_file`), first match wins:
 
@@ -39,9 +41,9 @@ import re
 import secrets
 import stat
 import uuid
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -50,11 +52,13 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from msk.core.errors import ConfigError
+from msk.core.io.deid_profile import profile_action
 
 if TYPE_CHECKING:
     from msk.core.io.dicom import ImageMeta
 
-__all__ = ["ENV_VAR", "KINDS", "MIN_KEY_BYTES", "PseudonymKeyError", "Pseudonymiser", "age_in_years", "parse_key"]
+__all__ = ["DATE_MODES", "DATE_SHIFT_DAYS", "ENV_VAR", "KINDS", "MIN_KEY_BYTES", "RETAINED_BY_OPTION",
+           "DateMode", "PseudonymKeyError", "Pseudonymiser", "age_in_years", "parse_key"]
 
 log = logging.getLogger(__name__)
 
@@ -76,55 +80,44 @@ _AGE_UNIT_DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 _DATE = re.compile(r"(\d{4})(\d{2})(\d{2})")
 
 
-#: De-identification Method (LO: at most 64 characters); docs/reader.md has the details.
-DEIDENTIFICATION_METHOD = "msk: PS3.15 basic profile; HMAC pseudonyms; year-only dates"
+#: How dates are kept (``IngestConfig.dates``): ``year``: the year only; ``shift``: the full date moved
+#: back by a per-patient number of days (:meth:`Pseudonymiser.date_shift_days`), so intervals survive.
+DateMode = Literal["year", "shift"]
+DATE_MODES: tuple[str, ...] = ("year", "shift")
+#: Range of the per-patient date shift, in days back in time (inclusive).
+DATE_SHIFT_DAYS = (30, 1825)
 
-#: Removed wherever they occur (PS3.15 Table E.1-1 action X, and D/Z ones of type 3).
-_REMOVE_KEYWORDS = (
-    "AcquisitionComments", "AdditionalPatientHistory", "AdmissionID", "AdmittingDiagnosesCodeSequence",
-    "AdmittingDiagnosesDescription", "Allergies", "BranchOfService", "ClinicalTrialSponsorName",
-    "ConsultingPhysicianName", "CountryOfResidence", "CurrentPatientLocation", "DerivationDescription",
-    "DetectorID", "DeviceSerialNumber", "DigitalSignaturesSequence", "EthnicGroup",
-    "FillerOrderNumberImagingServiceRequest", "GantryID", "ImageComments", "InstitutionAddress",
-    "InstitutionCodeSequence", "InstitutionName", "InstitutionalDepartmentName",
-    "InsurancePlanIdentification", "IssuerOfPatientID", "MACParametersSequence", "MedicalAlerts",
-    "MedicalRecordLocator", "MilitaryRank", "ModifiedAttributesSequence", "Occupation",
-    "OrderCallbackPhoneNumber", "OrderEnteredBy", "OrderEntererLocation", "OriginalAttributesSequence",
-    "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientAddress",
-    "PatientBirthName", "PatientBirthTime", "PatientComments", "PatientInstitutionResidence",
-    "PatientInsurancePlanCodeSequence", "PatientMotherBirthName", "PatientReligiousPreference",
-    "PatientSize", "PatientState", "PatientTelephoneNumbers", "PatientTransportArrangements",
-    "PatientWeight", "PerformedLocation", "PerformedProcedureStepDescription",
-    "PerformedProcedureStepID", "PerformedStationAETitle", "PerformedStationName",
-    "PerformingPhysicianName", "PersonAddress", "PersonTelephoneNumbers", "PhysiciansOfRecord",
-    "PlacerOrderNumberImagingServiceRequest", "ProtocolName", "ReasonForStudy",
-    "ReasonForTheRequestedProcedure", "ReferringPhysicianAddress",
-    "ReferringPhysicianIdentificationSequence", "ReferringPhysicianTelephoneNumbers",
-    "RegionOfResidence", "RequestAttributesSequence", "RequestedProcedureDescription",
-    "RequestedProcedureID", "RequestingPhysician", "RequestingService", "ResponsibleOrganization",
-    "ResponsiblePerson", "ScheduledPerformingPhysicianName", "ScheduledProcedureStepDescription",
-    "ScheduledProcedureStepID", "SeriesDescription", "ServiceEpisodeID", "SpecialNeeds",
-    "StationName", "StudyComments", "StudyDescription", "TextComments", "TextString",
-    "NameOfPhysiciansReadingStudy", "OperatorsName",
-)
-#: Emptied, not removed: type 2 attributes of mandatory modules (must be present).
-_EMPTY_KEYWORDS = ("AccessionNumber", "PatientBirthDate", "ReferringPhysicianName", "StudyID")
+#: De-identification Method (LO: at most 64 characters) per date mode; docs/privacy.md has the details.
+DEIDENTIFICATION_METHOD = {
+    "year": "msk: PS3.15 basic profile; keyed UIDs; sex, age; year-only dates",
+    "shift": "msk: PS3.15 basic profile; keyed UIDs; sex, age; shifted dates",
+}
+
+#: Profile attributes whose information msk keeps, and the PS3.15 E.3 option that allows it.
+#: Every other attribute of Table E.1-1 is handled as the Basic Profile says (the strictest of its
+#: actions: X where X is allowed), see :meth:`Pseudonymiser.scrub_dataset`.
+RETAINED_BY_OPTION = {
+    "PatientSex": "Retain Patient Characteristics Option (E.3.4): kept as M, F or O",
+    "PatientAge": "Retain Patient Characteristics Option (E.3.4): whole years, 90 for anyone older than 89",
+    "dates (DA, DT)": "Retain Longitudinal Temporal Information with Modified Dates Option (E.3.6): "
+                      "the year only, or shifted by a per-patient number of days (dates: shift)",
+}
+
+#: Removed from the file meta information (group 0002), which Table E.1-1 does not cover.
 _FILE_META_REMOVE = (
     "SourceApplicationEntityTitle", "SendingApplicationEntityTitle", "ReceivingApplicationEntityTitle",
     "PrivateInformationCreatorUID", "PrivateInformation",
 )
-
-
-def _tags(keywords: tuple[str, ...]) -> frozenset[int]:
-    tags = {keyword: tag_for_keyword(keyword) for keyword in keywords}
-    unknown = sorted(k for k, t in tags.items() if t is None)
-    if unknown:  # a typo would silently leak the attribute
-        raise RuntimeError(f"unknown DICOM keywords in the scrub tables: {unknown}")
-    return frozenset(t for t in tags.values() if t is not None)
-
-
-_REMOVE = _tags(_REMOVE_KEYWORDS)
-_EMPTY = _tags(_EMPTY_KEYWORDS)
+#: A dummy value (action D) for string VRs; numbers become 0, binary values and sequences empty.
+_DUMMY = "ANONYMIZED"
+_DUMMY_MAX = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "AS": 4}
+_TEXT_VRS = frozenset({"AE", "CS", "SH", "LO", "ST", "LT", "UT", "UC", "UR", "PN", "AS"})
+_NUMBER_VRS = frozenset({"DS", "IS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
+_PATIENT_ID = tag_for_keyword("PatientID")
+_PATIENT_AGE = tag_for_keyword("PatientAge")
+_PATIENT_SEX = tag_for_keyword("PatientSex")
+#: Emptied (Z) although it is a date: the age is kept instead, a birth date would add nothing.
+_PATIENT_BIRTH_DATE = tag_for_keyword("PatientBirthDate")
 
 
 class PseudonymKeyError(ConfigError):
@@ -287,8 +280,42 @@ class Pseudonymiser:
         keyed = uuid.UUID(bytes=self._digest("uid", value.strip())[:16], version=4)
         return f"2.25.{keyed.int}"
 
-    def record(self, meta: ImageMeta) -> dict[str, Any]:
-        """The only metadata msk writes for an image: no names, dates, institutions or raw UIDs."""
+    def date_shift_days(self, value: str | None, kind: str = "patient") -> int:
+        """Days (negative: back in time) by which ``dates: shift`` moves every date of a patient.
+
+        Keyed like the pseudonyms (HMAC-SHA256 of the key, ``kind`` and the stripped Patient ID
+        ``value``), so every study of a patient moves by the same amount in every run and on every
+        machine, and the intervals between them are kept; without the key the shift cannot be
+        recomputed. Uniform over :data:`DATE_SHIFT_DAYS`. An image without a Patient ID is
+        shifted by its study's shift (``kind="study"``, the Study Instance UID), else its file's.
+        """
+        low, high = DATE_SHIFT_DAYS
+        text = f"{kind}\0{(value or '').strip()}"
+        number = int.from_bytes(self._digest("date-shift", text)[:8], "big")
+        return -(low + number % (high - low + 1))
+
+    def _shift_for(self, patient: str | None, study: str | None, source: str | None) -> int:
+        """The shift of an image: its patient's; without a Patient ID, its study's, else its file's."""
+        for kind, value in (("patient", patient), ("study", study), ("source", source)):
+            if value and value.strip():
+                return self.date_shift_days(value, kind)
+        return self.date_shift_days("", "source")
+
+    def record(self, meta: ImageMeta, dates: DateMode = "year") -> dict[str, Any]:
+        """The only metadata msk writes for an image: no names, full dates, institutions or raw UIDs.
+
+        ``dates="year"``: ``study_year`` is the study's year, ``study_date`` is None. ``"shift"``:
+        ``study_date`` is the study date moved by :meth:`date_shift_days` of the patient (a
+        :class:`datetime.date`) and ``study_year`` is None (the true year next to a shifted date
+        would narrow the shift down).
+        """
+        if dates not in DATE_MODES:
+            raise ValueError(f"dates must be one of {DATE_MODES}, not {dates!r}")
+        shifted = None
+        if dates == "shift":
+            day = _parse_date(meta.study_date)
+            shift = self._shift_for(meta.patient_id, meta.study_uid, meta.source)
+            shifted = day + timedelta(days=shift) if day else None
         return {
             "patient_id": self.pseudonym(meta.patient_id, "patient"),
             "study_id": self.pseudonym(meta.study_uid, "study"),
@@ -300,31 +327,47 @@ class Pseudonymiser:
             "laterality": _code(meta.laterality),
             "patient_sex": _sex(meta.patient_sex),
             "age_years": age_in_years(meta.patient_age, meta.patient_birth_date, meta.study_date),
-            "study_year": _year(meta.study_date),
+            "study_year": _year(meta.study_date) if dates == "year" else None,
+            "study_date": shifted,
             "source_hash": self.record_id(meta.source),
         }
 
-    def scrub_dataset(self, ds: Dataset) -> Dataset:
-        """De-identify ``ds`` in place (PS3.15 basic-profile style) and return it.
+    def scrub_dataset(self, ds: Dataset, dates: DateMode = "year") -> Dataset:
+        """De-identify ``ds`` in place by the PS3.15 Basic Profile (Table E.1-1) and return it.
 
-        * Patient ID and Patient's Name become the patient pseudonym.
-        * Identifying attributes (birth date, addresses, phone numbers, other ids, institution,
-          physicians, operators, accession number, station, descriptions, comments, ...) are
-          removed, or emptied where DICOM requires them to be present; every other person
-          name anywhere (sequences included) is emptied.
-        * Dates (DA) keep their year (``YYYY0101``), date-times (DT) become ``YYYY``, times
-          (TM) are emptied; ages over 89 become ``090Y``.
+        The attribute list and actions come from :mod:`msk.core.io.deid_profile` (a maintained
+        copy of the standard's table). For each element, anywhere (sequences included):
+
+        * Private tags, curves (50xx), overlays (60xx, all of the group: overlay bitmaps can hold
+          burned-in text) and elements of unknown VR (UN) are removed.
+        * Patient ID and Patient's Name become the patient pseudonym (Z/D and Z allow a dummy).
+        * Patient's Sex and Age are kept, ages over 89 as ``090Y`` (Retain Patient
+          Characteristics Option).
+        * A profile attribute whose actions include X is removed (the strictest choice), except
+          that sequences marked ``X/Z/U*`` (Referenced/Source Image) are kept with their UIDs
+          replaced, and dates are kept modified (below).
+        * Dates (DA) and date-times (DT) are kept modified (Retain Longitudinal Temporal
+          Information with Modified Dates Option): ``dates="year"``: ``YYYY0101`` and ``YYYY``;
+          ``"shift"``: moved back by the patient's :meth:`date_shift_days` (DT: the shifted date
+          only). Times (TM) are emptied. A date the profile only removes (X) is removed; the
+          birth date is emptied (the age is kept instead).
         * Every UID that is not a well-known DICOM UID (SOP classes, transfer syntaxes, ...)
-          becomes :meth:`uid` of it, so references between objects stay consistent.
-        * Private tags, curves (50xx) and overlays (60xx, incl. their comments) and elements of
-          unknown VR are removed.
-        * Patient Identity Removed = YES and De-identification Method are set.
+          becomes :meth:`uid` of it (action U, and any other instance UID), so references
+          between objects stay consistent and the same UID maps to the same UID under one key.
+        * Other Z attributes are emptied, D attributes get a dummy value (``ANONYMIZED``, 0, or
+          empty for binary values and sequences); every other person name (PN) is emptied.
+        * Patient Identity Removed = YES, De-identification Method and Longitudinal Temporal
+          Information Modified = MODIFIED are set.
 
-        Pixel data is not touched: text burned into the pixels (Burned In Annotation = YES)
-        is not removed.
+        Pixel data is not touched here: text burned into the pixels is another step.
         """
+        if dates not in DATE_MODES:
+            raise ValueError(f"dates must be one of {DATE_MODES}, not {dates!r}")
+        shift = None
+        if dates == "shift":
+            shift = self._shift_for(_text(ds.get("PatientID")), _text(ds.get("StudyInstanceUID")), None)
         ds.remove_private_tags()
-        ds.walk(self._scrub_element)
+        ds.walk(lambda parent, elem: self._scrub_element(parent, elem, shift))
         file_meta = getattr(ds, "file_meta", None)
         if file_meta is not None:
             for keyword in _FILE_META_REMOVE:
@@ -336,29 +379,63 @@ class Pseudonymiser:
         ds.PatientID = ds.get("PatientID") or ""  # pseudonymised by the walk
         ds.PatientName = ds.PatientID  # emptied with every other person name by the walk
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
+        ds.DeidentificationMethod = DEIDENTIFICATION_METHOD[dates]
         ds.LongitudinalTemporalInformationModified = "MODIFIED"
         return ds
 
-    def _scrub_element(self, ds: Dataset, elem: DataElement) -> None:
-        tag, vr, keyword = elem.tag, elem.VR, elem.keyword
-        if tag.is_private or (tag.group & 0xFF00) in (0x5000, 0x6000) or vr == "UN" or tag in _REMOVE:
+    def _scrub_element(self, ds: Dataset, elem: DataElement, shift: int | None) -> None:
+        tag, vr = elem.tag, elem.VR
+        action = profile_action(tag) or ""
+        if tag.is_private or (tag.group & 0xFF00) in (0x5000, 0x6000) or vr == "UN":
             del ds[tag]
-        elif keyword == "PatientID":
+        elif tag == _PATIENT_ID:
             elem.value = self.pseudonym(_text(elem.value), "patient") or ""
-        elif tag in _EMPTY or vr == "PN":
-            elem.value = [] if vr == "SQ" else ""
-        elif keyword == "PatientAge":
+        elif tag == _PATIENT_AGE:
             age = age_in_years(_text(elem.value))
             elem.value = f"{age:03d}Y" if age is not None and age >= MAX_AGE else elem.value
+        elif tag == _PATIENT_SEX:
+            elem.value = _sex(_text(elem.value)) or ""
+        elif tag == _PATIENT_BIRTH_DATE:
+            elem.value = ""
+        elif action == "X" or (action.startswith("X") and action != "X/Z/U*" and vr not in ("DA", "DT", "TM")):
+            del ds[tag]
+        elif vr == "SQ":
+            if action and action != "X/Z/U*":  # Z or D of a sequence: emptied (its items may hold anything)
+                elem.value = []
         elif vr == "UI" and elem.value:
             elem.value = _map_values(elem.value, lambda v: v if UID(v).type else self.uid(v))
         elif vr == "DA" and elem.value:
-            elem.value = _map_values(elem.value, _year_only_date)
+            elem.value = _map_values(elem.value, lambda v: _modified_date(v, shift))
         elif vr == "DT" and elem.value:
-            elem.value = _map_values(elem.value, _year_only_datetime)
+            elem.value = _map_values(elem.value, lambda v: _modified_datetime(v, shift))
         elif vr == "TM":
             elem.value = ""
+        elif vr == "PN" or "Z" in action:
+            elem.value = ""
+        elif action == "D":
+            elem.value = _dummy(vr)
+
+
+def _dummy(vr: str) -> Any:
+    """A non-empty dummy value of ``vr`` (action D); binary values become empty."""
+    if vr in _TEXT_VRS:
+        return _DUMMY[: _DUMMY_MAX.get(vr, len(_DUMMY))] if vr != "AS" else "000Y"
+    if vr in _NUMBER_VRS:
+        return 0
+    return b"" if vr.startswith("O") else ""
+
+
+def _modified_date(value: str, shift: int | None) -> str:
+    if shift is None:
+        return _year_only_date(value)
+    day = _parse_date(value)
+    return (day + timedelta(days=shift)).strftime("%Y%m%d") if day else ""
+
+
+def _modified_datetime(value: str, shift: int | None) -> str:
+    if shift is None:
+        return _year_only_datetime(value)
+    return _modified_date(value, shift)
 
 
 def _year_only_date(value: str) -> str:

@@ -107,6 +107,11 @@ class IngestConfig(MskConfig):
     small_side: int = Field(64, ge=1, description="images whose shorter side is below this get the warning small_image")
     max_upscale: float = Field(2.0, ge=1.0, description="images enlarged by more than this factor to "
                                "image_size get the warning upscaled")
+    dates: Literal["year", "shift"] = Field(
+        "year", description="year: shards keep the study's year only (study_year); shift: they keep the "
+        "study date moved back by a keyed per-patient number of days (study_date; study_year is null), so "
+        "the intervals between a patient's studies survive (docs/privacy.md)"
+    )
 
     @field_validator("modalities")
     @classmethod
@@ -135,6 +140,7 @@ SHARD_SCHEMA = pa.schema(
         pa.field("patient_sex", pa.string()),
         pa.field("age_years", pa.int32()),  # whole years, 90 for anyone older than 89
         pa.field("study_year", pa.int32()),
+        pa.field("study_date", pa.date32()),  # dates: shift only: the study date shifted per patient
         pa.field("source_format", pa.string()),
         pa.field("transfer_syntax", pa.string()),
         pa.field("photometric", pa.string()),
@@ -277,7 +283,7 @@ def process_file(src: Path, rel: str, config: IngestConfig, pseudonymiser: Pseud
         meta = dataclasses.replace(meta, warnings=meta.warnings + size_warnings(
             meta.rows, meta.cols, config.image_size, small_side=config.small_side,
             max_upscale=config.max_upscale, resize=config.resize))
-        record = pseudonymiser.record(meta)
+        record = pseudonymiser.record(meta, dates=config.dates)
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop an ingest
         if isinstance(exc, QuarantineError):
             reason, detail = exc.reason.value, exc.detail
