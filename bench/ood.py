@@ -134,14 +134,9 @@ def main() -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     from msk.core.data.labelled import load_labelled
     from msk.core.models.ood import calibrate, ood_score
+    from msk.core.models.sorter import load_sorter, logits_and_features
     from msk.core.stages.sorter.sorting import run_preprocess
-    from msk.core.stages.sorter.training import (
-        SorterConfig,
-        load_sorter,
-        logits_and_features,
-        prepare_sorter_data,
-        sorter_from_ingest,
-    )
+    from msk.core.stages.sorter.training import SorterConfig, prepare_sorter_data, sorter_from_ingest
 
     began = time.perf_counter()
     real_xr = SHARED / "real-xr"

@@ -114,7 +114,8 @@ def sorter_run(name: str, data, truth: list[str], args, work: Path, extra_train=
     """``train_sorter`` on ``data`` (its labels may be weak), scored on its test set against
     ``truth`` (the true region of every image of ``data``)."""
     from msk.core.data.splits import plan_splits
-    from msk.core.stages.sorter.training import SorterConfig, load_sorter, train_sorter
+    from msk.core.models.sorter import load_sorter
+    from msk.core.stages.sorter.training import SorterConfig, train_sorter
 
     config = SorterConfig(encoder=args.encoder, image_size=args.image_size, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, folds=args.folds, num_workers=0,

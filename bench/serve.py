@@ -2,7 +2,7 @@
 
 Both sides do the same work per input: decode the file with the ingest's reader, square it
 (:func:`msk.serve.inputs.decode_radiograph`), run the sorter and take the softmax
-(:meth:`msk.core.stages.sorter.training.SorterEnsemble.predict_proba`), with one torch thread each:
+(:meth:`msk.core.models.sorter.SorterEnsemble.predict_proba`), with one torch thread each:
 
 * **in-process, 1 by 1**: decode + predict one input at a time: the latency floor;
 * **in-process, batch B**: decode every input, predict in batches of ``B``: the throughput

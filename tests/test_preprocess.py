@@ -243,8 +243,8 @@ def _capture(model):
 
 
 def test_training_evaluation_and_serving_feed_identical_inputs(tmp_path):
+    from msk.core.models.sorter import SorterEnsemble
     from msk.core.models.train import TrainConfig, _Arrays, fit_classifier, load_model, predict_logits
-    from msk.core.stages.sorter.training import SorterEnsemble
     from msk.serve.config import SortConfig
     from msk.serve.sorter import load_sorter_model
 

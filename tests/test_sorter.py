@@ -16,9 +16,10 @@ from msk.core.data.splits import plan_splits
 from msk.core.errors import TrainingDataError
 from msk.core.io.checkpoint import save_checkpoint
 from msk.core.io.labels import LabelFileError, read_image_labels
+from msk.core.models.sorter import SorterError, load_sorter
 from msk.core.models.train import TrainConfig, fit_classifier
 from msk.core.registry import entity_set
-from msk.core.stages.sorter.training import SorterConfig, SorterError, load_sorter, train_sorter
+from msk.core.stages.sorter.training import SorterConfig, train_sorter
 
 from test_train import bars as drawings  # tests/ is on sys.path (rootdir conftest)
 
@@ -389,8 +390,8 @@ def test_holdout_sharing_patients_is_refused(tmp_path):
 def out_of_fold_scores(out, score="mahalanobis"):
     """Each validation image scored by the fold model it validates (no image scores itself)."""
     from msk.core.models.ood import FeatureDensity, ood_score
+    from msk.core.models.sorter import logits_and_features
     from msk.core.models.train import load_model
-    from msk.core.stages.sorter.training import logits_and_features
 
     data = labelled()
     fold_of = {r["image_id"]: r["val_fold"] for r in csv.DictReader((out / "splits.csv").open())}
@@ -406,8 +407,8 @@ def out_of_fold_scores(out, score="mahalanobis"):
 
 def test_feature_density_is_fitted_on_each_folds_training_images(run):
     from msk.core.models.ood import FeatureDensity
+    from msk.core.models.sorter import logits_and_features
     from msk.core.models.train import load_model
-    from msk.core.stages.sorter.training import logits_and_features
 
     _, out = run
     data = labelled()
@@ -446,7 +447,7 @@ class Fixed(torch.nn.Module):
 
 def test_below_the_threshold_is_unknown():
     from msk.core.models.ood import UnknownCalibration
-    from msk.core.stages.sorter.training import SorterEnsemble
+    from msk.core.models.sorter import SorterEnsemble
 
     images = labelled(4).images
     uniform = [Fixed([0.0, 0.0, 0.0]), Fixed([1.0, 1.0, 1.0])]  # max softmax 1/3

@@ -9,7 +9,8 @@ import pytest
 
 import msk.core.stages.sorter.training as sorter_module
 from msk.core.data.labelled import LabelledImages
-from msk.core.stages.sorter.training import SorterError, train_sorter
+from msk.core.models.sorter import SorterError
+from msk.core.stages.sorter.training import train_sorter
 
 from test_sorter import fast, labelled  # tests/ is on sys.path (rootdir conftest)
 

@@ -512,8 +512,9 @@ def sort(
     """
     import json
 
-    from msk.core.stages.sorter.sorting import read_images, run_preprocess, sort_answer
-    from msk.core.stages.sorter.training import load_sorter
+    from msk.core.stages.sorter.sorting import read_images, run_preprocess
+    from msk.core.models.sorter import sort_answer
+    from msk.core.models.sorter import load_sorter
 
     preprocess = run_preprocess(run_dir, ingest_dir)
     read = read_images(images, preprocess)

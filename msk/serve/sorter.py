@@ -2,7 +2,7 @@
 
 The model is what ``msk train sorter`` wrote: a run folder (``sorter.json`` + ``fold-k/best.pt``)
 is served as its fold ensemble (mean of the fold models' softmax, as the sorter evaluates it:
-:class:`msk.core.stages.sorter.training.SorterEnsemble`); a single classifier checkpoint is served alone, with
+:class:`msk.core.models.sorter.SorterEnsemble`); a single classifier checkpoint is served alone, with
 its class names from the config, the checkpoint (``extra["classes"]``) or, for 28 outputs, the
 ``samx-regions`` entity set.
 
@@ -64,7 +64,7 @@ def inspect_sorter(config: SortConfig) -> dict[str, Any]:
                               "`msk train sorter` run); name a run folder or a .pt checkpoint")
         from msk.core.errors import MskError
         from msk.core.models.ood import FEATURE_SCORES, UnknownCalibration
-        from msk.core.stages.sorter.training import DENSITY_FILE
+        from msk.core.models.sorter import DENSITY_FILE
 
         try:
             info = json.loads(summary.read_text())
@@ -99,15 +99,15 @@ def inspect_sorter(config: SortConfig) -> dict[str, Any]:
 
 
 def load_sorter_model(config: SortConfig):
-    """The :class:`~msk.core.stages.sorter.training.SorterEnsemble` the config names (CPU, eval mode)."""
+    """The :class:`~msk.core.models.sorter.SorterEnsemble` the config names (CPU, eval mode)."""
+    from msk.core.models.sorter import SorterEnsemble
     from msk.core.models.train import load_model
-    from msk.core.stages.sorter.training import SorterEnsemble
 
     info = inspect_sorter(config)
     models = [load_model(path)[0] for path in info["checkpoints"]]
     densities = None
     if info["unknown"] is not None:  # a run folder (checked above): a feature score's densities
-        from msk.core.stages.sorter.training import load_densities
+        from msk.core.models.sorter import load_densities
 
         densities = load_densities(Path(config.checkpoint), len(models), info["unknown"])
     return SorterEnsemble(models, info["classes"], info["image_size"], info["unknown"], densities)
@@ -144,8 +144,8 @@ class SorterDeployment(ModelReplica):
 
     async def sort(self, image: np.ndarray, k: int | None = None, gradcam: bool = False) -> dict[str, Any]:
         """The ``k`` most probable regions of a square ``uint8`` image, most probable first, and
-        whether it scores below the ``unknown`` threshold (:func:`msk.core.stages.sorter.sorting.sort_answer`)."""
-        from msk.core.stages.sorter.sorting import sort_answer
+        whether it scores below the ``unknown`` threshold (:func:`msk.core.models.sorter.sort_answer`)."""
+        from msk.core.models.sorter import sort_answer
 
         probs, score = await self._probabilities(image)
         result = sort_answer(probs, score, self.ensemble, k or self.config.top_k)

@@ -74,7 +74,7 @@ def evaluate_against_truth(run_dir: str | os.PathLike, truth_file: str | os.Path
     import yaml
 
     from msk.core.io.truth import canonical_labels, check_overlap, read_truth
-    from msk.core.stages.sorter.training import SorterError, read_sorter_info
+    from msk.core.models.sorter import SorterError, read_sorter_info
 
     run_dir = Path(run_dir)
     info = read_sorter_info(run_dir)

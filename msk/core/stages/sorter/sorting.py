@@ -4,7 +4,7 @@ Files are decoded and squared exactly as ``/v1/sort`` does it
 (:func:`msk.core.data.squaring.read_square`: the ingest's :func:`msk.core.io.dicom.read_image`
 and :func:`msk.core.data.squaring.square_image`), at the size and resize mode of the ingest the run
 was trained on (``sorter.json`` records them under ``"ingest"``; ``--ingest`` names the ingest
-folder instead). :func:`sort_answer` is the answer per image that the CLI prints and
+folder instead). :func:`msk.core.models.sorter.sort_answer` is the answer per image that the CLI prints and
 ``/v1/sort`` returns: the ``k`` most probable regions, the image's score, the threshold and
 whether the image is ``unknown`` (:mod:`msk.core.models.ood`).
 """
@@ -15,20 +15,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from msk.core.data.squaring import SquaringConfig, read_square
 from msk.core.errors import ConfigError, QuarantineError, unusable_message
 
-__all__ = ["FileError", "ReadImages", "read_images", "run_preprocess", "sort_answer"]
+__all__ = ["FileError", "ReadImages", "read_images", "run_preprocess"]
 
 
 def run_preprocess(run: str | os.PathLike, ingest: str | os.PathLike | None = None):
     """The :class:`msk.core.data.squaring.SquaringConfig` that makes new images like the run's
     training images: from ``ingest``'s ``ingest.json`` if given, else from ``sorter.json``."""
-    from msk.core.stages.sorter.training import read_sorter_info
+    from msk.core.models.sorter import read_sorter_info
 
     if ingest is not None:
         return SquaringConfig(ingest=Path(ingest)).resolved()
@@ -85,13 +84,3 @@ def read_images(paths: Sequence[str | os.PathLike], preprocess) -> ReadImages:
     return ReadImages(stacked, ok, errors)
 
 
-def sort_answer(probabilities: np.ndarray, score: float, ensemble, k: int) -> dict[str, Any]:
-    """One image's answer: ``regions`` (the ``k`` most probable, most probable first, as
-    ``{name, probability}``), ``unknown``, ``score`` (named ``score_name``) and ``threshold``
-    (None when the sorter has no calibration: never unknown)."""
-    order = np.argsort(-np.asarray(probabilities), kind="stable")[:min(k, len(ensemble.classes))]
-    known = bool(ensemble.known(np.array([score]))[0])
-    return {"regions": [{"name": ensemble.classes[i], "probability": float(probabilities[i])}
-                        for i in order],
-            "unknown": not known, "score": float(score), "score_name": ensemble.score_name,
-            "threshold": ensemble.threshold}

@@ -35,8 +35,9 @@ from msk.core.data.splits import patients_per_class
 from msk.core.io.checkpoint import CheckpointError, load_checkpoint
 from msk.core.models.metrics import softmax
 from msk.core.models.pretrained import PretrainedError
+from msk.core.models.sorter import SorterError
 from msk.core.models.train import TrainConfig, TrainError, build_classifier, fit_classifier, predict_logits
-from msk.core.stages.sorter.training import SorterError, _check_resumable, _progress
+from msk.core.stages.sorter.training import _check_resumable, _progress
 
 __all__ = ["ArmResult", "TransferConfig", "TransferError", "TransferResult", "binary_rates",
            "class_rates", "run_transfer", "task_metrics", "transfer_from_ingest"]
