@@ -310,7 +310,7 @@ def cluster_features(features: np.ndarray, config: DeepClusterConfig, *, epoch: 
                                               strategy=config.empty_cluster,
                                               rng=np.random.default_rng(seed))
     sizes = np.bincount(labels, minlength=config.k)
-    centroids = np.zeros((config.k, x.shape[1]), np.float32)
+    centroids = np.zeros((len(sizes), x.shape[1]), np.float32)
     np.add.at(centroids, labels, x)
     centroids /= np.maximum(sizes, 1)[:, None]
     return Clustering(labels, int((sizes > 0).sum()), float(sizes.max() / len(labels)), fixed,
