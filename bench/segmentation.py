@@ -18,7 +18,7 @@ Steps, all through msk's own pipeline:
    segmenters' training patients, and a recommender (``msk.core.models.recommender.Recommender``, exact
    search, ``--k`` neighbours vote) whose gallery is those crops embedded with that classifier's
    encoder (``msk.core.models.embed.Embedder``); both fed (a) the true ROI, (b) the ROI each segmenter
-   ensemble predicts (``msk.core.stages.segmentation.training.predicted_rois``; an image where it finds no
+   ensemble predicts (``msk.core.models.segmenter.predicted_rois``; an image where it finds no
    lesion counts as wrong, and is counted), (c) the whole image. For a fair (c), a second
    classifier and recommender are trained and built on whole images of the same patients.
 
@@ -70,7 +70,8 @@ def step_time(segmenter: str, encoder: str, size: int, options: dict | None = No
     """Seconds per image of one training step (forward, backward, AdamW) here."""
     import torch
 
-    from msk.core.stages.segmentation.training import DiceBCELoss, SegmentationModel
+    from msk.core.models.segmenter import SegmentationModel
+    from msk.core.stages.segmentation.training import DiceBCELoss
 
     model, loss = SegmentationModel(segmenter, encoder, options), DiceBCELoss()
     opt = torch.optim.AdamW(model.parameters())
@@ -91,7 +92,8 @@ def step_flops(segmenter: str, encoder: str, size: int, options: dict | None = N
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from msk.core.stages.segmentation.training import DiceBCELoss, SegmentationModel
+    from msk.core.models.segmenter import SegmentationModel
+    from msk.core.stages.segmentation.training import DiceBCELoss
 
     model = SegmentationModel(segmenter, encoder, options)
     with FlopCounterMode(display=False) as counter:
@@ -138,7 +140,7 @@ def predicted_crops(run: Path, images: np.ndarray, truth: np.ndarray, ids: list[
 
     :return: ``(crops, found, holds)``: ``holds`` marks the crops that contain at least half of
         the true lesion's pixels."""
-    from msk.core.stages.segmentation.training import NoLesionFound, load_ensemble, predicted_rois
+    from msk.core.models.segmenter import NoLesionFound, load_ensemble, predicted_rois
 
     ensemble = load_ensemble(run)
     crops = np.zeros((len(images), size, size), np.uint8)

@@ -159,7 +159,7 @@ def lesion_image(rows: int, cols: int, box: tuple[int, int, int, int], bright: f
 @pytest.fixture
 def bright_is_lesion(monkeypatch):
     """The ensemble's lesion probability is the image's brightness: known lesions, exact boxes."""
-    from msk.core.stages.segmentation.training import SegmenterEnsemble
+    from msk.core.models.segmenter import SegmenterEnsemble
 
     monkeypatch.setattr(SegmenterEnsemble, "probabilities", lambda self, images: images.astype(np.float32) / 255)
 

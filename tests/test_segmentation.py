@@ -16,14 +16,10 @@ import torch
 from msk.core.data.squaring import square_image
 from msk.core.io.manifest import write_manifest_part
 from msk.core.io.masks import write_mask_png
+from msk.core.models.metrics import overlap_scores
+from msk.core.models.segmenter import SegmentationError
 from msk.core.stages.ingest.pipeline import SHARD_SCHEMA
-from msk.core.stages.segmentation.training import (
-    SegmentationError,
-    SegmenterConfig,
-    load_segmentation_data,
-    overlap_scores,
-    train_segmenter,
-)
+from msk.core.stages.segmentation.training import SegmenterConfig, load_segmentation_data, train_segmenter
 
 TINY = {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
 SOURCE = (40, 28)  # source images are portrait: the ingest pads them into 32 px squares
@@ -111,7 +107,7 @@ def test_config_is_checked():
 
 
 def test_default_segmenter_is_a_resnet34_unet():
-    from msk.core.stages.segmentation.training import SegmentationModel
+    from msk.core.models.segmenter import SegmentationModel
 
     model = SegmentationModel("unet", SegmenterConfig().encoder)
     assert model.encoder_name == "unet:resnet34" and type(model.encoder.net).__name__ == "Unet"
@@ -122,20 +118,15 @@ def test_default_segmenter_is_a_resnet34_unet():
 def test_a_segmenter_learns_the_lesions(tmp_path, one_torch_thread):
     import functools
 
+    from msk.core.models.segmenter import MaskPairs, predict_probabilities, segmentation_model
     from msk.core.models.train import fit
-    from msk.core.stages.segmentation.training import (
-        DiceBCELoss,
-        MaskPairs,
-        _model_factory,
-        dice_hits,
-        predict_probabilities,
-    )
+    from msk.core.stages.segmentation.training import DiceBCELoss, dice_hits
 
     ingest, table, _ = fake_ingest(tmp_path, n_patients=12)
     data = load_segmentation_data(ingest, table)
     train, test = np.arange(0, 20), np.arange(20, 24)
     config = small(epochs=12, augment=True, aug_prob=0.5).train_config()
-    result = fit(functools.partial(_model_factory, "unet", "tu-resnet10t", TINY), data.images[train],
+    result = fit(functools.partial(segmentation_model, "unet", "tu-resnet10t", TINY), data.images[train],
                  data.masks[train].astype(np.uint8), 1, config, out=tmp_path / "run",
                  val=(data.images[test], data.masks[test].astype(np.uint8)), dataset=MaskPairs,
                  loss=DiceBCELoss(), hits=dice_hits)
@@ -195,7 +186,7 @@ def test_fold_training_runs_on_ray_train(tmp_path, ray_session):
 
 def test_predicted_rois_crop_the_largest_lesion_and_refuse_no_lesion():
     from msk.core.data.roi import roi_box
-    from msk.core.stages.segmentation.training import NoLesionFound, SegmenterEnsemble, lesion_mask, predicted_rois
+    from msk.core.models.segmenter import NoLesionFound, SegmenterEnsemble, lesion_mask, predicted_rois
 
     probs = np.zeros((2, 64, 64), np.float32)
     probs[0, 20:30, 30:44] = 0.9  # the lesion

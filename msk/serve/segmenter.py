@@ -2,9 +2,9 @@
 ``/v1/classify`` and ``/v1/recommend`` requests.
 
 The model is what ``msk train segmenter`` wrote: a run folder (``segmenter.json`` +
-``fold-k/best.pt``), served as its fold ensemble (:class:`msk.core.stages.segmentation.training.SegmenterEnsemble`:
+``fold-k/best.pt``), served as its fold ensemble (:class:`msk.core.models.segmenter.SegmenterEnsemble`:
 mean lesion probability of the fold models, thresholded). The lesion is the largest connected
-region above the threshold (:func:`msk.core.stages.segmentation.training.lesion_mask`); an image where no pixel
+region above the threshold (:func:`msk.core.models.segmenter.lesion_mask`); an image where no pixel
 reaches it is refused (422 ``no_lesion_found``, with the threshold), never answered with an empty
 mask or a crop of nothing. Boxes and masks leave the replica in the square image's pixels; the
 gateway maps them onto the uploaded image.
@@ -30,7 +30,7 @@ __all__ = ["SegmenterDeployment", "inspect_segmenter"]
 def inspect_segmenter(config: SegmentConfig) -> dict[str, Any]:
     """The segmenter run's description (architecture, input size, threshold, fold checkpoints),
     checked without loading the models. Raises :class:`ConfigError` naming the file."""
-    from msk.core.stages.segmentation.training import INFO_FILE
+    from msk.core.models.segmenter import INFO_FILE
 
     run = Path(config.run)
     info_path = run / INFO_FILE
@@ -58,7 +58,7 @@ class SegmenterDeployment(ModelReplica):
     batched = "_probabilities"
 
     def __init__(self, config: dict[str, Any], debug: bool = False):
-        from msk.core.stages.segmentation.training import SegmenterEnsemble, load_segmenter
+        from msk.core.models.segmenter import SegmenterEnsemble, load_segmenter
 
         self.config = SegmentConfig.model_validate(config)
         self.info = inspect_segmenter(self.config)
@@ -74,7 +74,7 @@ class SegmenterDeployment(ModelReplica):
         """The lesion of a square ``uint8`` image: ``mask`` (``bool``, the image's size), its tight
         ``box`` ``(x0, y0, x1, y1)`` (exclusive ends) and the ``threshold``; or 422 ``no_lesion_found``."""
         from msk.core.data.roi import mask_box
-        from msk.core.stages.segmentation.training import NoLesionFound, lesion_mask
+        from msk.core.models.segmenter import NoLesionFound, lesion_mask
 
         probabilities = await self._probabilities(pixels)
         try:

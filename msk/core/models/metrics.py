@@ -254,3 +254,14 @@ def _label_order(labels: EntitySet | Sequence[str]):
     if len(set(names)) != len(names):
         raise ValueError("labels contain duplicates")
     return names, str
+
+
+def overlap_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image IoU and Dice of boolean masks ``[N, H, W]``; 1 where both are empty."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    inter = (pred & truth).sum(axis=(-2, -1)).astype(np.float64)
+    union = (pred | truth).sum(axis=(-2, -1)).astype(np.float64)
+    total = pred.sum(axis=(-2, -1)) + truth.sum(axis=(-2, -1)).astype(np.float64)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+    return iou, dice

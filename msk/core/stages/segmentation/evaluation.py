@@ -19,13 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from msk.core.stages.segmentation.training import (
-    SegmentationError,
-    load_ensemble,
-    load_segmentation_data,
-    overlap_scores,
-    read_splits,
-)
+from msk.core.models.metrics import overlap_scores
+from msk.core.models.segmenter import SegmentationError, load_ensemble
+from msk.core.stages.segmentation.training import load_segmentation_data, read_splits
 
 __all__ = ["SegmentationEvaluation", "evaluate_segmenter", "overlay_sheet"]
 

@@ -8,7 +8,7 @@ and resize mode of the ingest the run was trained on: ``segmenter.json`` records
 ``"ingest"`` (``--ingest`` names the ingest folder instead; a run from before that record falls
 back to its ingest folder if it still exists, else to its ``image_size`` and ``pad``). The fold
 ensemble's mean lesion probability is thresholded (the run's threshold, or ``--threshold``), the
-largest connected region is the lesion (:func:`msk.core.stages.segmentation.training.lesion_mask`) and it is
+largest connected region is the lesion (:func:`msk.core.models.segmenter.lesion_mask`) and it is
 mapped back onto the file's pixels (:func:`msk.core.io.masks.mask_from_square`).
 
 Per file, in ``DIR``: ``<name>.mask.png`` (0 background, 255 lesion, the file's size), with
@@ -110,7 +110,7 @@ class SegmentResult:
 
 
 def _read_info(run: Path) -> dict[str, Any]:
-    from msk.core.stages.segmentation.training import INFO_FILE, SegmentationError
+    from msk.core.models.segmenter import INFO_FILE, SegmentationError
 
     path = run / INFO_FILE
     try:
@@ -219,7 +219,7 @@ def _segment_one(item: _Decoded, probabilities: np.ndarray, threshold: float, ou
     from msk.core.data.roi import mask_box
     from msk.core.io.dicom_seg import DicomSegError, write_dicom_seg
     from msk.core.io.masks import mask_from_square, write_mask_png
-    from msk.core.stages.segmentation.training import NoLesionFound, lesion_mask
+    from msk.core.models.segmenter import NoLesionFound, lesion_mask
 
     file = str(item.path)
     try:
@@ -254,7 +254,7 @@ def segment_files(run: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     called with each file's row as soon as it is done. Unreadable files and images without a
     lesion are rows, never exceptions; a run folder or options that cannot be used raise
     :class:`msk.core.errors.MskError` before any file is read."""
-    from msk.core.stages.segmentation.training import load_ensemble
+    from msk.core.models.segmenter import load_ensemble
 
     options = options or SegmentOptions()
     run, out = Path(run), Path(out)

@@ -40,24 +40,17 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
-from torch.utils.data import Dataset
 
-from msk.core.errors import MskError
+from msk.core.models.metrics import overlap_scores
+from msk.core.models.segmenter import INFO_FILE, MaskPairs, SegmentationError, predict_probabilities, segmentation_model
 from msk.core.models.train import TrainConfig
 
-__all__ = ["DiceBCELoss", "MaskPairs", "NoLesionFound", "SegmentationData", "SegmentationError",
-           "SegmentationModel", "SegmenterConfig", "SegmenterEnsemble", "dice_hits", "lesion_mask",
-           "load_ensemble", "load_segmentation_data", "load_segmenter", "overlap_scores", "predicted_rois",
-           "predict_probabilities", "train_segmenter"]
+__all__ = ["DiceBCELoss", "SegmentationData", "SegmenterConfig", "dice_hits", "load_segmentation_data",
+           "train_segmenter"]
 
 SPLITS_FILE = "splits.csv"
 CONFIG_FILE = "segmenter.yaml"
-INFO_FILE = "segmenter.json"
 NO_LABEL = "lesion"
-
-
-class SegmentationError(MskError):
-    """Segmentation input that cannot be used, or a run folder that cannot be continued."""
 
 
 class SegmenterConfig(TrainConfig):
@@ -107,85 +100,7 @@ class SegmenterConfig(TrainConfig):
 # -- the model ---------------------------------------------------------------------------------
 
 
-class SegmentationModel(nn.Module):
-    """A registered segmenter shaped for :func:`msk.core.models.train.fit`: ``encoder`` is the whole
-    network (saved as the checkpoint's weights), ``head`` is empty."""
-
-    sobel = False
-    num_classes = 1
-
-    def __init__(self, segmenter: str, encoder: str, options: dict[str, Any] | None = None):
-        super().__init__()
-        from msk.core.registry import build_segmenter
-
-        options = dict(options or {})
-        self.encoder = build_segmenter(segmenter, in_chans=1, encoder=encoder, **options)
-        self.encoder_name = f"{segmenter}:{encoder}"
-        self.head = nn.Identity()
-        self.architecture = {"segmenter": segmenter, "encoder": encoder, "options": options}
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images)
-
-
-def _model_factory(segmenter: str, encoder: str, options: dict[str, Any]) -> SegmentationModel:
-    return SegmentationModel(segmenter, encoder, options)
-
-
-def load_segmenter(path: str | os.PathLike) -> SegmentationModel:
-    """A trained segmenter from its checkpoint (CPU, eval mode), with its ``input_config``."""
-    from msk.core.io.checkpoint import CheckpointError, load_checkpoint
-    from msk.core.models.train import load_model
-
-    arch = load_checkpoint(path).extra.get("architecture")
-    if not isinstance(arch, dict) or "segmenter" not in arch:
-        raise CheckpointError(f"{path} is not a segmenter checkpoint (no extra.architecture.segmenter); "
-                              "give a best.pt of `msk train segmenter`")
-    build = functools.partial(_model_factory, arch["segmenter"], arch["encoder"], dict(arch.get("options") or {}))
-    model, _ = load_model(path, build)
-    return model
-
-
 # -- data ----------------------------------------------------------------------------------------
-
-
-class MaskPairs(Dataset):
-    """``((image,), mask)`` items for :func:`msk.core.models.train.fit`: image as the classifiers see it
-    (``[1, S, S]``, preprocessed and normalised), mask ``float32 [1, S, S]`` in {0, 1}. With
-    ``augment``, a share ``aug_prob`` of the items gets the same random flip and affine
-    transform on image and mask (nearest-neighbour for the mask)."""
-
-    def __init__(self, images: np.ndarray, masks: np.ndarray, meta, image_size: int, augment: bool,
-                 aug_prob: float, seed: int, *, preprocess=None, augmentation=None):
-        from torchvision.transforms import v2
-
-        from msk.core.data.augment import eval_transform
-
-        self.images, self.masks, self.image_size = images, masks, image_size
-        self.plain = eval_transform(image_size, preprocess) if preprocess is not None else eval_transform(image_size)
-        self.geometric = v2.Compose([
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
-        ]) if augment else None
-        self.aug_prob = aug_prob
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        from torchvision import tv_tensors
-        from torchvision.transforms.v2 import functional as F
-
-        from msk.core.data.augment import to_tensor
-
-        image = to_tensor(self.images[i])
-        mask = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(self.masks[i] > 0))[None].to(torch.uint8))
-        if self.geometric is not None and self.rng.random() < self.aug_prob:
-            image, mask = self.geometric(image, mask)
-        if mask.shape[-1] != self.image_size or mask.shape[-2] != self.image_size:
-            mask = F.resize(mask, [self.image_size, self.image_size])  # nearest for masks
-        return (self.plain(image),), mask.as_subclass(torch.Tensor).float()
 
 
 class DiceBCELoss(nn.Module):
@@ -200,17 +115,6 @@ class DiceBCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return self.bce(logits, masks) + self.dice(logits, masks)
-
-
-def overlap_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image IoU and Dice of boolean masks ``[N, H, W]``; 1 where both are empty."""
-    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    inter = (pred & truth).sum(axis=(-2, -1)).astype(np.float64)
-    union = (pred | truth).sum(axis=(-2, -1)).astype(np.float64)
-    total = pred.sum(axis=(-2, -1)) + truth.sum(axis=(-2, -1)).astype(np.float64)
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
-    return iou, dice
 
 
 def dice_hits(logits: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> float:
@@ -429,7 +333,7 @@ def _train_fold(k: int, data: SegmentationData, train: np.ndarray, val: np.ndarr
         done = json.loads(marker.read_text())
         if done.get("budget") == budget:
             return FoldResult(k, fold_out, done["best_epoch"], done["val_dice"], len(train), len(val), skipped=True)
-    build = functools.partial(_model_factory, config.segmenter, config.encoder, dict(config.segmenter_options))
+    build = functools.partial(segmentation_model, config.segmenter, config.encoder, dict(config.segmenter_options))
     try:
         result = fit(build, data.images[train], data.masks[train].astype(np.uint8), 1, config.train_config(),
                      out=fold_out, val=(data.images[val], data.masks[val].astype(np.uint8)),
@@ -478,103 +382,6 @@ def train_segmenter(data: SegmentationData, config: SegmenterConfig | None = Non
 # -- prediction --------------------------------------------------------------------------------
 
 
-def predict_probabilities(models: list[nn.Module], images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-    """Mean lesion probability ``float32 [N, S, S]`` of ``models`` on ``uint8 [N, S, S]`` images
-    (each model's input size and preprocessing, probabilities resized back to ``S``)."""
-    from torch.nn import functional as F
-
-    total = np.zeros(images.shape, np.float32)
-    for model in models:
-        known = getattr(model, "input_config", None)  # image size and preprocessing as trained
-        size = known.image_size if known is not None else images.shape[1]
-        data = MaskPairs(images, np.zeros(images.shape, np.uint8), None, size, False, 0.0, 0,
-                         preprocess=known.preprocess if known is not None else None)
-        model.eval()
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                x = torch.stack([data[i][0][0] for i in range(start, min(start + batch_size, len(images)))])
-                p = torch.sigmoid(model(x.to(device))).float().cpu()
-                if p.shape[-1] != images.shape[-1]:
-                    p = F.interpolate(p, size=images.shape[1:], mode="bilinear", align_corners=False)
-                total[start:start + len(x)] += p[:, 0].numpy()
-    return total / max(len(models), 1)
-
-
-@dataclass
-class SegmenterEnsemble:
-    """The fold models of a segmenter run: mean probability, thresholded at ``threshold``."""
-
-    models: list[nn.Module]
-    threshold: float
-    info: dict[str, Any]
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return predict_probabilities(self.models, images)
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """``bool [N, S, S]`` lesion masks."""
-        return self.probabilities(images) >= self.threshold
-
-
-def load_ensemble(run: str | os.PathLike) -> SegmenterEnsemble:
-    """The fold models (``fold-k/best.pt``) of a ``msk train segmenter`` run."""
-    run = Path(run)
-    info_path = run / INFO_FILE
-    if not info_path.is_file():
-        raise SegmentationError(f"{info_path}: not found; is {run} a finished `msk train segmenter` run?")
-    info = json.loads(info_path.read_text())
-    models = [load_segmenter(run / f"fold-{f['fold']}" / "best.pt") for f in info["folds"]]
-    return SegmenterEnsemble(models, float(info["threshold"]), info)
-
-
 # -- the region of interest from a predicted mask -------------------------------------------------
 
 
-class NoLesionFound(SegmentationError):
-    """The segmenter marks no pixel at its threshold (the serving layer answers 422
-    ``no_lesion_found`` with :attr:`threshold`)."""
-
-    def __init__(self, message: str, threshold: float):
-        super().__init__(message)
-        self.threshold = threshold
-
-
-def lesion_mask(probabilities: np.ndarray, threshold: float, *, where: str = "image") -> np.ndarray:
-    """The predicted lesion: the largest connected region (8-neighbourhood) of pixels at or above
-    ``threshold`` in ``float [H, W]`` probabilities, so that a stray false-positive speck does not
-    stretch the region of interest. Raises :class:`NoLesionFound` when no pixel reaches it."""
-    from scipy.ndimage import label
-
-    above = np.asarray(probabilities) >= threshold
-    regions, count = label(above, structure=np.ones((3, 3), bool))
-    if count == 0:
-        peak = float(np.max(probabilities)) if np.size(probabilities) else 0.0
-        raise NoLesionFound(f"{where}: no lesion found: no pixel reaches the segmenter's threshold {threshold:g} "
-                            f"(highest lesion probability {peak:.3g})", threshold)
-    sizes = np.bincount(regions.ravel())[1:]
-    return regions == int(np.argmax(sizes)) + 1
-
-
-def predicted_rois(ensemble: SegmenterEnsemble, images: np.ndarray, *, size: int = 224, margin: float = 0.15,
-                   ids: list[str] | None = None) -> tuple[np.ndarray, list[tuple[int, int, int, int]], np.ndarray]:
-    """Segment ``uint8 [N, S, S]`` images and crop each one's region of interest the fusion way:
-    the predicted lesion's bounding box plus ``margin`` on each side, square, resized to ``size``
-    grey (:func:`msk.core.data.roi.lesion_crop`, the crop of every msk model).
-
-    :return: ``(crops uint8 [N, size, size], boxes (x0, y0, x1, y1) of the square crops in the
-        images' pixels, masks bool [N, S, S])``. An image without a lesion raises
-        :class:`NoLesionFound` naming it (``ids[i]`` or its index) and the threshold; never an
-        empty crop.
-    """
-    from msk.core.data.roi import lesion_crop, roi_box
-
-    probabilities = ensemble.probabilities(images)
-    masks = np.zeros(images.shape, bool)
-    crops = np.zeros((len(images), size, size), np.uint8)
-    boxes = []
-    for i, p in enumerate(probabilities):
-        masks[i] = lesion_mask(p, ensemble.threshold, where=ids[i] if ids else f"image {i}")
-        boxes.append(roi_box(masks[i], margin=margin))
-        crops[i] = lesion_crop(images[i], masks[i], size, margin=margin)
-    return crops, boxes, masks
