@@ -282,7 +282,7 @@ def test_review_loop_in_chromium(tmp_path, monkeypatch):
             decided(5)
 
             # an edit on disk while the app runs: the page asks, the file is loaded
-            labels = run / "review" / "labels.csv"
+            labels = run / "expert" / "labels.csv"
             rows = list(csv.DictReader(labels.open(newline="")))
             for row in rows:
                 if row["cluster"] == str(open_[1]):
@@ -300,14 +300,14 @@ def test_review_loop_in_chromium(tmp_path, monkeypatch):
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
 
-    code, stdout, stderr = run_msk(monkeypatch, "clusters", "apply", run / "review" / "labels.csv", run)
+    code, stdout, stderr = run_msk(monkeypatch, "clusters", "apply", run / "expert" / "labels.csv", run)
     assert code == 0, stderr
-    final = read_labels(run / "review" / "labels.csv")
+    final = read_labels(run / "expert" / "labels.csv")
     assert final[order[2]]["merged_into"] == str(target)
     assert final[order[2]]["label"] == final[target]["label"]
     assert (final[order[0]]["label"], final[order[1]]["label"], final[discarded]["label"]) == ("knee", "hand",
                                                                                                "discard")
-    audit = list(csv.DictReader((run / "review" / "audit.csv").open(newline="")))
+    audit = list(csv.DictReader((run / "expert" / "audit.csv").open(newline="")))
     steps = [(r["action"], r["cluster"], r["old_label"], r["new_label"]) for r in audit]
     assert steps == [
         ("name", str(order[0]), "", "knee"), ("name", str(order[1]), "", "hand"),

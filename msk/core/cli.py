@@ -439,7 +439,7 @@ def clusters_review(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Name the clusters in a browser, one at a time, by keyboard: every decision is saved at once to
-    RUN/review/labels.csv (what `msk clusters apply` reads) and RUN/review/audit.csv; restarting resumes.
+    RUN/expert/labels.csv (what `msk clusters apply` reads) and RUN/expert/audit.csv; restarting resumes.
 
     [b]Example[/b]: [cyan]msk clusters review out/ingest out/cluster --reviewer dr-lee[/cyan]
     """

@@ -6,11 +6,11 @@ size, its nearest clusters (for merging), and a name field that completes the na
 aliases of the entity set. Every decision (a name, ``discard``, a merge into another cluster) is
 written at once:
 
-* ``RUN/review/labels.csv``: ``cluster,size,label,merged_into,named_by`` for every cluster,
+* ``RUN/expert/labels.csv``: ``cluster,size,label,merged_into,named_by`` for every cluster,
   replaced atomically (temporary file, fsync, rename) after each decision. ``msk clusters
-  apply RUN/review/labels.csv RUN`` reads it as it reads a hand-filled ``labels.csv`` (a merged
+  apply RUN/expert/labels.csv RUN`` reads it as it reads a hand-filled ``labels.csv`` (a merged
   cluster carries the label of the cluster it was merged into; the extra columns are ignored);
-* ``RUN/review/audit.csv``: one appended, fsync-ed line per step (time, reviewer, action,
+* ``RUN/expert/audit.csv``: one appended, fsync-ed line per step (time, reviewer, action,
   cluster, old and new label, old and new merge target). Undo is a step too; restarting the app
   rebuilds the undo history from it.
 
@@ -54,7 +54,7 @@ from msk.core.io.labels import DISCARD, LabelFileError, LabelVocabulary, _compac
 __all__ = ["AUDIT_FIELDS", "LABEL_FIELDS", "ReviewConfig", "ReviewError", "ReviewRun", "ReviewSession",
            "create_app", "load_review_run", "serve_review"]
 
-REVIEW_DIR = "review"
+REVIEW_DIR = "expert"
 LABELS_FILE = "labels.csv"
 AUDIT_FILE = "audit.csv"
 LABEL_FIELDS = ["cluster", "size", "label", "merged_into", "named_by"]
@@ -245,7 +245,7 @@ def _now() -> str:
 
 
 class ReviewSession:
-    """The reviewer's decisions on one run, kept in ``RUN/review/`` (see the module docstring).
+    """The reviewer's decisions on one run, kept in ``RUN/expert/`` (see the module docstring).
 
     Thread-safe: the web app calls it from a thread pool. Errors a reviewer can fix are
     :class:`ReviewError`; a conflict with an edited labels file is ``conflict`` set.
@@ -749,7 +749,7 @@ def create_app(session: ReviewSession, config: ReviewConfig, *, token: str | Non
 
 def serve_review(ingest_dir: str | os.PathLike, run_dir: str | os.PathLike, config: ReviewConfig, *,
                  say=print) -> None:
-    """Run the review app until interrupted, holding ``RUN/review``'s lock (a second reviewer is
+    """Run the review app until interrupted, holding ``RUN/expert``'s lock (a second reviewer is
     refused with the holder's name)."""
     import uvicorn
 
