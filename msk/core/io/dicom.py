@@ -48,6 +48,7 @@ import io
 import os
 import struct
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,6 +57,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import pydicom
 import pydicom.encaps
+import pydicom.filereader
 import pydicom.pixels
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -210,7 +212,7 @@ def _decode_bytes(raw: bytes, source: str, max_pixels: int, frames: Frames,
                   check: Callable[[ImageMeta], None] | None) -> DecodedImage:
     fmt = sniff_format(raw)
     if fmt == "dicom":
-        ds = _parse_dicom(io.BytesIO(_with_preamble(raw)), source)
+        ds = _parse_dicom(io.BytesIO(_with_preamble(raw)), source, max_pixels=max_pixels)
         return decode_dicom(ds, source=source, max_pixels=max_pixels, frames=frames, check=check)
     if fmt in _PILLOW_FORMATS:
         return _decode_pillow(raw, fmt, source, max_pixels, frames, check)
@@ -327,14 +329,47 @@ def _load(data: bytes | str | os.PathLike, source: str | None) -> tuple[bytes, s
 # DICOM
 
 
-def _parse_dicom(fileobj: BinaryIO, source: str, defer_size: int | None = None) -> Dataset:
+#: A Deflated Explicit VR data set may inflate to at most this many bytes per ``max_pixels``
+#: (3 samples of 16 bits are 6), plus :data:`INFLATE_SLACK` for the header.
+INFLATE_BYTES_PER_PIXEL = 8
+INFLATE_SLACK = 16 << 20
+
+
+def _check_inflated_size(fileobj: BinaryIO, source: str, limit: int) -> None:
+    """Refuse a Deflated Explicit VR Little Endian data set that inflates to more than ``limit``
+    bytes, measured by inflating it in bounded chunks (nothing kept) before pydicom inflates it
+    whole: 1 MB of deflated zeros is a 1 GiB data set (a decompression bomb no header shows)."""
+    start = fileobj.tell()
+    try:
+        pydicom.filereader.read_preamble(fileobj, True)
+        syntax = pydicom.filereader._read_file_meta_info(fileobj).get("TransferSyntaxUID")
+        if syntax != pydicom.uid.DeflatedExplicitVRLittleEndian:
+            return
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while chunk := fileobj.read(1 << 16):
+            while chunk and not inflater.eof:
+                total += len(inflater.decompress(chunk, 1 << 20))
+                if total > limit:
+                    raise QuarantineError(QuarantineReason.TOO_LARGE, f"the deflated data set inflates to more "
+                                          f"than {limit} bytes (a decompression bomb?)", source)
+                chunk = inflater.unconsumed_tail
+    except (zlib.error, ValueError, EOFError, struct.error, OSError):
+        return  # not readable as such: pydicom decides
+    finally:
+        fileobj.seek(start)
+
+
+def _parse_dicom(fileobj: BinaryIO, source: str, defer_size: int | None = None,
+                 max_pixels: int = 50_000_000) -> Dataset:
     """Parse a DICOM stream (forcefully: no preamble/file meta allowed), detecting truncation.
 
     pydicom turns an end of file inside an undefined-length element (encapsulated pixel
     data, sequences) into a warning and silently drops the element; that is a CORRUPT file
     here, not one without pixel data. A missing Transfer Syntax UID is set from the encoding
-    pydicom detected (implicit or explicit VR, little or big endian).
+    pydicom detected (implicit or explicit VR, little or big endian). A deflated data set larger
+    than ``max_pixels`` allows is TOO_LARGE before it is inflated (:func:`_check_inflated_size`).
     """
+    _check_inflated_size(fileobj, source, max_pixels * INFLATE_BYTES_PER_PIXEL + INFLATE_SLACK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
