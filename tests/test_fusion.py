@@ -20,14 +20,13 @@ from msk.core.errors import ConfigError
 from msk.core.io.checkpoint import CheckpointError, save_checkpoint
 from msk.core.io.manifest import write_manifest_part
 from msk.core.models.baselines import XgbConfig
+from msk.core.models.fusion import FusionClassifier, build_fusion_model
 from msk.core.models.train import TrainConfig, load_model, predict_logits
 from msk.core.registry import build_encoder
 from msk.core.stages.fusion.training import (
-    FusionClassifier,
     FusionConfig,
     TransformerConfig,
     _plan,
-    build_fusion_model,
     evaluate_fusion,
     fit_fusion,
     letterbox_box,

@@ -2,7 +2,7 @@
 
 Two kinds of checkpoint are served, both written by :func:`msk.core.models.train.fit`:
 
-* a **fusion model** (:class:`msk.core.stages.fusion.training.FusionClassifier`, from ``msk eval fusion`` /
+* a **fusion model** (:class:`msk.core.models.fusion.FusionClassifier`, from ``msk eval fusion`` /
   :func:`msk.core.stages.fusion.training.fit_fusion`): its checkpoint records the head, ``hidden`` and
   ``dropout`` (older checkpoints: set them as trained); set ``metadata_encoder``, the fitted
   :class:`~msk.core.data.metadata.MetadataEncoder` saved with ``MetadataEncoder.save``. The request's
@@ -201,7 +201,7 @@ def load_classifier_model(config: ClassifyConfig, preprocess: SquaringConfig) ->
         if linear:
             raise ConfigError(f"classifier.head={head!r} but {path} has a linear head (an image-only "
                               "model); leave head out")
-        from msk.core.stages.fusion.training import build_fusion_model
+        from msk.core.models.fusion import build_fusion_model
 
         train = {k: v for k, v in ckpt.config.items() if k in TrainConfig.model_fields}
         build = functools.partial(build_fusion_model, {**train, "init": "random"}, num_classes,
