@@ -4,6 +4,7 @@ and the whole loop in Debian's Chromium through Playwright (slow)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -147,20 +148,18 @@ def test_app_pages_404_empty_run_and_token(tmp_path):
 # -- in a real browser -------------------------------------------------------------------------
 
 
-def build_run(tmp_path: Path) -> tuple[Path, Path]:
-    """A 24-image ingest (shard schema) and a real 1-epoch DeepCluster run of it, k=6."""
-    import torch
-
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
-
+def build_run(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """A 24-image ingest (shard schema) and a real 1-epoch DeepCluster run of it (`msk cluster`, k=6)."""
+    from test_build_recommender import run_msk
     from test_recommender import write_ingest
 
-    torch.set_num_threads(1)
     write_ingest(tmp_path / "ingest", n_patients=4, per_patient=2, size=48)
-    images, table = from_ingest(tmp_path / "ingest", columns=["image_id", "image", "height", "width"])
-    config = DeepClusterConfig(encoder="tiny-cnn", k=6, epochs=1, image_size=16, num_workers=0, batch_size=8,
-                               pca_dim=8)
-    run_deepcluster(images, config, out=tmp_path / "run", image_ids=table["image_id"].to_pylist())
+    (tmp_path / "dc.yaml").write_text("encoder: tiny-cnn\nk: 6\nepochs: 1\nimage_size: 16\nnum_workers: 0\n"
+                                      "batch_size: 8\npca_dim: 8\n")
+    code, _, stderr = run_msk(monkeypatch, "cluster", tmp_path / "ingest", tmp_path / "run", "--config",
+                              tmp_path / "dc.yaml")
+    assert code == 0, stderr
+    assert np.load(tmp_path / "run" / "centroids.npy").shape == (6, 8)
     return tmp_path / "ingest", tmp_path / "run"
 
 
@@ -191,6 +190,7 @@ def wait_up(server: subprocess.Popen, port: int, timeout: float = 60) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's Chromium at /usr/bin/chromium "
                     "(apt-get install chromium chromium-driver; .ci/run installs it)")
 def test_review_loop_in_chromium(tmp_path, monkeypatch):
@@ -198,7 +198,7 @@ def test_review_loop_in_chromium(tmp_path, monkeypatch):
 
     from test_build_recommender import run_msk
 
-    ingest, run = build_run(tmp_path)
+    ingest, run = build_run(tmp_path, monkeypatch)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(ingest, run, port, "alice")
@@ -221,6 +221,7 @@ def test_review_loop_in_chromium(tmp_path, monkeypatch):
             page.goto(url + "/")
             order = page.evaluate("fetch('/api/run').then(r => r.json()).then(d => d.order)")
             assert len(order) == 6
+            assert page.inner_text("#neighbours-from") == "(by the run's k-means centres)"
             at(order[0])
             # a name outside the set is refused inline, with suggestions; Tab takes the completion
             page.keyboard.press("n")
@@ -333,3 +334,48 @@ def test_hints_are_majorities_over_known_images(tmp_path):
     unrelated.write_text("image_id,label\nX,knee\n")
     with pytest.raises(ReviewError, match="labels none of the 14 images"):
         _image_labels(unrelated, run.image_ids, "samx-regions")
+
+
+def write_sorter_files(run_dir: Path) -> None:
+    """The files of a sorter run that its report reads (numbers made up, pictures tiny)."""
+    from PIL import Image
+
+    run_dir.mkdir(parents=True)
+    scores = {"name": "test", "n": 10, "top1": 0.8, "top2": 0.9, "macro_f1": 0.7512, "unknown": 0.1,
+              "fold_top1": [0.7, 0.9], "fold_top2": [0.9, 0.9], "left_out": {},
+              "confusion_png": "confusion_test.png", "predictions_csv": "predictions_test.csv"}
+    (run_dir / "sorter.json").write_text(json.dumps({
+        "classes": ["hand", "knee"], "folds": 2, "image_size": 32, "n_images": 40, "n_test": 10,
+        "notes": ["a <note>"], "test": scores, "holdout": None}))
+    for name in ("confusion_test.png", "gradcam.png"):
+        Image.new("L", (8, 8)).save(run_dir / name)
+
+
+def test_the_sorter_report_has_the_apps_look_and_the_app_links_it(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from msk.core.io.report import style
+    from msk.core.stages.sorter.report import write_sorter_report
+
+    sorter = tmp_path / "sorter"
+    write_sorter_files(sorter)
+    page = write_sorter_report(sorter).read_text()
+    assert style() in page and '<header class="bar">' in page  # the look of the review app, inlined
+    assert "<td>0.751</td>" in page and 'src="confusion_test.png"' in page and 'src="gradcam.png"' in page
+    assert "a &lt;note&gt;" in page and "against a truth" not in page
+    (sorter / "truth_eval.json").write_text(json.dumps({
+        "run": str(sorter), "truth": "truth.csv", "n_test": 10, "weak_top1": 0.8, "weak_top2": 0.9,
+        "n_known": 6, "truth_top1": 0.6667, "truth_top2": 0.8333, "weak_agreement": 0.75, "outside": {}}))
+    assert "<b>0.667</b>" in write_sorter_report(sorter).read_text()
+
+    run = fake_run(tmp_path)  # tmp_path/run, beside tmp_path/sorter
+    (tmp_path / "secret.csv").write_text("image_id,patient\n")
+    client = TestClient(create_app(ReviewSession(run, reviewer="alice"), ReviewConfig()))
+    assert client.get("/api/run").json()["reports"] == [{"name": "sorter/report.html",
+                                                         "url": "/reports/sorter/report.html"}]
+    assert "<b>0.667</b>" in client.get("/reports/sorter/report.html").text
+    assert client.get("/reports/sorter/gradcam.png").headers["content-type"] == "image/png"
+    assert client.get("/reports/sorter/sorter.json").status_code == 404  # pictures and pages only
+    assert client.get("/reports/secret.csv").status_code == 404
+    assert client.get("/reports/../../etc/passwd").status_code == 404
+    assert client.get("/msk.css").text == style()

@@ -50,6 +50,7 @@ from pydantic import BaseModel, Field
 from msk.core.config import MskConfig
 from msk.core.errors import MskError
 from msk.core.io.labels import DISCARD, LabelFileError, LabelVocabulary, _compact
+from msk.core.io.report import STYLE_FILE
 
 __all__ = ["AUDIT_FIELDS", "LABEL_FIELDS", "ReviewConfig", "ReviewError", "ReviewRun", "ReviewSession",
            "create_app", "load_review_run", "serve_review"]
@@ -584,15 +585,19 @@ def _png(image: np.ndarray, side: int) -> bytes:
     return buffer.getvalue()
 
 
-def _reports(run_dir: Path) -> list[tuple[str, Path]]:
-    """HTML reports of later stages found next to the run (``../*/**.html``, a few levels)."""
-    found = []
+def _reports(run_dir: Path) -> dict[str, Path]:
+    """The HTML reports of the other steps beside the run, by path relative to the run's parent
+    folder (``OUT/*.html``, ``OUT/*/*.html``, ``OUT/*/*/*.html``: the demo's ``report.html``, a
+    sorter's ``report.html``, a recommender's ``gallery/index.html``...); contact-sheet indexes
+    (an ``index.html`` beside a ``labels.csv``) are left out: this app replaces them."""
     root = run_dir.parent
-    for path in sorted(root.glob("*/*.html")) + sorted(root.glob("*/*/*.html")):
-        if REVIEW_DIR in path.parts or path.name == "index.html" and (path.parent / "labels.csv").is_file():
-            continue
-        found.append((str(path.relative_to(root)), path))
-    return found[:20]
+    found = {}
+    for pattern in ("*.html", "*/*.html", "*/*/*.html"):
+        for path in sorted(root.glob(pattern)):
+            if REVIEW_DIR in path.relative_to(root).parts or (path.parent / "labels.csv").is_file():
+                continue
+            found[path.relative_to(root).as_posix()] = path
+    return dict(list(found.items())[:30])
 
 
 def create_app(session: ReviewSession, config: ReviewConfig, *, token: str | None = None):
@@ -604,9 +609,13 @@ def create_app(session: ReviewSession, config: ReviewConfig, *, token: str | Non
     run = session.run
     app = FastAPI(title="msk clusters review", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/msk.css")
+    def stylesheet():
+        return FileResponse(STYLE_FILE, media_type="text/css")
     page = (STATIC / "review.html").read_text(encoding="utf-8")
     thumbs: dict[int, bytes] = {}
-    reports = dict(_reports(run.run_dir))
+    reports = _reports(run.run_dir)
 
     if token:
         @app.middleware("http")
@@ -732,11 +741,17 @@ def create_app(session: ReviewSession, config: ReviewConfig, *, token: str | Non
             thumbs[row] = _png(run.images[row], config.thumb)
         return Response(thumbs[row], media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
+    report_root = run.run_dir.parent.resolve()
+    report_folders = {p.parent.resolve() for p in reports.values()}
+
     @app.get("/reports/{name:path}")
     def report(name: str):
-        if name not in reports:
-            return not_found(f"no report {name}")
-        return FileResponse(reports[name])
+        """A report, or a page or picture under its folder, never anything else."""
+        path = (report_root / name).resolve()
+        if not path.is_file() or path.suffix.lower() not in (".html", ".png", ".jpg", ".jpeg", ".svg") \
+                or not any(path.is_relative_to(f) for f in report_folders):
+            return not_found(f"no report or report file {name}")
+        return FileResponse(path)
 
     @app.exception_handler(404)
     async def missing(request: Request, exc: Exception):

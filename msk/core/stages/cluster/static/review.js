@@ -275,7 +275,10 @@ async function start() {
   state.run = data;
   $("run").textContent = data.run;
   $("reviewer").textContent = data.reviewer ? `reviewer: ${data.reviewer}` : "";
-  $("reports").replaceChildren(...data.reports.map((r) => el("a", { href: r.url, target: "_blank", text: r.name })));
+  if (data.reports.length) {
+    $("reports").replaceChildren(el("span", { class: "dim", text: "results: " }),
+      ...data.reports.map((r) => el("a", { href: r.url, target: "_blank", text: r.name })));
+  }
   if (data.empty) {
     $("empty").replaceChildren(el("h1", { text: "no clusters to review" }), el("p", { text: data.empty }));
     $("empty").hidden = false;
