@@ -2,7 +2,7 @@
 
 On a synthetic export (ground truth known) this runs
 
-1. **phase 1, DeepCluster** (:func:`msk.core.stages.cluster.deepcluster.run_deepcluster`) on every ingested
+1. **phase 1, DeepCluster** (:func:`msk.core.models.deepcluster.run_deepcluster`) on every ingested
    image; prints the NMI between the last epoch's clusters and the true regions;
 2. **labelling by an oracle**: the human step is *simulated*. Each cluster gets the majority
    ground-truth region of its members, written into the ``labels.csv`` a person would fill in
@@ -164,7 +164,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from msk.core.io.labels import apply_labels
     from msk.core.models.sorter import load_sorter
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
+    from msk.core.models.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
     from msk.core.stages.sorter.training import SorterConfig, sorter_from_ingest
     from msk.core.stages.sorter.transfer import TransferConfig, transfer_from_ingest
 

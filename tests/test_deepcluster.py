@@ -13,7 +13,7 @@ from msk.core.data.augment import SobelFilter, eval_transform, to_tensor, train_
 from msk.core.errors import ConfigError
 from msk.core.io.checkpoint import load_checkpoint, load_encoder
 from msk.core.io.labels import load_assignments
-from msk.core.stages.cluster.deepcluster import (
+from msk.core.models.deepcluster import (
     CollapseWarning,
     DeepClusterConfig,
     DeepClusterError,
@@ -157,7 +157,7 @@ def test_from_ingest_reads_images_and_rows(monkeypatch):
     import pyarrow as pa
 
     from msk.core.io import dataset
-    from msk.core.stages.cluster import deepcluster
+    from msk.core.models import deepcluster
 
     images, _ = shapes(3, size=16)
     table = pa.table({"image_id": ["a", "b", "c"], "patient_id": ["p", "p", "q"],

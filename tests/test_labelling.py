@@ -164,7 +164,7 @@ def test_majority_names_pick_the_most_frequent_label_and_report_purity(tmp_path)
 
 def write_run(run, assignments, k):
     """A finished DeepCluster run folder as `msk cluster` leaves it (without checkpoints)."""
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig
+    from msk.core.models.deepcluster import DeepClusterConfig
 
     run.mkdir(parents=True, exist_ok=True)
     np.save(run / "assignments.npy", np.asarray(assignments))

@@ -320,7 +320,7 @@ def test_gradcam_and_embedder_use_the_model_s_preprocessing(tmp_path):
 
 
 def test_deepcluster_resumes_old_runs_with_their_inputs():
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, legacy_inputs
+    from msk.core.models.deepcluster import DeepClusterConfig, legacy_inputs
 
     fresh = DeepClusterConfig(encoder="tiny-cnn", k=4)
     old = legacy_inputs(fresh, {"encoder": "tiny-cnn", "k": 4, "image_size": 128})

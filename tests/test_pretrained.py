@@ -208,7 +208,7 @@ def test_init_and_pretrained_are_one_start_or_the_other(weights):
 
 
 def test_deepcluster_encoder_starts_from_pretrained(weights):
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, DeepClusterNet
+    from msk.core.models.deepcluster import DeepClusterConfig, DeepClusterNet
 
     folder, state = weights
     net = DeepClusterNet(DeepClusterConfig(encoder=f"timm/{ARCH}", k=4, sobel=True,

@@ -210,7 +210,7 @@ def test_init_from_a_checkpoint_of_another_architecture(tmp_path):
 def test_fine_tunes_a_deepcluster_checkpoint(tmp_path):
     """init = a DeepCluster checkpoint (Sobel input): the sorter's fold models start from it."""
     from msk.core.io.checkpoint import load_checkpoint
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, run_deepcluster
+    from msk.core.models.deepcluster import DeepClusterConfig, run_deepcluster
 
     data = labelled()
     dc = run_deepcluster(data.images, DeepClusterConfig(encoder="tiny-cnn", k=6, epochs=1,
@@ -226,7 +226,7 @@ def test_fine_tunes_a_deepcluster_checkpoint(tmp_path):
 def fake_cluster_run(run, image_ids, arch: str = "tiny-cnn"):
     """A DeepCluster run folder (config.yaml, assignments.csv, two epoch checkpoints)."""
     from msk.core.registry import build_encoder
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig
+    from msk.core.models.deepcluster import DeepClusterConfig
 
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(DeepClusterConfig(k=3, encoder=arch).to_yaml())
@@ -334,7 +334,7 @@ def test_a_cluster_labels_file_needs_its_run(tmp_path):
 
 
 def test_cluster_labels_with_their_run_surface_labelling_errors(tmp_path):
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig
+    from msk.core.models.deepcluster import DeepClusterConfig
 
     data = labelled(6)
     ingest = fake_ingest(tmp_path / "ingest", data)

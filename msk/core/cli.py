@@ -300,7 +300,7 @@ def cluster(
     [b]Example[/b]: [cyan]msk cluster out/ingest out/cluster --k 1000 --epochs 10 --encoder resnet18[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
+    from msk.core.models.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
 
     cfg = load_config(DeepClusterConfig, config, k=k, epochs=epochs, encoder=encoder,
                       image_size=image_size, num_workers=num_workers, use_gpu=use_gpu)
@@ -331,7 +331,7 @@ app.add_typer(clusters_app, name="clusters")
 def _run_images_and_k(run_dir: Path, ingest_dir: Path | None):
     from msk.core.config import load_config
     from msk.core.io.labels import load_assignments
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest
+    from msk.core.models.deepcluster import DeepClusterConfig, from_ingest
 
     cfg = load_config(DeepClusterConfig, run_dir / "config.yaml")
     images = None

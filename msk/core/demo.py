@@ -46,7 +46,7 @@ from pydantic import Field
 
 from msk.core.config import MskConfig
 from msk.core.errors import MskError
-from msk.core.stages.cluster.deepcluster import default_k
+from msk.core.models.deepcluster import default_k
 
 __all__ = ["DemoConfig", "DemoError", "DemoResult", "default_k", "run_demo"]
 
@@ -176,7 +176,7 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     from msk.core.models.recommender import Recommender
     from msk.core.models.train import TrainConfig, fit_classifier, load_model, predict_logits
     from msk.core.runtime.runlock import LOCK_FILE
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
+    from msk.core.models.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
     from msk.core.stages.cluster.labelling import export_clusters, name_clusters_from_truth
     from msk.core.stages.fusion.training import fit_fusion
     from msk.core.stages.ingest.pipeline import IngestConfig, ingest

@@ -129,7 +129,8 @@ class CrossValidation:
 
     def parts(self, n: int) -> tuple[list[str], list[int | None]]:
         """Per image: ``"test"`` or ``"dev"``, and the fold it validates (``None`` for test)."""
-        part, fold = ["dev"] * n, [None] * n
+        part: list[str] = ["dev"] * n
+        fold: list[int | None] = [None] * n
         for i in self.test:
             part[i] = "test"
         for k, (_, val) in enumerate(self.folds, 1):

@@ -161,7 +161,7 @@ def load_ensemble(run: str | os.PathLike) -> SegmenterEnsemble:
     if not info_path.is_file():
         raise SegmentationError(f"{info_path}: not found; is {run} a finished `msk train segmenter` run?")
     info = json.loads(info_path.read_text())
-    models = [load_segmenter(run / f"fold-{f['fold']}" / "best.pt") for f in info["folds"]]
+    models: list[nn.Module] = [load_segmenter(run / f"fold-{f['fold']}" / "best.pt") for f in info["folds"]]
     return SegmenterEnsemble(models, float(info["threshold"]), info)
 
 

@@ -230,7 +230,7 @@ def truth_scores(assignments: np.ndarray | Sequence[int], truth: Sequence[str | 
     """``(NMI, purity, n)`` of a clustering against the known labels ``truth`` (``None``:
     unknown, left out), over the ``n`` images with a known label."""
     from msk.core.models.metrics import cluster_purity
-    from msk.core.stages.cluster.deepcluster import _nmi
+    from msk.core.models.deepcluster import _nmi
 
     known = [i for i, t in enumerate(truth) if t is not None]
     a = np.asarray(assignments)[known]
@@ -254,7 +254,7 @@ def name_clusters_from_truth(run_dir: str | os.PathLike, truth_file: str | os.Pa
     label). Region names outside ``region_set`` are one error naming them all.
     """
     from msk.core.config import load_config
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig
+    from msk.core.models.deepcluster import DeepClusterConfig
 
     run_dir = Path(run_dir)
     image_ids = run_image_ids(run_dir)

@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 
 from msk.core.config import MskConfig
 from msk.core.errors import MskError
-from msk.core.stages.cluster.deepcluster import DeepClusterConfig
+from msk.core.models.deepcluster import DeepClusterConfig
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -307,7 +307,7 @@ def train_classifier(spec: ClassifierSpec, data: EvalData, train_idx: np.ndarray
 
 def _deepcluster_checkpoint(data: EvalData, train_idx: np.ndarray, config: RecommenderEvalConfig,
                             seed: int, out: Path) -> Path:
-    from msk.core.stages.cluster.deepcluster import run_deepcluster
+    from msk.core.models.deepcluster import run_deepcluster
 
     dc_config = config.deepcluster.model_copy(update={
         "image_size": config.image_size, "seed": seed, "num_workers": config.num_workers})
@@ -644,17 +644,14 @@ def write_gallery(data: EvalData, test_idx: np.ndarray, recommendations: list, o
             f'<p>image <code>{html.escape(data.image_ids[i])}</code>, patient '
             f'<code>{html.escape(data.patient_ids[i])}</code>; vote: {shares}</p>'
             f'<img src="{name}" alt="query {n + 1} and its neighbours"><ol>{items}</ol></section>')
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>msk recommender gallery</title>
-<style>body {{ font-family: system-ui, sans-serif; margin: 2em; }} section {{ margin-bottom: 2em; }}
-.correct {{ color: #070; }} .wrong {{ color: #a00; }} code {{ font-size: 90%; }} img {{ max-width: 100%; }}</style>
-</head><body><h1>{html.escape(title)}: {len(chosen)} test queries and their nearest training images</h1>
+    from msk.core.io.report import html_page
+
+    page = html_page(f"{title}: {len(chosen)} test queries and their nearest training images", f"""
 <p>Left: the query (framed) with its true entity and the vote; right: its nearest previous
 patients' images, nearest first, with distance, confirmed entity and pseudonymised patient id.
 No test patient is in the index.</p>
 {chr(10).join(sections)}
-</body></html>
-"""
+""", what="recommender gallery", subtitle=str(out))
     (out / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
 

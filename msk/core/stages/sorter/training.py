@@ -1,6 +1,6 @@
 """The anatomical sorter: weak region labels -> a supervised classifier, cross-validated by patient.
 
-The SAM-X workflow's last step. DeepCluster (:mod:`msk.core.stages.cluster.deepcluster`) trained an encoder
+The SAM-X workflow's last step. DeepCluster (:mod:`msk.core.models.deepcluster`) trained an encoder
 without labels, a person named its clusters (:mod:`msk.core.stages.cluster.labelling`), and the resulting weak
 label per image now fine-tunes *the same network* (``init`` = the DeepCluster checkpoint) as a
 region classifier:
@@ -487,6 +487,9 @@ def train_sorter(data: LabelledImages, config: SorterConfig | None = None, *,
                           "n_train": f.n_train, "n_val": f.n_val} for f in folds],
         "test": test.summary(), "holdout": held.summary() if held else None,
     }, indent=2))
+    from msk.core.stages.sorter.report import write_sorter_report
+
+    write_sorter_report(out)  # report.html: the numbers and pictures above, in msk's look
     return result
 
 
@@ -503,7 +506,7 @@ def init_from_weak_labels(config: SorterConfig, labels: str | os.PathLike) -> tu
         return config, None
     from msk.core.io.checkpoint import load_checkpoint
     from msk.core.io.labels import weak_labels_run
-    from msk.core.stages.cluster.deepcluster import latest_checkpoint
+    from msk.core.models.deepcluster import latest_checkpoint
 
     run = weak_labels_run(labels)
     if run is None:
