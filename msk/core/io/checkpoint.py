@@ -11,12 +11,19 @@ A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=T
      "extra": {...}}                # job-specific state (optimizer, last assignments, ...)
 
 :func:`load_encoder` rebuilds the encoder from the registry and loads the weights; asking for an
-architecture other than the one saved is a :class:`CheckpointError` that names both.
+architecture other than the one saved is a :class:`CheckpointError` that names both. A file that
+is no checkpoint is refused by :func:`load_checkpoint` with a one-line :class:`CheckpointError`
+naming it and why: empty, another kind of file (an msk index, random bytes), truncated, damaged
+(the CRC-32 ``torch.save`` records for each member of its zip archive is checked, which
+``torch.load`` does not do: flipped bits would load silently), or holding objects that
+``weights_only`` refuses to unpickle.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,10 +92,16 @@ def load_checkpoint(path: str | os.PathLike) -> EncoderCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    damaged = _failing_crc(path)
+    if damaged is not None:  # torch.load does not check the CRC-32 it writes: flipped bits load silently
+        member = damaged.split("/", 1)[-1]  # without the archive's top folder
+        raise CheckpointError(f"{path}: not a readable msk checkpoint: damaged (member {member} fails its "
+                              "CRC-32 check: bit rot or a partial overwrite); copy it again or use an earlier "
+                              "checkpoint")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and unpickler errors all mean "not a checkpoint"
-        raise CheckpointError(f"{path}: not a readable msk checkpoint ({exc})") from None
+        raise CheckpointError(f"{path}: not a readable msk checkpoint: {_unreadable(path, exc)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not an msk checkpoint (holds a {type(data).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in data]
@@ -102,6 +115,40 @@ def load_checkpoint(path: str | os.PathLike) -> EncoderCheckpoint:
         config=dict(data["config"]), epoch=int(data["epoch"]),
         msk_version=str(data["msk_version"]), extra=dict(data.get("extra") or {}), path=path,
     )
+
+
+def _failing_crc(path: Path) -> str | None:
+    """The first member of the zip archive ``torch.save`` wrote whose CRC-32 does not match its
+    bytes; ``None`` when all match or ``path`` is no readable zip archive (``torch.load`` says why)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except Exception:  # not a zip archive, truncated, unreadable
+        return None
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, in one line: empty, another kind of file, truncated or
+    damaged, or objects that ``weights_only`` refuses to unpickle."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"MSKINDEX"):
+        return "it is an msk index file (a retriever or recommender index), not a checkpoint"
+    if not head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+        return (f"not a torch checkpoint (its {size} bytes do not start a zip archive: another file type "
+                "or random bytes)")
+    text = " ".join(str(exc).split())
+    if "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
+        return ("it holds objects other than tensors, numbers, strings, lists and dicts, which msk refuses "
+                "to unpickle (that could run code); re-save it with msk")
+    first = text.split(". ")[0] or type(exc).__name__
+    return f"truncated or damaged ({first}); copy it again or use an earlier checkpoint"
 
 
 def check_arch(ckpt: EncoderCheckpoint, arch: str) -> None:

@@ -101,4 +101,7 @@ def evaluate_against_truth(run_dir: str | os.PathLike, truth_file: str | os.Path
         weak_agreement=round(sum(r["label"] == t for r, t in scored) / n, 4),
         outside=dict(sorted(Counter(t for _, t in scored if t not in classes).items())))
     (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    from msk.core.stages.sorter.report import write_sorter_report
+
+    write_sorter_report(run_dir)  # report.html again, now with these scores
     return result
