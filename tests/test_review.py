@@ -379,3 +379,39 @@ def test_the_sorter_report_has_the_apps_look_and_the_app_links_it(tmp_path):
     assert client.get("/reports/secret.csv").status_code == 404
     assert client.get("/reports/../../etc/passwd").status_code == 404
     assert client.get("/msk.css").text == style()
+
+
+def test_a_deleted_labels_file_is_a_conflict_the_app_can_rewrite(tmp_path):
+    session = ReviewSession(fake_run(tmp_path), reviewer="alice")
+    session.name(0, "knee")
+    session.labels_path.unlink()
+    assert session.check_file()
+    with pytest.raises(ReviewError, match="was deleted; keep this app's labels to write it again"):
+        session.resolve("file")
+    session.resolve("app")
+    assert read_labels(session.labels_path)[0]["label"] == "knee"
+
+
+def test_loading_a_run_without_clusters_or_from_another_ingest(tmp_path):
+    from msk.core.stages.cluster.review import load_review_run
+
+    from test_recommender import write_ingest
+
+    write_ingest(tmp_path / "ingest", n_patients=1, per_patient=1, size=24)  # 3 images
+    (tmp_path / "run").mkdir()
+    empty = load_review_run(tmp_path / "ingest", tmp_path / "run")
+    assert empty.k == 0 and "has no clusters yet (no assignments.npy): run `msk cluster" in empty.empty_reason
+    np.save(tmp_path / "run" / "assignments.npy", np.array([0, 1, 1]))
+    (tmp_path / "run" / "config.yaml").write_text("k: 3\n")
+    (tmp_path / "run" / "assignments.csv").write_text("row,image_id,cluster\n0,A,0\n1,B,1\n2,C,1\n")
+    with pytest.raises(ReviewError, match="was not clustered from"):
+        load_review_run(tmp_path / "ingest", tmp_path / "run")
+    from msk.core.io.dataset import read_shards
+
+    ids = read_shards(tmp_path / "ingest", columns=["image_id"]).column("image_id").to_pylist()
+    (tmp_path / "run" / "assignments.csv").write_text(
+        "row,image_id,cluster\n" + "".join(f"{i},{x},{c}\n" for i, (x, c) in enumerate(zip(ids, [0, 1, 1]))))
+    run = load_review_run(tmp_path / "ingest", tmp_path / "run")
+    assert run.order == [1, 0] and run.images.shape == (3, 24, 24)  # cluster 2 is empty
+    assert run.centroids_from == "pixel similarity (the run saved no centroids.npy)"
+    assert [c for c, _ in run.nearest(0, 5)] == [1]

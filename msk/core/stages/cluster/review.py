@@ -285,6 +285,8 @@ class ReviewSession:
         labels: dict[int, str] = {}
         merged: dict[int, int] = {}
         named_by: dict[int, str] = {}
+        if not path.is_file():
+            raise ReviewError(f"{path} was deleted; keep this app's labels to write it again")
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if not {"cluster", "label"} <= set(reader.fieldnames or []):
