@@ -1,7 +1,7 @@
 """Metadata-only baselines on the real BTXRD metadata: what age, sex, site and view say about
 the tumour entity, before any image is seen.
 
-Protocol (all splits patient-level, see ``msk.core.data.metadata.read_btxrd`` for the pseudo-patient
+Protocol (all splits patient-level, see ``msk.core.io.clinical.read_btxrd`` for the pseudo-patient
 groups BTXRD needs because it publishes no patient id):
 
 1. hold out a test set: a stratified 20 % of the pseudo-patients (``--holdout random``) or
@@ -34,8 +34,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from msk.core.data.metadata import MetadataSchema, read_btxrd
+from msk.core.data.metadata import MetadataSchema
 from msk.core.data.splits import patient_split
+from msk.core.io.clinical import read_btxrd
 from msk.core.models.baselines import (
     METRICS,
     MlpConfig,

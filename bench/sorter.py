@@ -163,8 +163,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from msk.core.io.labels import apply_labels
-    from msk.core.models.sorter import load_sorter
     from msk.core.models.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
+    from msk.core.models.sorter import load_sorter
     from msk.core.stages.sorter.training import SorterConfig, sorter_from_ingest
     from msk.core.stages.sorter.transfer import TransferConfig, transfer_from_ingest
 

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msk.core.data.metadata import MetadataSchema, read_btxrd
+from msk.core.data.metadata import MetadataSchema
 from msk.core.data.splits import patient_split
+from msk.core.io.clinical import read_btxrd
 from msk.core.models.baselines import (
     CVResult,
     MlpConfig,

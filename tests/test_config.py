@@ -82,8 +82,8 @@ def test_auto_profile_follows_the_machine(monkeypatch):
 
 
 def test_profile_sets_nested_options_and_keeps_a_resumed_runs_values(tmp_path):
-    from msk.core.profiles import apply_profile
     from msk.core.models.deepcluster import DeepClusterConfig
+    from msk.core.profiles import apply_profile
     from msk.core.stages.fusion.training import FusionConfig
 
     cfg, done = apply_profile(load_config(FusionConfig), "fusion", "cpu")

@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from msk.core.data.metadata import MetadataEncoder, MetadataError, MetadataSchema
+from msk.core.data.metadata import MetadataEncoder, MetadataSchema
 from msk.core.data.splits import patient_split
 from msk.core.data.squaring import square_image
 from msk.core.errors import ConfigError
 from msk.core.io.checkpoint import CheckpointError, save_checkpoint
+from msk.core.io.clinical import MetadataError
 from msk.core.io.manifest import write_manifest_part
 from msk.core.models.baselines import XgbConfig
 from msk.core.models.fusion import FusionClassifier, build_fusion_model

@@ -9,18 +9,10 @@ import pandas as pd
 import pytest
 
 from msk.core.config import load_config
-from msk.core.data.metadata import (
-    BTXRD_SITES,
-    CANONICAL_COLUMNS,
-    MetadataEncoder,
-    MetadataError,
-    MetadataSchema,
-    join_images,
-    read_btxrd,
-    read_msk_metadata,
-)
+from msk.core.data.metadata import BTXRD_SITES, MetadataEncoder, MetadataSchema, join_images
 from msk.core.data.roi import read_labelme
 from msk.core.errors import ConfigError
+from msk.core.io.clinical import CANONICAL_COLUMNS, MetadataError, read_btxrd, read_msk_metadata
 from msk.plugins.entity_sets import btxrd
 
 

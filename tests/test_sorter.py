@@ -225,8 +225,8 @@ def test_fine_tunes_a_deepcluster_checkpoint(tmp_path):
 
 def fake_cluster_run(run, image_ids, arch: str = "tiny-cnn"):
     """A DeepCluster run folder (config.yaml, assignments.csv, two epoch checkpoints)."""
-    from msk.core.registry import build_encoder
     from msk.core.models.deepcluster import DeepClusterConfig
+    from msk.core.registry import build_encoder
 
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(DeepClusterConfig(k=3, encoder=arch).to_yaml())

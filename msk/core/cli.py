@@ -512,9 +512,8 @@ def sort(
     """
     import json
 
+    from msk.core.models.sorter import load_sorter, sort_answer
     from msk.core.stages.sorter.sorting import read_images, run_preprocess
-    from msk.core.models.sorter import sort_answer
-    from msk.core.models.sorter import load_sorter
 
     preprocess = run_preprocess(run_dir, ingest_dir)
     read = read_images(images, preprocess)

@@ -172,11 +172,11 @@ def run_demo(out: str | os.PathLike, config: DemoConfig | None = None, *, say=pr
     from msk.core.data.metadata import MetadataEncoder, MetadataSchema
     from msk.core.data.squaring import SquaringConfig
     from msk.core.io.truth import read_truth
+    from msk.core.models.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
     from msk.core.models.embed import Embedder, roi_crops
     from msk.core.models.recommender import Recommender
     from msk.core.models.train import TrainConfig, fit_classifier, load_model, predict_logits
     from msk.core.runtime.runlock import LOCK_FILE
-    from msk.core.models.deepcluster import DeepClusterConfig, from_ingest, run_deepcluster
     from msk.core.stages.cluster.labelling import export_clusters, name_clusters_from_truth
     from msk.core.stages.fusion.training import fit_fusion
     from msk.core.stages.ingest.pipeline import IngestConfig, ingest
@@ -338,7 +338,7 @@ def _clinical(rows):
     """``image_id, sex, age, site, view`` of the lesion images from their ground-truth rows."""
     import pandas as pd
 
-    from msk.core.data.metadata import DICOM_VIEWS
+    from msk.core.io.clinical import DICOM_VIEWS
 
     return pd.DataFrame({"image_id": rows.index, "sex": rows["sex"].where(rows["sex"].isin(["M", "F"]), None),
                          "age": rows["age"], "site": rows["site"],

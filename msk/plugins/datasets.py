@@ -175,14 +175,14 @@ class BtxrdOptions(DatasetOptions):
         "annotations", description="folder of the LabelMe JSONs (lesion boxes); null: no boxes")
     grouping: Literal["image", "run"] = Field(
         "image", description="patient of an image: BTXRD has no patient id, so image = each image "
-        "its own patient; run = consecutive images of identical metadata (msk.core.data.metadata.read_btxrd)")
+        "its own patient; run = consecutive images of identical metadata (msk.core.io.clinical.read_btxrd)")
 
 
 def read_btxrd_layout(src: Path, options: BtxrdOptions) -> Iterator[DatasetRecord]:
     import pandas as pd
 
-    from msk.core.data.metadata import read_btxrd
     from msk.core.data.roi import lesion_box, read_labelme
+    from msk.core.io.clinical import read_btxrd
 
     table = _within(src, options.csv)
     annotations = _within(src, options.annotations) if options.annotations else None
@@ -205,7 +205,8 @@ def read_btxrd_layout(src: Path, options: BtxrdOptions) -> Iterator[DatasetRecor
 def _btxrd_example(folder: Path) -> dict[str, Any]:
     import json
 
-    from msk.core.data.metadata import BTXRD_SITES, VIEWS
+    from msk.core.io.btxrd import BTXRD_SITES
+    from msk.core.io.clinical import VIEWS
     from msk.plugins.entity_sets import btxrd
 
     header = ["image_id", "center", "age", "gender", *BTXRD_SITES, "tumor", "benign", "malignant",

@@ -101,7 +101,7 @@ class ClassifierModel:
     def _encode(self, metadata: dict[str, Any]) -> np.ndarray | Rejection:
         import pandas as pd
 
-        from msk.core.data.metadata import MetadataError
+        from msk.core.io.clinical import MetadataError
 
         schema = self.encoder.schema
         for field, vocabulary in (("site", schema.sites), ("view", schema.views)):
@@ -165,8 +165,9 @@ def _fusion_options(config: ClassifyConfig, saved: dict[str, Any], path: Path):
 
 def load_classifier_model(config: ClassifyConfig, preprocess: SquaringConfig) -> ClassifierModel:
     """Build the classifier the config describes; :class:`ConfigError` says what does not fit."""
-    from msk.core.data.metadata import MetadataEncoder, MetadataError
+    from msk.core.data.metadata import MetadataEncoder
     from msk.core.io.checkpoint import CheckpointError, load_checkpoint
+    from msk.core.io.clinical import MetadataError
     from msk.core.models.train import TrainConfig, load_model
 
     path = Path(config.checkpoint)

@@ -229,8 +229,8 @@ def truth_of_images(image_ids: Sequence[str], truth_file: str | os.PathLike, whe
 def truth_scores(assignments: np.ndarray | Sequence[int], truth: Sequence[str | None]) -> tuple[float, float, int]:
     """``(NMI, purity, n)`` of a clustering against the known labels ``truth`` (``None``:
     unknown, left out), over the ``n`` images with a known label."""
-    from msk.core.models.metrics import cluster_purity
     from msk.core.models.deepcluster import _nmi
+    from msk.core.models.metrics import cluster_purity
 
     known = [i for i, t in enumerate(truth) if t is not None]
     a = np.asarray(assignments)[known]

@@ -22,7 +22,7 @@ Every split is by patient (:mod:`msk.core.data.splits`). Each training fold keep
 the same rows. Before anything is trained, every fold's encoder is fitted and applied to every
 row it will meet, so bad metadata (an age of -1 or 200, a sex outside M/F, a site or view the
 fold never saw, with ``metadata.unknown="error"``) fails in seconds with the
-:class:`~msk.core.data.metadata.MetadataError` of :mod:`msk.core.data.metadata`, naming the fold and rows.
+:class:`~msk.core.io.clinical.MetadataError` of :mod:`msk.core.data.metadata`, naming the fold and rows.
 
 Input images are ROI crops when the metadata carries lesion boxes (``x0, y0, x1, y1`` in the
 pixel coordinates of the original image, end exclusive): boxes are mapped into the letterboxed
@@ -51,10 +51,11 @@ from torch import nn
 
 from msk.core.config import MskConfig
 from msk.core.data.augment import eval_transform, to_tensor
-from msk.core.data.metadata import DICOM_VIEWS, MetadataEncoder, MetadataError, MetadataSchema, join_images
+from msk.core.data.metadata import MetadataEncoder, MetadataSchema, join_images
 from msk.core.data.splits import patient_kfold, patient_split
 from msk.core.data.squaring import map_box_to_square
 from msk.core.errors import ConfigError, MskError
+from msk.core.io.clinical import DICOM_VIEWS, MetadataError
 from msk.core.models.baselines import METRICS, XgbConfig, classification_metrics, fit_xgboost
 from msk.core.models.fusion import FusionClassifier, build_fusion_model
 from msk.core.models.train import (
@@ -359,7 +360,7 @@ def read_synth_truth(synth_dir: str | os.PathLike, ingest_dir: str | os.PathLike
     ``ground_truth.csv`` paths (relative to ``synth_dir``) are joined to the ingest manifest's
     paths (relative to the ingest source, ``synth_dir`` or ``synth_dir/export``). ``site`` is
     the lesion's region, ``view`` the DICOM view mapped by
-    :data:`msk.core.data.metadata.DICOM_VIEWS`, ``patient_group`` the patient id; ``position`` and
+    :data:`msk.core.io.clinical.DICOM_VIEWS`, ``patient_group`` the patient id; ``position`` and
     the lesion box (``x0, y0, x1, y1``, pixels of the written image) are kept. Files the
     ingest quarantined are left out.
     """
