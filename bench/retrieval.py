@@ -1,21 +1,27 @@
-"""Benchmark the recommender's retrievers: build time, latency, throughput, memory, recall.
+"""Benchmark the recommender's retrievers against plain faiss: speed vs exact search, recall@10.
 
 For each database size, stores ``N`` structured 512-d vectors (a mixture of clusters on a
 64-d subspace with isotropic noise, L2-normalised: closer to image features than iid noise) in
-every retriever and measures
+every retriever and prints, side by side, msk's retriever (``search`` through the public API:
+validation, normalisation, ids) and plain faiss searching the very same faiss index with
+pre-normalised queries:
 
-* build: train + add, seconds;
-* latency of single queries (batch 1) through the public ``search`` API: wall-clock p50 and
-  p99 in ms, and process CPU ms per query (robust to other load on the machine);
+* build: train + add, seconds (once);
+* single queries (batch 1): process CPU ms per query (all threads; robust to other load on the
+  machine) and wall-clock p50 ms;
 * throughput at batch 256, queries per second;
-* index file size (``save``) and the process's RSS growth while building, in MB; save and
-  load times;
-* recall@10 against exact search, and cluster precision@10 (share of the 10 neighbours from
-  the query's cluster: what a label vote sees).
+* speed vs flat: plain faiss ``IndexFlatIP``'s CPU ms per single query divided by this
+  contestant's (and the same for batch-256 throughput), measured in the same round;
+* msk/faiss: msk's CPU time per single query over plain faiss's on the same index (msk's cost);
+* recall@10 against exact search.
 
-Never run by pytest. Example (the numbers in docs/recommender.md)::
+Timings are taken in ``--rounds`` rounds; every round measures every contestant in turn
+(interleaved), and the table gives the mean and the spread (standard deviation) over rounds,
+with the load average at the start and the end. Never run by pytest. Examples (the numbers in
+docs/recommender.md)::
 
-    python bench/retrieval.py --sizes 100000,1000000 --queries 1000
+    OMP_WAIT_POLICY=PASSIVE python bench/retrieval.py                    # 100k vectors, quick
+    OMP_WAIT_POLICY=PASSIVE python bench/retrieval.py --sizes 1000000 --kinds flat,lsh,ivf --markdown
 """
 
 from __future__ import annotations
@@ -27,14 +33,14 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from msk.core.models.retrieval import Retriever, load_retriever
+from msk.core.models.retrieval import Retriever
 from msk.core.registry import build_retriever
 
 console = Console()
@@ -80,190 +86,187 @@ def database_and_queries(n: int, n_queries: int, dim: int, seed: int):
     return x[:n], labels[:n], x[n:], labels[n:]
 
 
-@dataclass
-class Row:
-    size: int
-    kind: str
-    params: str
-    build_s: float | None
-    p50_ms: float
-    p99_ms: float
-    cpu_ms: float
-    qps_256: float
-    file_mb: float | None
-    rss_mb: float | None
-    save_s: float | None
-    load_s: float | None
-    recall_10: float
-    cluster_p10: float
-
-
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def latencies_ms(index: Retriever, q: np.ndarray) -> tuple[np.ndarray, float]:
-    """Wall-clock ms of each single-query search, and the mean process CPU ms per query (all
-    threads; unlike wall time, barely affected by other processes competing for the cores)."""
-    out = np.empty(len(q))
-    cpu = time.process_time()
-    for i in range(len(q)):
-        t = time.perf_counter()
-        index.search(q[i:i + 1], K)
-        out[i] = (time.perf_counter() - t) * 1e3
-    return out, (time.process_time() - cpu) * 1e3 / len(q)
-
-
-def batched(index: Retriever, q: np.ndarray, batch: int = 256) -> tuple[np.ndarray, float]:
-    found = []
-    t = time.perf_counter()
-    for start in range(0, len(q), batch):
-        found.append(index.search(q[start:start + batch], K).indices)
-    return np.concatenate(found), len(q) / (time.perf_counter() - t)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found, truth)]))
 
 
-def cluster_precision(found: np.ndarray, db_labels: np.ndarray, q_labels: np.ndarray) -> float:
-    valid = found >= 0
-    same = (db_labels[np.where(valid, found, 0)] == q_labels[:, None]) & valid
-    return float(same.mean())
+@dataclass
+class Contestant:
+    """One index under one search-time setting, searched by msk or by plain faiss."""
+
+    side: str  # "msk" or "faiss"
+    kind: str
+    params: str
+    index: Retriever
+    setting: dict
+    build_s: float | None = None
+    recall_10: float = 0.0
+    cpu_ms: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    qps_256: list[float] = field(default_factory=list)
+    speedup: list[float] = field(default_factory=list)
+    batch_speedup: list[float] = field(default_factory=list)
+    overhead: list[float] = field(default_factory=list)
+    file_mb: float | None = None
+
+    def search(self, q: np.ndarray) -> np.ndarray:
+        """Indices of the ``K`` nearest; msk's ``search`` or faiss's on normalised ``q``."""
+        for key, value in self.setting.items():
+            setattr(self.index.options, key, value)
+        if self.side == "msk":
+            return self.index.search(q, K).indices
+        faiss_index = self.index.index  # type: ignore[attr-defined]
+        if self.setting:
+            self.index._configure(faiss_index)  # type: ignore[attr-defined]
+        return faiss_index.search(q, K)[1]
 
 
-def configurations(args) -> list[tuple[str, dict, str, list[dict]]]:
-    """``(kind, build options, search option name, [search option values])`` to measure."""
-    out: list[tuple[str, dict, str, list[dict]]] = []
+def time_single(c: Contestant, q: np.ndarray) -> tuple[float, float]:
+    """(process CPU ms per query, wall-clock p50 ms) of single-query searches."""
+    wall = np.empty(len(q))
+    cpu = time.process_time()
+    for i in range(len(q)):
+        t = time.perf_counter()
+        c.search(q[i:i + 1])
+        wall[i] = (time.perf_counter() - t) * 1e3
+    return (time.process_time() - cpu) * 1e3 / len(q), float(np.percentile(wall, 50))
+
+
+def time_batched(c: Contestant, q: np.ndarray, batch: int = 256) -> float:
+    t = time.perf_counter()
+    for start in range(0, len(q), batch):
+        c.search(q[start:start + batch])
+    return len(q) / (time.perf_counter() - t)
+
+
+def _options(text: str) -> dict:
+    """``"hashing=itq,nbits=128,rerank=400"`` -> options (ints where they parse)."""
+    out: dict = {}
+    for part in filter(None, text.split(",")):
+        key, value = part.split("=")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def configurations(args) -> list[tuple[str, dict, list[dict]]]:
+    """``(kind, build options, [search-time settings])`` to measure."""
+    out: list[tuple[str, dict, list[dict]]] = []
     for kind in args.kinds:
         if kind == "flat":
-            out.append(("flat", {}, "", [{}]))
+            out.append(("flat", {}, [{}]))
         elif kind == "lsh":
-            out += [("lsh", {"nbits": b}, "", [{}]) for b in args.nbits]
+            for text in args.lsh:
+                options = _options(text)
+                reranks = args.rerank if options.get("rerank", 1) else []
+                out.append(("lsh", options, [{"rerank": r} for r in reranks] or [{}]))
         elif kind == "hnsw":
-            out += [("hnsw", {"m": m, "ef_construction": args.ef_construction}, "ef_search",
+            out += [("hnsw", {"m": m, "ef_construction": args.ef_construction},
                      [{"ef_search": e} for e in args.ef_search]) for m in args.hnsw_m]
         elif kind == "ivf":
-            out += [("ivf", {"nlist": nl, "nprobe": min(args.nprobe)}, "nprobe",
+            out += [("ivf", {"nlist": nl, "nprobe": min(args.nprobe)},
                      [{"nprobe": p} for p in args.nprobe if p <= nl]) for nl in args.nlist]
         else:
             raise SystemExit(f"unknown retriever {kind!r}")
+    if not out or out[0][0] != "flat":  # exact search is the reference
+        out.insert(0, ("flat", {}, [{}]))
     return out
 
 
-def measure_size(n: int, args) -> list[Row]:
+def _load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def measure_size(n: int, args) -> list[Contestant]:
     console.rule(f"[bold]{n:,} stored vectors, dim {args.dim}, {args.queries} queries")
     t = time.perf_counter()
-    db, db_labels, q, q_labels = database_and_queries(n, args.queries, args.dim, args.seed)
+    db, _, q, _ = database_and_queries(n, args.queries, args.dim, args.seed)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     ids = [f"img-{i:08d}" for i in range(n)]
     console.log(f"data generated in {time.perf_counter() - t:.1f} s")
+    contestants: list[Contestant] = []
     truth = None
-    rows: list[Row] = []
-    plan = configurations(args)
-    if plan[0][0] != "flat":  # exact search is the reference
-        plan.insert(0, ("flat", {}, "", [{}]))
-    for kind, options, _, search_settings in plan:
+    for kind, options, settings in configurations(args):
         gc.collect()
-        rss0 = rss_bytes()
-        console.log(f"building {kind} {options or ''}")
+        console.log(f"building {kind} {options or ''} (load average {_load()})")
         t = time.perf_counter()
         index = build_retriever(kind, dim=args.dim, **options).build(db, ids)
         build_s = time.perf_counter() - t
-        gc.collect()
-        rss_mb = (rss_bytes() - rss0) / 2**20
-        for i, setting in enumerate(search_settings):
-            for key, value in setting.items():
-                setattr(index.options, key, value)
-            found, qps = batched(index, q)
+        built = {k: v for k, v in index.options.model_dump().items() if k in options or k not in settings[0]}
+        for i, setting in enumerate(settings):
+            params = ", ".join(f"{k}={v}" for k, v in {**built, **setting}.items()) or "-"
+            pair = [Contestant(side, kind, params, index, setting, build_s if i == 0 else None)
+                    for side in ("msk", "faiss")]
+            found = pair[0].search(q)
             if truth is None:
                 truth = found
-            lat, cpu_ms = latencies_ms(index, q[: args.latency_queries])
-            params = ", ".join(f"{k}={v}" for k, v in {**options, **setting}.items()) or "-"
-            rows.append(Row(n, kind, params, build_s if i == 0 else None,
-                            float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), cpu_ms, qps,
-                            None, rss_mb if i == 0 else None, None, None,
-                            recall_at_k(found, truth), cluster_precision(found, db_labels, q_labels)))
-            r = rows[-1]
-            console.log(f"  {params}: recall@10 {r.recall_10:.3f}, p50 {r.p50_ms:.2f} ms, "
-                        f"{r.qps_256:,.0f} q/s")
-        first = rows[-len(search_settings)]
-        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-            t = time.perf_counter()
-            path = index.save(Path(tmp) / f"{kind}.mskidx")
-            first.save_s = time.perf_counter() - t
-            first.file_mb = path.stat().st_size / 2**20
-            del index
-            gc.collect()
-            t = time.perf_counter()
-            loaded = load_retriever(path, expect_dim=args.dim)
-            first.load_s = time.perf_counter() - t
-            del loaded
-        gc.collect()
-    return rows
+            for c in pair:
+                c.recall_10 = recall_at_k(c.search(qn if c.side == "faiss" else q), truth)
+            contestants += pair
+            console.log(f"  {params}: built in {build_s:.1f} s, recall@10 {pair[0].recall_10:.3f}")
+        if args.save_load:
+            with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+                path = index.save(Path(tmp) / f"{kind}.mskidx")
+                contestants[-2 * len(settings)].file_mb = path.stat().st_size / 2**20
+    del db
+    gc.collect()
+    single, batch = qn[: args.latency_queries], qn[: args.batch_queries]
+    reference = contestants[1]  # plain faiss IndexFlatIP
+    assert (reference.side, reference.kind) == ("faiss", "flat")
+    for r in range(args.rounds):
+        console.log(f"round {r + 1}/{args.rounds}, load average {_load()}")
+        for c in contestants:
+            cpu_ms, p50 = time_single(c, single if c.side == "faiss" else q[: args.latency_queries])
+            c.cpu_ms.append(cpu_ms)
+            c.p50_ms.append(p50)
+            c.qps_256.append(time_batched(c, batch if c.side == "faiss" else q[: args.batch_queries]))
+        for i, c in enumerate(contestants):
+            c.speedup.append(reference.cpu_ms[-1] / c.cpu_ms[-1])
+            c.batch_speedup.append(c.qps_256[-1] / reference.qps_256[-1])
+            if c.side == "msk":
+                c.overhead.append(c.cpu_ms[-1] / contestants[i + 1].cpu_ms[-1])
+    return contestants
 
 
-def compare_lsh(n: int, args) -> list[dict]:
-    """faiss IndexLSH (rotation + median thresholds) against SimHash (signs of a Gaussian
-    projection, faiss IndexBinaryFlat) at the same code sizes."""
-    import faiss
-
-    db, _, q, _ = database_and_queries(n, args.queries, args.dim, args.seed)
-    exact = faiss.IndexFlatIP(args.dim)
-    exact.add(db)
-    truth = exact.search(q, K)[1]
-    out = []
-    for nbits in args.nbits:
-        t = time.perf_counter()
-        lsh = build_retriever("lsh", dim=args.dim, nbits=nbits).build(db, [str(i) for i in range(n)])
-        lsh_build = time.perf_counter() - t
-        lsh_found, _ = batched(lsh, q)
-        del lsh
-        rng = np.random.default_rng(args.seed)
-        t = time.perf_counter()
-        proj = rng.standard_normal((args.dim, nbits), dtype=np.float32)
-        binary = faiss.IndexBinaryFlat(nbits)
-        for start in range(0, n, 100_000):
-            binary.add(np.packbits(db[start:start + 100_000] @ proj > 0, axis=1))
-        sim_build = time.perf_counter() - t
-        sim_found = binary.search(np.packbits(q @ proj > 0, axis=1), K)[1]
-        out.append({"size": n, "nbits": nbits, "indexlsh_recall_10": recall_at_k(lsh_found, truth),
-                    "indexlsh_build_s": lsh_build, "simhash_recall_10": recall_at_k(sim_found, truth),
-                    "simhash_build_s": sim_build})
-        console.log(out[-1])
-    return out
+def _ms(values: list[float], spec: str) -> str:
+    """Mean ± standard deviation over rounds."""
+    if not values:
+        return ""
+    return f"{format(float(np.mean(values)), spec)} ± {format(float(np.std(values)), spec)}"
 
 
-def _fmt(v, spec: str) -> str:
-    return "" if v is None else format(v, spec)
+COLUMNS = ("N", "side", "index", "params", "build s", "CPU ms/q", "p50 ms", "q/s @256",
+           "speed vs flat (1 query)", "speed vs flat (@256)", "msk/faiss CPU", f"recall@{K}", "file MB")
 
 
-COLUMNS = ("N", "index", "params", "build s", "p50 ms", "p99 ms", "CPU ms/q", "q/s @256", "file MB",
-           "RSS Δ MB", "save s", "load s", f"recall@{K}", f"cluster p@{K}")
+def _cells(n: int, c: Contestant) -> list[str]:
+    return [f"{n:,}", c.side, c.kind, c.params, "" if c.build_s is None else f"{c.build_s:.1f}",
+            _ms(c.cpu_ms, ".2f"), _ms(c.p50_ms, ".2f"), _ms(c.qps_256, ",.0f"), _ms(c.speedup, ".1f"),
+            _ms(c.batch_speedup, ".2f"), _ms(c.overhead, ".2f"), f"{c.recall_10:.3f}",
+            "" if c.file_mb is None else f"{c.file_mb:,.0f}"]
 
 
-def _cells(r: Row) -> list[str]:
-    return [f"{r.size:,}", r.kind, r.params, _fmt(r.build_s, ".1f"), f"{r.p50_ms:.2f}",
-            f"{r.p99_ms:.2f}", f"{r.cpu_ms:.2f}", f"{r.qps_256:,.0f}", _fmt(r.file_mb, ",.0f"),
-            _fmt(r.rss_mb, ",.0f"), _fmt(r.save_s, ".1f"), _fmt(r.load_s, ".1f"),
-            f"{r.recall_10:.3f}", f"{r.cluster_p10:.3f}"]
-
-
-def print_table(rows: list[Row], markdown: bool = False) -> None:
-    """Print ``rows`` side by side (a rich table, or GitHub markdown for the docs)."""
+def print_table(results: list[tuple[int, list[Contestant]]], title: str, markdown: bool = False) -> None:
+    """Print the contestants side by side (a rich table, or GitHub markdown for the docs)."""
     if markdown:
+        print(f"\n{title}\n")
         print("| " + " | ".join(COLUMNS) + " |")
-        print("|" + "|".join("---" if c in ("index", "params") else "---:" for c in COLUMNS) + "|")
-        for r in rows:
-            print("| " + " | ".join(_cells(r)) + " |")
+        print("|" + "|".join("---" if c in ("side", "index", "params") else "---:" for c in COLUMNS) + "|")
+        for n, contestants in results:
+            for c in contestants:
+                print("| " + " | ".join(_cells(n, c)) + " |")
         return
-    table = Table(title=f"retrievers: batch-1 latency of single queries, recall@{K} vs flat")
+    table = Table(title=title)
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("index", "params") else "right",
-                         no_wrap=True)
-    for r in rows:
-        table.add_row(*_cells(r))
-    Console(width=max(console.width, 200)).print(table)
+        table.add_column(col, justify="left" if col in ("side", "index", "params") else "right")
+    for n, contestants in results:
+        for c in contestants:
+            table.add_row(*_cells(n, c))
+    Console(width=max(console.width, 220)).print(table)
 
 
 def _ints(text: str) -> list[int]:
@@ -272,25 +275,31 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=_ints, default=[100_000, 1_000_000])
-    parser.add_argument("--queries", type=int, default=1000,
-                        help="queries for recall and batch-256 throughput")
-    parser.add_argument("--latency-queries", type=int, default=200,
-                        help="the first this many queries are also timed one by one")
+    parser.add_argument("--sizes", type=_ints, default=[100_000], help="database sizes (1000000 for the docs)")
+    parser.add_argument("--queries", type=int, default=1000, help="queries for recall@10")
+    parser.add_argument("--latency-queries", type=int, default=50,
+                        help="queries timed one by one in each round")
+    parser.add_argument("--batch-queries", type=int, default=512,
+                        help="queries timed in batches of 256 in each round")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds, contestants interleaved")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads")
     parser.add_argument("--kinds", type=lambda s: s.split(","), default=["flat", "lsh", "hnsw", "ivf"])
-    parser.add_argument("--nbits", type=_ints, default=[256, 1024, 2048], help="lsh code sizes")
+    parser.add_argument("--lsh", type=lambda s: s.split(";"),
+                        default=["hashing=itq,nbits=128,rerank=400", "hashing=rotation,nbits=256,rerank=400",
+                                 "hashing=rotation,nbits=1024,rerank=0"],
+                        help="lsh option sets separated by ';' (the last: the Hamming-only lsh of before)")
+    parser.add_argument("--rerank", type=_ints, default=[],
+                        help="also search each re-ranking lsh with these rerank factors")
     parser.add_argument("--hnsw-m", type=_ints, default=[32])
     parser.add_argument("--ef-construction", type=int, default=80)
-    parser.add_argument("--ef-search", type=_ints, default=[32, 64, 128])
+    parser.add_argument("--ef-search", type=_ints, default=[64, 128])
     parser.add_argument("--nlist", type=_ints, default=[1024])
-    parser.add_argument("--nprobe", type=_ints, default=[8, 16, 32])
-    parser.add_argument("--compare-lsh", action="store_true",
-                        help="also compare faiss IndexLSH with SimHash + IndexBinaryFlat")
+    parser.add_argument("--nprobe", type=_ints, default=[16])
+    parser.add_argument("--save-load", action="store_true", help="also save each msk index (file MB)")
     parser.add_argument("--tmp", default=None, help="folder for the saved indexes (default: system temp)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = parser.parse_args(argv)
 
@@ -300,27 +309,22 @@ def main(argv: list[str] | None = None) -> None:
 
     get_registry().names("retriever")  # load the plugins now, not inside the first timed build
     faiss.omp_set_num_threads(args.threads)
+    start_load = _load()
     console.log(f"faiss {faiss.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
-                f"{platform.processor() or platform.machine()}, load average {os.getloadavg()}")
-    rows: list[Row] = []
-    lsh_rows: list[dict] = []
+                f"{platform.processor() or platform.machine()}, load average {start_load}")
+    results: list[tuple[int, list[Contestant]]] = []
     for n in args.sizes:
-        rows += measure_size(n, args)
-        if args.compare_lsh:
-            lsh_rows += compare_lsh(n, args)
-        print_table(rows)
+        results.append((n, measure_size(n, args)))
+    title = (f"msk retrievers vs plain faiss on the same index: mean ± sd over {args.rounds} interleaved "
+             f"rounds; load average {start_load} at the start, {_load()} at the end")
+    print_table(results, title)
     if args.markdown:
-        print_table(rows, markdown=True)
-        if lsh_rows:
-            print("\n| N | nbits | IndexLSH recall@10 | IndexLSH build s | SimHash recall@10 "
-                  "| SimHash build s |\n|---:|---:|---:|---:|---:|---:|")
-            for r in lsh_rows:
-                print(f"| {r['size']:,} | {r['nbits']} | {r['indexlsh_recall_10']:.3f} "
-                      f"| {r['indexlsh_build_s']:.1f} | {r['simhash_recall_10']:.3f} "
-                      f"| {r['simhash_build_s']:.1f} |")
-    console.log(f"load average at the end {os.getloadavg()}")
+        print_table(results, title, markdown=True)
     if args.json:
-        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "lsh": lsh_rows}, indent=1))
+        args.json.write_text(json.dumps(
+            {"load_average": [start_load, _load()],
+             "rows": [{"size": n, **{k: v for k, v in asdict(c).items() if k != "index"}}
+                      for n, cs in results for c in cs]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ class Retriever:
     """
 
     kind: ClassVar[str] = ""
-    metric: ClassVar[Metric] = "ip"
+    metric: Metric = "ip"
     Options: ClassVar[type[MskConfig]] = NoOptions
     #: whether the index learns from data (then :meth:`_train` and :attr:`is_trained` matter)
     trainable: ClassVar[bool] = False
