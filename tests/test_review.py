@@ -202,6 +202,9 @@ def test_review_loop_in_chromium(tmp_path, monkeypatch):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(ingest, run, port, "alice")
+    (tmp_path / "no-run").mkdir()
+    empty_port = free_port()
+    empty_server = start_server(ingest, tmp_path / "no-run", empty_port, "alice")  # a run without clusters
     try:
         wait_up(server, port)
         second = start_server(ingest, run, free_port(), "bob")  # a second reviewer is refused
@@ -211,6 +214,12 @@ def test_review_loop_in_chromium(tmp_path, monkeypatch):
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
             page = browser.new_page()
+            wait_up(empty_server, empty_port)
+            page.goto(f"http://127.0.0.1:{empty_port}/")
+            page.wait_for_selector('body[data-ready="empty"]')
+            assert "has no clusters yet (no assignments.npy)" in page.inner_text("#empty")
+            assert not page.is_visible("#main") and not page.is_visible(".progress")
+            empty_server.terminate()
 
             def at(cluster: int) -> None:
                 page.wait_for_selector(f'body[data-ready="{cluster}"]', timeout=10_000)
@@ -298,8 +307,9 @@ def test_review_loop_in_chromium(tmp_path, monkeypatch):
             decided(6)
             browser.close()
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        for process in (server, empty_server):
+            process.terminate()
+            process.wait(timeout=30)
 
     code, stdout, stderr = run_msk(monkeypatch, "clusters", "apply", run / "expert" / "labels.csv", run)
     assert code == 0, stderr

@@ -36,6 +36,7 @@ import io
 import ipaddress
 import os
 import secrets
+import sys
 import threading
 import time
 from collections import Counter
@@ -799,4 +800,5 @@ def serve_review(ingest_dir: str | os.PathLike, run_dir: str | os.PathLike, conf
             say(f"{progress['decided']} of {progress['clusters']} clusters decided so far; labels: "
                 f"{session.labels_path}, audit log: {session.audit_path}")
         say(f"review {run_dir} as {reviewer} at {url} (Ctrl-C stops; every decision is already saved)")
+        sys.stdout.flush()  # the URL now, also when stdout is a file or a pipe
         server.run()

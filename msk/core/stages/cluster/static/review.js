@@ -282,6 +282,7 @@ async function start() {
   if (data.empty) {
     $("empty").replaceChildren(el("h1", { text: "no clusters to review" }), el("p", { text: data.empty }));
     $("empty").hidden = false;
+    document.querySelector(".progress").hidden = true;
     document.body.dataset.ready = "empty";
     return;
   }
