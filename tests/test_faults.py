@@ -208,3 +208,72 @@ def test_a_corrupt_recommender_or_index_is_refused_in_one_line(tmp_path, checkpo
             with pytest.raises(MskError, match=reason) as exc:
                 Recommender.load(folder)
             _one_line(exc.value, folder / file)
+
+
+# -- a Ray Train worker killed mid-epoch -------------------------------------------------------------
+
+
+def _bars(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three learnable classes: a horizontal bar, a vertical bar, a bright square, on noise."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, size=(n, size, size)).astype(np.uint8)
+    labels = np.arange(n) % 3
+    for img, y in zip(images, labels):
+        o = int(rng.integers(4, size - 12))
+        if y == 0:
+            img[o:o + 4, 2:-2] = 220
+        elif y == 1:
+            img[2:-2, o:o + 4] = 220
+        else:
+            img[o:o + 10, o:o + 10] = 220
+    return images, labels
+
+
+@pytest.mark.slow
+def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(tmp_path, ray_session):
+    """The Ray Train worker is SIGKILLed halfway through epoch 3 of 5; Ray Train restarts it
+    (``max_failures``) and the run resumes after epoch 2's checkpoint: epochs 1 and 2 are not
+    trained again (their checkpoint files are untouched), every epoch is in the history once."""
+    import json
+    import threading
+
+    import torch
+
+    from msk.core.models.train import TrainConfig, fit_classifier
+
+    torch.set_num_threads(1)
+    x, y = _bars(384, 48)
+    config = TrainConfig(encoder="tiny-cnn", image_size=48, epochs=5, batch_size=16, lr=5e-3, augment=False,
+                         num_workers=1, max_failures=1, keep_checkpoints=None)
+    checkpoints = tmp_path / "checkpoints"
+    killed: dict[str, object] = {}
+
+    def kill_mid_epoch_3() -> None:
+        deadline = time.monotonic() + 300
+        while not (checkpoints / "epoch-002.pt").exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        first, second = (checkpoints / f"epoch-00{e}.pt" for e in (1, 2))
+        epoch_s = second.stat().st_mtime - first.stat().st_mtime
+        time.sleep(epoch_s / 2)
+        killed["before"] = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (first, second)}
+        killed["epoch 3 done"] = (checkpoints / "epoch-003.pt").exists()
+        pid = json.loads((tmp_path / "workers" / "rank-0.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+    killer = threading.Thread(target=kill_mid_epoch_3, daemon=True)
+    killer.start()
+    result = fit_classifier(x, y, 3, config, out=tmp_path)
+    killer.join(timeout=10)
+
+    assert "pid" in killed, "the worker was never killed"
+    assert killed["epoch 3 done"] is False, "the kill came after epoch 3 ended"
+    restarted = json.loads((tmp_path / "workers" / "rank-0.json").read_text())["pid"]
+    assert restarted != killed["pid"], "no new worker ran after the kill"
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4, 5]
+    after = {name: ((checkpoints / name).stat().st_ino, (checkpoints / name).stat().st_mtime_ns)
+             for name in killed["before"]}  # type: ignore[union-attr]
+    assert after == killed["before"], "epochs 1-2 were trained again instead of resumed"
+    assert sorted(p.name for p in checkpoints.glob("epoch-*.pt")) == [f"epoch-00{e}.pt" for e in range(1, 6)]

@@ -85,6 +85,9 @@ class TrainConfig(MskConfig):
                                          "(best.pt is kept apart): 1 keeps best + last; None: every epoch's")
     num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in this process")
     use_gpu: bool = Field(False, description="one GPU per worker")
+    max_failures: int = Field(2, ge=0, description="Ray Train: times a run whose worker died (killed, "
+                              "out of memory, node lost) is restarted; it resumes after the run folder's last "
+                              "epoch checkpoint")
     seed: int = Field(0, description="seed of the splits, shuffling, augmentation and initial weights")
 
     @field_validator("encoder")
@@ -430,7 +433,7 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
         _check_arrays(v_images, v_labels, rest[0] if rest else None, "validation")
         payload.update(val_images=v_images, val_labels=v_labels, val_meta=rest[0] if rest else None)
     run_workers(_loop, payload, num_workers=config.num_workers, use_gpu=config.use_gpu,
-                storage=out, name="train")
+                storage=out, name="train", max_failures=config.max_failures)
     model, ckpt = load_model(out / "best.pt", build)
     return FitResult(model, list(load_checkpoint(_latest(out)).extra.get("history", [])),
                      ckpt.epoch, out / "best.pt", out)

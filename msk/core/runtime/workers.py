@@ -185,21 +185,24 @@ def _ray_entry(loop: LoopFn, payload: dict[str, Any], storage: str) -> None:
 
 
 def run_workers(loop: LoopFn, payload: dict[str, Any], *, num_workers: int, use_gpu: bool,
-                storage: Path, name: str) -> None:
+                storage: Path, name: str, max_failures: int = 0) -> None:
     """Run ``loop(payload, workers)`` here (``num_workers=0``) or on Ray Train workers.
 
     On Ray, numpy arrays in ``payload`` travel through the object store (``ray.put``), Ray is
     started if it is not running (``RAY_ADDRESS`` picks a cluster), run state goes under
     ``storage/ray``, each rank records where it ran in ``storage/workers/rank-<k>.json`` and
     a failure on a worker is raised here as an :class:`MskError`. ``storage`` must be shared by
-    the nodes on a cluster (rank 0 writes checkpoints there).
+    the nodes on a cluster (rank 0 writes checkpoints there). A worker that dies (killed, out of
+    memory, its node lost) makes Ray Train restart the worker group up to ``max_failures`` times
+    (``FailureConfig``); ``loop`` then runs again and must resume from what it wrote to
+    ``storage`` (the training loop resumes after the last epoch checkpoint of its run folder).
     """
     if num_workers == 0:
         loop(payload, LocalWorkers(use_gpu))
         return
 
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from msk.core.runtime.ray_start import start_ray, train_logging_config
@@ -219,6 +222,7 @@ def run_workers(loop: LoopFn, payload: dict[str, Any], *, num_workers: int, use_
         run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                              storage_path=str(storage / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=max_failures),
                              logging_config=train_logging_config()),
     )
     try:

@@ -312,7 +312,7 @@ def _check_resumable(out: Path, config: SegmenterConfig) -> None:
     if not path.is_file():
         return
     saved = yaml.safe_load(path.read_text()) or {}
-    free = {"epochs", "patience", "num_workers", "use_gpu", "keep_checkpoints", "threshold"}
+    free = {"epochs", "patience", "num_workers", "use_gpu", "max_failures", "keep_checkpoints", "threshold"}
     now = config.model_dump(mode="json")
     changed = sorted(k for k, v in now.items() if k not in free and k in saved and saved[k] != v)
     if changed:

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 #: Options that may differ between a sorter run and its resumption in the same folder.
-RESUMABLE_CHANGES = frozenset({"epochs", "patience", "num_workers", "use_gpu", "gradcam_images",
+RESUMABLE_CHANGES = frozenset({"epochs", "patience", "num_workers", "use_gpu", "max_failures", "gradcam_images",
                                "keep_checkpoints", "ood_keep", "ood_score"})
 
 

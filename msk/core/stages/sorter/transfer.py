@@ -44,7 +44,7 @@ __all__ = ["ArmResult", "TransferConfig", "TransferError", "TransferResult", "bi
 
 #: Options that may differ between a transfer run and its resumption in the same folder (arms
 #: may be added; an arm's start may not change).
-RESUMABLE_CHANGES = frozenset({"arms", "num_workers", "use_gpu", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"arms", "num_workers", "use_gpu", "max_failures", "keep_checkpoints"})
 
 #: Label of phase 1's positive class in a cascade.
 PATHOLOGICAL = "pathological"
