@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from test_train import bars  # tests/ is on sys.path (rootdir conftest)
+
 REPO = Path(__file__).resolve().parents[1]
 KEY = "cd" * 32
 
@@ -213,22 +215,6 @@ def test_a_corrupt_recommender_or_index_is_refused_in_one_line(tmp_path, checkpo
 # -- a Ray Train worker killed mid-epoch -------------------------------------------------------------
 
 
-def _bars(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Three learnable classes: a horizontal bar, a vertical bar, a bright square, on noise."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 40, size=(n, size, size)).astype(np.uint8)
-    labels = np.arange(n) % 3
-    for img, y in zip(images, labels):
-        o = int(rng.integers(4, size - 12))
-        if y == 0:
-            img[o:o + 4, 2:-2] = 220
-        elif y == 1:
-            img[2:-2, o:o + 4] = 220
-        else:
-            img[o:o + 10, o:o + 10] = 220
-    return images, labels
-
-
 @pytest.mark.slow
 def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(tmp_path, ray_session):
     """The Ray Train worker is SIGKILLed halfway through epoch 3 of 5; Ray Train restarts it
@@ -242,7 +228,7 @@ def test_a_ray_train_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(tm
     from msk.core.models.train import TrainConfig, fit_classifier
 
     torch.set_num_threads(1)
-    x, y = _bars(384, 48)
+    x, y = bars(384, size=48)
     config = TrainConfig(encoder="tiny-cnn", image_size=48, epochs=5, batch_size=16, lr=5e-3, augment=False,
                          num_workers=1, max_failures=1, keep_checkpoints=None)
     checkpoints = tmp_path / "checkpoints"
