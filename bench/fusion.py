@@ -5,7 +5,7 @@ From scratch (``--synth N``): ``msk synth`` writes N DICOM files with ground tru
 ``--synth-dir``/``--ingest-dir`` at an existing pair. Then, on the lesion images only:
 
 * metadata from the ground truth (age, sex, site = the image's region, bone position, view),
-  joined to the shards through the ingest manifest (``msk.core.stages.fusion.training.read_synth_truth``);
+  joined to the shards through the ingest manifest (``msk.core.stages.fusion.data.read_synth_truth``);
 * ROI crops: the lesion box, mapped into the letterboxed 128 px image, made square with a
   15 % margin and resized to 64 px grey;
 * ``msk.core.stages.fusion.training.evaluate_fusion``: a patient-level held-out test split (20 % of the
@@ -37,13 +37,9 @@ from rich.table import Table
 from msk.core.data.metadata import MetadataSchema
 from msk.core.models.baselines import METRICS, XgbConfig
 from msk.core.registry import entity_set
-from msk.core.stages.fusion.training import (
-    FusionConfig,
-    TransformerConfig,
-    evaluate_fusion,
-    load_fusion_data,
-    read_synth_truth,
-)
+from msk.core.stages.fusion.config import FusionConfig, TransformerConfig
+from msk.core.stages.fusion.data import load_fusion_data, read_synth_truth
+from msk.core.stages.fusion.training import evaluate_fusion
 
 console = Console()
 

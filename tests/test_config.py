@@ -84,7 +84,7 @@ def test_auto_profile_follows_the_machine(monkeypatch):
 def test_profile_sets_nested_options_and_keeps_a_resumed_runs_values(tmp_path):
     from msk.core.models.deepcluster import DeepClusterConfig
     from msk.core.profiles import apply_profile
-    from msk.core.stages.fusion.training import FusionConfig
+    from msk.core.stages.fusion.config import FusionConfig
 
     cfg, done = apply_profile(load_config(FusionConfig), "fusion", "cpu")
     assert cfg.train.epochs == 10 and cfg.train.encoder == "tiny-cnn"  # the rest of the block as it was

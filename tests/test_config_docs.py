@@ -85,7 +85,7 @@ def train_widget(config=None):
 
 
 def test_nested_keys_are_dotted_with_the_defaults_the_command_uses(commands):
-    from msk.core.stages.fusion.training import FusionConfig
+    from msk.core.stages.fusion.config import FusionConfig
 
     rows = {row.key: row for row in config_rows(FusionConfig)}
     assert rows["train.augmentation.rotation.p"].default == "1.0"

@@ -255,7 +255,8 @@ def test_import_csv_real_xr_then_sorter_gets_group_aware_patients(tmp_path, shar
 @pytest.mark.shared_data
 def test_import_btxrd_feeds_recommender_and_fusion_readers(tmp_path, shared_data, ray_session,
                                                            pseudonym_key):
-    from msk.core.stages.fusion.training import FusionConfig, load_fusion_data
+    from msk.core.stages.fusion.config import FusionConfig
+    from msk.core.stages.fusion.data import load_fusion_data
     from msk.core.stages.recommender.evaluation import load_eval_data, read_labels
 
     src, rows = _btxrd_layout(tmp_path, shared_data)

@@ -15,7 +15,7 @@ import torch
 
 from msk.core.data.metadata import MetadataEncoder, MetadataSchema
 from msk.core.data.splits import patient_split
-from msk.core.data.squaring import square_image
+from msk.core.data.squaring import map_box_to_square, square_image
 from msk.core.errors import ConfigError
 from msk.core.io.checkpoint import CheckpointError, save_checkpoint
 from msk.core.io.clinical import MetadataError
@@ -24,16 +24,9 @@ from msk.core.models.baselines import XgbConfig
 from msk.core.models.fusion import FusionClassifier, build_fusion_model
 from msk.core.models.train import TrainConfig, load_model, predict_logits
 from msk.core.registry import build_encoder
-from msk.core.stages.fusion.training import (
-    FusionConfig,
-    TransformerConfig,
-    _plan,
-    evaluate_fusion,
-    fit_fusion,
-    letterbox_box,
-    load_fusion_data,
-    read_synth_truth,
-)
+from msk.core.stages.fusion.config import FusionConfig, TransformerConfig
+from msk.core.stages.fusion.data import load_fusion_data, read_synth_truth
+from msk.core.stages.fusion.training import _plan, evaluate_fusion, fit_fusion
 from msk.core.stages.ingest.pipeline import SHARD_SCHEMA
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -257,11 +250,11 @@ def test_other_unusable_inputs_name_the_problem():
 
 
 @pytest.mark.parametrize("resize", ["pad", "stretch"])
-def test_letterbox_box_follows_the_ingest_resize(resize):
+def test_box_mapping_follows_the_ingest_resize(resize):
     source = np.zeros((120, 60), np.float32)
     source[30:50, 10:25] = 1.0  # a lesion, box (10, 30, 25, 50) end-exclusive
     image = square_image(source, 48, resize)
-    x0, y0, x1, y1 = letterbox_box((10, 30, 25, 50), source.shape, 48, resize)
+    x0, y0, x1, y1 = map_box_to_square((10, 30, 25, 50), source.shape, 48, resize)
     rows, cols = np.nonzero(image > 128)
     assert x0 - 1 <= cols.min() and cols.max() <= x1 and y0 - 1 <= rows.min() and rows.max() <= y1
 

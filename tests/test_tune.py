@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from msk.core.cli import app
 from msk.core.config import load_config
 from msk.core.errors import ConfigError
-from msk.core.stages.fusion.training import FusionConfig, load_fusion_data
+from msk.core.stages.fusion.config import FusionConfig
+from msk.core.stages.fusion.data import load_fusion_data
 from msk.core.stages.recommender.evaluation import ClassifierSpec, RecommenderEvalConfig
 from msk.core.stages.sorter.training import SorterConfig
 from msk.core.stages.tuning.search import (

@@ -786,7 +786,8 @@ def eval_fusion(
     """
     from msk.core.config import load_config
     from msk.core.profiles import set_options
-    from msk.core.stages.fusion.training import FusionConfig, evaluate_fusion
+    from msk.core.stages.fusion.config import FusionConfig
+    from msk.core.stages.fusion.training import evaluate_fusion
 
     cfg = set_options(load_config(FusionConfig, config), {"train.image_size": image_size})
     cfg = _profiled(cfg, "fusion", profile, out_dir)

@@ -57,12 +57,12 @@ class FusionTask(Task):
 
     @property
     def config_cls(self):
-        from msk.core.stages.fusion.training import FusionConfig
+        from msk.core.stages.fusion.config import FusionConfig
 
         return FusionConfig
 
     def load(self, ingest, labels, base):
-        from msk.core.stages.fusion.training import load_fusion_data
+        from msk.core.stages.fusion.data import load_fusion_data
 
         return load_fusion_data(ingest, labels, base)
 

@@ -26,18 +26,16 @@ fold never saw, with ``metadata.unknown="error"``) fails in seconds with the
 
 Input images are ROI crops when the metadata carries lesion boxes (``x0, y0, x1, y1`` in the
 pixel coordinates of the original image, end exclusive): boxes are mapped into the letterboxed
-ingest image (:func:`letterbox_box`), widened to a square with a margin (:func:`msk.core.data.roi.roi_box`)
-and resized to ``roi_size`` (:func:`msk.core.data.roi.crop_roi`).
+ingest image (:func:`msk.core.data.squaring.map_box_to_square`), widened to a square with a margin
+(:func:`msk.core.data.roi.roi_box`) and resized to ``roi_size`` (:func:`msk.core.data.roi.crop_roi`).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,91 +43,30 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import torch
-from pydantic import Field
-from torch import nn
 
-from msk.core.config import MskConfig
-from msk.core.data.augment import eval_transform, to_tensor
-from msk.core.data.metadata import MetadataEncoder, MetadataSchema, join_images
+from msk.core.data.metadata import MetadataEncoder
 from msk.core.data.splits import patient_kfold, patient_split
-from msk.core.data.squaring import map_box_to_square
-from msk.core.errors import ConfigError, MskError
-from msk.core.io.clinical import DICOM_VIEWS, MetadataError
-from msk.core.models.baselines import METRICS, XgbConfig, classification_metrics, fit_xgboost
+from msk.core.errors import ConfigError
+from msk.core.io.clinical import MetadataError
+from msk.core.models.baselines import METRICS, classification_metrics, fit_xgboost
 from msk.core.models.fusion import FusionClassifier, build_fusion_model
 from msk.core.models.train import (
     FitResult,
-    ImageClassifier,
     TrainConfig,
     fit,
     load_model,
     predict_logits,
 )
-from msk.core.registry import entity_set
 from msk.core.specs import FUSION_DROPOUT, FUSION_HIDDEN
+from msk.core.stages.fusion.config import FusionConfig
+from msk.core.stages.fusion.data import FusionData, load_fusion_data
+from msk.core.stages.fusion.figures import confusion_png, explain_folds, gradcam_png, spread_picks
 
-__all__ = [
-    "BOX_COLUMNS", "FusionConfig", "FusionData", "FusionResult",
-    "TransformerConfig", "evaluate_fusion", "fit_fusion", "image_features",
-    "letterbox_box", "load_fusion_data", "read_synth_truth",
-]
+__all__ = ["FusionResult", "evaluate_fusion", "fit_fusion", "plan_folds"]
 
-#: Lesion box columns of a metadata frame: original-image pixels, ``x1``/``y1`` exclusive.
-BOX_COLUMNS: tuple[str, ...] = ("x0", "y0", "x1", "y1")
 
 
 # -- configuration ------------------------------------------------------------------------------
-
-
-def _default_train() -> TrainConfig:
-    return TrainConfig(encoder="tiny-cnn", image_size=64, epochs=20, batch_size=32, lr=2e-3,
-                       patience=4)
-
-
-class TransformerConfig(MskConfig):
-    """The image-only vision-transformer baseline (a timm model trained from scratch).
-
-    ``options`` go to ``timm.create_model`` (``img_size`` is set to ``image_size``); the
-    default is a 4-block ViT over 8 x 8 patches, small enough for a CPU.
-    """
-
-    encoder: str = Field("timm/vit_tiny_patch16_224", description="a timm/<name> encoder")
-    options: dict[str, Any] = Field(
-        default_factory=lambda: {"patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3},
-        description="timm.create_model keyword arguments")
-    image_size: int = Field(32, ge=8, description="network input side (the ROI is resized)")
-    lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
-
-
-class FusionConfig(MskConfig):
-    """Options of ``msk eval fusion`` (YAML keys of ``--config``)."""
-
-    train: TrainConfig = Field(default_factory=_default_train, description="training of every "
-                               "torch model: encoder, init, epochs, patience, Ray Train workers")
-    metadata: MetadataSchema = Field(default_factory=MetadataSchema,
-                                     description="metadata features and their encoding")
-    entity_set: str | None = Field(None, description="class list (registry entity set); "
-                                   "default: the sorted entities present")
-    heads: list[str] = Field(["concat", "gated"], min_length=1, description="fusion heads to "
-                             "compare; the first also builds the single-branch models")
-    hidden: list[int] = Field(list(FUSION_HIDDEN), min_length=1, description="metadata MLP widths")
-    dropout: float = Field(FUSION_DROPOUT, ge=0, lt=1, description="dropout of the fusion head")
-    image_only: bool = Field(True, description="also report the image-only model (no metadata)")
-    metadata_only: bool = Field(True, description="also report the metadata-only MLP (no image)")
-    xgboost: XgbConfig | None = Field(default_factory=XgbConfig, description="null: no XGBoost row")
-    transformer: TransformerConfig | None = Field(None, description="image-only ViT baseline; null: none")
-    folds: int = Field(5, ge=2, description="patient-level cross-validation folds")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="patients held out for the fold ensemble")
-    val_fraction: float = Field(0.15, gt=0, lt=1,
-                                description="patients of a training fold kept for early stopping")
-    roi: bool = Field(True, description="crop around the lesion box (metadata columns x0, y0, x1, y1)")
-    roi_margin: float = Field(0.15, ge=0, description="margin on each side of the box, a fraction of its longer side")
-    roi_size: int = Field(64, ge=8, description="side of the cropped grey image")
-    explain: bool = Field(True, description="GradientShap table + plot and Grad-CAM overlays")
-    explain_samples: int = Field(50, ge=1, description="GradientShap samples per row")
-    gradcam_images: int = Field(8, ge=0, description="held-out images drawn with Grad-CAM")
-    seed: int = Field(0, description="seed of the patient splits and of training")
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -159,244 +96,7 @@ def fit_fusion(images: np.ndarray, labels: Sequence[int] | np.ndarray, meta: np.
     return fit(build, images, labels, num_classes, config, out=out, meta=meta, val=val, classes=classes)
 
 
-def image_features(model: ImageClassifier, images: np.ndarray, *, image_size: int,
-                   batch_size: int = 64) -> np.ndarray:
-    """Encoder features ``float32 [N, feature_dim]`` of ``images`` (deterministic view, with
-    the model's preprocessing when it carries an input config)."""
-    from msk.core.data.preprocess import input_config_of
-
-    known = input_config_of(model)
-    view = eval_transform(image_size, None if known is None else known.preprocess)
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = torch.stack([view(to_tensor(im)) for im in images[start:start + batch_size]])
-            out.append(model.features(x).float())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.encoder.feature_dim), np.float32)
-
-
-class _BoundMeta(nn.Module):
-    """``images -> logits`` of a fusion model with the metadata of those images bound in
-    advance, so that image-only tools (Grad-CAM) can drive it. A call must pass the bound
-    rows' images in order; a shorter batch (a blank-image trace) takes the first rows."""
-
-    def __init__(self, model: FusionClassifier, meta: np.ndarray | None):
-        super().__init__()
-        self.model, self.encoder = model, model.encoder
-        self.input_config = getattr(model, "input_config", None)  # Grad-CAM preprocesses as trained
-        self.meta = None if meta is None else torch.from_numpy(np.asarray(meta, np.float32))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images, None if self.meta is None else self.meta[: len(images)])
-
-
 # -- data ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class FusionData:
-    """Images with their canonical metadata rows (:mod:`msk.core.data.metadata`), aligned."""
-
-    images: np.ndarray  # uint8 [N, S, S]: network inputs (ROI crops when boxes are given)
-    meta: pd.DataFrame  # canonical frame, one row per image
-    labels: np.ndarray  # int64 [N]: class index of meta["entity"]
-    classes: list[str]
-
-    @property
-    def groups(self) -> np.ndarray:
-        return self.meta["patient_group"].astype(str).to_numpy()
-
-    def fingerprint(self) -> str:
-        """Hash of the image ids, labels and pixels: a re-run must see the same data."""
-        h = hashlib.sha256()
-        h.update("\n".join(self.meta["image_id"].astype(str)).encode())
-        h.update(self.labels.tobytes())
-        h.update(np.ascontiguousarray(self.images).tobytes())
-        return h.hexdigest()[:16]
-
-
-#: Lesion boxes in source pixels -> ingest image pixels (see :func:`msk.core.data.squaring.map_box_to_square`).
-letterbox_box = map_box_to_square
-
-
-def _read_metadata(metadata: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
-    if isinstance(metadata, pd.DataFrame):
-        return metadata.reset_index(drop=True)
-    path = Path(metadata)
-    if not path.is_file():
-        raise MetadataError(f"{path}: no such metadata file")
-    df = pd.read_csv(path, dtype={"image_id": str, "patient_group": str, "patient_id": str})
-    if "patient_group" not in df.columns and "patient_id" in df.columns:  # `msk import` labels
-        df["patient_group"] = df["patient_id"]
-    if "sites" in df.columns:  # a CSV holds several sites as "tibia|fibula"
-        df["sites"] = [tuple(s for s in str(v).split("|") if s) if isinstance(v, str) else ()
-                       for v in df["sites"]]
-    return df
-
-
-def _ingest_images(ingest_dir: Path, meta: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
-    """The shard rows of the images in ``meta`` and ``meta`` joined to them (same order)."""
-    import pyarrow.compute as pc
-
-    from msk.core.io.dataset import images_from_table, read_shards
-
-    ids = read_shards(ingest_dir, columns=["image_id"]).column("image_id").to_pylist()
-    with warnings.catch_warnings():  # images without a metadata row: normal (non-lesion) images
-        warnings.filterwarnings("ignore", message=".*images have no metadata row")
-        joined = join_images(meta, ids)  # a metadata row that matches no image is refused
-    table = read_shards(ingest_dir, columns=["image_id", "image", "height", "width",
-                                             "source_height", "source_width"],
-                        filter=pc.field("image_id").isin(list(joined["image_id"])))
-    position = {v: i for i, v in enumerate(table.column("image_id").to_pylist())}
-    order = [position[i] for i in joined["image_id"]]
-    table = table.take(order)
-    shapes = table.select(["source_height", "source_width", "height", "width"]).to_pandas()
-    return joined, images_from_table(table), shapes
-
-
-def _resize_mode(ingest_dir: Path) -> str:
-    from msk.core.io.manifest import ingest_squaring
-
-    return ingest_squaring(ingest_dir)["resize"]
-
-
-def _roi_crops(images: np.ndarray, meta: pd.DataFrame, shapes: pd.DataFrame | None,
-               config: FusionConfig, resize: str, source: str) -> np.ndarray:
-    from msk.core.data.roi import lesion_crop
-
-    absent = [c for c in BOX_COLUMNS if c not in meta.columns]
-    if absent:
-        raise ConfigError(f"{source}: roi is on but the metadata has no box columns {absent}; "
-                          "add the lesion boxes or set roi: false")
-    boxes = meta[list(BOX_COLUMNS)].apply(pd.to_numeric, errors="coerce")
-    missing = meta.loc[boxes.isna().any(axis=1), "image_id"].tolist()
-    if missing:
-        raise MetadataError(f"{source}: {len(missing)} rows have no lesion box: "
-                            f"{', '.join(map(str, missing[:5]))}; set roi: false to use whole images")
-    crops = np.empty((len(images), config.roi_size, config.roi_size), np.uint8)
-    for i, (image, box) in enumerate(zip(images, boxes.to_numpy(dtype=float))):
-        if shapes is not None:
-            row = shapes.iloc[i]
-            box = letterbox_box(box, (row["source_height"], row["source_width"]),
-                                int(row["height"]), resize)
-        try:
-            crops[i] = lesion_crop(image, box, config.roi_size, margin=config.roi_margin)
-        except MskError as exc:
-            raise MetadataError(f"{source}: image {meta['image_id'].iloc[i]}: {exc}") from None
-    return crops
-
-
-def load_fusion_data(source: str | os.PathLike | np.ndarray,
-                     metadata: pd.DataFrame | str | os.PathLike,
-                     config: FusionConfig | None = None) -> FusionData:
-    """Images and canonical metadata (a frame or a CSV file), joined, cropped and checked.
-
-    :param source: an ingest output folder (images joined by ``image_id``; a metadata row that
-        matches no image is a :class:`MetadataError`; images without a row are skipped), or a
-        ``uint8 [N, S, S]`` array with one image per metadata row, in order.
-    :param metadata: canonical columns (``image_id``, ``patient_group`` (in a CSV, ``patient_id``
-        stands in for it, as ``msk import`` writes), ``age``, ``sex``,
-        ``site``/``sites``, ``view``, ``entity``; ``position`` with ``metadata.positions``;
-        ``x0, y0, x1, y1`` with ``roi``). In a CSV, several sites are written ``tibia|fibula``.
-
-    Every row needs an entity; the metadata is encoded once here so that unusable values
-    (ages outside the schema's ``age_bins``, a sex other than M/F, a site outside the vocabulary) are
-    reported before any training.
-    """
-    config = config or FusionConfig()
-    meta = _read_metadata(metadata)
-    shapes = None
-    resize = "pad"
-    if isinstance(source, np.ndarray):
-        where = "image array"
-        if source.dtype != np.uint8 or source.ndim != 3:
-            raise ValueError(f"images must be uint8 [N, S, S]; got {source.dtype} {source.shape}")
-        if len(source) != len(meta):
-            raise MetadataError(f"{len(source)} images but {len(meta)} metadata rows; the array "
-                                "needs one image per row, in order")
-        images = source
-    else:
-        ingest_dir = Path(source)
-        where = str(ingest_dir)
-        meta, images, shapes = _ingest_images(ingest_dir, meta)
-        resize = _resize_mode(ingest_dir)
-    if not len(meta):
-        raise MetadataError(f"{where}: no image has a metadata row")
-    for column in ("image_id", "patient_group", "entity"):
-        if column not in meta.columns:
-            raise MetadataError(f"metadata has no {column!r} column; columns: {list(meta.columns)}")
-    unlabelled = meta.loc[meta["entity"].isna(), "image_id"].tolist()
-    if unlabelled:
-        raise MetadataError(f"{len(unlabelled)} metadata rows have no entity (fusion models "
-                            f"learn from labelled lesions): {', '.join(map(str, unlabelled[:5]))}")
-    if config.entity_set:
-        entities = entity_set(config.entity_set)
-        classes = list(entities.names)
-        labels, unknown = [], []
-        for image_id, entity in zip(meta["image_id"], meta["entity"]):
-            try:
-                labels.append(entities.index(str(entity)))
-            except KeyError:
-                unknown.append(f"{image_id}={entity!r}")
-        if unknown:
-            raise MetadataError(f"{len(unknown)} rows name an entity outside entity set "
-                                f"{config.entity_set!r} ({', '.join(classes)}): "
-                                f"{', '.join(unknown[:5])}")
-        labels = np.array(labels, np.int64)
-    else:
-        classes = sorted(meta["entity"].astype(str).unique())
-        labels = meta["entity"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
-    MetadataEncoder(config.metadata).fit_transform(meta)  # raises MetadataError naming bad rows
-    if config.roi:
-        images = _roi_crops(images, meta, shapes, config, resize, where)
-    return FusionData(images, meta, labels, classes)
-
-
-def read_synth_truth(synth_dir: str | os.PathLike, ingest_dir: str | os.PathLike, *,
-                     lesions_only: bool = True) -> pd.DataFrame:
-    """The canonical metadata of an ``msk synth`` export, keyed by the ingest's ``image_id``.
-
-    ``ground_truth.csv`` paths (relative to ``synth_dir``) are joined to the ingest manifest's
-    paths (relative to the ingest source, ``synth_dir`` or ``synth_dir/export``). ``site`` is
-    the lesion's region, ``view`` the DICOM view mapped by
-    :data:`msk.core.io.clinical.DICOM_VIEWS`, ``patient_group`` the patient id; ``position`` and
-    the lesion box (``x0, y0, x1, y1``, pixels of the written image) are kept. Files the
-    ingest quarantined are left out.
-    """
-    from msk.core.io.manifest import read_manifest
-
-    synth_dir = Path(synth_dir)
-    truth_csv = synth_dir / "ground_truth.csv"
-    if not truth_csv.is_file():
-        raise MetadataError(f"{truth_csv}: no such file (not an `msk synth` output folder?)")
-    truth = pd.read_csv(truth_csv, dtype={"patient_id": str, "path": str})
-    manifest = read_manifest(ingest_dir, columns=["path", "image_id", "status"]).to_pandas()
-    manifest = manifest[manifest["status"] == "ok"]
-    by_path = dict(zip(manifest["path"], manifest["image_id"]))
-    best = None
-    for prefix in ("", "export/"):
-        ids = truth["path"].map(lambda p, pre=prefix: by_path.get(p.removeprefix(pre)))
-        if best is None or ids.notna().sum() > best.notna().sum():
-            best = ids
-    if best is None or best.notna().sum() == 0:
-        raise MetadataError(f"no path of {truth_csv} is in the manifest of {ingest_dir}; was "
-                            f"{synth_dir} (or its export/ folder) the ingest source?")
-    truth = truth.assign(image_id=best)[best.notna()]
-    if lesions_only:
-        truth = truth[truth["entity"].notna()]
-    return pd.DataFrame({
-        "image_id": truth["image_id"].astype(str),
-        "patient_group": truth["patient_id"].astype(str),
-        "age": pd.to_numeric(truth["age"], errors="coerce").astype(float),
-        "sex": truth["sex"],
-        "site": truth["site"].fillna(truth["region"]),  # a lesion's site is its image's region
-        "entity": truth["entity"],
-        "view": [None if pd.isna(v) else DICOM_VIEWS.get(str(v).strip().upper()) for v in truth["view"]],
-        "center": None,
-        "position": truth["position"],
-        **{c: pd.to_numeric(truth[c], errors="coerce") for c in BOX_COLUMNS},
-    }).reset_index(drop=True)
 
 
 # -- the protocol -------------------------------------------------------------------------------
@@ -667,7 +367,7 @@ def evaluate_fusion(source: str | os.PathLike | np.ndarray | FusionData,
             {"model": model.name, "set": "held-out, ensemble",
              **classification_metrics(y_test, pred), **no_sd, "seconds": np.nan},
         ]
-        files[f"confusion-{model.key}"] = _confusion_png(
+        files[f"confusion-{model.key}"] = confusion_png(
             data, y_test, pred, out / f"confusion-{model.key}.png",
             f"{model.name}: held-out ensemble, {len(test)} images")
 
@@ -679,77 +379,14 @@ def evaluate_fusion(source: str | os.PathLike | np.ndarray | FusionData,
     (out / "results.md").write_text(result.markdown() + "\n")
     fused = [m for m in models if m.kind == "torch" and m.use_image and m.use_meta]
     if config.explain and fused:
-        result.explanation = _explain(data, dev, test, folds, fused[0], nets[fused[0].key],
+        result.explanation = explain_folds(data, dev, test, folds, fused[0], nets[fused[0].key],
                                       config, out, files)
         if config.gradcam_images:
-            picks = test[_spread(y_test, config.gradcam_images, config.seed)]
+            picks = test[spread_picks(y_test, config.gradcam_images, config.seed)]
             for model in models:
                 if model.kind == "torch" and model.use_image and model.convolutional:
-                    files[f"gradcam-{model.key}"] = _gradcam_png(
+                    files[f"gradcam-{model.key}"] = gradcam_png(
                         data, picks, folds, nets[model.key], model, out / f"gradcam-{model.key}.png")
     return result
 
 
-def _confusion_png(data: FusionData, y_true: np.ndarray, pred: np.ndarray, path: Path,
-                   title: str) -> Path:
-    from msk.core.models.metrics import confusion_matrix, confusion_matrix_png
-
-    cm = confusion_matrix([data.classes[i] for i in y_true], [data.classes[i] for i in pred],
-                          data.classes)
-    return confusion_matrix_png(cm, data.classes, path, title=title)
-
-
-def _explain(data: FusionData, dev: np.ndarray, test: np.ndarray, folds: list[_Fold],
-             model: _Model, nets: list, config: FusionConfig, out: Path,
-             files: dict[str, Path]) -> pd.DataFrame:
-    """GradientShap per metadata feature of ``model`` on the held-out rows, each fold model
-    with its own encoder and its image features held fixed; the mean table over folds."""
-    from msk.core.models.explain import explain_metadata, plot_importance
-
-    tables = []
-    for fold, net in zip(folds, nets):
-        features = image_features(net, data.images[test], image_size=model.train.image_size)
-        explanation = explain_metadata(
-            net.head, fold.encoder, data.meta.iloc[test], data.labels[test], data.classes,
-            background=data.meta.iloc[dev[fold.train]], image_features=features,
-            n_samples=config.explain_samples, seed=config.seed)
-        tables.append(explanation.table)
-    table = sum(tables[1:], tables[0]) / len(tables)
-    table.to_csv(out / "metadata_importance.csv", float_format="%.4f")
-    files["metadata_importance"] = plot_importance(
-        table, out / "metadata_importance.png",
-        title=f"{model.name}: metadata importance\n(mean |GradientShap|, {len(tables)} fold models)")
-    return table
-
-
-def _spread(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Up to ``n`` positions in ``labels``, taking the classes in turn (seeded), sorted."""
-    rng = np.random.default_rng(seed)
-    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
-    picks: list[int] = []
-    while len(picks) < min(n, len(labels)):
-        for pool in pools:
-            if pool and len(picks) < n:
-                picks.append(int(pool.pop()))
-    return np.array(sorted(picks), dtype=np.int64)
-
-
-def _gradcam_png(data: FusionData, rows: np.ndarray, folds: list[_Fold], nets: list,
-                 model: _Model, path: Path) -> Path:
-    """Grad-CAM of the true class on ``rows``, averaged over the fold models (each with its
-    fold's metadata encoding bound), over the network's input image."""
-    from msk.core.models.gradcam import grad_cam, save_overlays
-
-    size = model.train.image_size
-    cams = np.zeros((len(rows), size, size), np.float32)
-    logits = np.zeros((len(rows), len(data.classes)), np.float64)
-    for fold, net in zip(folds, nets):
-        meta = fold.encoder.transform(data.meta.iloc[rows]) if model.use_meta else None
-        cams += grad_cam(_BoundMeta(net, meta), data.images[rows], data.labels[rows],
-                         image_size=size, batch_size=len(rows))
-        logits += predict_logits(net, data.images[rows], image_size=size, meta=meta)
-    titles = [f"{data.classes[t]}\n-> {data.classes[p]}"
-              for t, p in zip(data.labels[rows], logits.argmax(1))]
-    return save_overlays(data.images[rows], cams / len(nets), path, titles=titles,
-                         title=f"Grad-CAM of the true class, {model.name}\n"
-                               f"(mean of {len(nets)} fold models; true -> ensemble prediction)")
