@@ -425,3 +425,12 @@ def test_loading_a_run_without_clusters_or_from_another_ingest(tmp_path):
     assert run.order == [1, 0] and run.images.shape == (3, 24, 24)  # cluster 2 is empty
     assert run.centroids_from == "pixel similarity (the run saved no centroids.npy)"
     assert [c for c, _ in run.nearest(0, 5)] == [1]
+
+
+def test_a_loopback_app_answers_its_own_host_names_only(tmp_path):
+    from fastapi.testclient import TestClient
+
+    app = create_app(ReviewSession(fake_run(tmp_path), reviewer="alice"), ReviewConfig(),
+                     hosts=["127.0.0.1", "localhost"])
+    assert TestClient(app, base_url="http://127.0.0.1:8765").get("/api/status").status_code == 200
+    assert TestClient(app, base_url="http://evil.example:8765").get("/api/status").status_code == 400

@@ -603,14 +603,24 @@ def _reports(run_dir: Path) -> dict[str, Path]:
     return dict(list(found.items())[:30])
 
 
-def create_app(session: ReviewSession, config: ReviewConfig, *, token: str | None = None):
-    """The FastAPI app of a review session (pages, JSON API, thumbnails, static files)."""
+def create_app(session: ReviewSession, config: ReviewConfig, *, token: str | None = None,
+               hosts: Sequence[str] | None = None):
+    """The FastAPI app of a review session (pages, JSON API, thumbnails, static files).
+
+    :param token: required on every request (query ``token``, then a cookie) when set.
+    :param hosts: the only ``Host`` headers answered (a page of another site that a DNS trick
+        points at 127.0.0.1 does not reach the app); None: any.
+    """
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     run = session.run
     app = FastAPI(title="msk clusters review", docs_url=None, redoc_url=None, openapi_url=None)
+    if hosts is not None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/msk.css")
@@ -788,7 +798,8 @@ def serve_review(ingest_dir: str | os.PathLike, run_dir: str | os.PathLike, conf
                 for c, line in cluster_hints(run, _image_labels(path, run.image_ids, config.region_set),
                                              what).items():
                     session.hints.setdefault(c, []).append(line)
-        app = create_app(session, config, token=token)
+        app = create_app(session, config, token=token, hosts=["127.0.0.1", "localhost", "::1", "[::1]"]
+                         if _is_loopback(config.host) else None)
         server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                                access_log=False))
         host = f"[{config.host}]" if ":" in config.host else config.host
