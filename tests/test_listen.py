@@ -232,3 +232,33 @@ def test_a_port_in_use_is_a_clear_error(receiver, tmp_path):
     port = address(receiver)[1]
     with pytest.raises(MskError, match=f"cannot listen on 127.0.0.1:{port}: .*choose another port"):
         Receiver(tmp_path / "other", config(port=port)).start()
+
+
+@pytest.mark.slow
+def test_the_command_listens_answers_and_stops_with_exit_0_on_sigterm(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "msk.core.cli", "listen", str(tmp_path / "spool"),
+                             "--allow", f"{SCU_AE},PACS", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until it listens (or exits)
+        found = re.search(r"listening on (127\.0\.0\.1):(\d+) as MSK for MODALITY1, PACS; spool ", line)
+        assert found, line
+        assoc = associate(found[1], int(found[2]), [radiograph()])
+        assert assoc.send_c_echo().Status == 0 and assoc.send_c_store(radiograph()).Status == 0
+        assoc.release()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, rest
+    assert "stopped: 1 stored, 0 already in the spool, 0 refused (not written), 1 C-ECHO" in rest
+    assert len(list((tmp_path / "spool" / SCU_AE).glob("*.dcm"))) == 1

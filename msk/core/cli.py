@@ -193,7 +193,7 @@ def listen(
     port: Optional[int] = typer.Option(None, help="TCP port; 0 takes a free one \\[default: 11112]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
-    """Receive DICOM (C-STORE SCP, answers C-ECHO) into SPOOL until Ctrl-C or SIGTERM; then msk ingest SPOOL OUT.
+    """Receive DICOM (C-STORE SCP, answers C-ECHO) into SPOOL until Ctrl-C or SIGTERM (exit 0); then msk ingest SPOOL OUT.
 
     Each instance is written durably (temp file, fsync, rename) before it is acknowledged, as
     SPOOL/<calling AE>/<SOP Instance UID>-<hash>.dcm; callers not in the allow-list are rejected.
@@ -203,6 +203,7 @@ def listen(
     import threading
 
     from msk.core.config import load_config
+    from msk.core.runtime.shutdown import Interrupted
     from msk.core.stages.listen.receiver import ListenConfig, Receiver
 
     cfg = load_config(ListenConfig, config, ae_title=ae_title, host=host, port=port,
@@ -213,6 +214,8 @@ def listen(
               f"spool {receiver.spool}", soft_wrap=True)
     try:
         threading.Event().wait()  # until SIGINT/SIGTERM (msk.core.runtime.shutdown raises here)
+    except (KeyboardInterrupt, Interrupted):
+        pass  # stopping is how a receiver ends: exit 0, like msk serve
     finally:
         receiver.stop()
         counts = receiver.counts
