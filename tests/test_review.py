@@ -434,3 +434,12 @@ def test_a_loopback_app_answers_its_own_host_names_only(tmp_path):
                      hosts=["127.0.0.1", "localhost"])
     assert TestClient(app, base_url="http://127.0.0.1:8765").get("/api/status").status_code == 200
     assert TestClient(app, base_url="http://evil.example:8765").get("/api/status").status_code == 400
+
+
+def test_a_review_of_assignments_the_run_no_longer_has_is_refused(tmp_path):
+    run = fake_run(tmp_path)
+    ReviewSession(run, reviewer="alice").name(0, "knee")
+    run.assignments[:2] = 4  # `msk cluster` ran again on the folder
+    with pytest.raises(ReviewError, match="was clustered again since this review began .* name other clusters now; "
+                       "move .*expert away"):
+        ReviewSession(run, reviewer="alice")

@@ -59,6 +59,7 @@ __all__ = ["AUDIT_FIELDS", "LABEL_FIELDS", "ReviewConfig", "ReviewError", "Revie
 REVIEW_DIR = "expert"
 LABELS_FILE = "labels.csv"
 AUDIT_FILE = "audit.csv"
+ASSIGNMENTS_FILE = "assignments.sha256"
 LABEL_FIELDS = ["cluster", "size", "label", "merged_into", "named_by"]
 AUDIT_FIELDS = ["time", "reviewer", "action", "cluster", "old_label", "new_label", "old_merged_into",
                 "new_merged_into"]
@@ -272,6 +273,7 @@ class ReviewSession:
         self._digest: str | None = None
         if run.k:
             self.folder.mkdir(parents=True, exist_ok=True)
+            self._check_same_clusters()
             if self.labels_path.is_file():
                 self._load(self._read_file())
             else:
@@ -279,6 +281,18 @@ class ReviewSession:
             self._replay_audit()
 
     # -- reading and writing ---------------------------------------------------------------
+
+    def _check_same_clusters(self) -> None:
+        """Refuse a review folder begun on other assignments (the run was clustered again since):
+        its cluster numbers would name other clusters. ``FOLDER/assignments.sha256`` records them."""
+        marker = self.folder / ASSIGNMENTS_FILE
+        digest = hashlib.sha256(np.ascontiguousarray(self.run.assignments, np.int64).tobytes()).hexdigest()
+        if marker.is_file() and marker.read_text().strip() != digest:
+            raise ReviewError(f"{self.run.run_dir} was clustered again since this review began ({marker} differs "
+                              f"from assignments.npy): the numbers in {self.labels_path} name other clusters now; "
+                              f"move {self.folder} away to review the new clusters")
+        if not marker.is_file():
+            marker.write_text(digest + "\n")
 
     def _read_file(self) -> tuple[dict[int, str], dict[int, int], dict[int, str]]:
         """The labels file's ``(labels, merges, named_by)``, checked against the run and the set."""
