@@ -77,13 +77,15 @@ def synthetic_images(n: int, size: int, *, render_size: int, style: str, seed: i
 def synthetic_only_on_real(real_root: Path = DEFAULT_REAL, *, style: str = "radiograph", n_images: int = 3000,
                            render_size: int = 128, image_size: int = 64, epochs: int = 6,
                            encoder: str = "resnet18", batch_size: int = 64, lr: float = 1e-3,
-                           seed: int = 0, train_regions: str = "all", verbose: bool = True) -> pd.DataFrame:
+                           seed: int = 0, train_regions: str = "all", verbose: bool = True,
+                           encoder_options: dict | None = None) -> pd.DataFrame:
     """Train on synthetic images of ``style`` only; score on every real-xr image.
 
     Returns one row per real region (``n``, ``top1``, ``top2`` in [0, 1]) plus ``all`` (over
     images) and ``mean`` (macro over regions); ``attrs`` carries the synthetic accuracy of the
     training set's last 10 % (held out) and the timings. ``train_regions="real"`` trains on the
     9 real-xr regions only (the default trains on all 28 and restricts predictions to the 9).
+    ``encoder_options`` are the encoder's (e.g. ``{"pretrained": "imagenet"}``).
     """
     import torch
 
@@ -102,7 +104,7 @@ def synthetic_only_on_real(real_root: Path = DEFAULT_REAL, *, style: str = "radi
     labels = np.array([classes.index(r) for r in sy])
     n_val = max(len(sx) // 10, 1)
     config = TrainConfig(encoder=encoder, image_size=image_size, epochs=epochs, batch_size=batch_size,
-                         lr=lr, num_workers=0, seed=seed, keep_checkpoints=1)
+                         lr=lr, num_workers=0, seed=seed, keep_checkpoints=1, encoder_options=encoder_options or {})
     with tempfile.TemporaryDirectory(prefix="msk-s2r-") as out:
         result = fit_classifier(sx[:-n_val], labels[:-n_val], len(classes), config, out=out,
                                 val=(sx[-n_val:], labels[-n_val:]), classes=classes)
