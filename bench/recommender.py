@@ -59,7 +59,7 @@ def prepare(args) -> tuple[Path, Path]:
 
 
 def config(args):
-    from msk.core.stages.recommender.evaluation import ClassifierSpec, RecommenderEvalConfig
+    from msk.core.stages.recommender.config import ClassifierSpec, RecommenderEvalConfig
 
     size = args.image_size
     return RecommenderEvalConfig(
@@ -131,7 +131,8 @@ def main() -> None:
 
     import torch
 
-    from msk.core.stages.recommender.evaluation import evaluate_recommender, synth_labels
+    from msk.core.stages.recommender.data import synth_labels
+    from msk.core.stages.recommender.evaluation import evaluate_recommender
 
     torch.set_num_threads(args.threads)
     began = time.perf_counter()

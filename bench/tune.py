@@ -37,7 +37,8 @@ def main() -> None:
 
     import ray
 
-    from msk.core.stages.recommender.evaluation import ClassifierSpec, RecommenderEvalConfig, synth_labels
+    from msk.core.stages.recommender.config import ClassifierSpec, RecommenderEvalConfig
+    from msk.core.stages.recommender.data import synth_labels
     from msk.core.stages.tuning.search import TuneOptions, load_task_data, tune_task
 
     synth_dir, ingest_dir = prepare(args)

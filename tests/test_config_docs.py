@@ -91,7 +91,7 @@ def test_nested_keys_are_dotted_with_the_defaults_the_command_uses(commands):
     assert rows["train.augmentation.rotation.p"].default == "1.0"
     assert rows["train.epochs"].default == str(FusionConfig().train.epochs)  # the fusion default, not TrainConfig's
     assert rows["train"].default == "see below"
-    from msk.core.stages.recommender.evaluation import RecommenderEvalConfig
+    from msk.core.stages.recommender.config import RecommenderEvalConfig
 
     keys = {row.key for row in config_rows(RecommenderEvalConfig)}
     assert {"classifiers[].name", "deepcluster.augmentation.crop.scale"} <= keys

@@ -257,7 +257,7 @@ def test_import_btxrd_feeds_recommender_and_fusion_readers(tmp_path, shared_data
                                                            pseudonym_key):
     from msk.core.stages.fusion.config import FusionConfig
     from msk.core.stages.fusion.data import load_fusion_data
-    from msk.core.stages.recommender.evaluation import load_eval_data, read_labels
+    from msk.core.stages.recommender.data import load_eval_data, read_labels
 
     src, rows = _btxrd_layout(tmp_path, shared_data)
     report = import_dataset("btxrd", src, tmp_path / "out",

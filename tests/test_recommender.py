@@ -20,16 +20,10 @@ from msk.core.models.embed import embeddings_table
 from msk.core.models.recommender import Neighbour, Recommendation, Recommender, RecommenderError
 from msk.core.models.retrieval import IndexFileError, RetrievalError
 from msk.core.stages.ingest.pipeline import SHARD_SCHEMA
-from msk.core.stages.recommender.evaluation import (
-    ClassifierSpec,
-    EvalError,
-    RecommenderEvalConfig,
-    anova,
-    evaluate_recommender,
-    evaluate_split,
-    load_eval_data,
-    read_labels,
-)
+from msk.core.stages.recommender.config import ClassifierSpec, EvalError, RecommenderEvalConfig
+from msk.core.stages.recommender.data import load_eval_data, read_labels
+from msk.core.stages.recommender.evaluation import evaluate_recommender, evaluate_split
+from msk.core.stages.recommender.statistics import anova
 
 ENTITIES = ["chondrosarcoma", "enchondroma", "osteochondroma"]
 

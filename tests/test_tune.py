@@ -14,7 +14,7 @@ from msk.core.config import load_config
 from msk.core.errors import ConfigError
 from msk.core.stages.fusion.config import FusionConfig
 from msk.core.stages.fusion.data import load_fusion_data
-from msk.core.stages.recommender.evaluation import ClassifierSpec, RecommenderEvalConfig
+from msk.core.stages.recommender.config import ClassifierSpec, RecommenderEvalConfig
 from msk.core.stages.sorter.training import SorterConfig
 from msk.core.stages.tuning.search import (
     TASKS,

@@ -748,7 +748,8 @@ def eval_recommender(
     [b]Example[/b]: [cyan]msk eval recommender out/ingest labels.csv out/eval-recommender[/cyan]
     """
     from msk.core.config import load_config
-    from msk.core.stages.recommender.evaluation import RecommenderEvalConfig, evaluate_recommender
+    from msk.core.stages.recommender.config import RecommenderEvalConfig
+    from msk.core.stages.recommender.evaluation import evaluate_recommender
 
     cfg = load_config(RecommenderEvalConfig, config)
     if image_size is not None:

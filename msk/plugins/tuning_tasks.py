@@ -118,7 +118,7 @@ class RecommenderTask(Task):
 
     @property
     def config_cls(self):
-        from msk.core.stages.recommender.evaluation import RecommenderEvalConfig
+        from msk.core.stages.recommender.config import RecommenderEvalConfig
 
         return RecommenderEvalConfig
 
@@ -132,7 +132,7 @@ class RecommenderTask(Task):
         return super().configure(self.config_cls.model_validate(data), params)
 
     def load(self, ingest, labels, base):
-        from msk.core.stages.recommender.evaluation import load_eval_data, read_labels
+        from msk.core.stages.recommender.data import load_eval_data, read_labels
 
         return load_eval_data(ingest, read_labels(labels), image_size=base.image_size, roi=base.roi,
                               roi_margin=base.roi_margin, entity_set=base.entity_set)

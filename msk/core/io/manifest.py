@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,6 +56,11 @@ def ingest_squaring(ingest_dir: str | os.PathLike) -> dict[str, Any]:
     config = (read_ingest_summary(ingest_dir) or {}).get("config") or {}
     found = {k: config[k] for k in ("image_size", "resize", "max_pixels") if k in config}
     return {"resize": "pad", **found}
+
+
+def ingest_resize(ingest_dir: str | os.PathLike) -> Literal["pad", "stretch"]:
+    """The ``resize`` mode an ingest squared its images with (``pad`` when not recorded)."""
+    return "stretch" if ingest_squaring(ingest_dir)["resize"] == "stretch" else "pad"
 
 #: One row per input file, ``ok`` or ``quarantined``; nothing an ingest sees is left out.
 MANIFEST_SCHEMA = pa.schema(

@@ -48,6 +48,7 @@ from pydantic import Field
 from msk.core.config import MskConfig
 from msk.core.data.squaring import map_box_to_square
 from msk.core.errors import MskError
+from msk.core.io.manifest import ingest_resize
 from msk.core.io.paths import resolve_stored, store_path
 
 __all__ = [
@@ -448,13 +449,6 @@ class EmbedReport:
         return self.out / EMBEDDINGS_FILE
 
 
-def _ingest_resize(ingest_dir: Path) -> str:
-    """The ``resize`` mode the ingest used (``OUT/ingest.json``); ``pad`` when not recorded."""
-    from msk.core.io.manifest import ingest_squaring
-
-    return ingest_squaring(ingest_dir)["resize"]
-
-
 @contextlib.contextmanager
 def _ray_data_settings() -> Iterator[None]:
     """Ordered output (rows in shard order: reproducible files), no Ray progress bars."""
@@ -494,7 +488,7 @@ def embed(ingest_dir: str | os.PathLike, checkpoint_or_encoder: str | os.PathLik
     started = time.perf_counter()
     config = config or EmbedConfig()
     ingest_dir, out = Path(ingest_dir), Path(out)
-    resize = _ingest_resize(ingest_dir)
+    resize = ingest_resize(ingest_dir)
     kwargs = dict(image_size=config.image_size, batch_size=config.batch_size,
                   use_gpu=config.use_gpu, encoder_options=config.encoder_options, rois=rois,
                   roi_margin=config.roi_margin, resize=resize)

@@ -23,6 +23,7 @@ from msk.core.data.metadata import MetadataEncoder, join_images
 from msk.core.data.squaring import map_box_to_square
 from msk.core.errors import ConfigError, MskError
 from msk.core.io.clinical import DICOM_VIEWS, MetadataError
+from msk.core.io.manifest import ingest_resize
 from msk.core.registry import entity_set
 from msk.core.stages.fusion.config import BOX_COLUMNS, FusionConfig
 
@@ -92,12 +93,6 @@ def _ingest_images(ingest_dir: Path, meta: pd.DataFrame) -> tuple[pd.DataFrame, 
     return joined, images_from_table(table), shapes
 
 
-def _resize_mode(ingest_dir: Path) -> Resize:
-    from msk.core.io.manifest import ingest_squaring
-
-    return ingest_squaring(ingest_dir)["resize"]
-
-
 def _roi_crops(images: np.ndarray, meta: pd.DataFrame, shapes: pd.DataFrame | None,
                config: FusionConfig, resize: Resize, source: str) -> np.ndarray:
     from msk.core.data.roi import lesion_crop
@@ -157,7 +152,7 @@ def load_fusion_data(source: str | os.PathLike | np.ndarray,
         ingest_dir = Path(source)
         where = str(ingest_dir)
         meta, images, shapes = _ingest_images(ingest_dir, meta)
-        resize = _resize_mode(ingest_dir)
+        resize = ingest_resize(ingest_dir)
     if not len(meta):
         raise MetadataError(f"{where}: no image has a metadata row")
     for column in ("image_id", "patient_group", "entity"):

@@ -131,12 +131,11 @@ def build_recommender(ingest: str | os.PathLike, labels: str | os.PathLike, out:
     import pyarrow.dataset as pads
 
     from msk.core.io.dataset import read_shards
-    from msk.core.io.manifest import committed_shards
+    from msk.core.io.manifest import committed_shards, ingest_resize
     from msk.core.io.truth import canonical_labels, check_overlap, read_truth
     from msk.core.models.embed import (
         Embedder,
         EmbedError,
-        _ingest_resize,
         embedding_matrix,
         embeddings_table,
         read_rois,
@@ -187,7 +186,7 @@ def build_recommender(ingest: str | os.PathLike, labels: str | os.PathLike, out:
 
     embedder = Embedder(encoder, image_size=config.image_size, batch_size=config.batch_size,
                         use_gpu=config.use_gpu, rois=rois, roi_margin=config.roi_margin,
-                        resize=_ingest_resize(ingest))
+                        resize=ingest_resize(ingest))
     wanted = pa.array(sorted(truth.labels), pa.string())
     columns = ["image_id", "image", "height", "width", "source_height", "source_width",
                "patient_id", "study_id"]

@@ -191,8 +191,8 @@ def load_segmentation_data(ingest: str | os.PathLike, masks: str | os.PathLike) 
     import pyarrow.compute as pc
 
     from msk.core.io.dataset import images_from_table, read_shards
+    from msk.core.io.manifest import ingest_resize
     from msk.core.io.masks import MaskError, load_mask, mask_to_square
-    from msk.core.models.embed import _ingest_resize
 
     ingest, masks = Path(ingest), Path(masks)
     if not masks.exists():
@@ -212,7 +212,7 @@ def load_segmentation_data(ingest: str | os.PathLike, masks: str | os.PathLike) 
                         filter=pc.field("image_id").isin(sorted(by_id)))
     images = images_from_table(table)
     image_ids = table.column("image_id").to_pylist()
-    resize = _ingest_resize(ingest)
+    resize = ingest_resize(ingest)
     square = np.zeros(images.shape, bool)
     for k, (image_id, sh, sw) in enumerate(zip(image_ids, table.column("source_height").to_pylist(),
                                                table.column("source_width").to_pylist())):
