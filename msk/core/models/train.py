@@ -26,7 +26,7 @@ import contextlib
 import csv
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -355,6 +355,7 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
             if improved:
                 best_loss, best_epoch = score, epoch
             named = {"classes": payload["classes"]} if payload.get("classes") else {}
+            named["record"] = _record(inner, config, payload, row)
             path = _save(_ckpt_path(out, epoch), inner, config, epoch, **named, optimizer=optimizer.state_dict(),
                          history=history, best_loss=best_loss, best_epoch=best_epoch)
             if improved:
@@ -366,6 +367,26 @@ def _loop(payload: dict[str, Any], workers: Workers) -> None:
         workers.report(row, path)
         if workers.broadcast(stop, (1,), torch.int64)[0]:
             break
+
+
+def _record(inner: nn.Module, config: TrainConfig, payload: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`~msk.core.models.record.ModelRecord` of an epoch's checkpoint: what the stage said
+    (``fit(record=...)``: task, entity set, squaring, metadata encoder, source) plus what the loop knows."""
+    import msk
+    from msk.core.models.record import ModelRecord
+
+    given = dict(payload.get("record") or {})
+    record = {"task": "classifier", **given, "classes": payload.get("classes") or given.get("classes") or [],
+              "input": {"image_size": config.image_size, "preprocess": config.preprocess.model_dump(mode="json")},
+              "encoder": {"name": inner.encoder_name, "options": dict(getattr(inner, "encoder_options", None) or {}),
+                          "in_chans": encoder_in_chans(inner.sobel), "sobel": bool(inner.sobel)},
+              "head": dict(getattr(inner, "architecture", None) or {}),
+              "data": {**(given.get("data") or {}), "fingerprint": payload.get("fingerprint"),
+                       "n_images": len(payload["images"])},
+              "metrics": {k: float(v) for k, v in row.items()
+                          if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)},
+              "msk_version": msk.__version__}
+    return ModelRecord.model_validate(record).model_dump(mode="json")
 
 
 def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
@@ -382,7 +403,8 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
         meta: np.ndarray | None = None, val: tuple | None = None,
         score: Callable[[nn.Module], dict[str, float]] | None = None,
         classes: Sequence[str] | None = None, dataset: type[Dataset] | None = None,
-        loss: nn.Module | None = None, hits: Callable | None = None) -> FitResult:
+        loss: nn.Module | None = None, hits: Callable | None = None,
+        record: Mapping[str, Any] | None = None) -> FitResult:
     """Train the model ``build()`` returns on ``images`` (``uint8 [N, S, S]``) and ``labels``.
 
     :param build: a picklable zero-argument factory (it runs on every Ray Train worker); the
@@ -404,7 +426,12 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
         cross-entropy, class-weighted as the config says).
     :param hits: picklable ``hits(outputs, targets) -> float``, the sum over a batch of a
         per-item score in [0, 1]; its mean is the history's ``val_accuracy`` (default top-1).
+    :param record: what the stage knows of the model for its :class:`~msk.core.models.record.ModelRecord`
+        (``task``, ``entity_set``, ``squaring``, ``metadata_encoder``, ``data.source``); the loop adds the
+        input, encoder, head, data fingerprint and metrics, and saves it in every checkpoint.
     """
+    from msk.core.models.record import data_fingerprint
+
     labels = np.asarray(labels) if dataset is not None else np.asarray(labels, dtype=np.int64)
     _check_arrays(images, labels, meta, "training")
     if classes is not None and len(classes) != num_classes:
@@ -426,7 +453,8 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
     payload = {"config": config.model_dump(mode="json"), "out": str(out), "build": build,
                "images": images, "labels": labels, "meta": meta, "num_classes": num_classes,
                "score": score, "classes": None if classes is None else [str(c) for c in classes],
-               "dataset": dataset, "loss": loss, "hits": hits}
+               "dataset": dataset, "loss": loss, "hits": hits, "record": dict(record or {}),
+               "fingerprint": data_fingerprint(images, labels)}
     if val is not None:
         v_images, v_labels, *rest = val
         v_labels = np.asarray(v_labels) if dataset is not None else np.asarray(v_labels, dtype=np.int64)
@@ -435,8 +463,12 @@ def fit(build: Callable[[], nn.Module], images: np.ndarray, labels: Sequence[int
     run_workers(_loop, payload, num_workers=config.num_workers, use_gpu=config.use_gpu,
                 storage=out, name="train", max_failures=config.max_failures)
     model, ckpt = load_model(out / "best.pt", build)
-    return FitResult(model, list(load_checkpoint(_latest(out)).extra.get("history", [])),
-                     ckpt.epoch, out / "best.pt", out)
+    latest = _latest(out)
+    # best.pt of the last epoch holds the whole history: no second read of the larger epoch checkpoint
+    history = ckpt.extra.get("history") if latest == _ckpt_path(out, ckpt.epoch) else None
+    if history is None:
+        history = load_checkpoint(latest).extra.get("history", [])
+    return FitResult(model, list(history), ckpt.epoch, out / "best.pt", out)
 
 
 def _classifier_factory(config: dict[str, Any], num_classes: int) -> ImageClassifier:
@@ -445,12 +477,13 @@ def _classifier_factory(config: dict[str, Any], num_classes: int) -> ImageClassi
 
 def fit_classifier(images: np.ndarray, labels, num_classes: int, config: TrainConfig, *,
                    out: str | os.PathLike, val: tuple | None = None, score=None,
-                   classes: Sequence[str] | None = None) -> FitResult:
+                   classes: Sequence[str] | None = None, record: Mapping[str, Any] | None = None) -> FitResult:
     """Encoder + linear head, initialised from ``config.init``; see :func:`fit`."""
     import functools
 
     build = functools.partial(_classifier_factory, config.model_dump(mode="json"), num_classes)
-    return fit(build, images, labels, num_classes, config, out=out, val=val, score=score, classes=classes)
+    return fit(build, images, labels, num_classes, config, out=out, val=val, score=score, classes=classes,
+               record=record)
 
 
 def load_model(path: str | os.PathLike, build: Callable[[], nn.Module] | None = None):
