@@ -274,8 +274,11 @@ def test_review_loop_in_chromium(tmp_path, monkeypatch):
             response = page.goto(f"{url}/cluster/999")
             assert response.status == 404 and "cluster 999 does not exist" in page.inner_text("#not-found")
 
+            page.goto(f"{url}/cluster/{order[0]}")
+            at(order[0])
             server.send_signal(signal.SIGKILL)  # killed: nothing to flush, every decision is on disk
             server.wait(timeout=30)
+            page.wait_for_selector("#offline:not([hidden])", timeout=10_000)  # the page's poll notices
             server = start_server(ingest, run, port, "alice")
             wait_up(server, port)
             page.goto(url + "/")  # resumes at the next open cluster

@@ -16,7 +16,14 @@ function el(tag, attrs = {}, ...children) {
 async function api(path, body) {
   const options = body === undefined ? {} : {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
-  const response = await fetch(path, options);
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (e) {  // the server is gone: every decision so far is on disk
+    $("offline").hidden = false;
+    return { ok: false, status: 0, data: { error: "the review server does not answer" } };
+  }
+  $("offline").hidden = true;
   let data = {};
   try { data = await response.json(); } catch (e) { /* not JSON */ }
   return { ok: response.ok, status: response.status, data };
