@@ -363,7 +363,10 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
     """The ``?box=x0,y0,x1,y1`` query value (pixels of the uploaded image), checked like ``metadata.box``."""
     if text is None:
         return None
-    x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    try:  # the pattern lets "1.2.3" and "1e999" through
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"box must be four numbers x0,y0,x1,y1; {BOX_RULE}") from None
     if not box_is_ordered((x0, y0, x1, y1)):
         raise ApiError(422, "invalid_request", BOX_RULE)
     return x0, y0, x1, y1

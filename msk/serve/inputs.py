@@ -16,6 +16,7 @@ models; the DICOM header is dropped here.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,12 +95,12 @@ def decode_radiograph(data: bytes, preprocess: SquaringConfig) -> Radiograph:
     return Radiograph(pixels, source_shape)
 
 
-BOX_RULE = "box must be x0 < x1, y0 < y1, all >= 0 (pixels of the uploaded image)"
+BOX_RULE = "box must be x0 < x1, y0 < y1, all >= 0 and finite (pixels of the uploaded image)"
 
 
 def box_is_ordered(box) -> bool:
     """A lesion box ``(x0, y0, x1, y1)`` a request may send (``metadata.box``, ``?box=``)."""
-    return box[0] < box[2] and box[1] < box[3] and min(box) >= 0
+    return all(math.isfinite(v) for v in box) and box[0] < box[2] and box[1] < box[3] and min(box) >= 0
 
 
 class ClinicalMetadata(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -15,7 +15,9 @@ GRADCAM = "base64 PNG (only with ?gradcam=true): Grad-CAM of the top class over 
 INPUT = ("what the model saw: box (the lesion crop around the box sent), segmented (the lesion crop around "
          "the segmenter's box) or whole_image")
 BOX = "the lesion box used, x0, y0, x1, y1 in pixels of the uploaded image (absent for whole_image)"
-Box = tuple[float, float, float, float]
+#: Four numbers. A list, not a tuple: OpenAPI 3.1 tools (schemathesis 4.32 among them) misread the
+#: ``prefixItems`` a tuple becomes.
+Box = Annotated[list[float], Field(min_length=4, max_length=4)]
 
 
 class Probability(BaseModel):
@@ -42,7 +44,7 @@ class Neighbour(BaseModel):
     patient_id: str | None
     study_id: str | None
     image_id: str
-    distance: float = Field(description="1 - cosine similarity (hamming bits for an lsh index); smaller is nearer")
+    distance: float = Field(description="1 - cosine similarity (bits: lsh with rerank=0); smaller is nearer")
     entity: str = Field(description="the confirmed entity of that image")
 
 
