@@ -544,6 +544,31 @@ def sort(
 
 
 @app.command()
+def checkpoint(
+    path: Path = typer.Argument(..., metavar="FILE", help="a checkpoint msk wrote (best.pt, epoch-*.pt)"),
+    as_json: bool = typer.Option(False, "--json", help="print the record as JSON"),
+) -> None:
+    """Show what a saved model is: its record (task, classes, input size and preprocessing, how the
+    ingest squared its images, encoder and head, metadata encoder, the data it was trained on by
+    hash, its metrics). A checkpoint from before records existed is shown converted (format 0).
+
+    [b]Example[/b]: [cyan]msk checkpoint out/sorter/fold-1/best.pt[/cyan]
+    """
+    from rich.table import Table
+
+    from msk.core.models.record import read_record
+
+    record = read_record(path)
+    if as_json:
+        typer.echo(record.model_dump_json(indent=2))
+        return
+    table = Table(title=str(path), title_justify="left", show_header=False)
+    for name, value in record.summary():
+        table.add_row(name, value)
+    out.print(table)
+
+
+@app.command()
 def segment(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="run folder of `msk train segmenter`"),
     inputs: list[Path] = typer.Argument(..., metavar="FILE_OR_DIR", help="DICOM, PNG or JPEG files, or folders "

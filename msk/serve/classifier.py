@@ -168,6 +168,7 @@ def load_classifier_model(config: ClassifyConfig, preprocess: SquaringConfig) ->
     from msk.core.data.metadata import MetadataEncoder
     from msk.core.io.checkpoint import CheckpointError, load_checkpoint
     from msk.core.io.clinical import MetadataError
+    from msk.core.models.record import read_record
     from msk.core.models.train import TrainConfig, load_model
 
     path = Path(config.checkpoint)
@@ -180,12 +181,19 @@ def load_classifier_model(config: ClassifyConfig, preprocess: SquaringConfig) ->
     linear = set(ckpt.extra["head"]) == {"weight", "bias"}
     num_classes = int(ckpt.extra["num_classes"])
     encoder = None
+    recorded = read_record(ckpt).metadata_encoder  # a fusion model carries its own since records exist
     if config.metadata_encoder is not None:
         try:
             encoder = MetadataEncoder.load(config.metadata_encoder)
         except (OSError, ValueError, KeyError, MetadataError) as exc:
             raise ConfigError(f"classifier.metadata_encoder: {config.metadata_encoder} is not a saved "
                               f"MetadataEncoder ({exc})") from None
+    elif recorded is not None:
+        try:
+            encoder = MetadataEncoder.from_dict(recorded)
+        except (ValueError, KeyError, MetadataError) as exc:
+            raise ConfigError(f"classifier.checkpoint: {path} records an unusable metadata encoder ({exc}); "
+                              "set classifier.metadata_encoder to its metadata_encoder.json") from None
     head, hidden, dropout = _fusion_options(config, ckpt.extra.get("architecture") or {}, path)
     if head is None:
         if not linear:

@@ -489,6 +489,22 @@ def _restore(model, optimizer, config: DeepClusterConfig, n: int, out: Path,
     return ckpt.epoch, ckpt.extra["assignments"].numpy()
 
 
+def _record(config: DeepClusterConfig, labels: np.ndarray, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The :class:`~msk.core.models.record.ModelRecord` of a DeepCluster checkpoint (an encoder, no classes)."""
+    import msk
+    from msk.core.models.record import ModelRecord
+
+    last = history[-1] if history else {}
+    return ModelRecord(
+        task="deepcluster", input={"image_size": config.image_size, "preprocess": config.preprocess},
+        encoder={"name": config.encoder, "in_chans": encoder_in_chans(config.sobel), "sobel": config.sobel},
+        head={"k": int(config.k)} if isinstance(config.k, int) else {},
+        data={"n_images": len(labels)}, msk_version=msk.__version__,
+        metrics={k: float(v) for k, v in last.items()
+                 if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)},
+    ).model_dump(mode="json")
+
+
 def _save_epoch(out: Path, net, optimizer, config: DeepClusterConfig, epoch: int,
                 labels: np.ndarray, history: list[dict[str, Any]],
                 image_ids: Sequence[str] | None, centroids: np.ndarray | None = None) -> Path:
@@ -498,7 +514,7 @@ def _save_epoch(out: Path, net, optimizer, config: DeepClusterConfig, epoch: int
         _checkpoint_path(out, epoch), net.encoder, arch=config.encoder,
         in_chans=encoder_in_chans(config.sobel), config=config.model_dump(mode="json"),
         epoch=epoch, assignments=torch.from_numpy(labels.copy()), n_images=len(labels),
-        optimizer=optimizer.state_dict(),
+        optimizer=optimizer.state_dict(), record=_record(config, labels, history),
     )
     if config.keep_checkpoints is not None:  # older epochs' weights are not needed to resume
         for old in sorted((out / "checkpoints").glob("epoch-*.pt"))[:-config.keep_checkpoints]:

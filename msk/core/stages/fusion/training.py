@@ -76,7 +76,8 @@ def fit_fusion(images: np.ndarray, labels: Sequence[int] | np.ndarray, meta: np.
                num_classes: int, config: TrainConfig, *, out: str | os.PathLike,
                head: str = "concat", use_image: bool = True, hidden: Sequence[int] = FUSION_HIDDEN,
                dropout: float = FUSION_DROPOUT, encoder_options: dict[str, Any] | None = None,
-               val: tuple | None = None, classes: Sequence[str] | None = None) -> FitResult:
+               val: tuple | None = None, classes: Sequence[str] | None = None,
+               record: dict[str, Any] | None = None) -> FitResult:
     """Train a :class:`FusionClassifier` end to end with :func:`msk.core.models.train.fit`.
 
     :param images: ``uint8 [N, S, S]``; also required by the metadata-only model (the loader
@@ -84,6 +85,7 @@ def fit_fusion(images: np.ndarray, labels: Sequence[int] | np.ndarray, meta: np.
     :param meta: ``float32 [N, D]`` encoded metadata, or ``None`` for the image-only model.
     :param val: ``(images, labels)`` or ``(images, labels, meta)`` for early stopping.
     :param classes: class names in label order (saved in the checkpoints for serving).
+    :param record: what the caller knows for the model's record (``metadata_encoder``, ``entity_set``).
     """
     if not use_image and meta is None:
         raise ValueError("a model without the image branch needs metadata (meta is None)")
@@ -93,7 +95,8 @@ def fit_fusion(images: np.ndarray, labels: Sequence[int] | np.ndarray, meta: np.
                               head=head, meta_dim=0 if meta is None else int(meta.shape[1]),
                               use_image=use_image, hidden=tuple(hidden), dropout=dropout,
                               encoder_options=encoder_options)
-    return fit(build, images, labels, num_classes, config, out=out, meta=meta, val=val, classes=classes)
+    return fit(build, images, labels, num_classes, config, out=out, meta=meta, val=val, classes=classes,
+               record={"task": "fusion", **(record or {})})
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -224,7 +227,9 @@ def _train_fold(model: _Model, data: FusionData, dev: np.ndarray, fold: _Fold,
         train, val = dev[fold.train], dev[fold.val]
         val_set = (data.images[val], data.labels[val], *([meta_of(val)] if model.use_meta else []))
         result = fit_fusion(data.images[train], data.labels[train], meta_of(train), num_classes,
-                            model.train, out=run, val=val_set, classes=data.classes, **options)
+                            model.train, out=run, val=val_set, classes=data.classes, **options,
+                            record={"entity_set": config.entity_set or None,
+                                    "metadata_encoder": fold.encoder.to_dict() if model.use_meta else None})
         net = result.model
         info = {"epochs": len(result.history), "best_epoch": result.best_epoch}
         fold.encoder.save(run / "metadata_encoder.json")

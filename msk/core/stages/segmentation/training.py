@@ -338,7 +338,8 @@ def _train_fold(k: int, data: SegmentationData, train: np.ndarray, val: np.ndarr
         result = fit(build, data.images[train], data.masks[train].astype(np.uint8), 1, config.train_config(),
                      out=fold_out, val=(data.images[val], data.masks[val].astype(np.uint8)),
                      dataset=MaskPairs, loss=DiceBCELoss(),
-                     hits=functools.partial(dice_hits, threshold=config.threshold))
+                     hits=functools.partial(dice_hits, threshold=config.threshold),
+                     record={"task": "segmenter", "classes": ["lesion"]})
     except (TrainError, CheckpointError) as exc:
         raise SegmentationError(f"fold {k} ({fold_out}): {exc}") from exc
     probs = predict_probabilities([result.model], data.images[val])

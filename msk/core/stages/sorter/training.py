@@ -308,8 +308,11 @@ def _train_fold(k: int, data: LabelledImages, y: np.ndarray, train: np.ndarray, 
         images, labels = data.images[train], y[train]
         if extra is not None:
             images, labels = np.concatenate([images, extra[0]]), np.concatenate([labels, extra[1]])
-        result = fit_classifier(images, labels, len(classes), config.train_config(),
-                                out=fold_out, val=(data.images[val], y[val]), classes=classes)
+        squaring = ingest_info(data, out)
+        record = {"task": "sorter", "entity_set": config.region_set, "data": {"source": data.source or None},
+                  "squaring": {k: squaring[k] for k in ("image_size", "resize", "max_pixels") if k in squaring}}
+        result = fit_classifier(images, labels, len(classes), config.train_config(), out=fold_out,
+                                val=(data.images[val], y[val]), classes=classes, record=record)
     except (TrainError, CheckpointError) as exc:
         raise SorterError(f"fold {k} ({fold_out}): {exc}") from exc
     logits = predict_logits(result.model, data.images[val], image_size=config.image_size)

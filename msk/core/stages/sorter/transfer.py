@@ -237,7 +237,7 @@ def _fit_predict(images: np.ndarray, labels: Sequence[str], classes: list[str], 
     """Train on ``images`` (labels in ``classes``) in ``out``; probabilities on ``test_images``."""
     y = np.array([classes.index(c) for c in labels], dtype=np.int64)
     try:
-        result = fit_classifier(images, y, len(classes), config, out=out, classes=classes)
+        result = fit_classifier(images, y, len(classes), config, out=out, classes=classes, record={"task": "transfer"})
     except (TrainError, CheckpointError) as exc:
         raise TransferError(f"{out}: {exc}") from exc
     return softmax(predict_logits(result.model, test_images, image_size=config.image_size))
