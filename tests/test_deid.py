@@ -61,6 +61,14 @@ def marker_dataset(study_uid: str = UID_ROOT + "1", patient: str = "zq99999x") -
     return ds, markers
 
 
+def config(**options) -> IngestConfig:
+    """An ingest config for header checks: pixel text scrubbing (seconds per image, pixels only)
+    is off where the option exists."""
+    if "pixel_scrub" in IngestConfig.model_fields:
+        options.setdefault("pixel_scrub", "off")
+    return IngestConfig(**options)
+
+
 def _leaks(row: dict, markers: list[str]) -> list[str]:
     kept = " | ".join(f"{k}={v}" for k, v in row.items() if k not in NOT_HEADER and v is not None)
     return [m for m in markers if m in kept]
@@ -102,18 +110,18 @@ def test_no_profile_attribute_reaches_a_shard_or_manifest_row(pseudonymiser, tmp
     ds.PhotometricInterpretation = "PALETTE COLOR"
     (tmp_path / "in" / "palette.dcm").write_bytes(_to_bytes(ds))
     src = tmp_path / "in"
-    ok = process_file(src, "ok.dcm", IngestConfig(image_size=32), pseudonymiser)
+    ok = process_file(src, "ok.dcm", config(image_size=32), pseudonymiser)
     assert ok["status"] == "ok", ok["detail"]
     assert _leaks(ok, markers) == []
     # what the options keep: sex, age (Retain Patient Characteristics), the year (Modified Dates)
     assert (ok["patient_sex"], ok["age_years"], ok["study_year"], ok["study_date"]) == ("F", 42, 1950, None)
-    shifted = process_file(src, "ok.dcm", IngestConfig(image_size=32, dates="shift"), pseudonymiser)
+    shifted = process_file(src, "ok.dcm", config(image_size=32, dates="shift"), pseudonymiser)
     assert _leaks(shifted, markers) == [] and shifted["study_year"] is None
     assert shifted["study_date"] < FIRST_DAY + timedelta(days=1)
-    for rel, config, reason in (("ok.dcm", IngestConfig(modalities=["DX"]), "excluded_modality"),
-                                ("cut.dcm", IngestConfig(), "corrupt"),
-                                ("palette.dcm", IngestConfig(), "unsupported_image")):
-        row = process_file(src, rel, config, pseudonymiser)
+    for rel, options, reason in (("ok.dcm", config(modalities=["DX"]), "excluded_modality"),
+                                 ("cut.dcm", config(), "corrupt"),
+                                 ("palette.dcm", config(), "unsupported_image")):
+        row = process_file(src, rel, options, pseudonymiser)
         assert row["reason"] == reason, row
         assert _leaks(row, markers) == [], row["detail"]
     for option in ("PatientSex", "PatientAge", "dates (DA, DT)"):
@@ -143,23 +151,31 @@ def _real_dicoms(shared_data: Path) -> list[Path]:
             if p.suffix == ".dcm" or p.name == "CR-MONO1-10-chest"]
 
 
+#: Real files up to this size run in the default test run (13 of 24, ~3 s); all of them under ``slow``.
+SMALL_FILE = 400_000
+
+
 @pytest.mark.shared_data
-def test_real_dicoms_keep_no_profile_attribute(pseudonymiser, shared_data):
+@pytest.mark.parametrize("which", ["small", pytest.param("all", marks=pytest.mark.slow)])
+def test_real_dicoms_keep_no_profile_attribute(pseudonymiser, shared_data, which):
     paths = _real_dicoms(shared_data)
     assert len(paths) >= 24
+    if which == "small":
+        paths = [p for p in paths if p.stat().st_size <= SMALL_FILE]
+        assert len(paths) >= 12
     checked = 0
     for path in paths:
         ds = pydicom.dcmread(path, force=True)
         values = sorted(_profile_values(ds))
         rel = path.relative_to(shared_data).as_posix()
-        row = process_file(shared_data, rel, IngestConfig(image_size=32, dates="shift"), pseudonymiser)
+        row = process_file(shared_data, rel, config(image_size=32, dates="shift"), pseudonymiser)
         leaked = [v for v in values if any(v in str(row[k]) for k in row if k not in (*NOT_HEADER, "path"))]
         assert leaked == [], (rel, leaked)
         saved = _to_bytes(pseudonymiser.scrub_dataset(ds))
         assert [v for v in values if v.encode() in saved] == [], rel
         assert not any(e.tag.is_private for e in pydicom.dcmread(io.BytesIO(saved)).iterall()), rel
         checked += bool(values)
-    assert checked >= 20  # most real files do carry profile attributes
+    assert checked >= len(paths) - 4  # most real files do carry profile attributes
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +242,7 @@ def test_date_shift_keeps_a_patients_intervals(pseudonymiser, tmp_path):
             ds = _study(patient, day, f"{UID_ROOT}{patient[2:7]}.{n}")
             path = tmp_path / f"{patient}-{n}.dcm"
             path.write_bytes(_to_bytes(ds))
-            row = process_file(tmp_path, path.name, IngestConfig(image_size=32, dates="shift"), pseudonymiser)
+            row = process_file(tmp_path, path.name, config(image_size=32, dates="shift"), pseudonymiser)
             scrubbed = pseudonymiser.scrub_dataset(ds, dates="shift")
             assert scrubbed.StudyDate == scrubbed.ContentDate == row["study_date"].strftime("%Y%m%d")
             assert scrubbed.AcquisitionDateTime == scrubbed.StudyDate and scrubbed.StudyTime == ""
