@@ -18,7 +18,8 @@ patient's sex and age by the Retain Patient Characteristics Option. Printed: per
 of attributes by outcome, then every attribute that some tool keeps unchanged; ``--markdown``
 writes the full per-attribute table.
 
-Usage::
+Usage (``dicognito`` comes with ``.[test]``; ``deid`` is installed by hand, ``pip install deid==0.4.13``;
+a tool that is missing or fails on a file is reported on stderr and counted nowhere)::
 
     python bench/deid.py [--shared ../shared/data] [--markdown out/deid-table.md]
 """
