@@ -9,7 +9,8 @@ Contestants, each on its own fresh copy of the same files:
 
 Inputs: a synthetic data set with a distinct value in every writable attribute of the Basic
 Profile's table (:func:`msk.core.io.deid_profile.fill_profile`, plus a private tag and an overlay),
-and the real DICOMs of ``../shared/data/dicom`` and ``dicom-hip-dx`` where present.
+``--n-synth`` images of msk's synthetic PACS export (:mod:`msk.core.synth`, seed 0), and the real
+DICOMs of ``../shared/data/dicom`` and ``dicom-hip-dx`` where present.
 
 For every top-level attribute of the table present in an input, the outcome is ``removed``,
 ``emptied``, ``replaced`` or ``kept`` (unchanged). Under the Basic Profile no attribute of the
@@ -130,12 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--markdown", type=Path, help="write the full per-attribute table here")
+    parser.add_argument("--n-synth", type=int, default=12, help="images of a synthetic export (0: none)")
     args = parser.parse_args(argv)
     inputs = [("synthetic", synthetic())]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.n_synth:
+            from msk.core.synth.config import SynthConfig
+            from msk.core.synth.export import synthesize
+
+            synthesize(Path(tmp), SynthConfig(n_images=args.n_synth, seed=0, image_size=64, priors="defaults"),
+                       progress=False)
+        for path in sorted((Path(tmp) / "export").rglob("*.dcm")):
+            inputs.append((path.name, pydicom.dcmread(path, force=True)))
+    n_export = len(inputs) - 1
     for path in real_files(args.shared) if args.shared.is_dir() else []:
         inputs.append((path.name, pydicom.dcmread(io.BytesIO(path.read_bytes()), force=True)))
     table = compare(inputs)
-    print(f"PS3.15 Table E.1-1 ({PROFILE_EDITION}); inputs: 1 synthetic + {len(inputs) - 1} real DICOMs; "
+    print(f"PS3.15 Table E.1-1 ({PROFILE_EDITION}); inputs: 1 filled data set + {n_export} synthetic export + "
+          f"{len(inputs) - 1 - n_export} real DICOMs; "
           f"{len(table)} profile attributes (and private tags) present")
     print(f"{'tool':10} " + " ".join(f"{o:>9}" for o in OUTCOMES) + "   (attributes; one counted per outcome seen)")
     for tool in TOOLS:

@@ -129,8 +129,8 @@ def test_no_profile_attribute_reaches_a_shard_or_manifest_row(pseudonymiser, tmp
 
 
 def _profile_values(ds: Dataset) -> set[str]:
-    """The texts of a real file's profile attributes that identify something: at least 4
-    characters, no well-known DICOM UID, and found in no attribute outside the profile."""
+    """The texts of a file's profile attributes that identify something: at least 4 characters,
+    no well-known DICOM UID, found in no attribute outside the profile, and not sex or age."""
     inside, outside = set(), set()
     file_meta = list(ds.file_meta) if getattr(ds, "file_meta", None) is not None else []
     for elem in [*ds.iterall(), *file_meta]:
@@ -138,6 +138,8 @@ def _profile_values(ds: Dataset) -> set[str]:
             continue
         values = elem.value if isinstance(elem.value, (list, pydicom.multival.MultiValue)) else [elem.value]
         texts = {str(v).strip() for v in values}
+        if elem.keyword in ("PatientSex", "PatientAge"):  # kept by the Retain Patient Characteristics Option
+            continue
         if elem.tag.is_private or profile_action(elem.tag) is not None:
             inside |= {t for t in texts if len(t) >= 4 and not (elem.VR == "UI" and UID(t).type)}
         else:
@@ -163,19 +165,37 @@ def test_real_dicoms_keep_no_profile_attribute(pseudonymiser, shared_data, which
     if which == "small":
         paths = [p for p in paths if p.stat().st_size <= SMALL_FILE]
         assert len(paths) >= 12
+    assert _check_files(shared_data, paths, pseudonymiser) >= len(paths) - 4  # most carry profile attributes
+
+
+def _check_files(root: Path, paths: list[Path], pseudonymiser: Pseudonymiser) -> int:
+    """No profile value of a file in its shard/manifest row (but the path) or its scrubbed copy;
+    how many files had profile values."""
     checked = 0
     for path in paths:
         ds = pydicom.dcmread(path, force=True)
         values = sorted(_profile_values(ds))
-        rel = path.relative_to(shared_data).as_posix()
-        row = process_file(shared_data, rel, config(image_size=32, dates="shift"), pseudonymiser)
+        rel = path.relative_to(root).as_posix()
+        row = process_file(root, rel, config(image_size=32, dates="shift"), pseudonymiser)
         leaked = [v for v in values if any(v in str(row[k]) for k in row if k not in (*NOT_HEADER, "path"))]
         assert leaked == [], (rel, leaked)
         saved = _to_bytes(pseudonymiser.scrub_dataset(ds))
         assert [v for v in values if v.encode() in saved] == [], rel
         assert not any(e.tag.is_private for e in pydicom.dcmread(io.BytesIO(saved)).iterall()), rel
         checked += bool(values)
-    assert checked >= len(paths) - 4  # most real files do carry profile attributes
+    return checked
+
+
+def test_synthetic_exports_keep_no_profile_attribute(pseudonymiser, tmp_path):
+    """msk synth's PACS-like export: names, ids, accession numbers, institutions, dates in the
+    headers (and in the folder names), six transfer syntaxes, deflated ones among them."""
+    from msk.core.synth.config import SynthConfig
+    from msk.core.synth.export import synthesize
+
+    synthesize(tmp_path, SynthConfig(n_images=12, seed=0, image_size=64, priors="defaults"), progress=False)
+    paths = sorted((tmp_path / "export").rglob("*.dcm"))
+    assert len(paths) >= 10
+    assert _check_files(tmp_path, paths, pseudonymiser) == len(paths)
 
 
 # --------------------------------------------------------------------------------------------
