@@ -15,7 +15,6 @@ threshold and never answer ``unknown``.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -63,18 +62,15 @@ def inspect_sorter(config: SortConfig) -> dict[str, Any]:
             raise ConfigError(f"sorter.checkpoint: {path} is a folder without sorter.json (not a finished "
                               "`msk train sorter` run); name a run folder or a .pt checkpoint")
         from msk.core.errors import MskError
-        from msk.core.models.ood import FEATURE_SCORES, UnknownCalibration
-        from msk.core.models.sorter import DENSITY_FILE
+        from msk.core.models.ood import FEATURE_SCORES
+        from msk.core.models.sorter import DENSITY_FILE, read_sorter_info
 
         try:
-            info = json.loads(summary.read_text())
-            folds, classes, image_size = int(info["folds"]), list(info["classes"]), int(info["image_size"])
-            unknown = (None if info.get("unknown") is None
-                       else UnknownCalibration.from_json(info["unknown"], str(summary)))
+            info = read_sorter_info(path)  # the one reader of sorter.json
         except MskError as exc:
             raise ConfigError(f"sorter.checkpoint: {exc}") from None
-        except (OSError, KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"sorter.checkpoint: {summary} is unreadable ({exc})") from None
+        folds, classes, image_size = int(info["folds"]), list(info["classes"]), int(info["image_size"])
+        unknown = info["unknown"]
         files = [path / f"fold-{k}" / "best.pt" for k in range(1, folds + 1)]
         if unknown is not None and unknown.score in FEATURE_SCORES:  # per-fold feature densities
             files_needed = files + [path / f"fold-{k}" / DENSITY_FILE for k in range(1, folds + 1)]
