@@ -318,8 +318,8 @@ def cluster(
         if None in known:
             console.print(f"[yellow]note:[/yellow] {known.count(None)} of {len(known)} images have no label in "
                           f"{truth}; they count as one class '(unknown)' in nmi_truth")
-        known = [t or "(unknown)" for t in known]
-    result = run_deepcluster(images, cfg, out=run_dir, image_ids=image_ids, ground_truth=known)
+    named = None if known is None else [t or "(unknown)" for t in known]
+    result = run_deepcluster(images, cfg, out=run_dir, image_ids=image_ids, ground_truth=named)
     out.print(result.table())
     out.print(f"assignments: {result.out / 'assignments.csv'}")
     out.print(f"checkpoint:  {result.checkpoint}")
@@ -977,7 +977,8 @@ def main() -> None:
     finally:
         if signum is None:
             shutdown.stop_ray()
-    shutdown.exit_after_signal(signum, console.print)  # the exception is gone: its generators closed
+    if signum is not None:  # app() always ends in an exception (click's standalone mode)
+        shutdown.exit_after_signal(signum, console.print)  # the exception is gone: its generators closed
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def apply_profile(config: C, task: str, profile: str | None = "auto", *,
     """
     if task not in PROFILES:
         raise ValueError(f"no profile for task {task!r}; known: {', '.join(PROFILES)}")
-    use_gpu = config.use_gpu if _is_set(config, "use_gpu") else None
+    use_gpu = getattr(config, "use_gpu", None) if _is_set(config, "use_gpu") else None
     name, why = choose_profile(profile, use_gpu=use_gpu)
     saved = _saved(run_dir)
     data = config.model_dump(exclude_unset=True)

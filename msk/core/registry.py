@@ -35,7 +35,7 @@ DEFAULT_PLUGINS = (
 #: kind -> hook name, from :data:`msk.core.hookspecs.COMPONENT_KINDS` (pipeline order, as
 #: ``msk plugins`` lists them).
 KINDS: dict[str, str] = {k.name: k.hook for k in hookspecs.COMPONENT_KINDS}
-_SPEC_TYPES: dict[str, type] = {k.name: k.spec for k in hookspecs.COMPONENT_KINDS}
+_SPEC_TYPES: dict[str, type[Any]] = {k.name: k.spec for k in hookspecs.COMPONENT_KINDS}
 
 
 class UnknownComponentError(MskError, LookupError):

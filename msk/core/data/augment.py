@@ -308,6 +308,7 @@ class SobelFilter(nn.Module):
     """
 
     out_chans = 2
+    weight: torch.Tensor  # the registered buffer [2, 1, 3, 3]
 
     def __init__(self) -> None:
         super().__init__()

@@ -154,7 +154,7 @@ class MetadataEncoder:
     def transform(self, df: pd.DataFrame) -> np.ndarray:
         """Encode ``df`` as ``float32 [len(df), dim]``; raises :class:`MetadataError` naming
         the rows with an unusable value."""
-        if not self.is_fitted:
+        if self.age_median is None or self.age_mean is None or self.age_std is None:
             raise MetadataError("the metadata encoder is not fitted: call fit(train_df) first")
         s = self.schema
         out = np.zeros((len(df), self.dim), dtype=np.float32)

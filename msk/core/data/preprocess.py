@@ -126,10 +126,11 @@ def clahe(x: torch.Tensor, *, clip: float = 0.01, tiles: int = 8) -> torch.Tenso
     from skimage.exposure import equalize_adapthist
 
     image = x.detach().cpu().numpy().astype(np.float64)
-    plane = image.reshape(image.shape[-2:])
+    height, width = image.shape[-2:]
+    plane = image.reshape(height, width)
     if float(plane.max() - plane.min()) < 1e-6:
         return x
-    kernel = (max(2, plane.shape[0] // tiles), max(2, plane.shape[1] // tiles))
+    kernel = (max(2, height // tiles), max(2, width // tiles))
     out = equalize_adapthist(np.clip(plane, 0.0, 1.0), kernel_size=kernel, clip_limit=clip)
     return torch.from_numpy(out.astype(np.float32)).reshape(x.shape).to(x.device)
 

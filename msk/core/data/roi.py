@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def _clip_box(x0: float, y0: float, x1: float, y1: float, image_shape: tuple[int
 
 
 def roi_box(
-    lesion: np.ndarray | Annotation | tuple[float, float, float, float],
+    lesion: np.ndarray | Annotation | Sequence[float],
     image_shape: tuple[int, int] | None = None,
     margin: float = 0.15,
     min_side: int = 16,
@@ -283,7 +284,7 @@ def crop_roi(image: np.ndarray, box: Box, size: int = 224) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
-def lesion_crop(image: np.ndarray, lesion: np.ndarray | tuple[float, float, float, float], size: int, *,
+def lesion_crop(image: np.ndarray, lesion: np.ndarray | Sequence[float], size: int, *,
                 margin: float = 0.15) -> np.ndarray:
     """The region of interest every msk model takes: the lesion's (box or ``bool`` mask) square
     box plus ``margin`` (:func:`roi_box`) cropped from ``image`` and resized to ``uint8 [size, size]``

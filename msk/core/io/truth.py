@@ -199,12 +199,13 @@ def canonical_labels(truth: Truth, entity_set: str) -> Truth:
     spellings = {s.lower(): name for name in entities.names
                  for s in (name, entities.get(name).code, *entities.get(name).aliases)}
     unknown: dict[str, int] = {}
-    labels = {}
+    labels: dict[str, str] = {}
     for image_id, label in truth.labels.items():
         name = spellings.get(label.strip().lower())
         if name is None:
             unknown.setdefault(label, truth.lines.get(image_id, 0))
-        labels[image_id] = name
+        else:
+            labels[image_id] = name
     if unknown:
         def hint(label: str) -> str:
             close = difflib.get_close_matches(label.lower(), list(spellings), n=1, cutoff=0.6)

@@ -34,6 +34,8 @@ def target_layer(model: nn.Module, image_size: int) -> nn.Module:
     1 x 1. For a ResNet this is ``layer4``, for the tiny CNN its last ReLU.
     """
     encoder = model.encoder
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"{type(model).__name__}.encoder is not a torch module")
     found: list[nn.Module] = []
 
     def record(module, _inputs, output):
@@ -85,8 +87,9 @@ def grad_cam(model: nn.Module, images: np.ndarray, targets: Sequence[int] | np.n
     if images.ndim != 3 or len(targets) != len(images):
         raise ValueError(f"need images [N, S, S] and one target per image; got {images.shape} "
                          f"and {len(targets)} targets")
-    if preprocess is None and input_config_of(model) is not None:
-        preprocess = input_config_of(model).preprocess
+    config = input_config_of(model)
+    if preprocess is None and config is not None:
+        preprocess = config.preprocess
     model.eval()
     layer = layer if layer is not None else target_layer(model, image_size)
     cam = LayerGradCam(model, layer)

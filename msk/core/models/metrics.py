@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from msk.core.models.retrieval import Retriever
+    from msk.core.models.vote import Weighting
 
 
 def precision_at_k(neighbour_labels: Sequence[Sequence[str]], query_labels: Sequence[str],
@@ -169,7 +170,7 @@ def cluster_purity(assignments: Sequence[Any] | np.ndarray, truth: Sequence[Any]
 
 def evaluate_retrieval(index: Retriever, train_labels: Mapping[str, str] | Sequence[str],
                        test_x: np.ndarray, test_labels: Sequence[str],
-                       ks: Sequence[int] = (1, 3, 5, 7), *, weighting: str = "none",
+                       ks: Sequence[int] = (1, 3, 5, 7), *, weighting: Weighting = "none",
                        class_frequencies: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Search ``test_x`` in ``index`` once and score the retrieval and the vote for each ``k``.
 

@@ -99,12 +99,13 @@ class FeatureDensity:
             return cls(saved["means"], saved["precision"])
 
 
-def ood_score(fold_logits: np.ndarray, score: str = "msp", *,
+def ood_score(fold_logits: np.ndarray | None, score: str = "msp", *,
               fold_features: Sequence[np.ndarray] | None = None,
               densities: Sequence[FeatureDensity] | None = None) -> np.ndarray:
     """``float64 [N]``: how much each image looks like the training images (higher: more).
 
-    :param fold_logits: ``[folds, N, C]`` logits of the fold models (``[N, C]`` for one model).
+    :param fold_logits: ``[folds, N, C]`` logits of the fold models (``[N, C]`` for one model);
+        ``None`` for ``mahalanobis``, which reads only the features.
     :param score: ``msp`` (max of the mean softmax), ``energy`` (mean ``logsumexp``) or
         ``mahalanobis`` (mean over the fold models of :meth:`FeatureDensity.score`).
     :param fold_features: ``mahalanobis`` only: per fold model, the features ``[N, D]``.
@@ -114,6 +115,8 @@ def ood_score(fold_logits: np.ndarray, score: str = "msp", *,
         if fold_features is None or densities is None or len(fold_features) != len(densities):
             raise ValueError("the mahalanobis score needs the features and density of every fold model")
         return np.mean([d.score(f) for d, f in zip(densities, fold_features)], axis=0)
+    if fold_logits is None:
+        raise ValueError(f"the {score} score needs the fold models' logits")
     logits = np.asarray(fold_logits, np.float64)
     if logits.ndim == 2:
         logits = logits[None]

@@ -158,9 +158,9 @@ def run_lock(folder: str | os.PathLike, command: str | None = None, *,
     lock_file = folder / LOCK_FILE
     fd = _open_locked(lock_file)
     if fd is None:
-        holder = read_holder(lock_file) or Holder(None, None, None, None)
+        locker = read_holder(lock_file) or Holder(None, None, None, None)
         raise RunLockedError(
-            f"{folder} is being written by another {holder.describe()}; wait for it to end or "
+            f"{folder} is being written by another {locker.describe()}; wait for it to end or "
             "use another folder")
     try:
         holder = read_holder(lock_file)
@@ -175,7 +175,8 @@ def run_lock(folder: str | os.PathLike, command: str | None = None, *,
             elif holder.pid != os.getpid():
                 state = "still running but not holding it" if _pid_alive(holder.pid) else "no longer running"
                 logger.warning("%s: taking over the stale lock of %s (%s)", folder, holder.describe(), state)
-        record = {"pid": os.getpid(), "host": host, "command": command or _command_line(),
+        command_line = command or _command_line()
+        record = {"pid": os.getpid(), "host": host, "command": command_line,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
@@ -196,7 +197,7 @@ def run_lock(folder: str | os.PathLike, command: str | None = None, *,
         with _held_guard:
             del _held[folder]
         try:
-            _record_outcome(folder, record["command"], failure, created=bool(created))
+            _record_outcome(folder, command_line, failure, created=bool(created))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 lock_file.unlink()  # while still holding the flock: a waiting opener re-checks the inode
@@ -234,7 +235,7 @@ def _record_outcome(folder: Path, command: str, failure: BaseException | None, *
         except OSError:
             return False
 
-    if not _failed(failure):
+    if failure is None or not _failed(failure):
         if failure is None and marked_by_this_command():
             with contextlib.suppress(OSError):
                 marker.unlink()

@@ -219,9 +219,12 @@ def run_workers(loop: LoopFn, payload: dict[str, Any], *, num_workers: int, use_
         functools.partial(_ray_entry, loop, storage=str(storage)),
         train_loop_config=shipped,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+        # mypy reads ray.train's Train v1 RunConfig; at run time it is v2's (Ray's default), which has
+        # logging_config and takes Train v2 callbacks such as TuneReportCallback
+        run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",  # type: ignore[call-arg]
                              storage_path=str(storage / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             callbacks=callbacks,  # type: ignore[arg-type]
                              failure_config=FailureConfig(max_failures=max_failures),
                              logging_config=train_logging_config()),
     )
