@@ -923,6 +923,8 @@ def test_named_clients_are_logged_and_rotate_without_a_restart(tmp_path, caplog)
         return c.post("/v1/sort", content=png(HORIZONTAL), headers={"Content-Type": "image/png",
                                                                    "Authorization": f"Bearer {token}"})
 
+    access = logging.getLogger("ray.serve.msk.access")
+    access.addHandler(caplog.handler)  # Ray's "ray.serve" logger does not propagate to the root, where caplog listens
     with caplog.at_level(logging.INFO, logger="ray.serve.msk.access"), \
             gateway_client({"sort": FakeHandle(sort=sort)}, clients_file=clients) as c:
         assert post(c, alice).status_code == 200 and post(c, bob).status_code == 200
@@ -939,6 +941,7 @@ def test_named_clients_are_logged_and_rotate_without_a_restart(tmp_path, caplog)
         carol = add_client("carol", clients)
         assert_error(post(c, bob), 401, "unauthorized")
         assert post(c, carol).status_code == 200 and post(c, alice).status_code == 200
+    access.removeHandler(caplog.handler)
     bad = tmp_path / "bad"
     bad.write_text("# clients\nalice 1234\n")
     with pytest.raises(ConfigError, match="bad, line 2: expected 'NAME SHA256'"):
