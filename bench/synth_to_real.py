@@ -171,14 +171,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-regions", choices=("all", "real"), default="all",
                     help="train on all 28 synthetic regions or only the 9 real-xr ones")
+    ap.add_argument("--pretrained", default=None,
+                    help="the encoder's starting weights, e.g. imagenet (with --encoder mobilenet_v2)")
     args = ap.parse_args()
     tables = {}
     for style in args.styles.split(","):
         tables[style] = synthetic_only_on_real(
             args.real, style=style, n_images=args.n, render_size=args.render_size, image_size=args.size,
             epochs=args.epochs, encoder=args.encoder, lr=args.lr, seed=args.seed,
-            train_regions=args.train_regions)
-    print(f"\nsynthetic-only -> real-xr (all 1258 images), {args.encoder} {args.size} px, {args.n} synthetic "
+            train_regions=args.train_regions,
+            encoder_options={"pretrained": args.pretrained} if args.pretrained else None)
+    start = f" from {args.pretrained}" if args.pretrained else ""
+    print(f"\nsynthetic-only -> real-xr (all 1258 images), {args.encoder}{start} {args.size} px, {args.n} synthetic "
           f"images ({args.train_regions} regions), {args.epochs} epochs; top-1/top-2 % over the 9 real regions "
           f"(top1/all: argmax over every trained class)")
     print(side_by_side(tables))
