@@ -17,7 +17,10 @@ px, resized to ``--image-size``; random labels: throughput does not depend on th
 img/s counts training images (sorter: images x epochs; deepcluster: images of the epoch) over
 the wall time of the call, end to end (model built, data prepared, checkpoints written). For the
 Ray Train run the ``epoch img/s`` column also gives the rate inside the worker (the epochs'
-``seconds`` in ``history.csv``), without the ~15-20 s of starting the Train run. Every
+``seconds`` in ``history.csv``), without the ~15-20 s of starting the Train run. ``img per
+CPU-s`` divides by this process's CPU time instead of wall time (in-process contestants only):
+barely affected by other jobs on the machine, so its ratio is the one to trust on a shared
+machine. Every
 contestant uses ``--threads`` torch threads (Ray Train gives its worker one CPU, hence
 ``OMP_NUM_THREADS=1`` there: keep ``--threads 1`` for a fair ratio). Rounds interleave the
 contestants; the table gives mean ± standard deviation over rounds and the load average.
@@ -180,9 +183,12 @@ def msk_deepcluster(images: np.ndarray, args) -> float:
 
 
 def _stat(values: list[float], spec: str) -> str:
-    if not values:
+    """Mean ± standard deviation over the rounds that completed."""
+    done = [v for v in values if np.isfinite(v)]
+    if not done:
         return "-"
-    return f"{format(float(np.mean(values)), spec)} ± {format(float(np.std(values)), spec)}"
+    missing = f" ({len(values) - len(done)} failed)" if len(done) < len(values) else ""
+    return f"{format(float(np.mean(done)), spec)} ± {format(float(np.std(done)), spec)}{missing}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,29 +233,40 @@ def main(argv: list[str] | None = None) -> None:
     seen = {name: args.n * (args.epochs if name.startswith("sorter") else 1) for name in contestants}
     rate: dict[str, list[float]] = {name: [] for name in contestants}
     epoch_rate: dict[str, list[float]] = {name: [] for name in contestants}
+    cpu_rate: dict[str, list[float]] = {name: [] for name in contestants}
     loads = [os.getloadavg()[0]]
     print(f"{args.n} images {args.source}->{args.image_size} px, {args.encoder}, batch {args.batch_size}, "
           f"{args.threads} torch thread(s), load average {os.getloadavg()}", flush=True)
     for r in range(args.rounds):
         for name, run in contestants.items():
-            wall, epochs = run()
+            cpu = time.process_time()
+            try:
+                wall, epochs = run()
+            except Exception as exc:  # e.g. a Ray worker killed for memory: the round still counts the others
+                print(f"round {r + 1}: {name} failed: {str(exc)[:300]}", flush=True)
+                wall, epochs = float("nan"), (None if name.endswith("plain") else float("nan"))
             rate[name].append(seen[name] / wall)
+            if "Ray" not in name:  # a Ray worker's CPU time is not this process's
+                cpu_rate[name].append(seen[name] / (time.process_time() - cpu))
             if epochs is not None:
                 epoch_rate[name].append(seen[name] / epochs)
             loads.append(os.getloadavg()[0])
             print(f"round {r + 1}: {name}: {rate[name][-1]:.2f} img/s end to end"
+                  + (f", {cpu_rate[name][-1]:.2f} img per CPU-s" if "Ray" not in name else "")
                   + (f", {epoch_rate[name][-1]:.2f} in the epochs" if epochs is not None else "")
                   + f" (load {loads[-1]:.1f})", flush=True)
-    print("\n| contestant | img/s | ratio to plain | epoch img/s | epoch ratio |\n|---|---:|---:|---:|---:|")
+    print("\n| contestant | img/s | ratio to plain | img per CPU-s | CPU ratio | epoch img/s | epoch ratio |"
+          "\n|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name in contestants:
         base = "sorter plain" if name.startswith("sorter") else "deepcluster plain"
         ratio = [a / b for a, b in zip(rate[name], rate[base])]
         epoch_ratio = [a / b for a, b in zip(epoch_rate[name], rate[base])]
-        rows.append({"contestant": name, "img_s": rate[name], "ratio": ratio,
-                     "epoch_img_s": epoch_rate[name], "epoch_ratio": epoch_ratio})
-        print(f"| {name} | {_stat(rate[name], '.2f')} | {_stat(ratio, '.2f')} | "
-              f"{_stat(epoch_rate[name], '.2f')} | {_stat(epoch_ratio, '.2f')} |")
+        cpu_ratio = [a / b for a, b in zip(cpu_rate[name], cpu_rate[base])]
+        rows.append({"contestant": name, "img_s": rate[name], "ratio": ratio, "img_per_cpu_s": cpu_rate[name],
+                     "cpu_ratio": cpu_ratio, "epoch_img_s": epoch_rate[name], "epoch_ratio": epoch_ratio})
+        print(f"| {name} | {_stat(rate[name], '.2f')} | {_stat(ratio, '.2f')} | {_stat(cpu_rate[name], '.2f')} | "
+              f"{_stat(cpu_ratio, '.2f')} | {_stat(epoch_rate[name], '.2f')} | {_stat(epoch_ratio, '.2f')} |")
     print(f"\nmean ± sd over {args.rounds} interleaved rounds; 1-min load average {min(loads):.1f}-{max(loads):.1f} "
           f"(mean {np.mean(loads):.1f}) on {os.cpu_count()} CPUs")
     if args.json:
