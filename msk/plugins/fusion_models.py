@@ -75,7 +75,7 @@ class FusionHead(nn.Module):
                              f"{name} input of shape {tuple(x.shape)}; pass None")
         if dim and x is None:
             raise ValueError(f"{self.kind} head expects {name} input [B, {dim}], got None")
-        if dim and (x.ndim != 2 or x.shape[1] != dim):
+        if dim and x is not None and (x.ndim != 2 or x.shape[1] != dim):
             raise ValueError(f"{self.kind} head expects {name} input [B, {dim}], "
                              f"got shape {tuple(x.shape)}")
 
@@ -92,6 +92,7 @@ class FusionHead(nn.Module):
         parts = []
         embedding = self.meta_mlp(meta) if self.meta_mlp is not None else None
         if image_features is not None:
+            assert self.image_dropout is not None  # image_dim > 0 (_check)
             image = self.image_dropout(image_features)
             if embedding is not None:
                 image = self.combine(image, embedding)
@@ -117,6 +118,7 @@ class GatedHead(FusionHead):
         self.gate = nn.Linear(self.embed_dim, image_dim) if image_dim and meta_dim else None
 
     def combine(self, image: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        assert self.gate is not None  # forward combines only when both inputs are there
         return image * torch.sigmoid(self.gate(embedding))
 
 
@@ -133,6 +135,7 @@ class FilmHead(FusionHead):
             nn.init.zeros_(self.film.bias)
 
     def combine(self, image: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        assert self.film is not None  # forward combines only when both inputs are there
         gamma, beta = self.film(embedding).chunk(2, dim=1)
         return image * (1 + gamma) + beta
 

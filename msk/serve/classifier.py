@@ -33,7 +33,7 @@ from ray import serve
 from msk.core.data.squaring import SquaringConfig
 from msk.core.errors import ConfigError
 from msk.core.specs import FUSION_DROPOUT, FUSION_HIDDEN
-from msk.serve.config import ClassifyConfig
+from msk.serve.config import ClassifyConfig, RoiConfig
 from msk.serve.replica import ModelReplica, Rejection, gradcam_png, softmax
 
 __all__ = ["ClassifierDeployment", "ClassifierModel", "load_classifier_model"]
@@ -78,15 +78,16 @@ class ClassifierModel:
         """
         image = pixels
         if self.config.roi is not None:
-            image = self._crop(pixels, box)
-            if isinstance(image, Rejection):
-                return image
+            crop = self._crop(pixels, box, self.config.roi)
+            if isinstance(crop, Rejection):
+                return crop
+            image = crop
         if self.encoder is None:
             return image, None
         meta = self._encode(metadata)
         return meta if isinstance(meta, Rejection) else (image, meta)
 
-    def _crop(self, pixels: np.ndarray, box) -> np.ndarray | Rejection:
+    def _crop(self, pixels: np.ndarray, box, roi: RoiConfig) -> np.ndarray | Rejection:
         from msk.core.data.roi import RoiError, lesion_crop
 
         if box is None:
@@ -94,7 +95,7 @@ class ClassifierModel:
                                                   "'box' [x0, y0, x1, y1] in pixels of the uploaded image, or "
                                                   "serve it with a segmenter")
         try:
-            return lesion_crop(pixels, box, self.config.roi.size, margin=self.config.roi.margin)
+            return lesion_crop(pixels, box, roi.size, margin=roi.margin)
         except RoiError as exc:
             return Rejection(422, "invalid_metadata", f"metadata box: {exc}")
 
@@ -246,7 +247,8 @@ class ClassifierDeployment(ModelReplica):
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _probabilities(self, items: list[tuple[np.ndarray, np.ndarray | None]]) -> list[np.ndarray]:
         images = np.stack([image for image, _ in items])
-        meta = None if items[0][1] is None else np.stack([m for _, m in items]).astype(np.float32)
+        # a replica's model takes metadata for every request or for none
+        meta = None if items[0][1] is None else np.stack([m for _, m in items if m is not None]).astype(np.float32)
         return list(await asyncio.to_thread(self._predict, images, meta))
 
     def _gradcam(self, image: np.ndarray, meta: np.ndarray | None, target: int) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
@@ -23,6 +23,9 @@ from ray import serve
 from msk.core.errors import ConfigError
 from msk.serve.config import SegmentConfig
 from msk.serve.replica import ModelReplica, Rejection
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["SegmenterDeployment", "inspect_segmenter"]
 
@@ -63,7 +66,7 @@ class SegmenterDeployment(ModelReplica):
         self.config = SegmentConfig.model_validate(config)
         self.info = inspect_segmenter(self.config)
         self.configure(self.config, debug=debug)
-        models = [load_segmenter(p).to(self.device) for p in self.info["checkpoints"]]
+        models: list[nn.Module] = [load_segmenter(p).to(self.device) for p in self.info["checkpoints"]]
         self.ensemble = SegmenterEnsemble(models, self.info["threshold"], {})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)

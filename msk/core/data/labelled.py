@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -121,7 +121,15 @@ def load_labelled(ingest: str | os.PathLike, labels: str | os.PathLike, *,
                           image_ids, str(ingest), notes)
 
 
-def ingest_info(data: LabelledImages, out: Path) -> dict[str, Any]:
+class SquareImages(Protocol):
+    """What :func:`ingest_info` reads: square images and the ingest folder they came from
+    (:class:`LabelledImages`, the segmenter's training data)."""
+
+    images: np.ndarray
+    source: str
+
+
+def ingest_info(data: SquareImages, out: Path) -> dict[str, Any]:
     """How the training images were made (``msk sort`` prepares new images the same way):
     the square side, and the ingest's resize mode and pixel limit where its folder is known
     (its path relative to the run folder ``out``)."""

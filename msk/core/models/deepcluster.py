@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from msk.core.config import MskConfig
 from msk.core.data.augment import ImageArrayDataset, augmented_view, encoder_in_chans, eval_transform, input_layer
@@ -131,6 +131,12 @@ class DeepClusterConfig(MskConfig):
         k = (saved or {}).get("k") or default_k(n_images)
         return self.model_copy(update={"k": int(k)})
 
+    def resolved_k(self) -> int:
+        """``k`` of a config :meth:`with_k` returned."""
+        if self.k is None:
+            raise ValueError("k is not resolved yet: call with_k(n_images) first")
+        return self.k
+
 
 @dataclass
 class DeepClusterResult:
@@ -191,7 +197,7 @@ def extract_features(model, images: np.ndarray, *, image_size: int, batch_size: 
     mode and fed the centre view (:func:`msk.core.data.augment.eval_transform`) of the images
     preprocessed with ``preprocess`` (none by default).
     """
-    dataset = ImageArrayDataset(images, None, eval_transform(image_size, preprocess))
+    dataset: Dataset = ImageArrayDataset(images, None, eval_transform(image_size, preprocess))
     if indices is not None:
         dataset = Subset(dataset, indices.tolist())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
@@ -260,7 +266,7 @@ def fix_empty_clusters(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
         donor = int(rng.choice(k, p=spare / spare.sum()))
         members = np.flatnonzero(labels == donor)
         if strategy == "split":
-            delta = eps * rng.standard_normal(x.shape[1]).astype(np.float32)
+            delta = eps * rng.standard_normal((x.shape[1],)).astype(np.float32)
             a, b = centroids[donor] - delta, centroids[donor] + delta
         elif strategy == "resample":
             a, b = centroids[donor], x[rng.choice(members)]
@@ -296,6 +302,7 @@ def cluster_features(features: np.ndarray, config: DeepClusterConfig, *, epoch: 
     """PCA-whiten, L2-normalise and k-means ``features`` into ``config.k`` clusters
     (``k`` unset: :func:`default_k` of the number of rows)."""
     config = config.with_k(len(features))
+    k = config.resolved_k()
     notes = []
     dim = min(config.pca_dim, *features.shape)
     if dim < config.pca_dim:
@@ -303,13 +310,13 @@ def cluster_features(features: np.ndarray, config: DeepClusterConfig, *, epoch: 
                      f"(min of {len(features)} images and {features.shape[1]} features)")
     x = l2_normalize(pca_whiten(features, dim))
     seed = config.seed * 10_000 + epoch
-    result = build_clusterer(config.clusterer).fit(x, config.k, seed=seed)
+    result = build_clusterer(config.clusterer).fit(x, k, seed=seed)
     labels, fixed = result.labels.astype(np.int64), 0
-    if config.k > len(np.unique(labels)):
+    if k > len(np.unique(labels)):
         labels, _, fixed = fix_empty_clusters(x, labels, result.centroids,
                                               strategy=config.empty_cluster,
                                               rng=np.random.default_rng(seed))
-    sizes = np.bincount(labels, minlength=config.k)
+    sizes = np.bincount(labels, minlength=k)
     centroids = np.zeros((len(sizes), x.shape[1]), np.float32)
     np.add.at(centroids, labels, x)
     centroids /= np.maximum(sizes, 1)[:, None]
@@ -543,13 +550,15 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
     config = config.with_k(n)
     torch.manual_seed(config.seed)
     model = DeepClusterNet(config)
-    sgd = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    encoder_opt = torch.optim.SGD(model.encoder.parameters(), **sgd)
+    def sgd(params) -> torch.optim.SGD:
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+    encoder_opt = sgd(model.encoder.parameters())
     start, previous = _restore(model, encoder_opt, config, n, out, workers)
     model = workers.prepare(model)
     net = getattr(model, "module", model)  # without the DDP wrapper
     history = [row for row in read_history(out) if row["epoch"] <= start] if rank == 0 else []
-    console = _console() if rank == 0 else None
+    console = _console()  # only rank 0 prints
     # a collapse is said on the console by the process the user watches: this one when in process,
     # the driver (from the history) for Ray Train workers
     collapse_console = console if config.num_workers == 0 else None
@@ -592,7 +601,7 @@ def deepcluster_loop(config: DeepClusterConfig, images: np.ndarray, out: Path, w
 
             # (c) a fresh head, one pass over uniformly sampled pseudo-labelled images
             net.reset_head(config.seed * 10_000 + epoch)
-            head_opt = torch.optim.SGD(net.head.parameters(), **sgd)
+            head_opt = sgd(net.head.parameters())
             # the same draw on every worker, cut to equal shares (DDP needs equal batch counts)
             drawn = uniform_cluster_indices(labels, n - n % world,
                                             np.random.default_rng([config.seed, epoch]))
@@ -715,7 +724,10 @@ def run_deepcluster(images: np.ndarray, config: DeepClusterConfig | None = None,
             _warn_collapse(row, config.collapse_threshold, _console())
 
     history = read_history(out)
-    return DeepClusterResult(load_assignments(out), history, latest_checkpoint(out), out, config.k)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        raise DeepClusterError(f"{out}: the run saved no checkpoint")
+    return DeepClusterResult(load_assignments(out), history, checkpoint, out, config.resolved_k())
 
 
 def legacy_inputs(config: DeepClusterConfig, saved: dict[str, Any]) -> DeepClusterConfig:

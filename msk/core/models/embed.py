@@ -145,6 +145,8 @@ def _feature_model(source: Any, image_size: int | None, encoder_options: Mapping
         raise EmbedError(f"{path} does not record its training image_size; set EmbedConfig.image_size")
     module = nn.Sequential(input_layer(sobel), encoder).eval()
     saved = InputConfig.from_config({**ckpt.config, "image_size": size})
+    if saved is None:  # not reached: size is set
+        raise EmbedError(f"{path}: no input config for image_size {size}")
     return module, ckpt.arch, sobel, int(size), str(path), saved.preprocess
 
 
@@ -489,9 +491,9 @@ def embed(ingest_dir: str | os.PathLike, checkpoint_or_encoder: str | os.PathLik
     config = config or EmbedConfig()
     ingest_dir, out = Path(ingest_dir), Path(out)
     resize = ingest_resize(ingest_dir)
-    kwargs = dict(image_size=config.image_size, batch_size=config.batch_size,
-                  use_gpu=config.use_gpu, encoder_options=config.encoder_options, rois=rois,
-                  roi_margin=config.roi_margin, resize=resize)
+    kwargs: dict[str, Any] = dict(image_size=config.image_size, batch_size=config.batch_size,
+                                  use_gpu=config.use_gpu, encoder_options=config.encoder_options, rois=rois,
+                                  roi_margin=config.roi_margin, resize=resize)
     # Load once here: a bad checkpoint fails before any worker starts, and gives the dim.
     info = Embedder(checkpoint_or_encoder, **{**kwargs, "use_gpu": False}).info
     total = read_shards(ingest_dir, columns=["image_id"]).num_rows

@@ -201,6 +201,7 @@ def _train_fold(model: _Model, data: FusionData, dev: np.ndarray, fold: _Fold,
     num_classes = len(data.classes)
 
     if model.kind == "xgboost":
+        assert config.xgboost is not None  # _models adds the XGBoost model only with its config
         rows = dev[fold.fit]
         xgb_config = config.xgboost.model_copy(update={"val_fraction": config.val_fraction,
                                                        "seed": config.seed})
@@ -214,11 +215,13 @@ def _train_fold(model: _Model, data: FusionData, dev: np.ndarray, fold: _Fold,
     def meta_of(rows: np.ndarray) -> np.ndarray | None:
         return fold.encoder.transform(data.meta.iloc[rows]) if model.use_meta else None
 
-    options = dict(head=model.head, use_image=model.use_image, hidden=tuple(config.hidden),
-                   dropout=config.dropout)
+    train_config = model.train
+    assert train_config is not None  # every torch model has one (_models)
+    options: dict[str, Any] = dict(head=model.head, use_image=model.use_image, hidden=tuple(config.hidden),
+                                   dropout=config.dropout)
     done = run / "done.json"
     if done.is_file() and (run / "best.pt").is_file():
-        build = functools.partial(build_fusion_model, model.train.model_dump(mode="json"),
+        build = functools.partial(build_fusion_model, train_config.model_dump(mode="json"),
                                   num_classes, meta_dim=fold.encoder.dim if model.use_meta else 0,
                                   **options)
         net, _ = load_model(run / "best.pt", build)
@@ -227,7 +230,7 @@ def _train_fold(model: _Model, data: FusionData, dev: np.ndarray, fold: _Fold,
         train, val = dev[fold.train], dev[fold.val]
         val_set = (data.images[val], data.labels[val], *([meta_of(val)] if model.use_meta else []))
         result = fit_fusion(data.images[train], data.labels[train], meta_of(train), num_classes,
-                            model.train, out=run, val=val_set, classes=data.classes, **options,
+                            train_config, out=run, val=val_set, classes=data.classes, **options,
                             record={"entity_set": config.entity_set or None,
                                     "metadata_encoder": fold.encoder.to_dict() if model.use_meta else None})
         net = result.model
@@ -236,7 +239,7 @@ def _train_fold(model: _Model, data: FusionData, dev: np.ndarray, fold: _Fold,
         done.write_text(json.dumps(info))
 
     def logits(rows: np.ndarray) -> np.ndarray:
-        return predict_logits(net, data.images[rows], image_size=model.train.image_size,
+        return predict_logits(net, data.images[rows], image_size=train_config.image_size,
                               meta=meta_of(rows))
 
     seconds = float(pd.read_csv(run / "history.csv")["seconds"].sum())
@@ -345,7 +348,8 @@ def evaluate_fusion(source: str | os.PathLike | np.ndarray | FusionData,
     nets: dict[str, list[FusionClassifier | None]] = {}
     files: dict[str, Path] = {}
     for model in models:
-        cv, held, ensemble, nets[model.key] = [], [], 0.0, []
+        cv, held, nets[model.key] = [], [], []
+        ensemble: np.ndarray | float = 0.0
         for fold in folds:
             trained = _train_fold(model, data, dev, fold, config,
                                   out / "runs" / model.key / f"fold-{fold.k}")

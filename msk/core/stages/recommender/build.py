@@ -108,7 +108,8 @@ def boxes_from_masks(masks: str | os.PathLike, shapes: dict[str, tuple[int, int]
     from msk.core.data.roi import mask_box
     from msk.core.io.masks import MaskError, load_mask, read_mask_table
 
-    boxes, elsewhere = {}, 0
+    boxes: dict[str, tuple[float, float, float, float]] = {}
+    elsewhere = 0
     for row in read_mask_table(masks):
         if row.image_id not in shapes:
             elsewhere += 1
@@ -117,7 +118,8 @@ def boxes_from_masks(masks: str | os.PathLike, shapes: dict[str, tuple[int, int]
             mask = load_mask(row.mask_path, shapes[row.image_id])
         except MaskError as exc:
             raise RecommenderBuildError(f"{exc} ({row.where})") from None
-        boxes[row.image_id] = tuple(float(v) for v in mask_box(mask))
+        x0, y0, x1, y1 = mask_box(mask)
+        boxes[row.image_id] = (float(x0), float(y0), float(x1), float(y1))
     return boxes, elsewhere
 
 

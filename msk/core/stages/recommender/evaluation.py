@@ -98,7 +98,7 @@ def _deepcluster_checkpoint(data: EvalData, train_idx: np.ndarray, config: Recom
     return result.checkpoint
 
 
-def _metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:
+def _metrics(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray) -> dict[str, float]:
     from msk.core.models.metrics import accuracy, macro_f1, macro_precision, macro_recall
 
     return {"accuracy": accuracy(y_true, y_pred), "macro_precision": macro_precision(y_true, y_pred),
@@ -144,6 +144,7 @@ def evaluate_split(data: EvalData, train_idx: np.ndarray, test_idx: np.ndarray,
 
     for source in config.embeddings:
         began = time.perf_counter()
+        options: dict[str, Any]
         if source == "deepcluster":
             log(f"seed {seed}: DeepCluster on the {len(train_idx)} training images")
             ckpt, options = _deepcluster_checkpoint(data, train_idx, config, seed, out / "deepcluster"), {}
@@ -250,7 +251,8 @@ def evaluate_recommender(ingest_dir: str | os.PathLike, labels: str | os.PathLik
     n_patients = len(set(data.patient_ids))
     console.print(f"{len(data)} labelled images of {n_patients} patients, {len(data.classes)} entities")
 
-    rows, splits, predictions, gallery = [], [], {}, None
+    rows, splits, gallery = [], [], None
+    predictions: dict[str, tuple[list[str], list[str]]] = {}
     for seed in config.seeds:
         train_idx, test_idx = patient_split(data.patient_ids, data.entities, config.test_size, seed)
         splits.append(pd.DataFrame({"seed": seed, "image_id": data.image_ids,
@@ -283,8 +285,8 @@ def evaluate_recommender(ingest_dir: str | os.PathLike, labels: str | os.PathLik
 
     (out / "confusion").mkdir(exist_ok=True)
     for model in compared:
-        t, p = predictions[model]
-        cm = confusion_matrix(t, p, data.classes)
+        truth, predicted = predictions[model]
+        cm = confusion_matrix(truth, predicted, data.classes)
         confusion_matrix_png(cm, data.classes, out / "confusion" / f"{slug(model)}.png",
                              title=f"{model}, {len(config.seeds)} seed(s) summed")
     if gallery is not None and config.gallery_queries:

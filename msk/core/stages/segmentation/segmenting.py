@@ -84,7 +84,8 @@ class SegmentRow:
         """The line the CLI prints: ``file: lesion ... -> mask`` or ``file: status: reason``."""
         if self.status != "ok":
             return f"{self.file}: {self.status}: {self.reason}"
-        text = f"{self.file}: lesion {self.lesion_pixels} px, box {','.join(str(v) for v in self.box)} -> {self.mask}"
+        box = ",".join(str(v) for v in self.box or ())
+        text = f"{self.file}: lesion {self.lesion_pixels} px, box {box} -> {self.mask}"
         text += f", {self.seg}" if self.seg else ""
         return text + (f" ({self.reason})" if self.reason else "")
 

@@ -353,10 +353,10 @@ def _gradcam(data: LabelledImages, ensemble: SorterEnsemble, count: int, out: Pa
     for i, c in enumerate(data.labels):
         by_class[c].append(i)
     queues = [by_class[c] for c in ensemble.classes if by_class[c]]
-    chosen: list[int] = []
+    picked: list[int] = []
     for rank in range(max(len(q) for q in queues)):
-        chosen += [q[rank] for q in queues if rank < len(q)]
-    chosen = np.array(sorted(chosen[:count]))
+        picked += [q[rank] for q in queues if rank < len(q)]
+    chosen = np.array(sorted(picked[:count]))
     images = data.images[chosen]
     probs = ensemble.predict_proba(images)
     targets = probs.argmax(axis=1)
@@ -547,7 +547,7 @@ def sorter_from_ingest(ingest: str | os.PathLike, labels: str | os.PathLike,
         raise SorterError("an external hold-out needs both its ingest folder and its labels file")
     data = load_labelled(ingest, labels, entity_set=config.region_set, cluster_run=cluster_run)
     holdout = None
-    if holdout_ingest is not None:
+    if holdout_ingest is not None and holdout_labels is not None:  # both or neither (above)
         holdout = load_labelled(holdout_ingest, holdout_labels, entity_set=config.region_set)
     return train_sorter(data, config, out=out, holdout=holdout, progress=progress)
 

@@ -260,6 +260,7 @@ def _run_fold(data: LabelledImages, train: np.ndarray, test: np.ndarray, task: _
         result["probs"] = _fit_predict(data.images[train], labels, task.classes, arm, out,
                                        data.images[test]).tolist()
     else:
+        assert task.phase2 is not None  # a cascade has both phases (_task)
         normal = task.phase1[0]
         coarse = [normal if c == normal else PATHOLOGICAL for c in labels]
         result["phase1"] = _fit_predict(data.images[train], coarse, task.phase1, arm,
@@ -304,6 +305,7 @@ def _score(name: str, init: str, data: LabelledImages, folds: list[dict[str, Any
                                        scores=None if pos is None else probs[:, pos])
         fold_acc["task"] = [_acc(truth[f["test"]], final[f["test"]]) for f in folds]
     else:
+        assert task.phase2 is not None  # a cascade has both phases (_task)
         normal = task.phase1[0]
         p1, p2 = np.zeros((n, 2)), np.zeros((n, len(task.phase2)))
         for f in folds:

@@ -177,7 +177,7 @@ def load_space(task: str, source: str | os.PathLike | dict[str, Any], base: MskC
     where = "<dict>"
     if not isinstance(source, dict):
         where = str(source)
-        source = read_yaml_mapping(source, "search space")
+        source = read_yaml_mapping(Path(source), "search space")
     if not source:
         raise ConfigError(f"{where}: the search space is empty")
     params = tuple(_param(str(k), v, where) for k, v in source.items())
@@ -473,13 +473,14 @@ def tune_task(task: str, data: Any, *, out: str | os.PathLike,
         run_config=tune.RunConfig(name=f"tune-{task}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(out / "ray"), verbose=1))
     grid = tuner.fit()
+    results = [grid[i] for i in range(len(grid))]
 
     rows = []
-    for result in grid:
+    for result in results:
         frame = result.metrics_dataframe
         values = frame[spec.metric].dropna() if frame is not None and spec.metric in frame else pd.Series(dtype=float)
         rows.append({"trial_id": result.metrics.get("trial_id") if result.metrics else None,
-                     **{f"param.{k}": v for k, v in result.config.items()},
+                     **{f"param.{k}": v for k, v in (result.config or {}).items()},
                      spec.metric: float(values.max()) if len(values) else float("nan"),
                      "epochs_run": int(len(frame)) if frame is not None else 0,
                      "status": "error" if result.error else "ok",
@@ -488,10 +489,11 @@ def tune_task(task: str, data: Any, *, out: str | os.PathLike,
     trials.to_csv(out / "trials.csv", index=False)
     finished = trials[trials[spec.metric].notna()]
     if finished.empty:
-        first = next((r.error for r in grid if r.error), None)
+        first = next((r.error for r in results if r.error), None)
         raise TuneError(f"no trial of {task} reported {spec.metric} (see {out / 'trials.csv'}); "
                         f"first error: {first}")
     best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
+    assert best.config is not None and best.metrics_dataframe is not None  # it reported the metric
     best_params = dict(best.config)
     best_value = float(best.metrics_dataframe[spec.metric].max())
     best_config = spec.configure(base, best_params)
