@@ -166,9 +166,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from msk.core.data.squaring import SquaringConfig
     from msk.core.io.checkpoint import load_checkpoint
     from msk.serve.app import application
-    from msk.serve.config import PreprocessConfig, ServeConfig, SortConfig
+    from msk.serve.config import ServeConfig, SortConfig
     from msk.serve.inputs import decode_radiograph
     from msk.serve.sorter import load_sorter_model
 
@@ -176,7 +177,7 @@ def main() -> None:
     console = Console(width=150)
     out = args.out or Path(tempfile.mkdtemp(prefix="msk-bench-serve-"))
     bodies, pre = load_inputs(args.ingest, args.n, args.image_size)
-    preprocess = PreprocessConfig(**pre).resolved()
+    preprocess = SquaringConfig(**pre).resolved()
     console.print(f"{len(bodies)} inputs ({sum(map(len, bodies)) / len(bodies) / 1024:.0f} KiB mean), "
                   f"preprocess {preprocess.model_dump(exclude={'ingest'})}, {os.cpu_count()} CPUs, "
                   f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
