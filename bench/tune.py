@@ -54,7 +54,8 @@ def main() -> None:
     data = load_task_data("recommender", ingest_dir, labels, base)
     console.print(f"{len(data)} lesion crops of {len(set(data.patient_ids))} patients, "
                   f"{len(data.classes)} entities, loaded in {time.perf_counter() - began:.1f} s")
-    ray.init(include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # a new export's ingest (prepare) has started it already
+        ray.init(include_dashboard=False, log_to_driver=False)
 
     rows = {}
     for scheduler in ("fifo", "asha"):
