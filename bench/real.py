@@ -62,9 +62,9 @@ def log(message: str) -> None:
 
 def import_real(real: Path, out: Path, size: int, resize: str):
     """``msk import csv`` of real-xr into ``out`` (idempotent) and its labelled images."""
+    from msk.core.data.labelled import load_labelled
     from msk.core.stages.ingest.importing import ImportConfig, import_dataset
     from msk.core.stages.ingest.pipeline import IngestConfig
-    from msk.core.data.labelled import load_labelled
 
     config = ImportConfig(ingest=IngestConfig(image_size=size, resize=resize))
     report = import_dataset("csv", real, out, config, progress=False)
@@ -121,18 +121,22 @@ def init_options(init: str) -> dict:
 
 
 def sorter_run(name: str, data, truth: list[str], args, work: Path, extra_train=None,
-               init: str = "random") -> pd.DataFrame:
+               init: str = "random") -> pd.DataFrame | None:
     """``train_sorter`` on ``data`` (its labels may be weak), scored on its test set against
     ``truth`` (the true region of every image of ``data``)."""
-    from msk.core.stages.sorter.training import SorterConfig, train_sorter
-    from msk.core.models.sorter import load_sorter
     from msk.core.data.splits import plan_splits
+    from msk.core.models.sorter import load_sorter
+    from msk.core.stages.sorter.training import SorterConfig, train_sorter
 
     config = SorterConfig(encoder=args.encoder, image_size=args.image_size, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, folds=args.folds, num_workers=0,
                           gradcam_images=args.gradcam, small_classes="drop", patience=args.patience,
                           encoder_options=init_options(init))
     name = name if init == "random" else f"{name}-{init}"
+    if args.score_only and not all((work / name / f"fold-{k}" / "best.pt").is_file()
+                                   for k in range(1, config.folds + 1)):
+        log(f"sorter {name}: not finished in {work}, left out (--score-only)")
+        return None
     started = time.perf_counter()
     train_sorter(data, config, out=work / name, extra_train=extra_train, progress=False)
     ensemble = load_sorter(work / name)
@@ -152,8 +156,8 @@ def sorter_run(name: str, data, truth: list[str], args, work: Path, extra_train=
 def deepcluster_run(name: str, data, args, work: Path) -> tuple[pd.DataFrame, list[str]]:
     """DeepCluster on ``data.images``; per epoch NMI and purity against ``data.labels``; the
     weak label of every image (its cluster's majority true region)."""
+    from msk.core.models.deepcluster import DeepClusterConfig, run_deepcluster
     from msk.core.models.metrics import cluster_purity
-    from msk.core.stages.cluster.deepcluster import DeepClusterConfig, run_deepcluster
     from msk.core.stages.cluster.labelling import majority_names
 
     k = args.k or 3 * len(set(data.labels))
@@ -192,7 +196,10 @@ def main() -> None:
     parser.add_argument("--style", default="radiograph", help="synthetic phantom style")
     parser.add_argument("--init", default="random",
                         help="comma list of sorter starts: random, imagenet (or any `pretrained` value)")
-    parser.add_argument("--skip", default="", help="comma list of: synth, real, mixed, weak, stretch, upper, dc")
+    parser.add_argument("--score-only", action="store_true",
+                        help="train nothing: score the sorter runs already finished in --work, leave out the rest")
+    parser.add_argument("--skip", default="", help="comma list of: synth, basic (its original-phantom column), "
+                                                   "real, mixed, weak, stretch, upper, dc")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     inits = [s.strip() for s in args.init.split(",") if s.strip()]
@@ -218,7 +225,7 @@ def main() -> None:
         from synth_to_real import synthetic_only_on_real
 
         for init in inits:
-            styles = ["basic", args.style] if init == "random" else [args.style]
+            styles = ["basic", args.style] if init == "random" and "basic" not in skip else [args.style]
             for style in dict.fromkeys(styles):
                 t = synthetic_only_on_real(args.real, style=style, n_images=args.synth_n, image_size=args.image_size,
                                            epochs=args.synth_epochs, encoder=args.encoder, verbose=False,
@@ -260,6 +267,7 @@ def main() -> None:
         history, _ = deepcluster_run("deepcluster-upper", upper, args, args.work)
         dc_tables["DeepCluster, 6 upper-limb regions (one source)"] = history
 
+    tables = {name: t for name, t in tables.items() if t is not None}
     if tables:
         order = regions + ["all", "mean"]
         for metric, title in (("top1", "top-1"), ("top2", "top-2"), ("n", "scored real images")):
