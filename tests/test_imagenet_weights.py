@@ -123,3 +123,13 @@ def test_a_sorter_trains_from_imagenet_and_serves_the_same(tmp_path):
     model, _ = load_model(fitted.best)
     assert model.encoder.input_mean == (0.5, 0.5, 0.5)  # the TF EfficientNet-Lite normalisation
     np.testing.assert_allclose(predict_logits(model, images, image_size=32), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sobel_input_goes_to_the_adapted_stem():
+    """DeepCluster's 2-channel Sobel input is not a grey level: timm adapts the RGB stem to it,
+    with no ImageNet normalisation."""
+    packaged("efficientnet_lite0")
+    encoder = build_encoder("efficientnet_lite0", in_chans=2, pretrained="imagenet").eval()
+    assert not encoder.grey and encoder.inner.backbone.conv_stem.in_channels == 2
+    with torch.no_grad():
+        assert encoder(torch.randn(2, 2, 32, 32)).shape == (2, encoder.feature_dim)
