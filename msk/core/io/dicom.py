@@ -157,6 +157,8 @@ class ImageMeta:
     #: Why the image is usable but suspicious, e.g. ("colour_image",); callers may add their own
     #: (ingest adds "small_image", "upscaled"). Written to the manifest's ``warning`` column.
     warnings: tuple[str, ...] = ()
+    #: DICOM BurnedInAnnotation is YES: the pixels carry text (pixel scrubbing, msk.core.data.scrub).
+    burned_in: bool = False
 
 
 @dataclass(frozen=True)
@@ -744,6 +746,7 @@ def _dicom_meta(ds: Dataset, source: str) -> ImageMeta:
         sop_uid=_text(ds, "SOPInstanceUID"),
         study_date=_text(ds, "StudyDate"),
         institution=_text(ds, "InstitutionName"),
+        burned_in=(_text(ds, "BurnedInAnnotation") or "").upper() == "YES",
     )
 
 

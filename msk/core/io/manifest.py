@@ -84,6 +84,12 @@ MANIFEST_SCHEMA = pa.schema(
         # for files without them (PNG/JPEG/BMP/TIFF)
         pa.field("modality", pa.string()),
         pa.field("body_part", pa.string()),
+        # pixel scrubbing of burned-in text (msk.core.data.scrub): "<method>:<trigger>"
+        # ("morphology:burned_in_annotation", "morphology:text_detected", "morphology:always",
+        # "morphology:none" when nothing was blanked) or "off"; null when quarantined
+        pa.field("scrub", pa.string()),
+        # how many text boxes were blanked (never their text); null when off or quarantined
+        pa.field("scrub_boxes", pa.int32()),
     ]
 )
 

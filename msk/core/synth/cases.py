@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -56,6 +56,9 @@ CORRUPTIONS: dict[str, QuarantineReason] = {
 #: relative frequency of each transfer syntax among the configured ones.
 SYNTAX_WEIGHTS = {"explicit-le": 3.0, "implicit-le": 1.5, "deflated-le": 1.0, "rle": 1.5,
                   "jpeg2000-lossless": 1.5, "jpegls-lossless": 1.5}
+#: Bone density above which a pixel counts as bone in :attr:`SynthCase.bone` (the cortex is 1,
+#: the medulla about 0.42 times its texture).
+BONE_LEVEL = 0.1
 LONG_BONE_REGIONS = ("femur", "lower leg", "humerus", "forearm")
 #: regions whose first view is the lateral one in the ``radiograph`` style (cephalograms).
 LATERAL_FIRST = frozenset({"skull"})
@@ -155,6 +158,16 @@ class SynthCase:
     mask: np.ndarray | None = None
     box: tuple[int, int, int, int] | None = None
     relpath: str = ""
+    #: Every burned-in text box: ``(kind, x0, y0, x1, y1, contrast)`` in pixels (x1, y1 exclusive),
+    #: kind ``marker`` (a lead side marker "L"/"R") or ``text`` (institution, date, maybe the name);
+    #: contrast is |text value - median of the pixels it was burned on|, in [0, 1] display units.
+    text_boxes: list[tuple[str, int, int, int, int, float]] = field(default_factory=list)
+    #: Where bone is (bone density layer above a threshold), for scoring what a scrubber blanks;
+    #: kept in memory only (never written), dropped with the pixels.
+    bone: np.ndarray | None = None
+    #: The ink of the burned-in text (its glyph pixels, text_boxes' kind by index + 1; 0: none),
+    #: for scoring a scrubber; in memory only, like ``bone``.
+    ink: np.ndarray | None = None
 
     @property
     def region(self) -> str:
@@ -543,6 +556,7 @@ def _render_pixels(case: SynthCase, config: SynthConfig, rng: np.random.Generato
         box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
     _collimate(img, rng, box)
     case.burned_in = _annotate(img, rng, case, box)
+    case.bone = cv.bone > BONE_LEVEL
     _store(case, img, cv.mask if lesion is not None else None, box, rng, r_window,
            round(spec.field_mm / (h * zoom), 4))
 
@@ -606,6 +620,7 @@ def _annotate(img: np.ndarray, rng: np.random.Generator, case: SynthCase,
             phi = True
         items.append(("\n".join(lines), max(int(0.035 * h), 7), rng.uniform(0.7, 1.0) if rng.random() < 0.7 else 0.0))
     for (text, px, value), ci in zip(items, order[:len(items)], strict=True):
+        kind = "text" if "\n" in text else "marker"
         font = _font(px)
         probe = ImageDraw.Draw(Image.new("L", (1, 1)))
         left, top, right, bottom = probe.multiline_textbbox((0, 0), text, font=font)
@@ -621,5 +636,10 @@ def _annotate(img: np.ndarray, rng: np.random.Generator, case: SynthCase,
         ImageDraw.Draw(patch).multiline_text((1 - left, 1 - top), text, font=font, fill=255)
         alpha = np.asarray(patch, dtype=np.float32) * (1.0 / 255.0)
         region = img[y:y + th, x:x + tw]
+        contrast = abs(value - float(np.median(region)))
         region += alpha * (value - region)
+        case.text_boxes.append((kind, x, y, x + tw, y + th, round(contrast, 3)))
+        if case.ink is None:
+            case.ink = np.zeros((h, w), np.uint8)
+        case.ink[y:y + th, x:x + tw][alpha > 0.25] = len(case.text_boxes)
     return phi

@@ -10,9 +10,11 @@ Layout under ``out/``::
 Each file is written as soon as it is generated and its ground-truth row is appended and
 flushed, so memory stays bounded whatever ``n_images`` is. The ground truth's ``mask`` column names
 the lesion's mask (a PNG of the image's size, 255 = lesion, :func:`msk.core.io.masks.load_mask`
-reads it), empty for images without a lesion. With ``workers > 1`` the indices are
-generated in worker processes in chunks, at most a few chunks in flight, and the rows are still
-written in index order: the output is byte-identical to a serial run.
+reads it), empty for images without a lesion; ``text_boxes`` lists every box of text burned into
+the pixels (side markers and text blocks, :func:`msk.core.synth.truth.parse_text_boxes`). With
+``workers > 1`` the indices are generated in worker processes in chunks, at most a few chunks in
+flight, and the rows are still written in index order: the output is byte-identical to a serial
+run.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ CONFIG_FILE = "synth.yaml"
 COLUMNS = (
     "path", "patient_id", "study_uid", "sop_uid", "region", "entity", "malignancy", "age", "sex",
     "site", "position", "view", "modality", "sop_class", "transfer_syntax", "photometric",
-    "x0", "y0", "x1", "y1", "mask", "expected_status",
+    "x0", "y0", "x1", "y1", "mask", "expected_status", "text_boxes",
 )
 CHUNK = 16
 
@@ -97,10 +99,17 @@ def ground_truth_row(case: SynthCase) -> dict[str, str]:
         "photometric": case.photometric if has_image else "",
         "x0": "", "y0": "", "x1": "", "y1": "", "mask": "",
         "expected_status": case.expected_status,
+        "text_boxes": format_text_boxes(case.text_boxes) if has_image else "",
     }
     if box is not None:
         row.update(x0=str(box[0]), y0=str(box[1]), x1=str(box[2]), y1=str(box[3]), mask=mask_relpath(case))
     return row
+
+
+def format_text_boxes(boxes: list[tuple[str, int, int, int, int, float]]) -> str:
+    """The ``text_boxes`` column: ``kind x0 y0 x1 y1 contrast`` per burned-in box, ``;``-joined
+    (:func:`msk.core.synth.truth.parse_text_boxes` reads it back)."""
+    return ";".join(f"{kind} {x0} {y0} {x1} {y1} {contrast:g}" for kind, x0, y0, x1, y1, contrast in boxes)
 
 
 def mask_relpath(case: SynthCase) -> str:
@@ -120,7 +129,7 @@ def produce(index: int, config: SynthConfig, export_dir: Path) -> tuple[dict[str
     row = ground_truth_row(case)
     if row["mask"]:
         write_mask_png(export_dir.parent / row["mask"], case.mask)
-    case.pixels = case.mask = None
+    case.pixels = case.mask = case.bone = case.ink = None
     return row, case
 
 

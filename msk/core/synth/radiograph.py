@@ -106,6 +106,7 @@ def render_radiograph(case, config, rng: np.random.Generator, r_window: float) -
     from msk.core.synth.cases import (
         _ANATOMY,
         _LESION_SHAPE,
+        BONE_LEVEL,
         _annotate,
         _noise,
         _store,
@@ -150,6 +151,7 @@ def render_radiograph(case, config, rng: np.random.Generator, r_window: float) -
     img += noise * (rng.uniform(0.003, 0.012) + rng.uniform(0.005, 0.025) * np.sqrt(np.maximum(img, 0.0)))
     _film(img, rng, fr, tf, box)
     case.burned_in = _annotate(img, rng, case, box)
+    case.bone = cv.bone > BONE_LEVEL
     if rng.random() < 0.02:  # an occasional inverted (black-bone) film
         img[:] = 1.0 - img
     _store(case, img, cv.mask if lesion is not None else None, box, rng, r_window,

@@ -8,9 +8,39 @@ each to its pseudonymous ``image_id``, which is the key of the shards.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+
+@dataclass(frozen=True)
+class TextBox:
+    """A box of text the synthetic export burned into an image, in source pixels (x1, y1 exclusive).
+
+    ``kind`` is ``marker`` (a lead side marker, "L"/"R") or ``text`` (institution code, date and
+    sometimes the patient's name); ``contrast`` is |text value - median of what it was burned on|
+    in display units [0, 1] (near 0: the text is invisible, e.g. white on a white border).
+    """
+
+    kind: str
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    contrast: float
+
+
+def parse_text_boxes(value: object) -> list[TextBox]:
+    """The boxes of a ground-truth ``text_boxes`` cell (``kind x0 y0 x1 y1 contrast;...``); an empty
+    or missing cell (NaN in pandas, files without an image) gives none."""
+    if not isinstance(value, str) or not value.strip():
+        return []
+    boxes = []
+    for item in value.split(";"):
+        kind, x0, y0, x1, y1, contrast = item.split()
+        boxes.append(TextBox(kind, int(x0), int(y0), int(x1), int(y1), float(contrast)))
+    return boxes
 
 
 def ground_truth_for_ingest(synth_out: str | os.PathLike, ingest_out: str | os.PathLike,

@@ -54,6 +54,7 @@ from pydantic import Field, field_validator
 
 import msk
 from msk.core.config import MskConfig
+from msk.core.data.scrub import ScrubMode, scrub_fields, scrub_text
 from msk.core.data.squaring import square_image
 from msk.core.errors import MskError, QuarantineError, QuarantineReason
 from msk.core.io.dicom import ImageMeta, read_image
@@ -107,6 +108,12 @@ class IngestConfig(MskConfig):
     small_side: int = Field(64, ge=1, description="images whose shorter side is below this get the warning small_image")
     max_upscale: float = Field(2.0, ge=1.0, description="images enlarged by more than this factor to "
                                "image_size get the warning upscaled")
+    pixel_scrub: ScrubMode = Field(
+        "auto", description="blank text burned into the pixels before they reach the shards "
+        "(msk.core.data.scrub): auto: when the DICOM header declares BurnedInAnnotation YES or a line "
+        "of text is detected; always: every line of text detected; off: keep the pixels as decoded. "
+        "A lone side marker (L/R) is kept"
+    )
     dates: Literal["year", "shift"] = Field(
         "year", description="year: shards keep the study's year only (study_year); shift: they keep the "
         "study date moved back by a keyed per-patient number of days (study_date; study_year is null), so "
@@ -159,6 +166,8 @@ _DECODED_SCHEMA = pa.schema(
         pa.field("bytes", pa.int64()),
         pa.field("node", pa.string()),
         pa.field("warning", pa.string()),
+        pa.field("scrub", pa.string()),
+        pa.field("scrub_boxes", pa.int32()),
         *[SHARD_SCHEMA.field(name).with_nullable(True) for name in SHARD_SCHEMA.names],
     ]
 )
@@ -278,7 +287,8 @@ def process_file(src: Path, rel: str, config: IngestConfig, pseudonymiser: Pseud
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every oddity; errors still raise
             decoded = read_image(data, source=rel, max_pixels=config.max_pixels, check=check)
-        image = square_image(decoded.pixels, config.image_size, config.resize)
+        scrubbed = scrub_text(decoded.pixels, config.pixel_scrub, burned_in=decoded.meta.burned_in)
+        image = square_image(scrubbed.pixels, config.image_size, config.resize)
         meta = decoded.meta
         meta = dataclasses.replace(meta, warnings=meta.warnings + size_warnings(
             meta.rows, meta.cols, config.image_size, small_side=config.small_side,
@@ -295,6 +305,7 @@ def process_file(src: Path, rel: str, config: IngestConfig, pseudonymiser: Pseud
                 row.update(modality=header.get("modality"), body_part=header.get("body_part"))
         return row | {"status": QUARANTINED, "reason": reason, "detail": detail}
     row["warning"] = "; ".join(meta.warnings) or None
+    row.update(scrub_fields(scrubbed, config.pixel_scrub))
     row.update({name: record.get(name) for name in SHARD_SCHEMA.names if name in record})
     row.update(
         image=image.tobytes(),

@@ -1,0 +1,198 @@
+"""Pixel scrubbing of burned-in text (msk.core.data.scrub) and its use by ``msk ingest``."""
+
+from __future__ import annotations
+
+import string
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+from pydantic import ValidationError
+
+from msk.core.data.scrub import blank_boxes, detect_text, scrub_text
+from msk.core.data.squaring import square_image
+from msk.core.io.dicom import read_image
+from msk.core.io.pseudonym import Pseudonymiser
+from msk.core.stages.ingest.pipeline import IngestConfig, process_file
+from msk.core.synth import identity
+from msk.core.synth.config import SynthConfig
+from msk.core.synth.export import synthesize
+from msk.core.synth.truth import TextBox, parse_text_boxes
+
+
+def marker_name(rng: np.random.Generator) -> str:
+    """A random upper-case name no real text contains by chance."""
+    return "".join(rng.choice(list(string.ascii_uppercase), size=8))
+
+
+def radiograph(rng: np.random.Generator, h: int = 320, w: int = 256) -> np.ndarray:
+    """A float [0, 1] image: a dark background with a heel-effect ramp, a bright textured bone, noise."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 0.15 + 0.1 * xx / w
+    bone = ((xx - w / 2) / (w / 5)) ** 2 + ((yy - 0.6 * h) / (h / 3)) ** 2 < 1
+    img = np.where(bone, 0.7 + 0.1 * np.sin(xx / 3.0) * np.cos(yy / 4.0), img)
+    return np.clip(img + rng.normal(0, 0.02, (h, w)), 0, 1).astype(np.float32)
+
+
+def burn(img: np.ndarray, text: str, xy: tuple[int, int], size: int = 12, value: float = 1.0) -> np.ndarray:
+    """Burn ``text`` into ``img`` at ``xy`` like the synthetic export does; returns the ink mask."""
+    font = ImageFont.load_default(size=size)
+    patch = Image.new("L", (img.shape[1], img.shape[0]))
+    ImageDraw.Draw(patch).multiline_text(xy, text, font=font, fill=255)
+    alpha = np.asarray(patch, np.float32) / 255.0
+    img += alpha * (value - img)
+    return alpha > 0.25
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_burned_in_name_is_found_and_blanked(seed):
+    rng = np.random.default_rng(seed)
+    img = radiograph(rng)
+    name = marker_name(rng)
+    ink = burn(img, f"{name} Anna\nSEG\n0{seed}.03.2019", (4, 4), value=float(rng.uniform(0.8, 1.0)))
+    before = img.copy()
+    result = scrub_text(img, "auto")
+    assert result.trigger == "text_detected" and len(result.boxes) == 1
+    assert np.all(result.pixels[ink] == result.pixels.min())  # every glyph pixel is blank
+    assert np.array_equal(img, before)  # the input is not modified
+    bone = img > 0.6
+    bone[ink] = False
+    assert (result.pixels[bone] != img[bone]).mean() < 0.005  # bone is left alone
+
+
+def test_dark_text_on_a_bright_border_is_found():
+    rng = np.random.default_rng(4)
+    img = radiograph(rng)
+    img[:60] = 0.9  # a bright collimator border
+    ink = burn(img, f"{marker_name(rng)}\n12.03.2019", (120, 6), size=14, value=0.05)
+    boxes = detect_text(img)
+    blanked = blank_boxes(img, boxes)
+    assert np.all(blanked[ink] == blanked.min())
+
+
+def test_a_lone_side_marker_and_bone_alone_are_kept():
+    rng = np.random.default_rng(5)
+    img = radiograph(rng)
+    burn(img, "R", (230, 290), size=22)
+    assert detect_text(img) == []
+    result = scrub_text(img, "always")
+    assert result.boxes == () and result.pixels is img
+
+
+def test_off_returns_the_pixels_untouched():
+    rng = np.random.default_rng(6)
+    img = radiograph(rng)
+    burn(img, marker_name(rng), (4, 4))
+    result = scrub_text(img, "off")
+    assert result.pixels is img and result.boxes == () and result.trigger is None
+
+
+def test_auto_takes_a_short_line_only_when_the_header_declares_burned_in_text():
+    rng = np.random.default_rng(7)
+    img = radiograph(rng)
+    ink = burn(img, "JX", (8, 8), size=16)  # two glyphs: below auto's confidence without the header
+    assert scrub_text(img, "auto").trigger is None
+    declared = scrub_text(img, "auto", burned_in=True)
+    assert declared.trigger == "burned_in_annotation"
+    assert np.all(declared.pixels[ink] == declared.pixels.min())
+
+
+def test_pixel_scrub_is_validated():
+    with pytest.raises(ValidationError, match="pixel_scrub"):
+        IngestConfig(pixel_scrub="sometimes")
+
+
+# -- through the ingest's per-file path, on a synthetic export with a random marker name ------
+
+
+@pytest.fixture(scope="module")
+def marked_export(tmp_path_factory):
+    """A small synthetic export whose every patient is called by a random marker name; the rows
+    whose images carry the name burned in (BurnedInAnnotation YES) and their text box."""
+    name = marker_name(np.random.default_rng())
+    out = tmp_path_factory.mktemp("scrub-synth")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(identity, "LAST_NAMES", (name.capitalize(),))
+        synthesize(out, SynthConfig(n_images=40, image_size=384, seed=5, workers=1,
+                                    corrupt_fraction=0.0), progress=False)
+    truth = pd.read_csv(out / "ground_truth.csv", dtype=str, keep_default_na=False)
+    rows = []
+    for _, row in truth.iterrows():
+        ds = pydicom.dcmread(out / row["path"], stop_before_pixels=True, force=True)
+        if str(ds.get("BurnedInAnnotation", "")) == "YES":
+            assert name in str(ds.PatientName).upper()
+            box = next(b for b in parse_text_boxes(row["text_boxes"]) if b.kind == "text")
+            if box.contrast >= 0.1:  # legible (fainter text is not, e.g. black on a black border)
+                rows.append((row["path"].removeprefix("export/"), box))
+    assert rows, "no image with the name burned in: change the seed"
+    return out / "export", name, rows
+
+
+def shard_box(box: TextBox, height: int, width: int, size: int) -> tuple[slice, slice]:
+    """The interior of a source box in a ``pad``-squared image (docs/ingest.md's mapping), 1 px in."""
+    s = size / max(height, width)
+    left, top = (size - round(width * s)) // 2, (size - round(height * s)) // 2
+    return (slice(int(np.ceil(box.y0 * s + top)) + 1, int(box.y1 * s + top) - 1),
+            slice(int(np.ceil(box.x0 * s + left)) + 1, int(box.x1 * s + left) - 1))
+
+
+def shard_image(row: dict) -> np.ndarray:
+    return np.frombuffer(row["image"], np.uint8).reshape(row["height"], row["width"])
+
+
+def test_ingest_blanks_the_burned_in_name_in_the_shard_pixels(marked_export, pseudonym_key):
+    src, _, rows = marked_export
+    pseudonymiser = Pseudonymiser(pseudonym_key)
+    for rel, box in rows:
+        scrubbed = process_file(src, rel, IngestConfig(image_size=128), pseudonymiser)
+        kept = process_file(src, rel, IngestConfig(image_size=128, pixel_scrub="off"), pseudonymiser)
+        assert scrubbed["status"] == "ok", scrubbed
+        assert scrubbed["scrub"] == "morphology:burned_in_annotation" and scrubbed["scrub_boxes"] >= 1
+        assert kept["scrub"] == "off" and kept["scrub_boxes"] is None
+        region = shard_box(box, scrubbed["source_height"], scrubbed["source_width"], 128)
+        assert np.ptp(shard_image(scrubbed)[region]) == 0, rel  # one flat value: no glyph left
+        assert np.ptp(shard_image(kept)[region]) > 40, rel  # the name is there without scrubbing
+
+
+def test_off_keeps_the_shard_pixels_byte_identical(marked_export, pseudonym_key):
+    src, _, rows = marked_export
+    rel = rows[0][0]
+    row = process_file(src, rel, IngestConfig(image_size=128, pixel_scrub="off"), Pseudonymiser(pseudonym_key))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoded = read_image((src / rel).read_bytes(), source=rel)
+    assert row["image"] == square_image(decoded.pixels, 128, "pad").tobytes()
+
+
+def _detail(image: np.ndarray) -> float:
+    """Mean absolute Laplacian: how much fine structure (glyph strokes) an image region holds."""
+    x = image.astype(np.float32)
+    return float(np.abs(4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]).mean())
+
+
+def test_contact_sheets_and_grad_cam_show_no_name_after_scrubbing(marked_export, pseudonym_key, tmp_path):
+    from msk.core.models.gradcam import overlay
+    from msk.core.stages.cluster.labelling import export_clusters
+
+    src, _, rows = marked_export
+    rel, box = rows[0]
+    size = 96
+    shown = {}
+    for mode in ("auto", "off"):
+        row = process_file(src, rel, IngestConfig(image_size=size, pixel_scrub=mode), Pseudonymiser(pseudonym_key))
+        image = shard_image(row)
+        region = shard_box(box, row["source_height"], row["source_width"], size)
+        page = export_clusters(image[None], np.array([0]), tmp_path / mode, thumb=size)
+        assert "cluster-0000.png" in Path(page).read_text()  # DeepCluster's HTML shows this sheet
+        sheet = np.asarray(Image.open(tmp_path / mode / "sheets" / "cluster-0000.png").convert("L"))
+        tile = sheet[2:2 + size, 2:2 + size]  # the only tile, at the sheet's 2 px gap
+        cam = np.random.default_rng(0).random((8, 8)).astype(np.float32)
+        heat = overlay(image, cam).mean(axis=2)
+        shown[mode] = (_detail(tile[region]), _detail(heat[region]))
+    assert shown["off"][0] > 5 and shown["off"][1] > 5  # the name shows without scrubbing
+    assert shown["auto"][0] < 0.2 * shown["off"][0]  # contact sheet: nothing left of it
+    assert shown["auto"][1] < 0.2 * shown["off"][1]  # Grad-CAM overlay: nothing left of it
