@@ -161,6 +161,9 @@ def ingest(
         None, "--modality", help="keep only these DICOM modalities, comma-separated (e.g. CR,DX); "
         "add 'none' to keep files without one (PNG/JPEG/BMP/TIFF); others are quarantined excluded_modality "
         "\\[default: keep all]"),
+    pixel_scrub: Optional[str] = typer.Option(
+        None, "--pixel-scrub", help="blank burned-in text: auto (BurnedInAnnotation YES or text "
+        "detected), always or off \\[default: auto]"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Ingest DICOM/PNG/JPEG/BMP/TIFF into sharded Parquet with Ray Data; every input is accounted for.
@@ -178,7 +181,7 @@ def ingest(
     if not src.is_dir():
         raise MskError(f"source folder {src} does not exist")
     cfg = load_config(IngestConfig, config, image_size=image_size, key_file=key_file,
-                      modalities=modality.split(",") if modality is not None else None)
+                      modalities=modality.split(",") if modality is not None else None, pixel_scrub=pixel_scrub)
     report = run_ingest(src, out_dir, cfg)
     _print_ingest(report)
 
