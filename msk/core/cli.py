@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -42,6 +42,11 @@ def _global_options(
 CONFIG_HELP = "YAML file with options (relative paths in it are read from its folder); command-line options override it."
 PROFILE_HELP = ("sizes and epochs for this machine, for the options you leave unset: cpu, gpu or auto (gpu when "
                 "torch sees CUDA); table in docs/profiles.md")
+
+#: Options many commands share, declared once (typer reads the Annotated metadata).
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help=CONFIG_HELP)]
+Profile = Annotated[str, typer.Option("--profile", envvar="MSK_PROFILE", help=PROFILE_HELP)]
+UseGpu = Annotated[Optional[bool], typer.Option("--use-gpu/--no-gpu", help="one GPU per worker")]
 
 
 def _profiled(cfg, task: str, profile: str | None, run_dir: Path | None = None):
@@ -129,7 +134,7 @@ def synth(
     style: Optional[str] = typer.Option(None, help="'radiograph' (realistic framing and exposure) or "
                                         "'basic' (the original phantoms) \\[default: radiograph]"),
     image_size: Optional[int] = typer.Option(None, help="long side of the images in px \\[default: 320]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: ConfigFile = None,
 ) -> None:
     """Write a deterministic synthetic PACS export (DICOM files + ground_truth.csv).
 
@@ -164,7 +169,7 @@ def ingest(
     pixel_scrub: Optional[str] = typer.Option(
         None, "--pixel-scrub", help="blank burned-in text: auto (BurnedInAnnotation YES or text "
         "detected), always or off \\[default: auto]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: ConfigFile = None,
 ) -> None:
     """Ingest DICOM/PNG/JPEG/BMP/TIFF into sharded Parquet with Ray Data; every input is accounted for.
 
@@ -194,7 +199,7 @@ def listen(
     ae_title: Optional[str] = typer.Option(None, help="msk's own AE title \\[default: MSK]"),
     host: Optional[str] = typer.Option(None, help="address to listen on \\[default: 127.0.0.1]"),
     port: Optional[int] = typer.Option(None, help="TCP port; 0 takes a free one \\[default: 11112]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: ConfigFile = None,
 ) -> None:
     """Receive DICOM (C-STORE SCP, answers C-ECHO) into SPOOL until Ctrl-C or SIGTERM (exit 0); then msk ingest SPOOL OUT.
 
@@ -293,11 +298,11 @@ def cluster(
     image_size: Optional[int] = typer.Option(None, help="input side length \\[default: by --profile: cpu 64, gpu 128]"),
     num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process "
                                               "\\[default: by --profile: cpu 0, gpu 1]"),
-    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+    use_gpu: UseGpu = None,
     truth: Optional[Path] = typer.Option(None, "--truth", help="known regions (labels.csv or a synthetic "
                                          "ground_truth.csv) for nmi_truth/purity per epoch; never trained on"),
-    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    profile: Profile = "auto",
+    config: ConfigFile = None,
 ) -> None:
     """Self-supervised DeepCluster: alternate k-means on features and training on the clusters.
 
@@ -442,7 +447,7 @@ def clusters_review(
     hint_previous: Optional[Path] = typer.Option(None, help="hint: weak labels CSV of a previous run (off by default)"),
     hint_truth: Optional[Path] = typer.Option(None, help="hint: partial truth CSV, majority and purity per "
                                               "cluster (off by default)"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: ConfigFile = None,
 ) -> None:
     """Name the clusters in a browser, one at a time, by keyboard: every decision is saved at once to
     RUN/expert/labels.csv (what `msk clusters apply` reads) and RUN/expert/audit.csv; restarting resumes.
@@ -475,11 +480,11 @@ def train_sorter(
     folds: Optional[int] = typer.Option(None, help="cross-validation folds \\[default: by --profile: cpu 3, gpu 5]"),
     num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process "
                                               "\\[default: by --profile: cpu 0, gpu 1]"),
-    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
-    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
+    use_gpu: UseGpu = None,
+    profile: Profile = "auto",
     holdout_ingest: Optional[Path] = typer.Option(None, help="external hold-out ingest folder"),
     holdout_labels: Optional[Path] = typer.Option(None, help="labels of the external hold-out"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: ConfigFile = None,
 ) -> None:
     """Train the anatomical sorter (SAM-X): patient-level test set + k-fold CV, top-1/top-2,
     confusion matrix, Grad-CAM averaged over the fold models. Re-running resumes.
@@ -618,8 +623,8 @@ def train_transfer(
     positive: Optional[str] = typer.Option(None, help="positive class for sensitivity/specificity"),
     image_size: Optional[int] = typer.Option(None, help="network input side \\[default: by --profile: cpu 64, gpu 128]"),
     epochs: Optional[int] = typer.Option(None, help="epochs per fold \\[default: by --profile: cpu 5, gpu 10]"),
-    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    profile: Profile = "auto",
+    config: ConfigFile = None,
 ) -> None:
     """Fine-tune on a small labelled task from random init, msk checkpoints and pretrained weights, side by side.
 
@@ -650,7 +655,7 @@ def embed(
     checkpoint: Path = typer.Argument(..., help="msk checkpoint (DeepCluster encoder or trained classifier)"),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="folder for embeddings.parquet"),
     image_size: Optional[int] = typer.Option(None, help="network input side \\[default: the checkpoint's training size]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: ConfigFile = None,
 ) -> None:
     """L2-normalised embeddings of every ingested image (Ray Data, batched; GPU when configured).
 
@@ -680,9 +685,9 @@ def train_segmenter(
     folds: Optional[int] = typer.Option(None, help="cross-validation folds \\[default: by --profile: cpu 3, gpu 5]"),
     num_workers: Optional[int] = typer.Option(None, help="Ray Train workers; 0 = in this process "
                                               "\\[default: by --profile: cpu 0, gpu 1]"),
-    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
-    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    use_gpu: UseGpu = None,
+    profile: Profile = "auto",
+    config: ConfigFile = None,
 ) -> None:
     """Train a lesion segmenter (U-Net / U-Net++, BCE + Dice): patient-level test set + k-fold CV
     on the training loop of every msk model (Ray Train, checkpoints, early stopping). Re-running resumes.
@@ -766,9 +771,9 @@ def eval_recommender(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="report folder (tables, gallery, confusion matrices)"),
     image_size: Optional[int] = typer.Option(None, help="network input side, a multiple of 8 (the default ViT's "
                                              "img_size follows it) \\[default: 64]"),
-    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
+    profile: Profile = "auto",
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON records instead of the table"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: ConfigFile = None,
 ) -> None:
     """Vote over the k most similar previous patients vs CNN/transformer classifiers, 3 seeds,
     patient-level 80/20, ANOVA + Tukey HSD; Markdown/CSV table and a retrieval gallery.
@@ -808,8 +813,8 @@ def eval_fusion(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="report folder"),
     image_size: Optional[int] = typer.Option(None, help="network input side of every image model (train.image_size) "
                                              "\\[default: 64]"),
-    profile: str = typer.Option("auto", "--profile", envvar="MSK_PROFILE", help=PROFILE_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    profile: Profile = "auto",
+    config: ConfigFile = None,
 ) -> None:
     """Image-only vs metadata-only vs fusion vs XGBoost under patient-level k-fold CV, with fold
     ensembles, confusion matrix, GradientShap per metadata feature and Grad-CAM.
@@ -847,7 +852,7 @@ def build_recommender(
                                          "each mask's extent"),
     k: Optional[int] = typer.Option(None, "--k", help="neighbours that vote \\[default: 3]"),
     image_size: Optional[int] = typer.Option(None, help="encoder input side \\[default: the checkpoint's]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: ConfigFile = None,
 ) -> None:
     """Embed the labelled images (lesion crops when boxes or masks are known, else whole images)
     and save a recommender that `msk serve` loads; it records what it compares (roi_margin).
@@ -877,7 +882,7 @@ def tune(
     samples: Optional[int] = typer.Option(None, "--samples", "-n", help="trials \\[default: 8]"),
     space: Optional[Path] = typer.Option(None, help="search space YAML \\[default: tune/TASK.yaml]"),
     num_workers: Optional[int] = typer.Option(None, help="Ray Train workers per trial; 0 = in the trial \\[default: 1]"),
-    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="one GPU per worker"),
+    use_gpu: UseGpu = None,
     max_concurrent: Optional[int] = typer.Option(None, help="trials at once \\[default: what the cluster fits]"),
     seed: Optional[int] = typer.Option(None, help="sampler seed \\[default: 0]"),
     scheduler: Optional[str] = typer.Option(None, help="asha (stop poor trials early) or fifo \\[default: asha]"),
@@ -937,7 +942,7 @@ def demo(
     image_size: Optional[int] = typer.Option(None, help="ingest and network input side in px \\[default: 64]"),
     serve: Optional[bool] = typer.Option(None, "--serve/--no-serve", help="start msk serve and send requests "
                                          "of unseen patients \\[default: serve]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: ConfigFile = None,
 ) -> None:
     """Run the whole chain on the embedded synthetic default: synth -> ingest -> cluster -> clusters named
     by a SIMULATED expert (the synthetic truth) -> sorter -> lesion classifier -> recommender -> msk serve
