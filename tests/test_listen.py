@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,9 @@ def test_an_aborted_association_keeps_every_acknowledged_instance(receiver, tmp_
     acked = [ds.SOPInstanceUID for ds in small if assoc.send_c_store(ds).Status == 0x0000]
     started.set()
     status = assoc.send_c_store(big)
+    deadline = time.monotonic() + 10  # the requestor thread notices the dead socket a moment later
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not assoc.is_established and 20 <= sent_pdus[0] < 100  # of ~2,000 PDUs of the big one
     assert not status, "the big instance must not have been acknowledged"
     assert len(acked) == 4
