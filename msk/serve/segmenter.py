@@ -13,7 +13,6 @@ gateway maps them onto the uploaded image.
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,19 +32,18 @@ __all__ = ["SegmenterDeployment", "inspect_segmenter"]
 def inspect_segmenter(config: SegmentConfig) -> dict[str, Any]:
     """The segmenter run's description (architecture, input size, threshold, fold checkpoints),
     checked without loading the models. Raises :class:`ConfigError` naming the file."""
-    from msk.core.models.segmenter import INFO_FILE
+    from msk.core.models.segmenter import INFO_FILE, SegmentationError, read_segmenter_info
 
     run = Path(config.run)
-    info_path = run / INFO_FILE
-    try:
-        info = json.loads(info_path.read_text())
-        folds = [run / f"fold-{int(f['fold'])}" / "best.pt" for f in info["folds"]]
-        threshold = float(config.threshold if config.threshold is not None else info["threshold"])
-    except FileNotFoundError:
+    if not (run / INFO_FILE).is_file():
         raise ConfigError(
-            f"segmenter.run: {run} is not a finished `msk train segmenter` run (no {INFO_FILE})") from None
-    except (OSError, KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"segmenter.run: {info_path} is unreadable ({exc})") from None
+            f"segmenter.run: {run} is not a finished `msk train segmenter` run (no {INFO_FILE})")
+    try:
+        info = read_segmenter_info(run)  # the one reader of segmenter.json
+    except SegmentationError as exc:
+        raise ConfigError(f"segmenter.run: {exc}") from None
+    folds = [run / f"fold-{int(f['fold'])}" / "best.pt" for f in info["folds"]]
+    threshold = float(config.threshold if config.threshold is not None else info["threshold"])
     missing = [str(p) for p in folds if not p.is_file()]
     if not folds or missing:
         raise ConfigError(f"segmenter.run: {run} lacks its fold models ({', '.join(missing) or 'none listed'}); "

@@ -499,16 +499,14 @@ def _restore(model, optimizer, config: DeepClusterConfig, n: int, out: Path,
 def _record(config: DeepClusterConfig, labels: np.ndarray, history: list[dict[str, Any]]) -> dict[str, Any]:
     """The :class:`~msk.core.models.record.ModelRecord` of a DeepCluster checkpoint (an encoder, no classes)."""
     import msk
-    from msk.core.models.record import ModelRecord
+    from msk.core.models.record import ModelRecord, epoch_metrics
 
-    last = history[-1] if history else {}
     return ModelRecord(
         task="deepcluster", input={"image_size": config.image_size, "preprocess": config.preprocess},
         encoder={"name": config.encoder, "in_chans": encoder_in_chans(config.sobel), "sobel": config.sobel},
         head={"k": int(config.k)} if isinstance(config.k, int) else {},
         data={"n_images": len(labels)}, msk_version=msk.__version__,
-        metrics={k: float(v) for k, v in last.items()
-                 if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)},
+        metrics=epoch_metrics(history[-1] if history else {}),
     ).model_dump(mode="json")
 
 

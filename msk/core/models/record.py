@@ -35,7 +35,8 @@ from msk.core.data.preprocess import InputConfig
 from msk.core.data.squaring import SquaringConfig
 from msk.core.io.checkpoint import EncoderCheckpoint, load_checkpoint
 
-__all__ = ["RECORD_FORMAT", "DataRecord", "EncoderRecord", "ModelRecord", "data_fingerprint", "read_record"]
+__all__ = ["RECORD_FORMAT", "DataRecord", "EncoderRecord", "ModelRecord", "data_fingerprint", "epoch_metrics",
+           "read_record"]
 
 #: Version of the record's layout; 0 is a record converted from a checkpoint without one.
 RECORD_FORMAT = 1
@@ -89,6 +90,12 @@ class ModelRecord(MskConfig):
                 ("metrics", ", ".join(f"{k}={v:g}" for k, v in self.metrics.items()) or "-"),
                 ("format", f"{self.format}" + (" (converted from an older checkpoint)" if self.format == 0 else "")),
                 ("msk", self.msk_version or "-")]
+
+
+def epoch_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric metrics of one ``history.csv`` row (the epoch number and empty values left out)."""
+    return {k: float(v) for k, v in row.items()
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def data_fingerprint(images: np.ndarray, labels: np.ndarray | Sequence[Any] | None = None) -> str:

@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 from msk.core.errors import MskError
 
 __all__ = ["INFO_FILE", "MaskPairs", "NoLesionFound", "SegmentationError", "SegmentationModel", "SegmenterEnsemble",
-           "segmentation_model",
-           "lesion_mask", "load_ensemble", "load_segmenter", "predict_probabilities", "predicted_rois"]
+           "lesion_mask", "load_ensemble", "load_segmenter", "predict_probabilities", "predicted_rois",
+           "read_segmenter_info", "segmentation_model"]
 
 
 INFO_FILE = "segmenter.json"
@@ -154,13 +154,25 @@ class SegmenterEnsemble:
         return self.probabilities(images) >= self.threshold
 
 
+def read_segmenter_info(run: str | os.PathLike) -> dict[str, Any]:
+    """``RUN/segmenter.json`` of a finished ``msk train segmenter`` run, checked (image size,
+    threshold, fold numbers): the one reader of it. :class:`SegmentationError` names the file."""
+    run = Path(run)
+    path = run / INFO_FILE
+    try:
+        info = json.loads(path.read_text())
+        int(info["image_size"]), float(info["threshold"]), [int(f["fold"]) for f in info["folds"]]
+    except FileNotFoundError:
+        raise SegmentationError(f"{path}: not found; is {run} a finished `msk train segmenter` run?") from None
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise SegmentationError(f"{path} is unreadable ({exc!r}); rerun `msk train segmenter` on {run}") from None
+    return info
+
+
 def load_ensemble(run: str | os.PathLike) -> SegmenterEnsemble:
     """The fold models (``fold-k/best.pt``) of a ``msk train segmenter`` run."""
     run = Path(run)
-    info_path = run / INFO_FILE
-    if not info_path.is_file():
-        raise SegmentationError(f"{info_path}: not found; is {run} a finished `msk train segmenter` run?")
-    info = json.loads(info_path.read_text())
+    info = read_segmenter_info(run)
     models: list[nn.Module] = [load_segmenter(run / f"fold-{f['fold']}" / "best.pt") for f in info["folds"]]
     return SegmenterEnsemble(models, float(info["threshold"]), info)
 

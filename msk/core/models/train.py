@@ -373,7 +373,7 @@ def _record(inner: nn.Module, config: TrainConfig, payload: dict[str, Any], row:
     """The :class:`~msk.core.models.record.ModelRecord` of an epoch's checkpoint: what the stage said
     (``fit(record=...)``: task, entity set, squaring, metadata encoder, source) plus what the loop knows."""
     import msk
-    from msk.core.models.record import ModelRecord
+    from msk.core.models.record import ModelRecord, epoch_metrics
 
     given = dict(payload.get("record") or {})
     record = {"task": "classifier", **given, "classes": payload.get("classes") or given.get("classes") or [],
@@ -383,8 +383,7 @@ def _record(inner: nn.Module, config: TrainConfig, payload: dict[str, Any], row:
               "head": dict(getattr(inner, "architecture", None) or {}),
               "data": {**(given.get("data") or {}), "fingerprint": payload.get("fingerprint"),
                        "n_images": len(payload["images"])},
-              "metrics": {k: float(v) for k, v in row.items()
-                          if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)},
+              "metrics": epoch_metrics(row),
               "msk_version": msk.__version__}
     return ModelRecord.model_validate(record).model_dump(mode="json")
 

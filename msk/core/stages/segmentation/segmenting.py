@@ -26,7 +26,6 @@ reported, never given an empty mask.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,20 +109,6 @@ class SegmentResult:
                 f"{self.count('unreadable')} unreadable; table: {self.table}")
 
 
-def _read_info(run: Path) -> dict[str, Any]:
-    from msk.core.models.segmenter import INFO_FILE, SegmentationError
-
-    path = run / INFO_FILE
-    try:
-        info = json.loads(path.read_text())
-        int(info["image_size"]), float(info["threshold"]), list(info["folds"])
-    except FileNotFoundError:
-        raise SegmentationError(f"{path}: not found; is {run} a finished `msk train segmenter` run?") from None
-    except (OSError, KeyError, TypeError, ValueError) as exc:
-        raise SegmentationError(f"{path} is unreadable ({exc!r}); rerun `msk train segmenter` on {run}") from None
-    return info
-
-
 def segment_preprocess(run: str | os.PathLike, ingest: str | os.PathLike | None = None):
     """The :class:`msk.core.data.squaring.SquaringConfig` that squares new images like the run's
     training images: ``ingest``'s ``ingest.json`` if given, else what ``segmenter.json`` records
@@ -131,7 +116,9 @@ def segment_preprocess(run: str | os.PathLike, ingest: str | os.PathLike | None 
     from msk.core.data.squaring import SquaringConfig
 
     run = Path(run)
-    info = _read_info(run)
+    from msk.core.models.segmenter import read_segmenter_info
+
+    info = read_segmenter_info(run)
     recorded, source = info.get("ingest"), info.get("source")
     if ingest is not None:
         preprocess = SquaringConfig(ingest=Path(ingest)).resolved()
