@@ -94,15 +94,23 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 _MANIFEST_PART = re.compile(r"^part-(\d{6})\.parquet$")
-_SHARD_PART = re.compile(r"^part-(\d{6})-\d{3}\.parquet$")
+# part-<chunk>-<index>[-<run>].parquet: <run> tells the files of two runs apart (see shard_path)
+_SHARD_PART = re.compile(r"^part-(\d{6})-\d{3,}(?:-[0-9a-f]+)?\.parquet$")
 
 
 def manifest_part_path(out: Path, chunk: int) -> Path:
     return Path(out) / MANIFEST_DIR / f"part-{chunk:06d}.parquet"
 
 
-def shard_path(out: Path, chunk: int, index: int) -> Path:
-    return Path(out) / SHARDS_DIR / f"part-{chunk:06d}-{index:03d}.parquet"
+def shard_path(out: Path, chunk: int, index: int, run: str | None = None) -> Path:
+    """Shard ``index`` of chunk ``chunk``; ``run`` (hex) is the writing run's token.
+
+    Within a run the name is deterministic, so a retried decode task overwrites its own file
+    instead of adding a second copy; the token keeps a straggler task of an earlier, killed run
+    from overwriting a file of this run (its file is an unreferenced orphan instead).
+    """
+    suffix = f"-{run}" if run else ""
+    return Path(out) / SHARDS_DIR / f"part-{chunk:06d}-{index:03d}{suffix}.parquet"
 
 
 def committed_chunks(out: Path) -> list[int]:
@@ -141,20 +149,23 @@ def write_manifest_part(out: Path, chunk: int, rows: Iterable[Mapping[str, Any]]
 
 
 def remove_uncommitted(out: Path) -> list[Path]:
-    """Delete shards and temporary files of chunks that have no manifest part; return them.
+    """Delete shards no manifest part references, and temporary files; return them.
 
     Such files are left by an ingest that stopped between writing a chunk's shards and its
-    manifest part. Their inputs are not in the manifest, so the next run processes them again.
+    manifest part (their inputs are not in the manifest, so the next run processes them again),
+    or by a decode task of a killed run that finished after its driver died.
     """
     out = Path(out)
     committed = set(committed_chunks(out))
+    referenced = {Path(s).name for s in read_manifest(out, columns=["shard"]).column("shard").to_pylist() if s}
     removed: list[Path] = []
     for folder in (out / SHARDS_DIR, out / MANIFEST_DIR):
         if not folder.is_dir():
             continue
         for p in sorted(folder.iterdir()):
             m = _SHARD_PART.match(p.name)
-            orphan = (m is not None and int(m.group(1)) not in committed) or p.name.startswith(".")
+            orphan = (m is not None and (int(m.group(1)) not in committed or p.name not in referenced)
+                      or p.name.startswith("."))
             if orphan and p.is_file():
                 p.unlink()
                 removed.append(p)

@@ -5,27 +5,32 @@ The pipeline, per run:
 1. **List** every file under SRC (sorted, deterministic; hidden files and OUT itself skipped)
    and drop those the manifest already records: re-running is idempotent, and an interrupted
    run resumes where its last committed chunk ended.
-2. **Decode** the rest on Ray Data: ``map_batches`` reads each file, hashes its content
-   (SHA-256), decodes it with :func:`msk.core.io.dicom.read_image` (whose header check,
+2. **Decode** the rest in Ray tasks of ``batch_size`` files each: a task reads each file, hashes
+   its content (SHA-256), decodes it with :func:`msk.core.io.dicom.read_image` (whose header check,
    :func:`msk.core.io.screening.screen_header`, quarantines an excluded modality, a too small image
-   or an extreme strip before any pixel is decoded), resizes it to a square ``uint8`` image
+   or an extreme strip before any pixel is decoded), blanks burned-in text
+   (:func:`msk.core.data.scrub.scrub_text`), resizes it to a square ``uint8`` image
    (:func:`msk.core.data.squaring.square_image`), adds the size warnings
    (:func:`msk.core.io.screening.size_warnings`) to
    the reader's and pseudonymises its header (:meth:`~msk.core.io.pseudonym.Pseudonymiser.record`).
    A file that fails in any way becomes a *quarantined* row carrying the reason; one bad file
-   never stops an ingest.
-3. **Commit** chunk by chunk (``chunk_files`` inputs each) on the driver: drop duplicates
-   (same content as an earlier ok input), write the ok rows to Parquet shards, then the
-   chunk's manifest part, which is the commit marker (see :mod:`msk.core.io.manifest`).
+   never stops an ingest. The task then **writes its ok images itself** to its own shard file
+   (``shards/part-<chunk>-<index>-<run>.parquet``, temp file + rename; the name depends only on
+   the run and the task, so a retried task overwrites its first attempt's file) and returns
+   only the manifest rows of its files (path, status, reason, hash, shard: about 300 bytes each).
+3. **Commit** chunk by chunk (``chunk_files`` inputs each, in input order) on the driver: ok
+   rows with the same content as an earlier ok input become ``duplicate`` and are removed from
+   their task's shard, then the chunk's manifest part is written, which is the commit marker
+   (see :mod:`msk.core.io.manifest`). Shards that no manifest part names (a chunk interrupted
+   before its commit, a task of a killed run) are deleted by the next run.
 
-Why the driver writes the shards (pyarrow) instead of ``Dataset.write_parquet``: duplicates
-must be decided in input order across chunks and runs, and every manifest row must name the
-shard that holds its image, which Ray's writer does not report. The driver consumes the
-decoded stream in input order (``preserve_order``), so both are exact and memory stays
-bounded by one shard. The expensive part, decoding, stays distributed; what reaches the
-driver is the already-resized images (64 KiB each at 256 px), which cost it about 0.7 ms each
-(Arrow conversion + zstd Parquet write, measured on this project's 2-core machine): about
-1,400 images/s from one driver core, against 10-25 ms of decoding per image in a worker.
+No pixel passes through the driver: at 1M radiographs of 256 px that would be 64 GB through
+one Python process. The driver's work per file is a manifest row (a dict of a dozen short
+fields) and a dictionary lookup for duplicates, so one driver keeps up with many nodes. The
+shard folder must be visible to every node at the same path (a shared file system), as for
+any distributed writer. Ray Data's ``write_parquet`` is not used because every manifest row
+must name the shard holding its image, and duplicates must be decided in input order across
+chunks and runs; plain tasks give both, with less overhead per file.
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import logging
 import math
 import os
+import secrets
 import stat
 import time
 import warnings
@@ -49,6 +54,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
@@ -60,6 +66,7 @@ from msk.core.errors import MskError, QuarantineError, QuarantineReason
 from msk.core.io.dicom import ImageMeta, read_image
 from msk.core.io.manifest import (
     MANIFEST_DIR,
+    MANIFEST_SCHEMA,
     OK,
     QUARANTINED,
     SHARDS_DIR,
@@ -92,8 +99,10 @@ class IngestConfig(MskConfig):
     )
     exclude: list[str] = Field([".*"], description="file and folder name patterns to skip")
     chunk_files: int = Field(1024, ge=1, description="inputs per commit (the resume unit)")
-    shard_rows: int = Field(1024, ge=1, description="at most this many images per shard file")
-    batch_size: int = Field(16, ge=1, description="files per Ray Data map_batches call")
+    shard_rows: int = Field(1024, ge=1, description="at most this many images per shard file (a decode "
+                            "task of more than this many files writes several)")
+    batch_size: int = Field(64, ge=1, description="files per decode task; each task writes its own shard "
+                            "file(s), so this is also the usual number of images per shard")
     num_cpus_per_task: float = Field(1.0, gt=0, description="CPUs Ray reserves per decode task")
     key_file: Path | None = Field(None, description="pseudonymisation key file (env MSK_PSEUDONYM_KEY wins)")
     create_key: bool = Field(False, description="create key_file with a new random key if missing")
@@ -329,8 +338,8 @@ def _this_node() -> str | None:
 
 
 def _decode_batch(batch: pa.Table, *, src: Path, config: IngestConfig, pseudonymiser: Pseudonymiser) -> pa.Table:
-    """Ray Data ``map_batches`` function: one decoded row per input path, in the same order,
-    each stamped with the node that decoded it (the manifest's ``node`` column)."""
+    """Decode a batch (a table with a ``path`` column): one decoded row per input path, in the same
+    order, each stamped with the node that decoded it (the manifest's ``node`` column)."""
     node = _this_node()
     rows = [process_file(src, rel, config, pseudonymiser) | {"node": node}
             for rel in batch.column("path").to_pylist()]
@@ -338,72 +347,116 @@ def _decode_batch(batch: pa.Table, *, src: Path, config: IngestConfig, pseudonym
 
 
 # --------------------------------------------------------------------------------------------
-# Driver side: dedup, shards, manifest
+# Decode tasks: each writes its own shard files; the driver only sees manifest rows
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The inputs of one decode task: ``paths`` of chunk number ``chunk`` (the ``position``-th
+    chunk of this run), whose ok images go to shards ``first_shard``, ``first_shard + 1``, ..."""
+
+    position: int
+    chunk: int
+    first_shard: int
+    paths: list[str]
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` atomically (temp file + rename), as every shard is written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=256)
+    os.replace(tmp, path)
+
+
+def _write_shards(decoded: pa.Table, out: Path, batch: _Batch, shard_rows: int, run: str) -> list[dict[str, Any]]:
+    """Write the ok rows of ``decoded`` (:data:`_DECODED_SCHEMA`) to ``batch``'s shard files, at most
+    ``shard_rows`` each, and return the manifest rows of all its inputs, each ok one naming its shard.
+
+    The file names depend only on the run and the batch, so a retried task overwrites what its
+    first attempt wrote instead of adding a second copy.
+    """
+    ok = decoded.filter(pc.equal(decoded.column("status"), OK))
+    shards: list[str] = []
+    for k, start in enumerate(range(0, ok.num_rows, shard_rows)):
+        part = ok.slice(start, shard_rows)
+        path = shard_path(out, batch.chunk, batch.first_shard + k, run)
+        _write_parquet(part.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA), path)
+        shards += [path.relative_to(out).as_posix()] * part.num_rows
+    rows = decoded.select([n for n in MANIFEST_SCHEMA.names if n != "shard"]).to_pylist()
+    names = iter(shards)
+    for row in rows:
+        row["shard"] = next(names) if row["status"] == OK else None
+    return rows
+
+
+def _decode_and_write(batch: _Batch, *, out: Path, run: str, shared: dict[str, Any]) -> list[dict[str, Any]]:
+    """A decode task: decode ``batch`` with ``shared["decode"]`` (:func:`_decode_batch`), write its
+    shards, return its manifest rows (small: no pixels travel back to the driver)."""
+    decoded = shared["decode"](pa.table({"path": batch.paths}), **shared["kwargs"])
+    return _write_shards(decoded, out, batch, shared["config"].shard_rows, run)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side: dedup, manifest
 
 
 class _ChunkCommitter:
-    """Consumes decoded rows in input order and commits them chunk by chunk.
+    """Collects the decode tasks' manifest rows and commits whole chunks, in input order.
 
-    For each chunk: ok rows whose content was already seen become ``duplicate``; the others
-    go to shard files (temp file + rename, at most ``shard_rows`` each); once the chunk's last
-    input has arrived its manifest part is written, which commits the chunk.
+    A chunk is committed once all its tasks have returned: ok rows whose content was already
+    seen (earlier in this chunk, an earlier chunk or an earlier run) become ``duplicate`` and
+    are removed from the shard their task wrote; then the chunk's manifest part is written,
+    which commits it.
     """
 
     def __init__(self, out: Path, chunks: list[list[str]], first_chunk: int,
-                 first_ok: dict[str, str], shard_rows: int):
+                 first_ok: dict[str, str]):
         self.out = out
         self.chunks = chunks
         self.first_chunk = first_chunk
         self.first_ok = first_ok
-        self.shard_rows = shard_rows
         self.counts: Counter[str] = Counter()
-        self._index = 0  # position in self.chunks
-        self._manifest_rows: list[dict[str, Any]] = []
-        self._pending: list[dict[str, Any]] = []  # ok rows not yet in a shard
-        self._n_shards = 0
+        self.position = 0  # in self.chunks, of the next chunk to commit
+        self._results: dict[int, dict[int, list[dict[str, Any]]]] = {}  # position -> first_shard -> rows
 
-    @property
-    def chunk(self) -> int:
-        return self.first_chunk + self._index
-
-    def add(self, row: dict[str, Any]) -> None:
-        expected = self.chunks[self._index][len(self._manifest_rows)]
-        if row["path"] != expected:  # preserve_order guarantees this; never write a wrong manifest
-            raise RuntimeError(f"decoded rows out of order: got {row['path']!r}, expected {expected!r}")
-        if row["status"] == OK:
-            first = self.first_ok.setdefault(row["content_sha256"], row["path"])
-            if first != row["path"]:
-                row.update(status=QUARANTINED, reason=QuarantineReason.DUPLICATE.value,
-                           detail=f"same content (SHA-256) as {first}")
-        if row["status"] == OK:
-            self._pending.append(row)
-            if len(self._pending) >= self.shard_rows:
-                self._write_shard()
-        self._manifest_rows.append(row)
-        self.counts[row["status"]] += 1
-        if len(self._manifest_rows) == len(self.chunks[self._index]):
+    def add(self, batch: _Batch, rows: list[dict[str, Any]]) -> None:
+        """Take a task's manifest rows; commit every chunk that is now complete, in order."""
+        if [r["path"] for r in rows] != batch.paths:  # never write a wrong manifest
+            raise RuntimeError(f"a decode task of chunk {batch.chunk} returned rows of other inputs")
+        self._results.setdefault(batch.position, {})[batch.first_shard] = rows
+        while self.position < len(self.chunks) and \
+                sum(map(len, self._results.get(self.position, {}).values())) == len(self.chunks[self.position]):
             self._commit()
 
-    def _write_shard(self) -> None:
-        path = shard_path(self.out, self.chunk, self._n_shards)
-        table = pa.Table.from_pylist([{k: r.get(k) for k in SHARD_SCHEMA.names} for r in self._pending],
-                                     schema=SHARD_SCHEMA)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp, compression="zstd", row_group_size=256)
-        os.replace(tmp, path)
-        shard = path.relative_to(self.out).as_posix()
-        for r in self._pending:
-            r["shard"] = shard
-        self._pending = []
-        self._n_shards += 1
-
     def _commit(self) -> None:
-        if self._pending:
-            self._write_shard()
-        write_manifest_part(self.out, self.chunk, self._manifest_rows)
-        self._manifest_rows = []
-        self._n_shards = 0
-        self._index += 1
+        parts = self._results.pop(self.position)
+        rows = [row for start in sorted(parts) for row in parts[start]]
+        if [r["path"] for r in rows] != self.chunks[self.position]:
+            raise RuntimeError(f"chunk {self.first_chunk + self.position}: the decoded rows do not match its inputs")
+        drop: dict[str, set[str]] = {}  # shard -> image ids of duplicates to remove from it
+        for row in rows:
+            if row["status"] != OK:
+                continue
+            first = self.first_ok.setdefault(row["content_sha256"], row["path"])
+            if first != row["path"]:
+                drop.setdefault(row["shard"], set()).add(row["image_id"])
+                row.update(status=QUARANTINED, reason=QuarantineReason.DUPLICATE.value,
+                           detail=f"same content (SHA-256) as {first}", shard=None)
+        for shard, ids in drop.items():
+            _drop_rows(self.out / shard, ids)
+        write_manifest_part(self.out, self.first_chunk + self.position, rows)
+        self.counts.update(r["status"] for r in rows)
+        self.position += 1
+
+
+def _drop_rows(path: Path, image_ids: set[str]) -> None:
+    """Rewrite the shard ``path`` without the rows of ``image_ids`` (deleting it if none is left)."""
+    table = pq.read_table(path)
+    kept = table.filter(pc.invert(pc.is_in(table.column("image_id"), pa.array(sorted(image_ids), pa.string()))))
+    if kept.num_rows:
+        _write_parquet(kept, path)
+    else:
+        path.unlink()
 
 
 def _ensure_ray() -> None:
@@ -411,32 +464,6 @@ def _ensure_ray() -> None:
     from msk.core.runtime.ray_start import start_ray
 
     start_ray(include_dashboard=False, log_to_driver=False)
-
-
-@contextlib.contextmanager
-def _ray_data_settings() -> Iterator[None]:
-    """Ray Data settings of an ingest (ordered, quiet, see below); restored afterwards."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
-             ctx.max_errored_blocks, ctx.op_resource_reservation_enabled)
-    log = logging.getLogger("ray.data")
-    saved_level = log.level
-    ctx.execution_options.preserve_order = True  # rows reach the driver in input order
-    ctx.enable_progress_bars = False  # ingest shows one progress bar of its own
-    ctx.print_on_execution_start = False
-    ctx.max_errored_blocks = -1  # a batch whose worker died is redone file by file (_decode_alone)
-    # Per-operator reservations balance multi-operator pipelines; ours has one operator, and on
-    # a small machine the reservation left it a single concurrent task (measured on 2 CPUs).
-    ctx.op_resource_reservation_enabled = False
-    log.setLevel(logging.CRITICAL)  # a skipped batch is logged as an ERROR with a traceback
-    try:
-        yield
-    finally:
-        (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
-         ctx.max_errored_blocks, ctx.op_resource_reservation_enabled) = saved
-        log.setLevel(saved_level)
 
 
 @contextlib.contextmanager
@@ -483,9 +510,9 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: IngestConfig 
                   else _listed(paths))
         todo = [p for p in inputs if p not in state.done]
         chunks = [todo[i:i + config.chunk_files] for i in range(0, len(todo), config.chunk_files)]
-        committer = _ChunkCommitter(out, chunks, state.next_chunk, state.first_ok, config.shard_rows)
+        committer = _ChunkCommitter(out, chunks, state.next_chunk, state.first_ok)
         if todo:
-            _run_pipeline(src, todo, config, pseudonymiser, committer, progress)
+            _run_pipeline(src, out, config, pseudonymiser, committer, progress)
 
         manifest = read_manifest(out, columns=["status", "reason", "modality", "warning"])
         statuses = Counter(manifest.column("status").to_pylist())
@@ -509,51 +536,87 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: IngestConfig 
     return report
 
 
-def _run_pipeline(src: Path, todo: list[str], config: IngestConfig, pseudonymiser: Pseudonymiser,
+def _batches(chunks: list[list[str]], first_chunk: int, batch_size: int, shard_rows: int) -> list[_Batch]:
+    """The decode tasks of ``chunks``: ``batch_size`` inputs each, never two chunks in one."""
+    per_task = math.ceil(batch_size / shard_rows)  # shard files one task may write
+    return [_Batch(position, first_chunk + position, k * per_task, chunk[start:start + batch_size])
+            for position, chunk in enumerate(chunks)
+            for k, start in enumerate(range(0, len(chunk), batch_size))]
+
+
+def _run_pipeline(src: Path, out: Path, config: IngestConfig, pseudonymiser: Pseudonymiser,
                   committer: _ChunkCommitter, progress: bool) -> None:
-    """Decode ``todo`` on Ray Data and feed the rows, in input order, to ``committer``.
+    """Decode ``committer.chunks`` in Ray tasks that write their own shards; commit in input order.
 
-    A batch whose worker process dies (a decoder segfault, an out-of-memory kill) is retried
-    once, then skipped by Ray Data; its files are then decoded one per task
-    (:func:`_decode_alone`), so only the file that kills its worker is quarantined.
+    At most two tasks per CPU of the cluster are in flight, all of them from the oldest chunk not
+    yet committed or the next one: a slow task holds back at most one chunk of finished tasks,
+    so the driver buffers at most two chunks of (small) manifest rows, and a kill loses at most
+    that much finished work. A task whose worker process dies (a decoder segfault, an out-of-memory kill)
+    is retried once; if it fails again its files are decoded one per task
+    (:func:`_decode_alone`), so only the file that kills its worker is quarantined. If the
+    driver stops (an error, Ctrl-C), the tasks in flight are cancelled before it returns, so
+    none of them writes into the folder afterwards.
     """
-    import ray.data
+    import ray
 
+    batches = _batches(committer.chunks, committer.first_chunk, config.batch_size, config.shard_rows)
     kwargs = {"src": src, "config": config, "pseudonymiser": pseudonymiser}  # the key stays in the cluster
-    with _ray_data_settings(), _progress_bar(progress) as bar:
-        task = bar.add_task("starting Ray", total=len(todo), ok=0, quarantined=0)
+    run = secrets.token_hex(4)
+    with _progress_bar(progress) as bar:
+        task = bar.add_task("starting Ray", total=sum(map(len, committer.chunks)), ok=0, quarantined=0)
         _ensure_ray()
         bar.update(task, description="ingest")
-        with warnings.catch_warnings():
-            # Ray Data retries a task whose worker died forever unless max_retries is given,
-            # which only the (deprecated) **ray_remote_args of map_batches can do.
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-            ds = ray.data.from_items(
-                [{"path": p} for p in todo], override_num_blocks=math.ceil(len(todo) / config.batch_size)
-            ).map_batches(
-                _decode_batch,
-                batch_size=config.batch_size,
-                batch_format="pyarrow",
-                num_cpus=config.num_cpus_per_task,
-                fn_kwargs=kwargs,
-                max_retries=1,
-            )
-        position = 0  # rows up to here have been committed
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                gap = position
-                while todo[position] != row["path"]:  # rows of failed batches are missing
-                    position += 1
-                for lost in _decode_alone(todo[gap:position], kwargs):
-                    committer.add(lost)
-                committer.add(row)
-                position += 1
-            bar.update(task, completed=sum(committer.counts.values()),
-                       ok=committer.counts[OK], quarantined=committer.counts[QUARANTINED])
-        for lost in _decode_alone(todo[position:], kwargs):
-            committer.add(lost)
-        bar.update(task, completed=sum(committer.counts.values()),
-                   ok=committer.counts[OK], quarantined=committer.counts[QUARANTINED])
+        # _decode_batch is looked up now, in the driver: a test may replace it
+        shared = ray.put({"decode": _decode_batch, "kwargs": kwargs, "config": config})
+        remote = ray.remote(_decode_and_write).options(num_cpus=config.num_cpus_per_task, max_retries=1)
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        window = max(2, 2 * int(cpus / config.num_cpus_per_task))
+        pending: dict[Any, _Batch] = {}
+        submitted = done = 0
+        try:
+            while True:
+                # in flight: at most `window` tasks, all of the oldest uncommitted chunk or the next
+                while (len(pending) < window and submitted < len(batches)
+                       and batches[submitted].position <= committer.position + 1):
+                    batch = batches[submitted]
+                    pending[remote.remote(batch, out=out, run=run, shared=shared)] = batch
+                    submitted += 1
+                if not pending:
+                    break
+                [ready], _ = ray.wait(list(pending), num_returns=1)
+                batch = pending.pop(ready)
+                try:
+                    rows = ray.get(ready)
+                except ray.exceptions.RayError:
+                    rows = _redo_alone(batch, out, run, config, kwargs)
+                committer.add(batch, rows)
+                done += len(rows)
+                bar.update(task, completed=done, ok=committer.counts[OK], quarantined=committer.counts[QUARANTINED])
+        finally:
+            _cancel(list(pending))
+
+
+def _cancel(refs: list[Any]) -> None:
+    """Cancel the tasks of ``refs`` and wait until none of them runs any more."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref)  # a running task gets a KeyboardInterrupt
+    _, alive = ray.wait(refs, num_returns=len(refs), timeout=30) if refs else ([], [])
+    for ref in alive:  # stuck in a decoder's C code: end its worker process
+        ray.cancel(ref, force=True)
+    if alive:
+        ray.wait(alive, num_returns=len(alive), timeout=30)
+
+
+def _redo_alone(batch: _Batch, out: Path, run: str, config: IngestConfig,
+                kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest rows of a batch whose task failed twice: its files decoded one per task, its
+    shards (whatever the failed attempts wrote replaced) written here."""
+    for k in range(math.ceil(config.batch_size / config.shard_rows)):
+        shard_path(out, batch.chunk, batch.first_shard + k, run).unlink(missing_ok=True)
+    decoded = pa.Table.from_pylist(_decode_alone(batch.paths, kwargs), schema=_DECODED_SCHEMA)
+    return _write_shards(decoded, out, batch, config.shard_rows, run)
 
 
 def _decode_alone(paths: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
