@@ -1,39 +1,40 @@
-"""Benchmark ``msk ingest`` (Ray Data) against a plain single-process pydicom loop.
+"""Benchmark ``msk ingest`` against a plain single-process pydicom loop, side by side, in rounds.
 
-Both process the same files to the same output size, side by side, each in a fresh child
-process so that neither inherits the other's memory or warm Ray:
+Every contestant runs in a fresh child process (no inherited memory or warm Ray), on the same
+files, one after another in each round; the order rotates from round to round (interleaved),
+and the table gives the mean ± standard deviation over the rounds, each round's ratio to the
+plain loop of the same round, and the 1-minute load average before each run.
 
-* **plain**: ``pydicom.dcmread`` + ``pixel_array`` (first frame, colour averaged) + naive
-  min-max + PIL bilinear resize to ``S x S`` ``uint8``, one file after another, nothing
-  written, failures counted.
-* **msk-serial**: msk's per-file work (:func:`msk.core.stages.ingest.pipeline.process_file`: read, SHA-256,
-  :func:`~msk.core.io.dicom.read_image`, resize, pseudonymise) in the same kind of loop, without
-  Ray and without writing: what msk's reader costs compared with the plain loop.
-* **msk**: :func:`msk.core.stages.ingest.pipeline.ingest` into a fresh folder (decode, hash, pseudonymise,
-  dedup, Parquet shards + manifest), on a local Ray started in the child. ``msk`` is the first
-  ingest on that fresh Ray (its time includes starting the worker processes and importing the
-  decoders in them; Ray's own start-up, ``ray.init``, is printed separately); ``msk-warm`` is a
-  second ingest of the same files into another fresh folder on the same, now warm, Ray: the
-  steady state of a long-lived cluster.
+* **plain**: ``pydicom.dcmread`` + ``pixel_array`` (first frame, colour averaged) + min-max +
+  PIL bilinear resize to ``S x S`` ``uint8``, one file after another, nothing written. 1 core.
+* **msk-serial**: msk's per-file work (:func:`msk.core.stages.ingest.pipeline.process_file`:
+  read, SHA-256, :func:`~msk.core.io.dicom.read_image` with its header screening, pixel scrub,
+  resize, pseudonymise) in the same kind of loop, without Ray and without writing. 1 core.
+* **msk**: :func:`msk.core.stages.ingest.pipeline.ingest` into a fresh folder (decode tasks that
+  write their own Parquet shards, dedup, manifest) on a local Ray of ``--cpus`` CPUs started in
+  the child (``ray.init`` is timed apart). ``msk`` is the first ingest on that Ray (it includes
+  starting the worker processes and importing the decoders in them); ``msk-warm`` a second
+  ingest of the same files into another fresh folder: the steady state of a long-lived cluster.
+* **msk-1node / msk-2node** (``--cluster``): ``msk-warm`` on a ``ray.cluster_utils.Cluster``
+  of one node of 1 CPU, and of two nodes of 1 CPU each (two raylets, two object stores).
 
-The files are read once before any measurement, so every contestant finds them in the page
-cache.
+``--scrub auto,off`` runs the msk contestants with ``pixel_scrub`` auto (the default) and off:
+the plain loop does not look for burned-in text, so *off* is the like-for-like comparison and
+the difference is the price of the scrub.
 
-Inputs: (a) the shared DICOMs (``../shared/data/dicom*``, skipped with a message if absent),
-linked into one source folder, and (b) ``--n-synth`` synthetic files made with
-:mod:`msk.core.synth` (kept in ``--out`` and reused on the next run).
+"per core" divides files/s by the cores a contestant may use (1, or ``--cpus``). Memory: the
+parent samples the child's whole process tree every 0.1 s with psutil; "peak tree" is the
+largest sum of PSS over the driver, the Ray workers and Ray's services (PSS splits shared pages
+between the processes that map them), for msk over the cold and the warm ingest together.
 
-Memory: the parent samples the child's whole process tree every 0.1 s with psutil (the child
-is the driver; the raylet, GCS and Ray workers are its descendants). "peak tree" is the
-largest sum of PSS over the tree (PSS splits shared pages, e.g. the object store and
-libraries, between the processes that map them, so the sum is not inflated the way a sum of
-RSS is), printed with its split at that moment into the driver, the Ray workers (processes
-named ``ray::...``) and Ray's services (raylet, GCS, ...); "peak driver RSS" is the child's own
-peak RSS. For msk both cover the cold and the warm ingest together.
+Inputs: ``--n-synth`` synthetic files made with :mod:`msk.core.synth` (kept in ``--out`` and
+reused), and with ``--shared`` the DICOMs of ``../shared/data/dicom*`` (decode-bound: large
+JPEG 2000 / JPEG-LS), each measured separately. ``--sizes 500,1000,2000`` adds one ``msk``
+run per size (the first N files) to show how time and memory grow with the work.
 
 Usage::
 
-    python bench/ingest.py --n-synth 2000 --out out/bench-ingest
+    OMP_NUM_THREADS=1 python bench/ingest.py --n-synth 2000 --rounds 3 --scrub auto,off --cluster
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -56,19 +58,23 @@ SHARED = Path(os.environ.get("MSK_SHARED_DATA", REPO.parent / "shared" / "data")
 
 
 # --------------------------------------------------------------------------------------------
-# The two contestants (run in child processes)
+# The contestants (run in child processes)
 
 
-def run_plain(src: Path, size: int) -> dict:
+def _files(src: Path, limit: int | None) -> list[str]:
+    from msk.core.stages.ingest.pipeline import list_inputs
+
+    return list_inputs(src, ["*"], [".*"])[:limit]
+
+
+def run_plain(src: Path, size: int, limit: int | None) -> list[dict]:
     """The baseline: a single-process pydicom loop over the same files as msk."""
     import numpy as np
     import pydicom
     from PIL import Image
 
-    from msk.core.stages.ingest.pipeline import list_inputs
-
     warnings.simplefilter("ignore")  # pydicom warns about every truncated file
-    files = list_inputs(src, ["*"], [".*"])
+    files = _files(src, limit)
     ok = 0
     started = time.perf_counter()
     for rel in files:
@@ -88,41 +94,63 @@ def run_plain(src: Path, size: int) -> dict:
         except Exception:  # noqa: BLE001 - the baseline counts failures, like msk quarantines them
             pass
     seconds = time.perf_counter() - started
-    return {"files": len(files), "ok": ok, "not_ok": len(files) - ok, "seconds": seconds}
+    return [{"method": "plain", "files": len(files), "ok": ok, "seconds": seconds, "cores": 1}]
 
 
-def run_serial(src: Path, size: int) -> dict:
+def run_serial(src: Path, size: int, limit: int | None, scrub: str) -> list[dict]:
     """msk's per-file work in a single-process loop: no Ray, nothing written."""
     from msk.core.io.pseudonym import Pseudonymiser
-    from msk.core.stages.ingest.pipeline import IngestConfig, list_inputs, process_file
+    from msk.core.stages.ingest.pipeline import IngestConfig, process_file
 
-    config = IngestConfig(image_size=size)
+    config = IngestConfig(image_size=size, pixel_scrub=scrub)
     pseudonymiser = Pseudonymiser(b"bench-key-not-secret")
-    files = list_inputs(src, ["*"], [".*"])
+    files = _files(src, limit)
     started = time.perf_counter()
     ok = sum(process_file(src, rel, config, pseudonymiser)["status"] == "ok" for rel in files)
     seconds = time.perf_counter() - started
-    return {"files": len(files), "ok": ok, "not_ok": len(files) - ok, "seconds": seconds}
+    return [{"method": f"msk-serial[{scrub}]", "files": len(files), "ok": ok, "seconds": seconds, "cores": 1}]
 
 
-def run_msk(src: Path, dst: Path, size: int, key_file: Path) -> list[dict]:
-    """``msk ingest`` into fresh folders under ``dst``, cold then warm, on a Ray started here."""
+def run_msk(src: Path, dst: Path, size: int, limit: int | None, scrub: str, cpus: int, nodes: int,
+            key_file: Path) -> list[dict]:
+    """``msk ingest`` into fresh folders under ``dst``, cold then warm, on a Ray started here
+    (``nodes`` > 0: a ``ray.cluster_utils.Cluster`` of that many 1-CPU nodes, warm run only)."""
     import ray
 
+    from msk.core.io.manifest import read_manifest
     from msk.core.stages.ingest.pipeline import IngestConfig, ingest
 
+    os.environ.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    cluster = None
+    if nodes:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        cpus = nodes
+    else:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray_init = time.perf_counter() - started
-    config = IngestConfig(image_size=size, key_file=key_file, create_key=True)
+    config = IngestConfig(image_size=size, key_file=key_file, create_key=True, pixel_scrub=scrub)
+    paths = _files(src, limit) if limit else None
     runs = []
-    for method in ("msk", "msk-warm"):
-        shutil.rmtree(dst / method, ignore_errors=True)
-        report = ingest(src, dst / method, config, progress=False)
-        runs.append({"method": method, "files": report.n_inputs, "ok": report.n_ok,
-                     "not_ok": report.n_quarantined, "seconds": report.seconds, "ray_init": ray_init,
-                     "by_reason": report.by_reason})
-    return runs
+    names = ["cold", f"msk-{nodes}node[{scrub}]"] if nodes else [f"msk[{scrub}]", f"msk-warm[{scrub}]"]
+    for name in names:
+        out = dst / name.replace("[", "-").rstrip("]")
+        shutil.rmtree(out, ignore_errors=True)
+        report = ingest(src, out, config, progress=False, paths=paths)
+        n_nodes = len(set(read_manifest(out, columns=["node"]).column("node").to_pylist()) - {None})
+        runs.append({"method": name, "files": report.n_inputs, "ok": report.n_ok, "seconds": report.seconds,
+                     "ray_init": ray_init, "cores": cpus, "nodes_used": n_nodes})
+        shutil.rmtree(out, ignore_errors=True)
+    ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
+    return [r for r in runs if r["method"] != "cold"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,14 +158,12 @@ def run_msk(src: Path, dst: Path, size: int, key_file: Path) -> list[dict]:
 
 
 class TreeMemory:
-    """Samples a process tree's memory in a background thread (see the module docstring)."""
+    """Samples a process tree's peak memory (sum of PSS) in a background thread."""
 
     def __init__(self, pid: int, interval: float = 0.1):
         self.root = psutil.Process(pid)
         self.interval = interval
         self.peak_tree = 0
-        self.peak_split = (0, 0, 0)  # driver, ray workers, ray services at the peak (PSS)
-        self.peak_driver = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -153,39 +179,30 @@ class TreeMemory:
         while not self._stop.is_set():
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
-                self.peak_driver = max(self.peak_driver, self.root.memory_info().rss)
             except psutil.NoSuchProcess:
                 return
-            split = [0, 0, 0]
+            total = 0
             for p in procs:
                 try:
-                    pss = p.memory_full_info().pss
-                    kind = 0 if p.pid == self.root.pid else 1 if p.name().startswith("ray::") else 2
+                    total += p.memory_full_info().pss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                split[kind] += pss
-            if sum(split) > self.peak_tree:
-                self.peak_tree, self.peak_split = sum(split), tuple(split)
+            self.peak_tree = max(self.peak_tree, total)
             self._stop.wait(self.interval)
 
 
-def measure(method: str, src: Path, out: Path, size: int) -> list[dict]:
-    """Run one contestant in a child process; return its results plus peak memory."""
-    cmd = [sys.executable, __file__, "--child", method, "--src", str(src), "--out", str(out),
-           "--image-size", str(size)]
+def measure(child: list[str]) -> list[dict]:
+    """Run one contestant (``child``: its arguments) in a child process; its results + peak memory."""
+    cmd = [sys.executable, __file__, *child]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    started = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-    with TreeMemory(child.pid) as mem:
-        stdout, _ = child.communicate()
-    if child.returncode != 0:
-        raise SystemExit(f"{method} on {src} failed (exit {child.returncode})")
+    load = os.getloadavg()[0]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    with TreeMemory(proc.pid) as mem:
+        stdout, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(child)} failed (exit {proc.returncode})")
     results = json.loads(stdout.strip().splitlines()[-1])
-    mib = 2**20
-    for r in results:
-        r.update(wall=time.perf_counter() - started, peak_tree_mib=mem.peak_tree / mib,
-                 peak_split_mib=[m / mib for m in mem.peak_split], peak_driver_mib=mem.peak_driver / mib)
-    return results
+    return [r | {"peak_tree_mib": mem.peak_tree / 2**20, "load": load} for r in results]
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +213,7 @@ def shared_source(out: Path) -> Path | None:
     """Every file of ``../shared/data/dicom*``, linked into one folder (msk takes one SRC)."""
     roots = sorted(p for p in SHARED.glob("dicom*") if p.is_dir())
     if not roots:
-        print(f"(a) skipped: no shared DICOMs at {SHARED}/dicom* (set MSK_SHARED_DATA)")
+        print(f"shared DICOMs skipped: none at {SHARED}/dicom* (set MSK_SHARED_DATA)")
         return None
     src = out / "shared-src"
     shutil.rmtree(src, ignore_errors=True)
@@ -209,18 +226,9 @@ def shared_source(out: Path) -> Path | None:
     return src
 
 
-def warm_page_cache(src: Path) -> None:
-    for path in sorted(src.rglob("*")):
-        if path.is_file():
-            path.read_bytes()
+def synth_source(out: Path, n: int) -> Path:
+    from msk.core.synth import SynthConfig, synthesize
 
-
-def synth_source(out: Path, n: int) -> Path | None:
-    try:
-        from msk.core.synth import SynthConfig, synthesize
-    except ImportError as exc:
-        print(f"(b) skipped: msk.core.synth is not available ({exc})")
-        return None
     folder = out / f"synth-{n}"
     if not (folder / "ground_truth.csv").is_file():
         shutil.rmtree(folder, ignore_errors=True)
@@ -229,64 +237,118 @@ def synth_source(out: Path, n: int) -> Path | None:
     return folder / "export"
 
 
+def warm_page_cache(src: Path) -> None:
+    for path in sorted(src.rglob("*")):
+        if path.is_file():
+            path.resolve().read_bytes()
+
+
 # --------------------------------------------------------------------------------------------
+# Report
 
 
-def print_table(rows: list[dict], size: int) -> None:
-    print(f"\nmsk ingest vs plain pydicom loop  |  {psutil.cpu_count()} CPUs, output {size}x{size} uint8, "
-          f"Ray {__import__('ray').__version__}")
-    header = (f"{'input':<12}{'method':<11}{'files':>6}{'ok':>6}{'not ok':>7}{'seconds':>9}{'files/s':>9}"
-              f"{'peak tree MiB (driver/workers/services)':>42}{'peak driver RSS MiB':>21}")
+def _ms(values: list[float], digits: int = 1) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def print_table(name: str, rows: list[dict], size: int) -> None:
+    """One input's contestants: mean ± sd over rounds of files/s, per core, ratios, memory, load."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    plain = {r["round"]: r["files"] / r["seconds"] for r in rows if r["method"] == "plain"}
+    print(f"\n{name}: {rows[0]['files']} files, output {size}x{size} uint8, {psutil.cpu_count()} CPUs, "
+          f"Ray {__import__('ray').__version__}, {len(plain)} rounds (mean ± sd)")
+    header = (f"| {'contestant':<22} | {'cores':>5} | {'files/s':>15} | {'files/s per core':>16} | "
+              f"{'ratio to plain':>14} | {'per core ratio':>14} | {'peak tree MiB':>13} | {'load 1-min':>16} |")
     print(header)
-    print("-" * len(header))
-    for r in rows:
-        memory = f"{r['peak_tree_mib']:.0f} ({'/'.join(f'{m:.0f}' for m in r['peak_split_mib'])})"
-        print(f"{r['input']:<12}{r['method']:<11}{r['files']:>6}{r['ok']:>6}{r['not_ok']:>7}{r['seconds']:>9.2f}"
-              f"{r['files'] / r['seconds']:>9.1f}{memory:>42}"
-              f"{r['peak_driver_mib']:>21.0f}")
-    print()
-    for name in dict.fromkeys(r["input"] for r in rows):
-        by_method = {r["method"]: r for r in rows if r["input"] == name}
-        speed = {m: r["files"] / r["seconds"] for m, r in by_method.items()}
-        print(f"{name}: msk/plain files/s ratio {speed['msk'] / speed['plain']:.2f}x cold, "
-              f"{speed['msk-warm'] / speed['plain']:.2f}x warm (msk-serial/plain "
-              f"{speed['msk-serial'] / speed['plain']:.2f}x); Ray start-up {by_method['msk']['ray_init']:.1f} s "
-              f"(not included); msk quarantined {by_method['msk']['by_reason'] or 'nothing'}")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        rate = [r["files"] / r["seconds"] for r in mine]
+        cores = mine[0]["cores"]
+        ratio = [r["files"] / r["seconds"] / plain[r["round"]] for r in mine if r["round"] in plain]
+        per_core = [x / cores for x in ratio]
+        print(f"| {method:<22} | {cores:>5} | {_ms(rate):>15} | {_ms([x / cores for x in rate]):>16} | "
+              f"{_ms(ratio, 2):>14} | {_ms(per_core, 2):>14} | {_ms([r['peak_tree_mib'] for r in mine], 0):>13} | "
+              f"{_ms([r['load'] for r in mine]):>16} |")
+    extra = [r for r in rows if "ray_init" in r]
+    if extra:
+        print(f"ray.init (not included above): {_ms([r['ray_init'] for r in extra])} s; "
+              f"nodes that decoded: { {r['method']: r['nodes_used'] for r in extra} }; "
+              f"ok: { {r['method']: r['ok'] for r in rows} }")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-synth", type=int, default=2000, help="synthetic files for input (b)")
+    parser.add_argument("--n-synth", type=int, default=2000, help="synthetic files (0: none)")
+    parser.add_argument("--shared", action="store_true", help="also the shared DICOMs, separately")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench-ingest", help="work folder")
     parser.add_argument("--image-size", type=int, default=256, help="output side length in px")
-    parser.add_argument("--child", choices=["plain", "msk-serial", "msk"], help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--cpus", type=int, default=psutil.cpu_count(), help="Ray CPUs of the msk contestant")
+    parser.add_argument("--scrub", default="auto,off", help="pixel_scrub modes of the msk contestants")
+    parser.add_argument("--methods", default="plain,msk-serial,msk", help="contestants (plain,msk-serial,msk)")
+    parser.add_argument("--cluster", action="store_true", help="add msk on 1 node vs 2 nodes of 1 CPU")
+    parser.add_argument("--sizes", default="", help="e.g. 500,1000,2000: one msk run per size (growth)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--src", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=int, default=0, help="only the first N files of each input (quick runs)")
+    parser.add_argument("--nodes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    limit = args.limit or None
 
-    if args.child == "plain":
-        print(json.dumps([run_plain(args.src, args.image_size) | {"method": "plain"}]))
-        return
-    if args.child == "msk-serial":
-        print(json.dumps([run_serial(args.src, args.image_size) | {"method": "msk-serial"}]))
-        return
-    if args.child == "msk":
-        print(json.dumps(run_msk(args.src, args.out, args.image_size, args.out.parent / "bench.key")))
+    if args.child:
+        method, _, scrub = args.child.partition(":")
+        if method == "plain":
+            results = run_plain(args.src, args.image_size, limit)
+        elif method == "msk-serial":
+            results = run_serial(args.src, args.image_size, limit, scrub)
+        else:
+            results = run_msk(args.src, args.out, args.image_size, limit, scrub, args.cpus, args.nodes,
+                              args.out.parent / "bench.key")
+        print(json.dumps(results))
         return
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    inputs = {"(a) shared": shared_source(out), "(b) synth": synth_source(out, args.n_synth)}
+    scrubs = [s for s in args.scrub.split(",") if s]
+    wanted = args.methods.split(",")
+    inputs = {}
+    if args.n_synth:
+        inputs["synthetic"] = synth_source(out, args.n_synth)
+    if args.shared and (shared := shared_source(out)) is not None:
+        inputs["shared DICOMs"] = shared
     for name, src in inputs.items():
-        if src is None:
-            continue
         warm_page_cache(src)
-        for method in ("plain", "msk-serial", "msk"):
-            print(f"{name}: {method} ...", flush=True)
-            results = measure(method, src, out / f"ingest-{name.split()[0].strip('()')}", args.image_size)
-            rows += [r | {"input": name} for r in results]
-    if rows:
-        print_table(rows, args.image_size)
+        base = ["--src", str(src), "--out", str(out / "runs"), "--image-size", str(args.image_size),
+                "--limit", str(args.limit)]
+        contestants = [["--child", "plain"]] if "plain" in wanted else []
+        for scrub in scrubs:
+            if "msk-serial" in wanted:
+                contestants.append(["--child", f"msk-serial:{scrub}"])
+            if "msk" in wanted:
+                contestants.append(["--child", f"msk:{scrub}", "--cpus", str(args.cpus)])
+            if args.cluster:
+                contestants += [["--child", f"msk:{scrub}", "--nodes", str(n)] for n in (1, 2)]
+        rows = []
+        for k in range(args.rounds):
+            order = contestants[k % len(contestants):] + contestants[:k % len(contestants)]
+            for child in order:
+                print(f"{name} round {k + 1}: {child[1]} {' '.join(child[2:])} ...", flush=True)
+                rows += [r | {"round": k} for r in measure(child + base)]
+        print_table(name, rows, args.image_size)
+        if args.sizes:
+            growth = []
+            for n in map(int, args.sizes.split(",")):
+                print(f"{name}: msk on the first {n} files ...", flush=True)
+                growth += [r | {"n": n} for r in measure(["--child", f"msk:{scrubs[0]}", "--cpus", str(args.cpus)]
+                                                         + base + ["--limit", str(n)])]
+            print(f"\n{name}: growth (msk[{scrubs[0]}] on the first N files, one run each)")
+            print("| files | method | seconds | files/s | peak tree MiB | load 1-min |\n|---:|---|---:|---:|---:|---:|")
+            for r in growth:
+                print(f"| {r['files']} | {r['method']} | {r['seconds']:.1f} | {r['files'] / r['seconds']:.1f} | "
+                      f"{r['peak_tree_mib']:.0f} | {r['load']:.1f} |")
 
 
 if __name__ == "__main__":
