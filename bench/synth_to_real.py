@@ -112,14 +112,32 @@ def synthetic_only_on_real(real_root: Path = DEFAULT_REAL, *, style: str = "radi
         synth_acc = float((predict_logits(model, sx[-n_val:], image_size=image_size).argmax(1)
                            == labels[-n_val:]).mean())
         logits = predict_logits(model, rx, image_size=image_size)
+    probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1).numpy()
+    table = score_real(probs, classes, ry)
+    table.attrs.update(style=style, synthetic_val_top1=synth_acc, data_s=t_data,
+                       total_s=time.perf_counter() - t0, n_train=len(sx) - n_val, probs=probs,
+                       classes=classes, truth=ry)
+    confusion = table.attrs["confusion"]
+    if verbose:
+        print(f"[{style}] synthetic held-out top-1 {synth_acc:.3f}; real top-1 {table.top1.iloc[-2]:.3f} "
+              f"({table.attrs['total_s']:.0f} s)\nreal images, true region (rows) by predicted region:\n"
+              f"{confusion.to_string()}", flush=True)
+    return table
+
+
+def score_real(probs: np.ndarray, classes: list[str], ry: list[str]) -> pd.DataFrame:
+    """Per real region ``n``, ``top1``, ``top2`` (predictions restricted to the real regions),
+    ``top1_unrestricted`` (argmax over every trained class) and the most predicted region, plus
+    ``all`` (over images) and ``mean`` (over regions); ``attrs["confusion"]`` is the true x
+    predicted count table. ``probs`` are class probabilities ``[N, len(classes)]``."""
+    real_classes = sorted(set(ry))
     keep = [classes.index(c) for c in real_classes]
-    restricted = logits[:, keep]
-    order = np.argsort(-restricted, axis=1)
+    order = np.argsort(-probs[:, keep], axis=1)
     truth = np.array([real_classes.index(r) for r in ry])
     top1 = order[:, 0] == truth
     top2 = top1 | (order[:, 1] == truth)
     pred_names = np.array(real_classes)[order[:, 0]]
-    unrestricted = np.array(classes)[logits.argmax(1)] == np.array(ry)  # argmax over every class
+    unrestricted = np.array(classes)[probs.argmax(1)] == np.array(ry)
     rows = []
     for c in real_classes:
         m = truth == real_classes.index(c)
@@ -133,11 +151,7 @@ def synthetic_only_on_real(real_root: Path = DEFAULT_REAL, *, style: str = "radi
     table.loc[len(table)] = dict(region="mean", n=len(real_classes), top1=float(table.top1[:-1].mean()),
                                  top2=float(table.top2[:-1].mean()),
                                  top1_unrestricted=float(table.top1_unrestricted[:-1].mean()), most_predicted="")
-    table.attrs.update(style=style, synthetic_val_top1=synth_acc, data_s=t_data,
-                       total_s=time.perf_counter() - t0, n_train=len(sx) - n_val)
-    if verbose:
-        print(f"[{style}] synthetic held-out top-1 {synth_acc:.3f}; real top-1 {top1.mean():.3f} "
-              f"({table.attrs['total_s']:.0f} s)", flush=True)
+    table.attrs["confusion"] = pd.crosstab(pd.Series(ry, name="true"), pd.Series(pred_names, name="predicted"))
     return table
 
 
@@ -168,24 +182,45 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--encoder", default="resnet18")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0",
+                    help="comma list of seeds (synthetic images, initialisation, order); with several, "
+                         "each seed's real top-1, their mean and spread, and the seed ensemble are printed")
     ap.add_argument("--train-regions", choices=("all", "real"), default="all",
                     help="train on all 28 synthetic regions or only the 9 real-xr ones")
     ap.add_argument("--pretrained", default=None,
                     help="the encoder's starting weights, e.g. imagenet (with --encoder mobilenet_v2)")
     args = ap.parse_args()
-    tables = {}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    tables: dict[str, pd.DataFrame] = {}
+    spread: list[str] = []
     for style in args.styles.split(","):
-        tables[style] = synthetic_only_on_real(
+        runs = [synthetic_only_on_real(
             args.real, style=style, n_images=args.n, render_size=args.render_size, image_size=args.size,
-            epochs=args.epochs, encoder=args.encoder, lr=args.lr, seed=args.seed,
+            epochs=args.epochs, encoder=args.encoder, lr=args.lr, seed=seed,
             train_regions=args.train_regions,
-            encoder_options={"pretrained": args.pretrained} if args.pretrained else None)
+            encoder_options={"pretrained": args.pretrained} if args.pretrained else None) for seed in seeds]
+        if len(runs) == 1:
+            tables[style] = runs[0]
+            continue
+        first = runs[0].attrs
+        ensemble = score_real(np.mean([r.attrs["probs"] for r in runs], axis=0), first["classes"], first["truth"])
+        ensemble.attrs["synthetic_val_top1"] = float(np.mean([r.attrs["synthetic_val_top1"] for r in runs]))
+        tables[f"{style} x{len(runs)}"] = ensemble
+        top1 = np.array([r.top1.iloc[-2] for r in runs])
+        mean_top1 = np.array([r.top1.iloc[-1] for r in runs])
+        per_seed = ", ".join(f"{seed}: {100 * t:.1f} %" for seed, t in zip(seeds, top1, strict=True))
+        spread.append(f"{style}: real top-1 per seed {per_seed}; mean {100 * top1.mean():.1f} % "
+                      f"(sd {100 * top1.std(ddof=1):.1f}, range {100 * top1.min():.1f}-{100 * top1.max():.1f}); "
+                      f"mean over regions {100 * mean_top1.mean():.1f} %; "
+                      f"the {len(runs)}-seed ensemble (mean probability) {100 * ensemble.top1.iloc[-2]:.1f} %\n"
+                      f"ensemble, true region (rows) by predicted region:\n{ensemble.attrs['confusion'].to_string()}")
     start = f" from {args.pretrained}" if args.pretrained else ""
     print(f"\nsynthetic-only -> real-xr (all 1258 images), {args.encoder}{start} {args.size} px, {args.n} synthetic "
-          f"images ({args.train_regions} regions), {args.epochs} epochs; top-1/top-2 % over the 9 real regions "
-          f"(top1/all: argmax over every trained class)")
+          f"images ({args.train_regions} regions), {args.epochs} epochs, seeds {args.seeds}; top-1/top-2 % over the "
+          f"9 real regions (top1/all: argmax over every trained class; `xN`: the N-seed ensemble)")
     print(side_by_side(tables))
+    for line in spread:
+        print(line)
 
 
 if __name__ == "__main__":

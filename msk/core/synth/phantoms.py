@@ -152,9 +152,9 @@ class Body:
             m = self.medulla_density * scale if medulla is None else medulla
             self.cv.bone_part(shape, cortex, self.cortex_density * scale, m)
 
-    def dense(self, shape: Shape, density: float) -> None:
+    def dense(self, shape: Shape, density: float, edge_px: float = 1.0) -> None:
         if self.cv is not None:
-            self.cv.dense(shape, density)
+            self.cv.dense(shape, density, edge_px=edge_px)
 
     def gap(self, shape: Shape, strength: float = 0.6) -> None:
         """A radiolucent line through bone (growth plate, joint space, foramen)."""
@@ -776,21 +776,27 @@ def _full_spine(b: Body) -> None:
     b.soft(Box((cx, 0.55), 0.38 * wide, 0.62, 0.0, 0.12), 0.5)
     b.soft(Capsule((cx, -0.1), (cx, 0.05), 0.07), 0.3)  # neck
     top = 0.02 + b.jitter(0.02)
+    # on a standing full-length film the lungs are dark grey behind the rib cage (not black), the
+    # ribs cross the whole lung fields, and the column is only moderately brighter than the trunk
     for s in (-1, 1):
         b.air(Union((Ellipse((cx + s * 0.12 * wide, 0.3), 0.09 * wide, 0.2),
-                     Ellipse((cx + s * 0.13 * wide, 0.44), 0.085 * wide, 0.07))), 0.4 + b.jitter(0.1))
+                     Ellipse((cx + s * 0.13 * wide, 0.44), 0.085 * wide, 0.07))), 0.2 + b.jitter(0.08))
+    b.soft(Ellipse((cx + 0.03, 0.4), 0.07 * wide, 0.07), 0.15)  # heart over the left lung base
     scol = b.rng.random() < 0.75
     bend = b.jitter(0.11) if scol else b.jitter(0.015)
-    cs = b.column((cx, top), (cx + b.jitter(0.02), 0.84), 22, (0.035, 0.075), bend=bend, gap=0.28, scale=0.9)
-    for (x, y) in cs[5:17]:
+    cs = b.column((cx, top), (cx + b.jitter(0.02), 0.84), 22, (0.035, 0.075), bend=bend, gap=0.28,
+                  scale=float(b.rng.uniform(0.45, 0.75)))
+    rib_scale = float(b.rng.uniform(0.6, 0.95))
+    for (x, y) in cs[4:17]:
         for s in (-1, 1):
-            b.rib((x + s * 0.02, y - 0.01), s, 0.2 * wide, 0.0045, 0.55, rise=0.85)
+            b.rib((x + s * 0.02, y - 0.01), s, 0.25 * wide, 0.0065, rib_scale, rise=0.85)
     for s in (-1, 1):
-        b.bone(Capsule((cx + s * 0.03, 0.09), (cx + s * 0.17 * wide, 0.07), 0.009), 0.004)  # clavicles
-        b.bone(Ellipse((cx + s * 0.15 * wide, 0.93), 0.1 * wide, 0.075, s * 0.5), 0.007, 0.6)  # iliac wings
-        b.bone(Ellipse((cx + s * 0.17 * wide, 1.06), 0.035, 0.035), 0.006, 0.8)  # femoral heads
-    b.bone(Box((cx, 0.93), 0.045, 0.045, 0.0, 0.015), 0.006, 0.8)  # sacrum
-    for _ in range(int(b.rng.integers(3, 10))):  # bowel gas
+        b.bone(Capsule((cx + s * 0.03, 0.09), (cx + s * 0.2 * wide, 0.065), 0.011), 0.005)  # clavicles
+        b.bone(Ellipse((cx + s * 0.27 * wide, 0.2), 0.04, 0.11, s * 0.3), 0.005, 0.4)  # scapulae
+        b.bone(Ellipse((cx + s * 0.15 * wide, 0.94), 0.14 * wide, 0.1, s * 0.5), 0.008, 0.35)  # iliac wings
+        b.bone(Ellipse((cx + s * 0.18 * wide, 1.07), 0.04, 0.04), 0.006, 0.5)  # femoral heads
+    b.bone(Box((cx, 0.94), 0.05, 0.05, 0.0, 0.015), 0.006, 0.5)  # sacrum
+    for _ in range(int(b.rng.integers(8, 22))):  # bowel gas
         c = (cx + b.jitter(0.16), 0.72 + b.jitter(0.12))
         b.air(Ellipse(c, 0.01 + abs(b.jitter(0.025)), 0.008 + abs(b.jitter(0.018)), b.jitter(3)), 0.25, 0.01)
     b.flat("vertebra", cs[11], (0.0, 1.0), 0.02, 0.06)
@@ -804,8 +810,14 @@ def _cephalogram(b: Body) -> None:
     b.soft(Ellipse(c, 0.47 * big, 0.41 * big), 0.3)
     b.soft(Ellipse((0.85, 0.66), 0.2, 0.28, 0.2), 0.28)  # face
     b.soft(Capsule((0.52, 0.8), (0.46, 1.2), 0.2), 0.35)  # neck
-    b.bone(Minus(Ellipse(c, 0.43 * big, 0.36 * big), Ellipse((0.72, 0.62), 0.12, 0.1)), 0.03, 1.1,
-           medulla=float(b.rng.uniform(0.55, 0.85)))
+    # seen from the side the beam crosses both parietal tables: the whole vault is bright, not
+    # a bright ring around a grey brain (real cephalograms, measured by bench/synth_to_real.py)
+    vault = Minus(Ellipse(c, 0.43 * big, 0.36 * big), Ellipse((0.72, 0.62), 0.12, 0.1))
+    b.bone(vault, 0.025, 0.8, medulla=float(b.rng.uniform(0.2, 0.4)))
+    b.dense(vault, float(b.rng.uniform(1.0, 1.6)), edge_px=6.0)  # smooth: the tables, not trabeculae
+    for k in range(int(b.rng.integers(2, 5))):  # vascular grooves and sutures: darker lines in the vault
+        a0 = b.rng.uniform(-2.6, -0.6)
+        b.gap(Arc(c, (0.2 + 0.05 * k) * big, 0.004, a0, b.rng.uniform(0.2, 0.5)), 0.25)
     b.dense(Capsule((0.3, 0.58), (0.68, 0.5), 0.03), 0.5)  # skull base
     b.dense(Minus(Ellipse((0.55, 0.5), 0.04, 0.03), Ellipse((0.55, 0.48), 0.028, 0.02)), 0.5)  # sella
     b.dense(Minus(Ellipse((0.83, 0.45), 0.07, 0.07), Ellipse((0.83, 0.45), 0.055, 0.055)), 0.4)  # orbit
@@ -819,7 +831,7 @@ def _cephalogram(b: Body) -> None:
     b.bone(Union((Capsule((0.6, 0.56), (0.62, 0.8), 0.03), Capsule((0.62, 0.8), chin, 0.032),
                   Ellipse(chin, 0.04, 0.045))), 0.012)  # mandible
     b.air(Capsule((0.66, 0.72), (0.6, 1.1), 0.022), 0.25)  # airway
-    b.column((0.5, 0.74), (0.47, 1.15), 5, (0.09, 0.1), bend=-0.02, scale=0.8)
+    b.column((0.5, 0.74), (0.47, 1.15), 5, (0.09, 0.1), bend=-0.02, scale=1.0)
     b.dense(Minus(Ellipse((0.46, 0.56), 0.03, 0.03), Ellipse((0.46, 0.56), 0.018, 0.018)), 1.2)  # ear rod
     b.dense(Box((0.93, 0.15), 0.012, 0.17), 1.2)  # nasion bar
     b.flat("vault", (0.45, 0.09), (1.0, 0.0), 0.02, 0.08)

@@ -80,8 +80,10 @@ def _framing(region: str, view: str, size: int, rng: np.random.Generator) -> Fra
         pivot = (0.55 + rng.uniform(-0.04, 0.04), 0.5 + rng.uniform(-0.03, 0.03))
         angle = math.radians(rng.normal(0.0, 4.0))
     elif region == "finger" and view != "LAT":  # drawn as a hand, framed on the fingers
-        pivot = (0.42 + rng.uniform(-0.08, 0.08), 0.38)
-        zoom = rng.uniform(1.0, 1.5)
+        pivot = (0.42 + rng.uniform(-0.12, 0.12), 0.38)
+        # finger films are narrow: often only two or three fingers are in the field
+        zoom = rng.uniform(1.0, 1.5) if rng.random() < 0.5 else rng.uniform(1.7, 2.6)
+        out_aspect = aspect * rng.uniform(0.7, 1.3)
     elif region == "wrist" and view != "LAT":  # drawn as a hand, framed on the carpus
         pivot = (0.43, 0.8)
         zoom = rng.uniform(0.7, 1.0)
