@@ -214,14 +214,16 @@ def list_inputs(src: Path, include: list[str], exclude: list[str], *, skip: Path
     """
     src = Path(src)
     skip_real = os.path.realpath(skip) if skip is not None else None
+    if skip_real is not None and not skip_real.startswith(os.path.join(os.path.realpath(src), "")):
+        skip_real = None  # OUT is not inside SRC: no folder needs resolving (a realpath per folder is slow)
 
     def excluded(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
     found: list[str] = []
     for root, dirs, files in os.walk(src):
-        dirs[:] = [d for d in dirs
-                   if not excluded(d) and os.path.realpath(os.path.join(root, d)) != skip_real]
+        dirs[:] = [d for d in dirs if not excluded(d)
+                   and (skip_real is None or os.path.realpath(os.path.join(root, d)) != skip_real)]
         rel_root = Path(root).relative_to(src)
         for name in files:
             if excluded(name) or not any(fnmatch.fnmatchcase(name, p) for p in include):
