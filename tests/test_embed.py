@@ -83,7 +83,7 @@ def checkpoint(tmp_path_factory):
 def test_embed_runs_on_ray_data_and_matches_the_embedder(archive, checkpoint, tmp_path, ray_session):
     ingest_dir, boxes = archive
     rois = {i: boxes[i] for i in list(boxes)[:9]}  # lesion images only
-    report = embed(ingest_dir, checkpoint, tmp_path, EmbedConfig(batch_size=4, num_cpus=0.5),
+    report = embed(ingest_dir, checkpoint, tmp_path, EmbedConfig(batch_size=4, num_cpus=0.5, engine="ray"),
                    rois=rois, progress=False)
     table = read_embeddings(tmp_path)
     assert report.n_images == table.num_rows == 9 and report.dim == 64
@@ -104,6 +104,51 @@ def test_embed_runs_on_ray_data_and_matches_the_embedder(archive, checkpoint, tm
     crops = roi_crops(images, [map_source_box(rois[i], (h, w), 64) for i, h, w in zip(
         rois, shards["source_height"].to_pylist(), shards["source_width"].to_pylist())], 32)
     np.testing.assert_allclose(x, Embedder(checkpoint).embed_images(crops), atol=1e-5)
+
+
+def test_embed_in_process_reads_the_shards_in_batches(archive, checkpoint, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert EmbedConfig().resolved_engine() == "local"
+    assert EmbedConfig(concurrency=2).resolved_engine() == EmbedConfig(use_gpu=True).resolved_engine() == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: its actors, not this process
+    assert EmbedConfig().resolved_engine() == "ray" and EmbedConfig(engine="local").resolved_engine() == "local"
+    monkeypatch.delenv("RAY_ADDRESS")
+
+    ingest_dir, boxes = archive
+    ray_was_running = ray.is_initialized()
+    report = embed(ingest_dir, checkpoint, tmp_path / "all", EmbedConfig(batch_size=5), progress=False)
+    assert ray.is_initialized() == ray_was_running  # the local engine starts no Ray
+    table, shards = read_embeddings(tmp_path / "all"), read_shards(ingest_dir)
+    assert report.n_images == table.num_rows == shards.num_rows == 12
+    for column in ("image_id", "patient_id", "study_id"):
+        assert table.column(column).to_pylist() == shards.column(column).to_pylist()
+    np.testing.assert_allclose(embedding_matrix(table),
+                               Embedder(checkpoint).embed_images(images_from_table(shards)), atol=1e-5)
+
+    rois = {i: boxes[i] for i in list(boxes)[3:8]}
+    embed(ingest_dir, checkpoint, tmp_path / "rois", EmbedConfig(batch_size=2), rois=rois, progress=False)
+    table = read_embeddings(tmp_path / "rois")
+    assert table.column("image_id").to_pylist() == list(rois) and encoder_info(table)["roi_margin"] == 0.15
+
+
+def test_the_batched_view_is_the_per_image_eval_transform(tmp_path):
+    """Embedder transforms a whole batch at once; each image must come out as the per-image
+    eval_transform (preprocessing with the image's own percentiles, resize, crop, normalise)."""
+    from msk.core.data.augment import to_tensor
+
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny-cnn", in_chans=1)
+    path = save_checkpoint(tmp_path / "encoder.pt", encoder, arch="tiny-cnn", in_chans=1, epoch=1,
+                           config={"image_size": 24, "sobel": False, "preprocess": {"window": True, "gamma": 0.8}})
+    embedder = Embedder(path, batch_size=4)
+    rng = np.random.default_rng(1)
+    images = (rng.uniform(0, 1, (6, 40, 40)) ** np.arange(1, 7)[:, None, None] * 255).astype(np.uint8)
+    with torch.no_grad():
+        one_by_one = embedder.model(torch.stack([embedder.transform(to_tensor(im)) for im in images])).numpy()
+    one_by_one /= np.linalg.norm(one_by_one, axis=1, keepdims=True)
+    np.testing.assert_allclose(embedder.embed_images(images), one_by_one, atol=1e-5)
 
 
 def test_embedder_on_a_shard_batch_embeds_whole_images(archive, checkpoint):

@@ -1,7 +1,8 @@
 """Image embeddings: L2-normalised encoder features of an ingest's images, stored as Parquet.
 
 ``msk embed INGEST CHECKPOINT OUT`` runs an encoder over every committed shard image (or, with
-lesion boxes, over the lesion's region of interest) on Ray Data and writes::
+lesion boxes, over the lesion's region of interest), streamed shard batch by shard batch, and
+writes::
 
     OUT/
       embeddings.parquet   image_id, patient_id, study_id (the pseudonymised ids of the shards)
@@ -15,10 +16,14 @@ checkpoint (:class:`msk.core.data.preprocess.InputConfig`; none for checkpoints 
 preprocessing existed). Images are fed as in training and evaluation
 (:func:`msk.core.data.augment.eval_transform`: preprocess, resize, centre crop, normalise).
 
-The work is done by :class:`Embedder`, a callable class that holds the model: Ray Data's
-``map_batches`` keeps ``concurrency`` of them alive as actors (one GPU each with
-``use_gpu``), and the same class embeds query images in-process (a Ray Serve replica, the
-recommender's evaluation).
+The work is done by :class:`Embedder`, a callable class that holds the model. With one model
+replica on the CPU (``concurrency: 1``, the default, no ``use_gpu``, no ``RAY_ADDRESS``)
+:func:`embed` runs it in this process over the shards read batch by batch (``engine: auto``
+picks ``local``): a Ray Data actor would add a worker process's start-up (importing torch and
+building the model again, 10-13 s on a loaded 2-core machine) and nothing else. Otherwise
+(``engine: ray``) Ray Data's ``map_batches`` keeps ``concurrency`` of them alive as actors (one
+GPU each with ``use_gpu``), across the cluster. The same class embeds query images in-process (a
+Ray Serve replica, the recommender's evaluation).
 
 **Regions of interest.** Lesion boxes are given in pixels of the *source* image (the decoded
 DICOM, e.g. ``x0, y0, x1, y1`` of a synthetic export's ground truth). Ingest resized the source
@@ -85,6 +90,16 @@ class EmbedConfig(MskConfig):
     encoder_options: dict[str, Any] = Field(
         default_factory=dict,
         description="keyword arguments the encoder was built with (timm: img_size, patch_size, depth)")
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto", description="local: this process, shards streamed batch by batch; ray: Ray Data actors; "
+                            "auto: local for concurrency 1 on the CPU without RAY_ADDRESS, else ray")
+
+    def resolved_engine(self) -> Literal["local", "ray"]:
+        """The engine ``auto`` stands for here (see :func:`embed`)."""
+        if self.engine != "auto":
+            return self.engine
+        one_cpu_replica = self.concurrency == 1 and not self.use_gpu
+        return "local" if one_cpu_replica and not os.environ.get("RAY_ADDRESS") else "ray"
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -188,6 +203,7 @@ class Embedder:
         import torch
 
         from msk.core.data.augment import eval_transform
+        from msk.core.data.preprocess import Preprocess
 
         model, arch, sobel, size, path, preprocess = _feature_model(source, image_size, encoder_options or {})
         if use_gpu and not torch.cuda.is_available():
@@ -195,6 +211,10 @@ class Embedder:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = model.to(self.device)
         self.transform = eval_transform(size, preprocess)  # as the encoder was trained
+        # the same view, applied to a whole batch at once: per-image preprocessing (it depends on
+        # each image's own statistics) then one resize + crop + normalise of the batch
+        self._preprocess = None if preprocess is None or preprocess.is_identity else Preprocess(preprocess)
+        self._view = eval_transform(size)
         self.batch_size = batch_size
         self.rois = None if rois is None else {str(k): tuple(map(float, v)) for k, v in rois.items()}
         self.roi_margin = roi_margin
@@ -220,14 +240,15 @@ class Embedder:
         """
         import torch
 
-        from msk.core.data.augment import to_tensor
-
         x = _grey_stack(images)
         out = np.zeros((len(x), self.dim), np.float32)
         with torch.no_grad():
             for start in range(0, len(x), self.batch_size):
-                chunk = x[start:start + self.batch_size]
-                batch = torch.stack([self.transform(to_tensor(img)) for img in chunk])
+                chunk = torch.tensor(x[start:start + self.batch_size])  # a copy: x may be read-only
+                batch = chunk.unsqueeze(1).to(torch.float32).div_(255.0)  # [B, 1, H, W] in [0, 1]
+                if self._preprocess is not None:
+                    batch = torch.stack([self._preprocess(image) for image in batch])
+                batch = self._view(batch)
                 out[start:start + len(chunk)] = self.model(batch.to(self.device)).float().cpu().numpy()
         return _unit_rows(out, ids)
 
@@ -480,43 +501,44 @@ def embed(ingest_dir: str | os.PathLike, checkpoint_or_encoder: str | os.PathLik
     :param rois: ``image_id -> (x0, y0, x1, y1)`` lesion boxes in source-image pixels: embed
         only these images, each from its lesion region (see the module docstring).
     :return: an :class:`EmbedReport`; the table is ``read_embeddings(out)``.
+
+    ``config.engine`` says where the encoder runs (the module docstring says why): ``local``
+    (this process; the shards are read ``batch_size`` rows at a time, so memory stays flat at
+    any size) or ``ray`` (Ray Data actors).
     """
     import pyarrow.parquet as pq
-    import ray
-    from ray.data import ActorPoolStrategy
 
-    from msk.core.io.dataset import ray_dataset, read_shards
+    from msk.core.io.dataset import read_shards
 
     started = time.perf_counter()
     config = config or EmbedConfig()
+    engine = config.resolved_engine()
     ingest_dir, out = Path(ingest_dir), Path(out)
     resize = ingest_resize(ingest_dir)
     kwargs: dict[str, Any] = dict(image_size=config.image_size, batch_size=config.batch_size,
                                   use_gpu=config.use_gpu, encoder_options=config.encoder_options, rois=rois,
                                   roi_margin=config.roi_margin, resize=resize)
-    # Load once here: a bad checkpoint fails before any worker starts, and gives the dim.
-    info = Embedder(checkpoint_or_encoder, **{**kwargs, "use_gpu": False}).info
+    # Load once here: a bad checkpoint fails before any worker starts, and gives the dim; the
+    # local engine embeds with it.
+    embedder = Embedder(checkpoint_or_encoder, **{**kwargs, "use_gpu": config.use_gpu and engine == "local"})
+    info = embedder.info
     total = read_shards(ingest_dir, columns=["image_id"]).num_rows
     if rois is not None:
         total = min(total, len(rois))
-    from msk.core.runtime.ray_start import start_ray
-
-    start_ray(include_dashboard=False, log_to_driver=False)
-    _check_resources(config, ray.cluster_resources())
+    settings = contextlib.nullcontext() if engine == "local" else _ray_data_settings()
     out.mkdir(parents=True, exist_ok=True)
     schema = embeddings_schema(info.dim, _stored(info, out))  # checkpoint relative to OUT (msk.core.io.paths)
     tmp = out / f".{EMBEDDINGS_FILE}.tmp"
     n = 0
-    with _ray_data_settings(), _progress(progress) as bar:
+    with settings, _progress(progress) as bar:
         task = bar.add_task("embed", total=total)
-        batches = ray_dataset(ingest_dir, columns=_SHARD_COLUMNS).map_batches(
-            Embedder, fn_constructor_args=(checkpoint_or_encoder,), fn_constructor_kwargs=kwargs,
-            batch_size=config.batch_size, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=config.concurrency), num_cpus=config.num_cpus,
-            num_gpus=1 if config.use_gpu else 0)
+        if engine == "local":
+            batches = _local_batches(ingest_dir, embedder, config.batch_size)
+        else:
+            batches = _ray_batches(ingest_dir, checkpoint_or_encoder, kwargs, config)
         try:
             with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                for batch in batches.iter_batches(batch_format="pyarrow", batch_size=None):
+                for batch in batches:
                     if batch.num_rows:
                         writer.write_table(batch.cast(schema))
                         n += batch.num_rows
@@ -535,6 +557,36 @@ def embed(ingest_dir: str | os.PathLike, checkpoint_or_encoder: str | os.PathLik
                "config": config.model_dump(mode="json")}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return report
+
+
+def _local_batches(ingest_dir: Path, embedder: Embedder, batch_size: int) -> Iterator[pa.Table]:
+    """Embeddings tables of the committed shards, ``batch_size`` shard rows at a time, in shard order."""
+    import pyarrow.parquet as pq
+
+    from msk.core.io.manifest import committed_shards
+
+    for shard in committed_shards(ingest_dir):
+        for rows in pq.ParquetFile(shard).iter_batches(batch_size=batch_size, columns=_SHARD_COLUMNS):
+            yield embedder(pa.Table.from_batches([rows]))
+
+
+def _ray_batches(ingest_dir: Path, source: Any, kwargs: dict[str, Any], config: EmbedConfig) -> Iterator[pa.Table]:
+    """Embeddings tables from ``config.concurrency`` :class:`Embedder` actors on Ray Data, in shard
+    order (Ray is started and its resources checked now, before anything is written)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from msk.core.io.dataset import ray_dataset
+    from msk.core.runtime.ray_start import start_ray
+
+    start_ray(include_dashboard=False, log_to_driver=False)
+    _check_resources(config, ray.cluster_resources())
+    dataset = ray_dataset(ingest_dir, columns=_SHARD_COLUMNS).map_batches(
+        Embedder, fn_constructor_args=(source,), fn_constructor_kwargs=kwargs,
+        batch_size=config.batch_size, batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=config.concurrency), num_cpus=config.num_cpus,
+        num_gpus=1 if config.use_gpu else 0)
+    return iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
 
 
 def _check_resources(config: EmbedConfig, resources: Mapping[str, float]) -> None:
