@@ -609,7 +609,7 @@ def hand(b: Body) -> None:
 
 
 def finger(b: Body) -> None:
-    if b.realistic:  # a finger film shows the neighbouring fingers too (framed on them)
+    if b.realistic and not b.lateral:  # a PA finger film shows the neighbouring fingers too (framed on them)
         hand(b)
         return
     thumb = b.rng.random() < 0.25

@@ -66,7 +66,8 @@ def _framing(region: str, view: str, size: int, rng: np.random.Generator) -> Fra
     cropped = region in JOINT_CROPS and u < (0.55 if region == "knee" else 0.2)
     if cropped:
         pivot = JOINT_CROPS[region]
-        zoom = rng.uniform(1.35, 1.9) if region == "knee" else rng.uniform(1.3, 1.8)
+        # knee crops range from the whole joint to the joint space alone (condyles filling the width)
+        zoom = rng.uniform(1.35, 3.2) if region == "knee" else rng.uniform(1.3, 1.8)
         out_aspect = 1.0
         angle = math.radians(rng.normal(0.0, 3.0))
     elif region == "spine" and view != "LAT":
