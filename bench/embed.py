@@ -1,8 +1,9 @@
 """Benchmark ``msk embed`` (Ray Data, one actor) against a plain timm forward pass over the same shards.
 
 Both contestants embed every image of the same synthetic ingest output with the same encoder
-(a random ``--encoder`` timm network, 1 grey channel, saved as an msk checkpoint), ``--batch``
-images per forward pass and one torch thread:
+(``--encoder`` with random weights, 1 grey channel, saved as an msk checkpoint: resnet18 from timm
+by default, any encoder of msk's registry), ``--batch`` images per forward pass and one torch
+thread:
 
 * **plain**: ``pyarrow`` reads the shards batch by batch (streamed), the image bytes become one
   ``float32 [B, 1, S, S]`` tensor, normalised as in training, the encoder runs and the features

@@ -12,13 +12,17 @@ with one torch thread each:
   on, driven by ``httpx`` at concurrency 1 and ``--concurrency``, with ``@serve.batch`` off
   (``max_batch_size: 1``) and on (``max_batch_size: B``).
 
-Latency is wall-clock per request (p50, p99); throughput is requests / wall-clock. "overhead"
-is the HTTP p50 at concurrency 1 divided by the in-process 1-by-1 p50; "throughput vs
-in-process" is the HTTP throughput as a share of the in-process throughput with the same
-batching (1 by 1 for batching off, batches of ``B`` for on). The inputs are cut into
-``--rounds`` chunks and the contestants take turns chunk by chunk, so that all of them see
-the same background load on a shared machine (the client, the gateway, the replica and the
-in-process model all share this machine's CPUs).
+Latency is wall-clock per request (p50, p99); throughput is requests / wall-clock. "p50 vs
+in-process" is the HTTP p50 divided by the in-process 1-by-1 p50; "req/s vs in-process" is the
+HTTP throughput as a share of the in-process throughput with the same batching (1 by 1 for
+batching off, batches of ``B`` for on). "CPU ms/req" is the CPU time per request of this
+process plus, for HTTP, Serve's proxy and the msk replicas (psutil): what serving costs, which
+a loaded machine distorts much less than the wall clock. The inputs are cut into ``--rounds``
+chunks and the contestants take turns chunk by chunk, so that all of them see the same
+background load on a shared machine (the client, the gateway, the replica and the in-process
+model all share this machine's CPUs); the table gives mean ± sd over the rounds.
+``--breakdown`` adds the time of each part of one request (multipart body, parsing, decoding,
+the model, ``/healthz`` and ``/v1/models`` round trips) and each process's CPU per request.
 
 Inputs are the first ``--n`` files the evidence ingest accepted (``--ingest``: its manifest
 and ``ingest.json`` give the source files and the preprocessing), read into memory once;
@@ -27,6 +31,7 @@ classifier trained for one epoch on a few of those images (its weights do not ma
 timing). Usage::
 
     python bench/serve.py --ingest /work/evidence/ingest5k --n 200 --encoder resnet18
+    OMP_NUM_THREADS=1 python bench/serve.py --ingest /nonexistent --n 96 --rounds 3 --breakdown  # synthetic
 """
 
 from __future__ import annotations
