@@ -109,3 +109,14 @@ def test_a_shard_no_manifest_names_is_removed_by_the_next_run(tmp_path, ray_sess
     assert report.n_processed == 0 and not straggler.exists()
     assert sorted(out.joinpath("shards").iterdir()) == committed_shards(out)
     assert read_shards(out).num_rows == report.n_ok == 4 and report.by_reason == {"duplicate": 2}
+
+
+def test_tasks_never_span_chunks_and_a_small_run_still_uses_every_cpu():
+    big = [[f"a{i:04d}" for i in range(1024)], [f"b{i:04d}" for i in range(1000)]]
+    batches = ingest_module._batches(big, 5, 64, 10, slots=2)
+    assert [len(b.paths) for b in batches] == [64] * 16 + [64] * 15 + [40]
+    assert [p for b in batches for p in b.paths] == big[0] + big[1]
+    assert {b.chunk for b in batches[:16]} == {5} and {b.chunk for b in batches[16:]} == {6}
+    assert [b.first_shard for b in batches[:3]] == [0, 7, 14] and batches[0].n_shards == 7  # 64 rows, 10 a shard
+    small = [[f"c{i:02d}" for i in range(43)]]  # 43 files, 2 CPUs: 4 tasks of at most 11, not one of 43
+    assert [len(b.paths) for b in ingest_module._batches(small, 0, 64, 1024, slots=2)] == [11, 11, 11, 10]

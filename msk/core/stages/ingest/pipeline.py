@@ -355,12 +355,14 @@ def _decode_batch(batch: pa.Table, *, src: Path, config: IngestConfig, pseudonym
 @dataclass(frozen=True)
 class _Batch:
     """The inputs of one decode task: ``paths`` of chunk number ``chunk`` (the ``position``-th
-    chunk of this run), whose ok images go to shards ``first_shard``, ``first_shard + 1``, ..."""
+    chunk of this run), whose ok images go to shards ``first_shard``, ``first_shard + 1``, ...
+    (at most ``n_shards`` of them)."""
 
     position: int
     chunk: int
     first_shard: int
     paths: list[str]
+    n_shards: int = 1
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
@@ -538,10 +540,17 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, config: IngestConfig 
     return report
 
 
-def _batches(chunks: list[list[str]], first_chunk: int, batch_size: int, shard_rows: int) -> list[_Batch]:
-    """The decode tasks of ``chunks``: ``batch_size`` inputs each, never two chunks in one."""
+def _batches(chunks: list[list[str]], first_chunk: int, batch_size: int, shard_rows: int,
+             slots: int = 1) -> list[_Batch]:
+    """The decode tasks of ``chunks``: ``batch_size`` inputs each, never two chunks in one.
+
+    A run too small to give each of the cluster's ``slots`` (concurrent tasks) two tasks gets
+    smaller tasks, so that it still uses every CPU (43 large DICOMs in one task of 64 ran on one).
+    """
+    total = sum(map(len, chunks))
+    batch_size = max(1, min(batch_size, math.ceil(total / (2 * slots))))
     per_task = math.ceil(batch_size / shard_rows)  # shard files one task may write
-    return [_Batch(position, first_chunk + position, k * per_task, chunk[start:start + batch_size])
+    return [_Batch(position, first_chunk + position, k * per_task, chunk[start:start + batch_size], per_task)
             for position, chunk in enumerate(chunks)
             for k, start in enumerate(range(0, len(chunk), batch_size))]
 
@@ -561,7 +570,6 @@ def _run_pipeline(src: Path, out: Path, config: IngestConfig, pseudonymiser: Pse
     """
     import ray
 
-    batches = _batches(committer.chunks, committer.first_chunk, config.batch_size, config.shard_rows)
     kwargs = {"src": src, "config": config, "pseudonymiser": pseudonymiser}  # the key stays in the cluster
     run = secrets.token_hex(4)
     with _progress_bar(progress) as bar:
@@ -571,8 +579,9 @@ def _run_pipeline(src: Path, out: Path, config: IngestConfig, pseudonymiser: Pse
         # _decode_batch is looked up now, in the driver: a test may replace it
         shared = ray.put({"decode": _decode_batch, "kwargs": kwargs, "config": config})
         remote = ray.remote(_decode_and_write).options(num_cpus=config.num_cpus_per_task, max_retries=1)
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        window = max(2, 2 * int(cpus / config.num_cpus_per_task))
+        slots = max(1, int(float(ray.cluster_resources().get("CPU", 1.0)) / config.num_cpus_per_task))
+        window = 2 * slots
+        batches = _batches(committer.chunks, committer.first_chunk, config.batch_size, config.shard_rows, slots)
         pending: dict[Any, _Batch] = {}
         submitted = done = 0
         try:
@@ -615,7 +624,7 @@ def _redo_alone(batch: _Batch, out: Path, run: str, config: IngestConfig,
                 kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     """The manifest rows of a batch whose task failed twice: its files decoded one per task, its
     shards (whatever the failed attempts wrote replaced) written here."""
-    for k in range(math.ceil(config.batch_size / config.shard_rows)):
+    for k in range(batch.n_shards):
         shard_path(out, batch.chunk, batch.first_shard + k, run).unlink(missing_ok=True)
     decoded = pa.Table.from_pylist(_decode_alone(batch.paths, kwargs), schema=_DECODED_SCHEMA)
     return _write_shards(decoded, out, batch, config.shard_rows, run)
