@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import socket
 import statistics
 import sys
@@ -302,6 +303,8 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
 
     table = Table(title=f"/v1/sort vs in-process: {args.encoder} at {args.image_size} px, {len(bodies)} requests "
                         f"per row in {args.rounds} interleaved rounds (mean ± sd over the rounds)",
