@@ -123,6 +123,8 @@ def bench_synth(folder: Path, contestants: dict[str, Detector | None], craft_lim
         boxes = parse_text_boxes(row["text_boxes"])
         truth_mask = _blank_mask(pixels.shape, [Box(b.x0, b.y0, b.x1, b.y1, 0) for b in boxes])
         bone = case.bone if case.bone is not None else np.zeros(pixels.shape, bool)
+        if bone.shape != pixels.shape:
+            raise SystemExit(f"{folder} was written by another version of msk.core.synth: delete it and rerun")
         for name, detect in contestants.items():
             if name == "craft" and len(stats[name]["t"]) >= craft_limit:
                 continue
@@ -226,7 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-synth", type=int, default=300)
     parser.add_argument("--size", type=int, default=512, help="synthetic image size")
-    parser.add_argument("--seed", type=int, default=7, help="synthetic export seed (the detector was tuned on seed 11)")
+    parser.add_argument("--seed", type=int, default=7, help="export seed (tuned on 11)")
     parser.add_argument("--out", type=Path, default=Path("out/bench-scrub"))
     parser.add_argument("--real-limit", type=int, default=400, help="files per real source at most")
     parser.add_argument("--png", type=int, default=24, help="overlay PNGs of real images with a box")
