@@ -664,13 +664,45 @@ def test_config_validation(tmp_path):
     ingest = tmp_path / "ingest"
     ingest.mkdir()
     (ingest / "ingest.json").write_text(json.dumps({"config": {"image_size": 128, "resize": "stretch",
-                                                               "max_pixels": 1000}}))
+                                                               "max_pixels": 1000, "pixel_scrub": "off"}}))
     from msk.core.data.squaring import SquaringConfig
 
     assert SquaringConfig(ingest=ingest).resolved().model_dump(exclude={"ingest"}) == {
-        "image_size": 128, "resize": "stretch", "max_pixels": 1000}
+        "image_size": 128, "resize": "stretch", "max_pixels": 1000, "pixel_scrub": "off"}
     with pytest.raises(ConfigError, match="image_size: 256 here, 128 in"):
         SquaringConfig(ingest=ingest, image_size=256).resolved()
+
+
+def test_a_served_grad_cam_shows_no_burned_in_name():
+    """An upload with a patient's name burned into its pixels: the square image the gateway makes
+    (and the Grad-CAM PNG drawn on it) has the name blanked, as the ingest blanks it; with
+    ``pixel_scrub: off`` the name shows."""
+    from msk.core.data.squaring import SquaringConfig
+    from msk.serve.inputs import decode_radiograph
+    from msk.serve.replica import gradcam_png
+
+    from test_scrub import burn, marker_name, radiograph
+
+    rng = np.random.default_rng(5)
+    img = radiograph(rng, 320, 256)
+    ink = burn(img, f"{marker_name(rng)} Anna\nSEG 03.2019", (6, 6), size=14, value=0.95)
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(img * 255).astype(np.uint8)).save(buffer, format="PNG")
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    size, scale = 160, 160 / 320
+    left = (size - round(256 * scale)) // 2  # "pad" centres the 256 px wide image
+    region = (slice(int(rows[0] * scale), int(rows[-1] * scale) + 2),
+              slice(int(cols[0] * scale) + left, int(cols[-1] * scale) + left + 2))
+    cam = np.full((8, 8), 0.5, np.float32)
+    detail = {}
+    for mode in ("auto", "off"):
+        square = decode_radiograph(buffer.getvalue(), SquaringConfig(image_size=size, pixel_scrub=mode)).pixels
+        png = np.asarray(Image.open(io.BytesIO(base64.b64decode(gradcam_png(square, cam)))).convert("L"))
+        x = png[region].astype(np.float32)
+        detail[mode] = float(np.abs(4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2]
+                                    - x[1:-1, 2:]).mean())
+    assert detail["off"] > 5  # the name shows without scrubbing
+    assert detail["auto"] < 0.2 * detail["off"]
 
 
 def test_example_config_is_a_serve_config_file():

@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import Field
 
 from msk.core.config import MskConfig
+from msk.core.data.scrub import ScrubMode
 from msk.core.errors import ConfigError, MskError
 
 __all__ = ["SquaringConfig", "map_box_from_square", "map_box_to_square", "read_square", "square_image",
@@ -110,6 +111,10 @@ class SquaringConfig(MskConfig):
     image_size: int = Field(256, ge=8, le=8192, description="side of the square image (the ingest's image_size)")
     resize: Literal["pad", "stretch"] = Field("pad", description="the ingest's resize mode")
     max_pixels: int = Field(50_000_000, gt=0, description="larger images are refused (422, reason too_large)")
+    pixel_scrub: ScrubMode = Field(
+        "auto", description="blank burned-in text before squaring, as the ingest does (msk.core.data.scrub): "
+        "the models see what they were trained on and a Grad-CAM image shows no burned-in name; the "
+        "ingest's value when `ingest` is set")
 
     def resolved(self) -> SquaringConfig:
         """This config with the values of ``ingest``'s ``ingest.json`` filled in.
@@ -127,7 +132,7 @@ class SquaringConfig(MskConfig):
         saved = (read_ingest_summary(self.ingest) or {}).get("config")
         if not isinstance(saved, dict):
             raise ConfigError(f"preprocess.ingest: {summary} is unreadable (no JSON object with its config)")
-        values = {k: saved[k] for k in ("image_size", "resize", "max_pixels") if k in saved}
+        values = {k: saved[k] for k in ("image_size", "resize", "max_pixels", "pixel_scrub") if k in saved}
         clash = {k: (getattr(self, k), v) for k, v in values.items()
                  if k in self.model_fields_set and getattr(self, k) != v}
         if clash:
@@ -144,4 +149,9 @@ def read_square(data: bytes, config: SquaringConfig, source: str = "upload") -> 
     from msk.core.io.dicom import read_image
 
     decoded = read_image(data, source=source, max_pixels=config.max_pixels)
-    return square_image(decoded.pixels, config.image_size, config.resize), tuple(decoded.pixels.shape)
+    pixels = decoded.pixels
+    if config.pixel_scrub != "off":
+        from msk.core.data.scrub import scrub_text
+
+        pixels = scrub_text(pixels, config.pixel_scrub, burned_in=decoded.meta.burned_in).pixels
+    return square_image(pixels, config.image_size, config.resize), tuple(decoded.pixels.shape)
