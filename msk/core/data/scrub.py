@@ -180,20 +180,33 @@ def _glyphs(img: np.ndarray, hat: np.ndarray, min_h: int, max_h: int, threshold:
     labels, n = ndimage.label(hat > threshold)  # 4-connected: glyphs touching at a corner stay apart
     if n == 0:
         return np.zeros((0, 5), np.float32)
-    index = np.arange(1, n + 1)
-    strength = np.zeros(n + 1, np.float32)
-    strength[1:] = np.asarray(ndimage.maximum(hat, labels, index), np.float32)
+    strength = _label_max(labels, n, hat)[0].astype(np.float32)
+    strength[0] = 0.0
     split, m = ndimage.label(hat > np.where(labels > 0, 0.5 * strength[labels], np.inf))
     rows, ok = _glyph_rows(img, hat, labels, n, min_h, max_h, threshold)
     if m == 0:
         return rows
     child_rows, child_ok = _glyph_rows(img, hat, split, m, min_h, max_h, threshold)
-    parent = np.asarray(ndimage.maximum(labels, split, np.arange(1, m + 1)), np.int64)[child_ok - 1]
+    parent = _label_max(split, m, labels)[0][1:].astype(np.int64)[child_ok - 1]
     children = np.bincount(parent, minlength=n + 1)[1:]
     replaced = children >= 2
     use_child = replaced[parent - 1] | ~np.isin(parent, ok)
     keep = ~replaced[ok - 1] if ok.size else np.zeros(0, bool)
     return np.concatenate([rows[keep], child_rows[use_child]])
+
+
+def _label_max(labels: np.ndarray, n: int, *values: np.ndarray) -> list[np.ndarray]:
+    """For each of ``values``, its maximum over each label 1..n of ``labels`` (an array of n + 1,
+    entry 0 unused): ``ndimage.maximum(values, labels, index)`` without sorting the whole image
+    for every call (that sort was two thirds of the scrub's time)."""
+    fg = np.flatnonzero(labels)
+    lab = labels.ravel()[fg]
+    out = []
+    for v in values:
+        m = np.full(n + 1, -np.inf)
+        np.maximum.at(m, lab, v.ravel()[fg].astype(np.float64))
+        out.append(m)
+    return out
 
 
 def _glyph_rows(img: np.ndarray, hat: np.ndarray, labels: np.ndarray, n: int, min_h: int, max_h: int,
@@ -210,11 +223,9 @@ def _glyph_rows(img: np.ndarray, hat: np.ndarray, labels: np.ndarray, n: int, mi
     if not keep.any():
         return np.zeros((0, 5), np.float32), np.zeros(0, np.int64)
     index = index[keep]
-    strength = np.asarray(ndimage.maximum(hat, labels, index), np.float32)
-    above = np.asarray(ndimage.maximum(hat / threshold, labels, index), np.float32)
-    level = np.asarray(ndimage.maximum(img, labels, index), np.float32)
     step = np.maximum(np.abs(np.diff(img, axis=1, append=img[:, -1:])), np.abs(np.diff(img, axis=0, append=img[-1:])))
-    edge = np.asarray(ndimage.maximum(step, labels, index), np.float32)
+    strength, above, level, edge = (m[index].astype(np.float32)
+                                    for m in _label_max(labels, n, hat, hat / threshold, img, step))
     # faint blobs, and blobs without a sharp edge (a pixel step of most of their contrast), are
     # texture, not ink: rendered text rises from its background within a pixel or two
     strong = (above >= 1.5) & (edge >= SHARPNESS * strength)
