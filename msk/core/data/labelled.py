@@ -131,7 +131,7 @@ class SquareImages(Protocol):
 
 def ingest_info(data: SquareImages, out: Path) -> dict[str, Any]:
     """How the training images were made (``msk sort`` prepares new images the same way):
-    the square side, and the ingest's resize mode and pixel limit where its folder is known
+    the square side, and the ingest's other squaring options where its folder is known
     (its path relative to the run folder ``out``)."""
     info: dict[str, Any] = {"path": store_path(data.source, out) if data.source else None,
                             "image_size": int(data.images.shape[-1])}
@@ -139,5 +139,7 @@ def ingest_info(data: SquareImages, out: Path) -> dict[str, Any]:
         from msk.core.io.manifest import read_ingest_summary
 
         saved = (read_ingest_summary(data.source) or {}).get("config") or {}
-        info.update({k: saved[k] for k in ("resize", "max_pixels") if k in saved})
+        from msk.core.data.squaring import INGEST_SQUARING
+
+        info.update({k: saved[k] for k in INGEST_SQUARING if k in saved and k != "image_size"})
     return info

@@ -97,6 +97,12 @@ def unsquare_image(square: np.ndarray, source_shape: tuple[int, int],
     return np.asarray(Image.fromarray(inner, mode="F").resize((w, h), Image.Resampling.BILINEAR), np.float32)
 
 
+#: The ingest options (in its ``ingest.json``) that decide the square image a model sees; a
+#: training run records them, and serving, ``msk sort`` and ``msk segment`` prepare new images
+#: with the same values.
+INGEST_SQUARING: tuple[str, ...] = ("image_size", "resize", "max_pixels", "pixel_scrub")
+
+
 class SquaringConfig(MskConfig):
     """How an upload becomes the square ``uint8`` image the models were trained on.
 
@@ -107,7 +113,8 @@ class SquaringConfig(MskConfig):
     """
 
     ingest: Path | None = Field(
-        None, description="ingest output folder whose ingest.json gives image_size, resize, max_pixels")
+        None, description="ingest output folder whose ingest.json gives image_size, resize, max_pixels, "
+        "pixel_scrub")
     image_size: int = Field(256, ge=8, le=8192, description="side of the square image (the ingest's image_size)")
     resize: Literal["pad", "stretch"] = Field("pad", description="the ingest's resize mode")
     max_pixels: int = Field(50_000_000, gt=0, description="larger images are refused (422, reason too_large)")
@@ -132,7 +139,7 @@ class SquaringConfig(MskConfig):
         saved = (read_ingest_summary(self.ingest) or {}).get("config")
         if not isinstance(saved, dict):
             raise ConfigError(f"preprocess.ingest: {summary} is unreadable (no JSON object with its config)")
-        values = {k: saved[k] for k in ("image_size", "resize", "max_pixels", "pixel_scrub") if k in saved}
+        values = {k: saved[k] for k in INGEST_SQUARING if k in saved}
         clash = {k: (getattr(self, k), v) for k, v in values.items()
                  if k in self.model_fields_set and getattr(self, k) != v}
         if clash:
