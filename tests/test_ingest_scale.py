@@ -120,3 +120,35 @@ def test_tasks_never_span_chunks_and_a_small_run_still_uses_every_cpu():
     assert [b.first_shard for b in batches[:3]] == [0, 7, 14] and batches[0].n_shards == 7  # 64 rows, 10 a shard
     small = [[f"c{i:02d}" for i in range(43)]]  # 43 files, 2 CPUs: 4 tasks of at most 11, not one of 43
     assert [len(b.paths) for b in ingest_module._batches(small, 0, 64, 1024, slots=2)] == [11, 11, 11, 10]
+
+
+def _slow_decode(batch, *, _real=ingest_module._decode_batch, **kwargs):
+    """A decode that takes 1.5 s per task, so that tasks are in flight when the driver fails."""
+    import time
+
+    time.sleep(1.5)
+    return _real(batch, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_driver_error_returns_only_after_its_tasks_stopped_writing(tmp_path, ray_session, monkeypatch):
+    """When the driver fails, the decode tasks in flight end before ``ingest`` raises: no shard
+    file appears in the folder afterwards (waited for, not cancelled: ray-project/ray#54846)."""
+    import sys
+    import time
+
+    src, out = tmp_path / "export", tmp_path / "out"
+    _pngs(src, 12)
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests
+    monkeypatch.setattr(ingest_module, "_decode_batch", _slow_decode)
+
+    def fail(self, batch, rows):
+        raise RuntimeError("the driver failed")
+
+    monkeypatch.setattr(ingest_module._ChunkCommitter, "add", fail)
+    with pytest.raises(RuntimeError, match="the driver failed"):
+        ingest(src, out, _config(tmp_path, batch_size=1, chunk_files=6), progress=False)
+    written = sorted(p.name for p in out.joinpath("shards").iterdir())
+    time.sleep(2.0)  # a task still running would write its shard now
+    assert sorted(p.name for p in out.joinpath("shards").iterdir()) == written
+    assert len(written) >= 2  # the tasks in flight at the failure finished and wrote

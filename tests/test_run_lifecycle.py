@@ -308,7 +308,8 @@ def _stop_and_check(proc: subprocess.Popen, signum: int, expected_rc: int) -> di
     while _alive(ray_procs) and time.monotonic() - sent < 10:
         time.sleep(0.2)
     left = [" ".join(p.cmdline())[:80] for p in _alive(ray_procs)]
-    assert not left, f"still running 10 s after {signal.Signals(signum).name}: {left}"
+    assert not left, f"still running 10 s after {signal.Signals(signum).name}: {left}; exit {proc.returncode}; " \
+                     f"stderr: {err[-2000:]}"
     assert proc.returncode == expected_rc, err[-3000:]
     print(f"{signal.Signals(signum).name}: exit {proc.returncode} after {seconds:.1f} s; "
           f"{len(ray_procs)} processes of the command gone")

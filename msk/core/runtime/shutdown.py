@@ -8,8 +8,10 @@ released; ``msk serve`` shuts Serve down). Then :func:`exit_after_signal` exits 
 started (GCS, raylet, workers, agents); ``msk serve`` shuts Ray down and exits ``0`` instead
 (stopping is how a server ends). :func:`begin_shutdown` bounds it all: a detached reaper ends
 processes of the command still alive after it exited (Ray's dashboard and runtime-env agents
-can outlive their raylet), and a watchdog exits if the shutdown hangs. A second signal during
-the shutdown exits at once.
+can outlive their raylet), and a watchdog exits if the shutdown hangs. The reaper is started
+when the signal arrives, with the processes alive then: if the command then dies on its own
+(Ray's core worker aborts the process on an internal check, ray-project/ray#54846), nothing it
+started outlives it. A second signal during the shutdown exits at once.
 
 ``ray.init`` replaces the SIGTERM handler with its own (``sys.exit(15)``): code that starts Ray
 calls :func:`reinstall` afterwards, and :func:`signal_of` also recognises Ray's exit, so commands
@@ -27,10 +29,13 @@ import threading
 import time
 from types import FrameType
 
-__all__ = ["Interrupted", "begin_shutdown", "exit_after_signal", "install", "reinstall", "signal_of", "stop_ray"]
+__all__ = ["Interrupted", "begin_shutdown", "exit_after_signal", "install", "received", "reinstall", "signal_of",
+           "stop_ray"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_state: dict = {"installed": False, "received": None, "deadline": False}
+_state: dict = {"installed": False, "received": None, "deadline": False, "reaper": False}
+#: Seconds after the signal (or after begin_shutdown) at which the reaper ends what is left.
+REAPER_GRACE_S = 7.0
 
 
 class Interrupted(BaseException):
@@ -53,7 +58,14 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         _kill_children()
         os._exit(128 + signum)
     _state["received"] = signum
+    _start_reaper()  # before anything else can go wrong: the processes alive now end with this one
     raise Interrupted(signum)
+
+
+def received() -> int | None:
+    """The signal this process received (``None`` if none): code that cleans up after an
+    exception can skip what the shutdown does anyway (ending Ray's workers)."""
+    return _state["received"]
 
 
 def install() -> None:
@@ -180,15 +192,23 @@ def _spawn_reaper(children: list, grace_s: float) -> None:
                          start_new_session=True, close_fds=True)
 
 
-def begin_shutdown(grace_s: float = 8.0) -> None:
+def _start_reaper() -> None:
+    """Spawn the reaper once, with this process's children now (idempotent)."""
+    if _state["reaper"]:
+        return
+    _state["reaper"] = True
+    _spawn_reaper(_children(), REAPER_GRACE_S)
+
+
+def begin_shutdown(grace_s: float = REAPER_GRACE_S + 1.0) -> None:
     """Bound the shutdown after a signal (idempotent): a detached reaper ends this command's
-    processes still alive once it has exited (or after ``grace_s - 1`` s), and a watchdog ends
-    this process ``grace_s + 1`` s from now if the shutdown hangs."""
+    processes still alive once it has exited (or after :data:`REAPER_GRACE_S` s; the reaper of
+    the signal, if there was one), and a watchdog ends this process ``grace_s + 1`` s from now
+    if the shutdown hangs."""
     if _state["deadline"]:
         return
     _state["deadline"] = True
-    children = _children()
-    _spawn_reaper(children, grace_s - 1.0)
+    _start_reaper()
 
     def watchdog() -> None:
         time.sleep(grace_s + 1.0)

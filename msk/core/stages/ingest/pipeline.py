@@ -565,8 +565,8 @@ def _run_pipeline(src: Path, out: Path, config: IngestConfig, pseudonymiser: Pse
     that much finished work. A task whose worker process dies (a decoder segfault, an out-of-memory kill)
     is retried once; if it fails again its files are decoded one per task
     (:func:`_decode_alone`), so only the file that kills its worker is quarantined. If the
-    driver stops (an error, Ctrl-C), the tasks in flight are cancelled before it returns, so
-    none of them writes into the folder afterwards.
+    driver stops (an error), the tasks in flight are waited for before it returns, so none of
+    them writes into the folder afterwards (after a signal, the shutdown ends them).
     """
     import ray
 
@@ -607,17 +607,28 @@ def _run_pipeline(src: Path, out: Path, config: IngestConfig, pseudonymiser: Pse
             _cancel(list(pending))
 
 
-def _cancel(refs: list[Any]) -> None:
-    """Cancel the tasks of ``refs`` and wait until none of them runs any more."""
+def _cancel(refs: list[Any], *, wait_s: float = 30.0) -> None:
+    """End the tasks of ``refs`` before the driver returns: none of them writes afterwards.
+
+    They are waited for, not cancelled: a polite ``ray.cancel`` that races with the task's own
+    completion aborts the driver inside Ray (``Check failed: it != submissible_tasks_.end()``,
+    ray-project/ray#54846; seen here on about one Ctrl-C in four), and the tasks are short (one
+    batch each). A task still running after ``wait_s`` (stuck in a decoder's C code) has its
+    worker process ended. After a signal nothing is waited for: the shutdown's reaper ends the
+    workers within seconds of the exit (:mod:`msk.core.runtime.shutdown`), and shards that a
+    task finishes meanwhile are named by no manifest part, so a resume removes them.
+    """
     import ray
 
-    for ref in refs:
-        ray.cancel(ref)  # a running task gets a KeyboardInterrupt
-    _, alive = ray.wait(refs, num_returns=len(refs), timeout=30) if refs else ([], [])
+    from msk.core.runtime import shutdown
+
+    if not refs or shutdown.received() is not None:
+        return
+    _, alive = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
     for ref in alive:  # stuck in a decoder's C code: end its worker process
         ray.cancel(ref, force=True)
     if alive:
-        ray.wait(alive, num_returns=len(alive), timeout=30)
+        ray.wait(alive, num_returns=len(alive), timeout=wait_s)
 
 
 def _redo_alone(batch: _Batch, out: Path, run: str, config: IngestConfig,
