@@ -50,17 +50,12 @@ def read_ingest_summary(ingest_dir: str | os.PathLike) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
-def ingest_squaring(ingest_dir: str | os.PathLike) -> dict[str, Any]:
-    """How an ingest squared its images: the recorded ``image_size``, ``resize`` and ``max_pixels``
-    (those it recorded; ``resize`` is ``pad`` when not recorded, as ingest's default)."""
-    config = (read_ingest_summary(ingest_dir) or {}).get("config") or {}
-    found = {k: config[k] for k in ("image_size", "resize", "max_pixels") if k in config}
-    return {"resize": "pad", **found}
-
-
 def ingest_resize(ingest_dir: str | os.PathLike) -> Literal["pad", "stretch"]:
-    """The ``resize`` mode an ingest squared its images with (``pad`` when not recorded)."""
-    return "stretch" if ingest_squaring(ingest_dir)["resize"] == "stretch" else "pad"
+    """The ``resize`` mode an ingest squared its images with (``pad`` when not recorded, as
+    ingest's default). The whole recorded squaring is read by
+    :meth:`msk.core.data.squaring.SquaringConfig.resolved`."""
+    config = (read_ingest_summary(ingest_dir) or {}).get("config") or {}
+    return "stretch" if config.get("resize") == "stretch" else "pad"
 
 #: One row per input file, ``ok`` or ``quarantined``; nothing an ingest sees is left out.
 MANIFEST_SCHEMA = pa.schema(
