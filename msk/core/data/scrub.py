@@ -180,13 +180,15 @@ def _glyphs(img: np.ndarray, hat: np.ndarray, min_h: int, max_h: int, threshold:
     labels, n = ndimage.label(hat > threshold)  # 4-connected: glyphs touching at a corner stay apart
     if n == 0:
         return np.zeros((0, 5), np.float32)
-    strength = _label_max(labels, n, hat)[0].astype(np.float32)
+    step = np.maximum(np.abs(np.diff(img, axis=1, append=img[:, -1:])), np.abs(np.diff(img, axis=0, append=img[-1:])))
+    maxima = _label_max(labels, n, hat, hat / threshold, img, step)
+    strength = maxima[0].astype(np.float32)
     strength[0] = 0.0
     split, m = ndimage.label(hat > np.where(labels > 0, 0.5 * strength[labels], np.inf))
-    rows, ok = _glyph_rows(img, hat, labels, n, min_h, max_h, threshold)
+    rows, ok = _glyph_rows(labels, n, min_h, max_h, maxima)
     if m == 0:
         return rows
-    child_rows, child_ok = _glyph_rows(img, hat, split, m, min_h, max_h, threshold)
+    child_rows, child_ok = _glyph_rows(split, m, min_h, max_h, _label_max(split, m, hat, hat / threshold, img, step))
     parent = _label_max(split, m, labels)[0][1:].astype(np.int64)[child_ok - 1]
     children = np.bincount(parent, minlength=n + 1)[1:]
     replaced = children >= 2
@@ -209,9 +211,11 @@ def _label_max(labels: np.ndarray, n: int, *values: np.ndarray) -> list[np.ndarr
     return out
 
 
-def _glyph_rows(img: np.ndarray, hat: np.ndarray, labels: np.ndarray, n: int, min_h: int, max_h: int,
-                threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The glyph rows of :func:`_glyphs` among ``labels`` 1..n and the labels they come from."""
+def _glyph_rows(labels: np.ndarray, n: int, min_h: int, max_h: int,
+                maxima: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The glyph rows of :func:`_glyphs` among ``labels`` 1..n and the labels they come from;
+    ``maxima``: :func:`_label_max` of the top-hat, the top-hat over the threshold, the image and
+    its pixel step, per label."""
     slices = ndimage.find_objects(labels)
     box = np.array([(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop) for sl in slices], np.float32)
     h, w = box[:, 3] - box[:, 1], box[:, 2] - box[:, 0]
@@ -223,9 +227,7 @@ def _glyph_rows(img: np.ndarray, hat: np.ndarray, labels: np.ndarray, n: int, mi
     if not keep.any():
         return np.zeros((0, 5), np.float32), np.zeros(0, np.int64)
     index = index[keep]
-    step = np.maximum(np.abs(np.diff(img, axis=1, append=img[:, -1:])), np.abs(np.diff(img, axis=0, append=img[-1:])))
-    strength, above, level, edge = (m[index].astype(np.float32)
-                                    for m in _label_max(labels, n, hat, hat / threshold, img, step))
+    strength, above, level, edge = (m[index].astype(np.float32) for m in maxima)
     # faint blobs, and blobs without a sharp edge (a pixel step of most of their contrast), are
     # texture, not ink: rendered text rises from its background within a pixel or two
     strong = (above >= 1.5) & (edge >= SHARPNESS * strength)
