@@ -34,7 +34,13 @@ between the processes that map them), for msk over the cold and the warm ingest 
 Inputs: ``--n-synth`` synthetic files made with :mod:`msk.core.synth` (kept in ``--out`` and
 reused), and with ``--shared`` the DICOMs of ``../shared/data/dicom*`` (decode-bound: large
 JPEG 2000 / JPEG-LS), each measured separately. ``--sizes 500,1000,2000`` adds one ``msk``
-run per size (the first N files) to show how time and memory grow with the work.
+run per size (the first N files) to show how time and memory grow with the work. Synthetic
+DICOMs are made at about 46 files/s, too slow for 100,000; ``--n-png N`` makes N distinct
+320 px 8-bit PNGs instead (smooth random textures, about 1,000 files/s on 2 CPUs) for the
+growth runs, and ``--rounds 0`` skips the contestant table::
+
+    OMP_NUM_THREADS=1 python bench/ingest.py --n-synth 0 --n-png 100000 --rounds 0 \
+        --sizes 1000,10000,100000 --scrub off
 
 Usage::
 
@@ -259,6 +265,40 @@ def synth_source(out: Path, n: int) -> Path:
     return folder / "export"
 
 
+def _write_pngs(args: tuple[Path, int, int]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder, start, stop = args
+    rng = np.random.default_rng(start)
+    base = rng.integers(0, 256, (16, 40, 40)).astype(np.float32)
+    for i in range(start, stop):
+        texture = np.asarray(Image.fromarray(base[i % 16]).resize((320, 320), Image.Resampling.BICUBIC))
+        pixels = np.clip(texture + rng.normal(0, 6, texture.shape) + (i // 16) % 64, 0, 255).astype(np.uint8)
+        path = folder / f"{i // 1000:04d}" / f"{i:07d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(path, compress_level=1)
+
+
+def png_source(out: Path, n: int) -> Path:
+    """``n`` distinct 320 px 8-bit PNGs (kept and reused), 1,000 per folder, made in parallel."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder = out / f"png-{n}"
+    done = folder / ".complete"
+    if not done.is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        print(f"making {n} PNG files in {folder} ...", flush=True)
+        started = time.perf_counter()
+        parts = [(folder, a, min(n, a + 1000)) for a in range(0, n, 1000)]
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(_write_pngs, parts))
+        done.write_text(f"{n}\n")
+        print(f"  {time.perf_counter() - started:.0f} s", flush=True)
+    return folder
+
+
 def warm_page_cache(src: Path) -> None:
     for path in sorted(src.rglob("*")):
         if path.is_file():
@@ -308,10 +348,11 @@ def print_table(name: str, rows: list[dict], size: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-synth", type=int, default=2000, help="synthetic files (0: none)")
+    parser.add_argument("--n-png", type=int, default=0, help="distinct 320 px PNG files (growth runs; 0: none)")
     parser.add_argument("--shared", action="store_true", help="also the shared DICOMs, separately")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench-ingest", help="work folder")
     parser.add_argument("--image-size", type=int, default=256, help="output side length in px")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (0: growth runs only)")
     parser.add_argument("--cpus", type=int, default=psutil.cpu_count(), help="Ray CPUs of the msk contestant")
     parser.add_argument("--scrub", default="auto,off", help="pixel_scrub modes of the msk contestants")
     parser.add_argument("--methods", default="plain,msk-serial,msk", help="contestants (plain,msk-serial,msk)")
@@ -343,6 +384,8 @@ def main() -> None:
     inputs = {}
     if args.n_synth:
         inputs["synthetic"] = synth_source(out, args.n_synth)
+    if args.n_png:
+        inputs["PNG"] = png_source(out, args.n_png)
     if args.shared and (shared := shared_source(out)) is not None:
         inputs["shared DICOMs"] = shared
     for name, src in inputs.items():
@@ -363,7 +406,8 @@ def main() -> None:
             for child in order:
                 print(f"{name} round {k + 1}: {child[1]} {' '.join(child[2:])} ...", flush=True)
                 rows += [r | {"round": k} for r in measure(child + base)]
-        print_table(name, rows, args.image_size)
+        if rows:
+            print_table(name, rows, args.image_size)
         if args.sizes:
             growth = []
             for n in map(int, args.sizes.split(",")):
