@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-real"))
     parser.add_argument("--image-size", type=int, default=64, help="stored and network input size")
     parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per fold of every sorter column")
     parser.add_argument("--patience", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -191,7 +191,9 @@ def main() -> None:
     parser.add_argument("--gradcam", type=int, default=16, help="Grad-CAM overlays of the real-only sorter")
     parser.add_argument("--k", type=int, default=None, help="DeepCluster k (default: 3 x regions)")
     parser.add_argument("--dc-epochs", type=int, default=6)
-    parser.add_argument("--synth-n", type=int, default=2000, help="synthetic images (mixed run, synthetic-only)")
+    parser.add_argument("--synth-n", type=int, default=1000, help="synthetic images of the synthetic-only columns")
+    parser.add_argument("--mixed-n", type=int, default=500, help="synthetic images added to each fold's real "
+                        "training images in the mixed column (of the 9 real regions)")
     parser.add_argument("--synth-epochs", type=int, default=6)
     parser.add_argument("--style", default="radiograph", help="synthetic phantom style")
     parser.add_argument("--init", default="random",
@@ -237,7 +239,7 @@ def main() -> None:
             tables[column("real only (group-aware CV)", init)] = sorter_run("real", real, real.labels, args,
                                                                              args.work, init=init)
     if "mixed" not in skip:
-        synth = synthetic(args.synth_n, args.image_size, regions, args.style)
+        synth = synthetic(args.mixed_n, args.image_size, regions, args.style)
         for init in inits:
             tables[column("mixed synthetic + real", init)] = sorter_run("mixed", real, real.labels, args, args.work,
                                                                         extra_train=synth, init=init)
