@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -92,7 +93,6 @@ def synthetic_only_on_real(real_root: Path = DEFAULT_REAL, *, style: str = "radi
     from msk.core.models.train import TrainConfig, fit_classifier, predict_logits
     from msk.core.synth.phantoms import REGIONS
 
-    torch.set_num_threads(1)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     rx, ry = real_images(real_root, image_size)
@@ -190,6 +190,9 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None,
                     help="the encoder's starting weights, e.g. imagenet (with --encoder mobilenet_v2)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # one thread unless asked
     seeds = [int(x) for x in args.seeds.split(",")]
     tables: dict[str, pd.DataFrame] = {}
     spread: list[str] = []
