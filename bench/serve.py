@@ -10,9 +10,7 @@ with one torch thread each:
   the model allows without any serving;
 * **HTTP**: ``msk serve`` with the sorter only (gateway + one sorter replica), Bearer token
   on, driven by ``httpx`` at concurrency 1 and ``--concurrency``, with ``@serve.batch`` off
-  (``max_batch_size: 1``) and on (``max_batch_size: B``); ``--layouts deployments,in-gateway``
-  adds the same with ``gateway.models_in_gateway`` (the sorter inside the gateway replica: one
-  process hop fewer), each layout with its own interleaved in-process rounds.
+  (``max_batch_size: 1``) and on (``max_batch_size: B``).
 
 Latency is wall-clock per request (p50, p99); throughput is requests / wall-clock. "p50 vs
 in-process" is the HTTP p50 divided by the in-process 1-by-1 p50; "req/s vs in-process" is the
@@ -34,7 +32,6 @@ timing). Usage::
 
     python bench/serve.py --ingest /work/evidence/ingest5k --n 200 --encoder resnet18
     OMP_NUM_THREADS=1 python bench/serve.py --ingest /nonexistent --n 96 --rounds 3 --breakdown  # synthetic
-    OMP_NUM_THREADS=1 python bench/serve.py --ingest /nonexistent --n 96 --rounds 3 --layouts deployments,in-gateway
 """
 
 from __future__ import annotations
@@ -235,9 +232,6 @@ def main() -> None:
                     help="batch_wait_timeout_s with batching on (default: the config's)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, help="working folder (default: a temporary one)")
-    ap.add_argument("--layouts", default="deployments",
-                    help="comma list: deployments (a gateway and a sorter deployment, the default) and/or "
-                         "in-gateway (gateway.models_in_gateway: the sorter runs inside the gateway replica)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the parts of a request (multipart parsing, decode, model, hops) at concurrency 1")
     args = ap.parse_args()
@@ -286,30 +280,26 @@ def main() -> None:
     results: dict[tuple[int, str], Tally] = {}
     meter = CpuMeter()
     try:
-        for layout in args.layouts.split(","):
-            for batch in sorted({1, args.batch}):
-                config = ServeConfig.model_validate({
-                    "port": port, "request_timeout_s": 120, "call_timeout_s": 100,
-                    "preprocess": preprocess.model_dump(mode="json"),
-                    "gateway": {"num_cpus": 0.5, "models_in_gateway": layout == "in-gateway"},
-                    "sorter": {**sort, "max_batch_size": batch,
-                               "max_ongoing_requests": 2 * max(batch, args.concurrency),
-                               **({} if args.batch_wait is None else {"batch_wait_timeout_s": args.batch_wait})}})
-                started = time.perf_counter()
-                serve.run(application(config), name="msk", route_prefix="/")
-                console.print(f"{layout}: deployed with max_batch_size={batch} in "
-                              f"{time.perf_counter() - started:.1f} s")
-                meter.refresh()
-                asyncio.run(over_http(url, token, bodies[:2 * args.concurrency], args.concurrency, Tally()))  # warm-up
-                for chunk in chunks:  # interleaved: every contestant sees the same background load
-                    in_process(chunk, preprocess, ensemble, batch,
-                               results.setdefault((layout, batch, "in-process"), Tally()), meter)
-                    for c in concurrencies:
-                        asyncio.run(over_http(url, token, chunk, c,
-                                              results.setdefault((layout, batch, f"http-{c}"), Tally()), meter))
-                if args.breakdown and batch == 1 and layout == args.layouts.split(",")[0]:
-                    parts = breakdown(url, token, bodies, preprocess, ensemble, args.rounds)
-                    cpu_parts = cpu_breakdown(url, token, bodies, meter)
+        for batch in sorted({1, args.batch}):
+            config = ServeConfig.model_validate({
+                "port": port, "request_timeout_s": 120, "call_timeout_s": 100,
+                "preprocess": preprocess.model_dump(mode="json"), "gateway": {"num_cpus": 0.5},
+                "sorter": {**sort, "max_batch_size": batch, "max_ongoing_requests": 2 * max(batch, args.concurrency),
+                           **({} if args.batch_wait is None else {"batch_wait_timeout_s": args.batch_wait})}})
+            started = time.perf_counter()
+            serve.run(application(config), name="msk", route_prefix="/")
+            console.print(f"deployed with max_batch_size={batch} in {time.perf_counter() - started:.1f} s")
+            meter.refresh()
+            asyncio.run(over_http(url, token, bodies[:2 * args.concurrency], args.concurrency, Tally()))  # warm-up
+            for chunk in chunks:  # interleaved: every contestant sees the same background load
+                in_process(chunk, preprocess, ensemble, batch, results.setdefault((batch, "in-process"), Tally()),
+                           meter)
+                for c in concurrencies:
+                    asyncio.run(over_http(url, token, chunk, c, results.setdefault((batch, f"http-{c}"), Tally()),
+                                          meter))
+            if args.breakdown and batch == 1:
+                parts = breakdown(url, token, bodies, preprocess, ensemble, args.rounds)
+                cpu_parts = cpu_breakdown(url, token, bodies, meter)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -330,22 +320,20 @@ def main() -> None:
         values = [value(x) / value(y) for x, y in zip(a.rounds, b.rounds)]
         return float(np.mean(values)), float(np.std(values))
 
-    for layout in args.layouts.split(","):
-        path = "HTTP /v1/sort" + (" (in gateway)" if layout == "in-gateway" else "")
-        for batch in sorted({1, args.batch}):
-            base = results[(layout, batch, "in-process")]
-            floor = results[(layout, 1, "in-process")]
-            label = "off" if batch == 1 else f"on (max {batch})"
-            table.add_row("in-process", "1 by 1" if batch == 1 else f"batches of {batch}", "1" if batch == 1 else "-",
-                          pm(base.spread(lambda r: r.p50)) if batch == 1 else "", "", pm(base.spread(lambda r: r.rps)),
-                          "", "", pm(base.spread(lambda r: r.cpu_ms)), "", "")
-            for c in concurrencies:
-                r = results[(layout, batch, f"http-{c}")]
-                table.add_row(path, label, str(c), pm(r.spread(lambda x: x.p50)), _ms(r.p99),
-                              pm(r.spread(lambda x: x.rps)),
-                              pm(ratio(r, floor, lambda x: x.p50), 2, "x") if c == 1 else "",
-                              pm(ratio(r, base, lambda x: x.rps), 2), pm(r.spread(lambda x: x.cpu_ms)),
-                              pm(ratio(r, base, lambda x: x.cpu_ms), 2, "x"), str(r.errors))
+    for batch in sorted({1, args.batch}):
+        base = results[(batch, "in-process")]
+        floor = results[(1, "in-process")]
+        label = "off" if batch == 1 else f"on (max {batch})"
+        table.add_row("in-process", "1 by 1" if batch == 1 else f"batches of {batch}", "1" if batch == 1 else "-",
+                      pm(base.spread(lambda r: r.p50)) if batch == 1 else "", "", pm(base.spread(lambda r: r.rps)),
+                      "", "", pm(base.spread(lambda r: r.cpu_ms)), "", "")
+        for c in concurrencies:
+            r = results[(batch, f"http-{c}")]
+            table.add_row("HTTP /v1/sort", label, str(c), pm(r.spread(lambda x: x.p50)), _ms(r.p99),
+                          pm(r.spread(lambda x: x.rps)),
+                          pm(ratio(r, floor, lambda x: x.p50), 2, "x") if c == 1 else "",
+                          pm(ratio(r, base, lambda x: x.rps), 2), pm(r.spread(lambda x: x.cpu_ms)),
+                          pm(ratio(r, base, lambda x: x.cpu_ms), 2, "x"), str(r.errors))
     console.print(table)
     if args.breakdown:
         print_breakdown(console, parts)

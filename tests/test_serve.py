@@ -408,50 +408,6 @@ def test_segment_returns_the_lesion_in_the_uploaded_images_pixels(client):
                  422, "no_lesion_found")
 
 
-def _assert_close(a, b, path: str = "") -> None:
-    """JSON answers equal, floats to 1e-4 (two processes may round the last bits differently)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for key in a:
-            _assert_close(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, abs=1e-4), path
-    else:
-        assert a == b, path
-
-
-@pytest.mark.slow
-def test_models_in_the_gateway_answer_as_their_own_deployments_do(client, server, model_files):
-    """``gateway.models_in_gateway``: one deployment (the gateway) runs all four models, and every
-    endpoint answers what the four model deployments answer."""
-    from ray import serve
-
-    from msk.serve.app import application
-    from msk.serve.config import ServeConfig
-
-    config = serve_config(model_files, 8000) | {"gateway": {"num_cpus": 0.25, "models_in_gateway": True}}
-    serve.run(application(ServeConfig.model_validate(config)), name="in-gateway", route_prefix="/in-gateway")
-    try:
-        assert set(serve.status().applications["in-gateway"].deployments) == {"gateway"}
-        with httpx.Client(base_url=f"{server}/in-gateway", headers=dict(client.headers), timeout=60) as mine:
-            assert mine.get("/readyz").json()["models"] == {m: "ready" for m in ("sort", "recommend", "classify",
-                                                                                 "segment")}
-            for route, data, form in [("/v1/sort", png(HORIZONTAL), {"k": 3}), ("/v1/sort", dicom(IMAGES[1]), {}),
-                                      ("/v1/recommend", png(HORIZONTAL), {}), ("/v1/segment", png(HORIZONTAL), {})]:
-                theirs, ours = post_image(client, route, data, **form), post_image(mine, route, data, **form)
-                assert ours.status_code == theirs.status_code == 200, ours.text
-                _assert_close(ours.json(), theirs.json())
-            answers = [post_image(c, "/v1/classify", png(HORIZONTAL), metadata=META).json() for c in (client, mine)]
-            _assert_close(answers[0], answers[1])
-            assert_error(post_image(mine, "/v1/sort", b"not an image"), 415, "unsupported_media_type")
-    finally:
-        serve.delete("in-gateway")
-
-
 # -- the error contract -----------------------------------------------------------------------------
 
 

@@ -8,10 +8,6 @@
                            |-> ClassifierDeployment  /v1/classify   (@serve.batch)
                            '-> SegmenterDeployment   /v1/segment    (@serve.batch)
 
-With ``gateway.models_in_gateway`` the same model classes run inside each gateway replica
-instead (:class:`InGateway`): one process hop fewer per request, for a single node where
-latency matters more than scaling the models apart.
-
 **The chain.** A classifier or recommender trained on lesion crops needs the lesion: the
 request's box (``metadata.box`` / ``?box=``, pixels of the uploaded image), else the
 segmenter's (when one is configured), else the request is refused (422 ``box_required``).
@@ -42,7 +38,6 @@ of a Ray Serve config file, ``serve run msk/serve/serve.example.yaml``) and
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import time
@@ -85,7 +80,7 @@ from msk.serve.schemas import (
     SortResponse,
 )
 
-__all__ = ["API_VERSION", "PROXY_ENV", "REPLICA_ENV", "AccessLog", "Gateway", "InGateway", "ModelClients", "ServeError",
+__all__ = ["API_VERSION", "PROXY_ENV", "REPLICA_ENV", "AccessLog", "Gateway", "ModelClients", "ServeError",
            "application", "build_app", "create_api", "serve_environment", "serve_main"]
 
 API_VERSION = "v1"
@@ -158,24 +153,6 @@ class ModelClients:
         return result
 
 
-class InGateway:
-    """A model object in the gateway's own process, called like a deployment handle:
-    ``model.method.remote(*args)`` is the coroutine ``method(*args)`` on the gateway's event loop
-    (the models run their blocking work in ``asyncio.to_thread``, and ``@serve.batch`` batches
-    the concurrent calls as it does in a replica)."""
-
-    def __init__(self, model: Any):
-        self.model = model
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.model, name)
-
-        class _Call:
-            remote = staticmethod(method)
-
-        return _Call
-
-
 def _direct(handle: Any) -> Any:
     """A deployment handle that calls its replica over gRPC with plain pickle (no object store,
     no cloudpickle: the arguments are a small square image and plain values); other objects
@@ -202,20 +179,13 @@ class Gateway:
         ``debug_routes`` and ``lesion_input`` (endpoint -> true when its model was trained on
         lesion crops).
     :param sorter, recommender, classifier, segmenter: handles of the configured model deployments.
-    :param in_gateway: with ``gateway.models_in_gateway``, endpoint -> (``module:Deployment``, its
-        init arguments) of each model, built in this replica instead (:class:`InGateway`).
     """
 
     def __init__(self, settings: dict[str, Any], sorter: DeploymentHandle | None = None,
                  recommender: DeploymentHandle | None = None, classifier: DeploymentHandle | None = None,
-                 segmenter: DeploymentHandle | None = None, in_gateway: Mapping[str, Any] | None = None):
+                 segmenter: DeploymentHandle | None = None):
         self.settings = settings
-        handles: dict[str, Any] = {"sort": sorter, "recommend": recommender, "classify": classifier,
-                                   "segment": segmenter}
-        for endpoint, (path, args) in (in_gateway or {}).items():  # gateway.models_in_gateway
-            module, _, name = path.partition(":")
-            deployment = getattr(importlib.import_module(module), name)
-            handles[endpoint] = InGateway(deployment.func_or_class(*args))
+        handles = {"sort": sorter, "recommend": recommender, "classify": classifier, "segment": segmenter}
         self.models = ModelClients({n: h for n, h in handles.items() if h is not None}, settings["call_timeout_s"])
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -505,39 +475,30 @@ def application(config: ServeConfig):
     if clients is not None:
         read_clients(clients)  # a malformed file fails here, naming its line
     preprocess = config.preprocess.model_dump(mode="json")
-    models: dict[str, tuple[Any, Any, tuple[Any, ...]]] = {}  # endpoint -> (model config, deployment, args)
+    bound: dict[str, Any] = {}
     lesion_input = {"recommend": False, "classify": False}
     if config.sorter is not None:
         inspect_sorter(config.sorter)
-        models["sort"] = (config.sorter, SorterDeployment,
-                          (config.sorter.model_dump(mode="json"), config.debug_routes))
+        bound["sorter"] = SorterDeployment.options(**_options(config.sorter)).bind(
+            config.sorter.model_dump(mode="json"), config.debug_routes)
     if config.recommender is not None:
         lesion_input["recommend"] = inspect_recommender(config.recommender)["roi_margin"] is not None
-        models["recommend"] = (config.recommender, RecommenderDeployment,
-                               (config.recommender.model_dump(mode="json"), config.debug_routes))
+        bound["recommender"] = RecommenderDeployment.options(**_options(config.recommender)).bind(
+            config.recommender.model_dump(mode="json"), config.debug_routes)
     if config.classifier is not None:
         load_classifier_model(config.classifier, config.preprocess)  # fails here, not in a replica
         lesion_input["classify"] = config.classifier.roi is not None
-        models["classify"] = (config.classifier, ClassifierDeployment,
-                              (config.classifier.model_dump(mode="json"), preprocess, config.debug_routes))
+        bound["classifier"] = ClassifierDeployment.options(**_options(config.classifier)).bind(
+            config.classifier.model_dump(mode="json"), preprocess, config.debug_routes)
     if config.segmenter is not None:
         inspect_segmenter(config.segmenter)
-        models["segment"] = (config.segmenter, SegmenterDeployment,
-                             (config.segmenter.model_dump(mode="json"), config.debug_routes))
+        bound["segmenter"] = SegmenterDeployment.options(**_options(config.segmenter)).bind(
+            config.segmenter.model_dump(mode="json"), config.debug_routes)
     settings = {"call_timeout_s": config.call_timeout_s, "max_upload_bytes": config.max_upload_bytes,
                 "preprocess": preprocess, "token_digest": digest, "clients_file": clients,
                 "debug_routes": config.debug_routes,
                 "lesion_input": lesion_input, "max_concurrent_decodes": config.gateway.max_concurrent_decodes}
-    gateway = _options(config.gateway)
-    if config.gateway.models_in_gateway:
-        if any(getattr(model, "use_gpu", False) for model, _, _ in models.values()):
-            gateway["ray_actor_options"]["num_gpus"] = 1
-        return Gateway.options(**gateway).bind(
-            settings, in_gateway={name: (f"{deployment.func_or_class.__module__}:{deployment.func_or_class.__name__}",
-                                         args) for name, (_, deployment, args) in models.items()})
-    bound = {ENDPOINTS[name]: deployment.options(**_options(model)).bind(*args)
-             for name, (model, deployment, args) in models.items()}
-    return Gateway.options(**gateway).bind(settings, **bound)
+    return Gateway.options(**_options(config.gateway)).bind(settings, **bound)
 
 
 def build_app(args: dict[str, Any]):

@@ -115,10 +115,6 @@ class GatewayConfig(ReplicaConfig):
 
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per gateway replica")
     max_ongoing_requests: int = Field(64, ge=1, description="requests one gateway replica handles at once")
-    models_in_gateway: bool = Field(False, description="run the models inside each gateway replica instead of in "
-                                    "their own deployments: one process hop fewer per request (lower latency on "
-                                    "one node); the models' replicas and num_cpus are then unused, and a model "
-                                    "that crashes takes its gateway replica with it")
     max_concurrent_decodes: int = Field(2, ge=1, description="uploads decoded at once per gateway replica; each "
                                         "can take up to ~8 bytes x preprocess.max_pixels of memory")
 
