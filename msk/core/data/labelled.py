@@ -139,7 +139,7 @@ def ingest_info(data: SquareImages, out: Path) -> dict[str, Any]:
         from msk.core.io.manifest import read_ingest_summary
 
         saved = (read_ingest_summary(data.source) or {}).get("config") or {}
-        from msk.core.data.squaring import INGEST_SQUARING
+        from msk.core.data.squaring import recorded_squaring
 
-        info.update({k: saved[k] for k in INGEST_SQUARING if k in saved and k != "image_size"})
+        info.update({k: v for k, v in recorded_squaring(saved).items() if k != "image_size"})
     return info

@@ -181,14 +181,15 @@ def _glyphs(img: np.ndarray, hat: np.ndarray, min_h: int, max_h: int, threshold:
     if n == 0:
         return np.zeros((0, 5), np.float32)
     step = np.maximum(np.abs(np.diff(img, axis=1, append=img[:, -1:])), np.abs(np.diff(img, axis=0, append=img[-1:])))
-    maxima = _label_max(labels, n, hat, hat / threshold, img, step)
+    above = hat / threshold
+    maxima = _label_max(labels, n, hat, above, img, step)
     strength = maxima[0].astype(np.float32)
     strength[0] = 0.0
     split, m = ndimage.label(hat > np.where(labels > 0, 0.5 * strength[labels], np.inf))
     rows, ok = _glyph_rows(labels, n, min_h, max_h, maxima)
     if m == 0:
         return rows
-    child_rows, child_ok = _glyph_rows(split, m, min_h, max_h, _label_max(split, m, hat, hat / threshold, img, step))
+    child_rows, child_ok = _glyph_rows(split, m, min_h, max_h, _label_max(split, m, hat, above, img, step))
     parent = _label_max(split, m, labels)[0][1:].astype(np.int64)[child_ok - 1]
     children = np.bincount(parent, minlength=n + 1)[1:]
     replaced = children >= 2

@@ -8,9 +8,9 @@ Ingest, the stages and serving share these functions, so the geometry is written
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -20,8 +20,8 @@ from msk.core.config import MskConfig
 from msk.core.data.scrub import ScrubMode
 from msk.core.errors import ConfigError, MskError
 
-__all__ = ["SquaringConfig", "map_box_from_square", "map_box_to_square", "read_square", "square_image",
-           "unsquare_image"]
+__all__ = ["INGEST_SQUARING", "SquaringConfig", "map_box_from_square", "map_box_to_square", "read_square",
+           "recorded_squaring", "square_image", "unsquare_image"]
 
 
 def square_image(pixels: np.ndarray, size: int, mode: Literal["pad", "stretch"] = "pad") -> np.ndarray:
@@ -103,6 +103,11 @@ def unsquare_image(square: np.ndarray, source_shape: tuple[int, int],
 INGEST_SQUARING: tuple[str, ...] = ("image_size", "resize", "max_pixels", "pixel_scrub")
 
 
+def recorded_squaring(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`INGEST_SQUARING` options among ``values`` (an ingest's config, a run's record)."""
+    return {k: values[k] for k in INGEST_SQUARING if k in values}
+
+
 class SquaringConfig(MskConfig):
     """How an upload becomes the square ``uint8`` image the models were trained on.
 
@@ -139,7 +144,7 @@ class SquaringConfig(MskConfig):
         saved = (read_ingest_summary(self.ingest) or {}).get("config")
         if not isinstance(saved, dict):
             raise ConfigError(f"preprocess.ingest: {summary} is unreadable (no JSON object with its config)")
-        values = {k: saved[k] for k in INGEST_SQUARING if k in saved}
+        values = recorded_squaring(saved)
         clash = {k: (getattr(self, k), v) for k, v in values.items()
                  if k in self.model_fields_set and getattr(self, k) != v}
         if clash:

@@ -57,6 +57,7 @@ def ingest_resize(ingest_dir: str | os.PathLike) -> Literal["pad", "stretch"]:
     config = (read_ingest_summary(ingest_dir) or {}).get("config") or {}
     return "stretch" if config.get("resize") == "stretch" else "pad"
 
+
 #: One row per input file, ``ok`` or ``quarantined``; nothing an ingest sees is left out.
 MANIFEST_SCHEMA = pa.schema(
     [

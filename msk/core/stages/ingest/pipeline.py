@@ -604,10 +604,10 @@ def _run_pipeline(src: Path, out: Path, config: IngestConfig, pseudonymiser: Pse
                 done += len(rows)
                 bar.update(task, completed=done, ok=committer.counts[OK], quarantined=committer.counts[QUARANTINED])
         finally:
-            _cancel(list(pending))
+            _finish_in_flight(list(pending))
 
 
-def _cancel(refs: list[Any], *, wait_s: float = 30.0) -> None:
+def _finish_in_flight(refs: list[Any], *, wait_s: float = 30.0) -> None:
     """End the tasks of ``refs`` before the driver returns: none of them writes afterwards.
 
     They are waited for, not cancelled: a polite ``ray.cancel`` that races with the task's own

@@ -113,7 +113,7 @@ def segment_preprocess(run: str | os.PathLike, ingest: str | os.PathLike | None 
     """The :class:`msk.core.data.squaring.SquaringConfig` that squares new images like the run's
     training images: ``ingest``'s ``ingest.json`` if given, else what ``segmenter.json`` records
     (module docstring). A square size other than the run's is refused."""
-    from msk.core.data.squaring import INGEST_SQUARING, SquaringConfig
+    from msk.core.data.squaring import SquaringConfig, recorded_squaring
 
     run = Path(run)
     from msk.core.models.segmenter import read_segmenter_info
@@ -123,7 +123,7 @@ def segment_preprocess(run: str | os.PathLike, ingest: str | os.PathLike | None 
     if ingest is not None:
         preprocess = SquaringConfig(ingest=Path(ingest)).resolved()
     elif isinstance(recorded, dict) and "image_size" in recorded:
-        preprocess = SquaringConfig(**{k: recorded[k] for k in INGEST_SQUARING if k in recorded})
+        preprocess = SquaringConfig(**recorded_squaring(recorded))
     elif source and (Path(source) / "ingest.json").is_file():
         preprocess = SquaringConfig(ingest=Path(source)).resolved()
     else:  # a run from before segmenter.json recorded its ingest, whose ingest folder is gone

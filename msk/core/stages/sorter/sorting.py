@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msk.core.data.squaring import INGEST_SQUARING, SquaringConfig, read_square
+from msk.core.data.squaring import SquaringConfig, read_square, recorded_squaring
 from msk.core.errors import ConfigError, QuarantineError, unusable_message
 
 __all__ = ["FileError", "ReadImages", "read_images", "run_preprocess"]
@@ -36,7 +36,7 @@ def run_preprocess(run: str | os.PathLike, ingest: str | os.PathLike | None = No
         raise ConfigError(f"{Path(run) / 'sorter.json'} does not record how its training images "
                           "were squared (a run from before `msk sort`); pass --ingest with the "
                           "run's ingest folder, or rerun `msk train sorter` on the run folder")
-    values = {k: recorded[k] for k in INGEST_SQUARING if k in recorded}
+    values = recorded_squaring(recorded)
     return SquaringConfig(**values)
 
 

@@ -42,7 +42,7 @@ from pydantic import Field
 
 from msk.core.data.labelled import LabelledImages, ingest_info, load_labelled
 from msk.core.data.splits import CrossValidation, patients_per_class, plan_splits
-from msk.core.data.squaring import INGEST_SQUARING
+from msk.core.data.squaring import recorded_squaring
 from msk.core.io.checkpoint import CheckpointError
 from msk.core.models.metrics import softmax
 from msk.core.models.ood import FEATURE_SCORES, FeatureDensity, UnknownCalibration, calibrate
@@ -311,7 +311,7 @@ def _train_fold(k: int, data: LabelledImages, y: np.ndarray, train: np.ndarray, 
             images, labels = np.concatenate([images, extra[0]]), np.concatenate([labels, extra[1]])
         squaring = ingest_info(data, out)
         record = {"task": "sorter", "entity_set": config.region_set, "data": {"source": data.source or None},
-                  "squaring": {k: squaring[k] for k in INGEST_SQUARING if k in squaring}}
+                  "squaring": recorded_squaring(squaring)}
         result = fit_classifier(images, labels, len(classes), config.train_config(), out=fold_out,
                                 val=(data.images[val], y[val]), classes=classes, record=record)
     except (TrainError, CheckpointError) as exc:
