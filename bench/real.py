@@ -50,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/synth_to_real.py
 
 DEFAULT_REAL = HERE.parents[0].parent / "shared" / "data" / "real-xr"
+DEFAULT_AUDIT = HERE / "data" / "real-xr-audit.csv"
 UPPER_LIMB = ("elbow", "finger", "forearm", "humerus", "shoulder", "wrist")
 
 
@@ -121,17 +122,16 @@ def init_options(init: str) -> dict:
 
 
 def sorter_run(name: str, data, truth: list[str], args, work: Path, extra_train=None,
-               init: str = "random") -> pd.DataFrame | None:
+               init: str = "random", splits_from: Path | None = None) -> pd.DataFrame | None:
     """``train_sorter`` on ``data`` (its labels may be weak), scored on its test set against
-    ``truth`` (the true region of every image of ``data``)."""
-    from msk.core.data.splits import plan_splits
-    from msk.core.models.sorter import load_sorter
+    ``truth`` (the true region of every image of ``data``); ``splits_from``: an earlier run's
+    ``splits.csv``, for the same test patients."""
     from msk.core.stages.sorter.training import SorterConfig, train_sorter
 
     config = SorterConfig(encoder=args.encoder, image_size=args.image_size, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, folds=args.folds, num_workers=0,
                           gradcam_images=args.gradcam, small_classes="drop", patience=args.patience,
-                          encoder_options=init_options(init))
+                          encoder_options=init_options(init), splits_from=splits_from)
     name = name if init == "random" else f"{name}-{init}"
     if args.score_only and not all((work / name / f"fold-{k}" / "best.pt").is_file()
                                    for k in range(1, config.folds + 1)):
@@ -139,15 +139,34 @@ def sorter_run(name: str, data, truth: list[str], args, work: Path, extra_train=
         return None
     started = time.perf_counter()
     train_sorter(data, config, out=work / name, extra_train=extra_train, progress=False)
-    ensemble = load_sorter(work / name)
-    plan = plan_splits(data.patient_ids, data.labels, folds=config.folds, test_size=config.test_size,
-                       seed=config.seed)
-    test = data.subset(plan.test)
-    probs = ensemble.predict_proba(test.images)
-    table = per_region([truth[i] for i in plan.test], probs, ensemble.classes)
+    table = score_run(work / name, data, truth)
     log(f"sorter {name}: test top-1 {table.loc['all', 'top1']:.3f}, top-2 {table.loc['all', 'top2']:.3f} "
-        f"({len(test)} test images, {time.perf_counter() - started:.0f} s)")
+        f"({int(table.loc['all', 'n'])} test images, {time.perf_counter() - started:.0f} s)")
     return table
+
+
+def score_run(run: Path, data, truth: list[str]) -> pd.DataFrame:
+    """The fold ensemble of ``run`` on its test images (``run/splits.csv``) against ``truth``
+    (per image of ``data``)."""
+    from msk.core.models.sorter import load_sorter
+
+    splits = pd.read_csv(run / "splits.csv")
+    test_ids = set(splits.loc[splits["part"] == "test", "image_id"])
+    test = [i for i, image_id in enumerate(data.image_ids) if image_id in test_ids]
+    ensemble = load_sorter(run)
+    probs = ensemble.predict_proba(data.subset(test).images)
+    return per_region([truth[i] for i in test], probs, ensemble.classes)
+
+
+def audited_truth(ingest: Path, audit: Path, data) -> list[str]:
+    """Per image of ``data``: its region as a blind audit names it (``bench/label_audit.py``,
+    ``bench/data/real-xr-audit.csv``), or its given label where the audit has no answer or ``?``."""
+    parts = sorted((ingest / "manifest").glob("*.parquet"))
+    manifest = pd.concat([pd.read_parquet(p, columns=["image_id", "path", "status"]) for p in parts])
+    path_of = dict(zip(manifest["image_id"], manifest["path"]))
+    answers = pd.read_csv(audit, keep_default_na=False).set_index("path")["audited"].to_dict()
+    named = [answers.get(path_of.get(i, ""), "") for i in data.image_ids]
+    return [a if a not in ("", "?") else label for a, label in zip(named, data.labels)]
 
 
 # -- DeepCluster ---------------------------------------------------------------------------------
@@ -200,8 +219,11 @@ def main() -> None:
                         help="comma list of sorter starts: random, imagenet (or any `pretrained` value)")
     parser.add_argument("--score-only", action="store_true",
                         help="train nothing: score the sorter runs already finished in --work, leave out the rest")
+    parser.add_argument("--audit", type=Path, default=DEFAULT_AUDIT,
+                        help="blind label audit of real-xr (bench/label_audit.py): with the real column, the "
+                        "real-only sorter is also scored against the audited labels, and one is trained on them")
     parser.add_argument("--skip", default="", help="comma list of: synth, basic (its original-phantom column), "
-                                                   "real, mixed, weak, stretch, upper, dc")
+                                                   "real, audit, mixed, weak, stretch, upper, dc")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     inits = [s.strip() for s in args.init.split(",") if s.strip()]
@@ -238,6 +260,23 @@ def main() -> None:
         for init in inits:
             tables[column("real only (group-aware CV)", init)] = sorter_run("real", real, real.labels, args,
                                                                              args.work, init=init)
+    if "real" not in skip and "audit" not in skip and args.audit.is_file():
+        from msk.core.data.labelled import LabelledImages
+
+        truth = audited_truth(args.work / f"ingest-{args.image_size}", args.audit, real)
+        keep = [i for i, t in enumerate(truth) if t in regions]  # hand, clavicle: not one of the 9
+        audited = LabelledImages(real.images[keep], [truth[i] for i in keep], [real.patient_ids[i] for i in keep],
+                                 [real.image_ids[i] for i in keep], real.source)
+        log(f"audit {args.audit.name}: {sum(t != g for t, g in zip(truth, real.labels))} of {len(real)} labels "
+            f"corrected, {len(real) - len(keep)} images outside the {len(regions)} regions left out")
+        for init in inits:
+            name = "real" if init == "random" else f"real-{init}"
+            # the same test images as the column below: those the audit names with one of the regions
+            tables[column("given labels, scored against audited", init)] = score_run(
+                args.work / name, audited, audited.labels)
+            tables[column("audited labels (train and test)", init)] = sorter_run(
+                "real-audited", audited, audited.labels, args, args.work, init=init,
+                splits_from=args.work / name / "splits.csv")
     if "mixed" not in skip:
         synth = synthetic(args.mixed_n, args.image_size, regions, args.style)
         for init in inits:

@@ -100,6 +100,47 @@ def test_small_classes_can_be_dropped(tmp_path):
     assert "left out 2 images of 1 small class(es)" in result.notes[0]
 
 
+def test_splits_from_an_earlier_run_keep_its_test_patients_after_relabelling(run, tmp_path):
+    _, first = run
+    data = labelled()
+    # an expert corrects two patients' labels and discards one patient: the split of a fresh
+    # plan would move, the earlier run's is kept image by image
+    labels = list(data.labels)
+    labels[6:10] = ["knee"] * 4
+    corrected = LabelledImages(data.images, labels, data.patient_ids, data.image_ids, source="memory")
+    corrected = corrected.subset(list(range(4, len(corrected))))
+    out = tmp_path / "corrected"
+    train_sorter(corrected, fast(epochs=1, gradcam_images=0, splits_from=first / "splits.csv"),
+                 out=out, progress=False)
+    with (first / "splits.csv").open() as f:
+        before = {r["image_id"]: (r["part"], r["val_fold"]) for r in csv.DictReader(f)}
+    with (out / "splits.csv").open() as f:
+        after = list(csv.DictReader(f))
+    assert len(after) == len(corrected)
+    assert all(before[r["image_id"]] == (r["part"], r["val_fold"]) for r in after)
+    assert {r["label"] for r in after if r["image_id"] == "p-img6"} == {"knee"}
+
+
+def test_splits_from_must_name_every_image(run, tmp_path):
+    _, first = run
+    extra = labelled(8, seed=5, prefix="new")
+    data = labelled()
+    both = LabelledImages(np.concatenate([data.images, extra.images]), data.labels + extra.labels,
+                          data.patient_ids + extra.patient_ids, data.image_ids + extra.image_ids, source="memory")
+    with pytest.raises(SorterError, match=r"splits_from .*splits.csv: 8 of this run's 68 images are not in it "
+                                          r"\(e.g. new-img0\)"):
+        train_sorter(both, fast(splits_from=first / "splits.csv"), out=tmp_path / "a", progress=False)
+    bad = tmp_path / "splits.csv"
+    bad.write_text("image_id,part,val_fold\n" + "".join(f"{i},{'test' if k < 10 else 'dev'},{'' if k < 10 else 7}\n"
+                                                         for k, i in enumerate(data.image_ids)))
+    with pytest.raises(SorterError, match=r"validation folds are \[7\], not 1..2"):
+        train_sorter(data, fast(splits_from=bad), out=tmp_path / "b", progress=False)
+    rows = [f"{i},test,\n" if k % 4 == 1 else f"{i},dev,{1 + k // 4 % 2}\n" for k, i in enumerate(data.image_ids)]
+    bad.write_text("image_id,part,val_fold\n" + "".join(rows))
+    with pytest.raises(SorterError, match=r"PAT|patient"):  # one patient's images on both sides
+        train_sorter(data, fast(splits_from=bad), out=tmp_path / "c", progress=False)
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 

@@ -484,6 +484,8 @@ def train_sorter(
     profile: Profile = "auto",
     holdout_ingest: Optional[Path] = typer.Option(None, help="external hold-out ingest folder"),
     holdout_labels: Optional[Path] = typer.Option(None, help="labels of the external hold-out"),
+    splits_from: Optional[Path] = typer.Option(None, help="an earlier run's splits.csv: the same test "
+                                               "set and folds, e.g. after correcting labels"),
     config: ConfigFile = None,
 ) -> None:
     """Train the anatomical sorter (SAM-X): patient-level test set + k-fold CV, top-1/top-2,
@@ -495,7 +497,8 @@ def train_sorter(
     from msk.core.stages.sorter.training import SorterConfig, init_from_weak_labels, sorter_from_ingest
 
     cfg = load_config(SorterConfig, config, init=init, encoder=encoder, epochs=epochs, folds=folds,
-                      num_workers=num_workers, use_gpu=use_gpu, image_size=image_size)
+                      num_workers=num_workers, use_gpu=use_gpu, image_size=image_size,
+                      splits_from=splits_from)
     cfg = _profiled(cfg, "sorter", profile, out_dir)
     cfg, note = init_from_weak_labels(cfg, labels)
     if note:

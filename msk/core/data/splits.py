@@ -139,6 +139,32 @@ class CrossValidation:
         return part, fold
 
 
+def plan_from_parts(patient_ids: Sequence[str], parts: Sequence[tuple[str, int | None]],
+                    folds: int) -> CrossValidation:
+    """The :class:`CrossValidation` that ``parts`` (per image: ``"test"`` or ``"dev"``, and the
+    fold it validates) describe, as an earlier run's ``splits.csv`` records them; each fold trains
+    on the other folds' validation images. Raises :class:`TrainingDataError` when a fold or the test set
+    is empty, a fold number is outside ``1..folds``, or a patient is in two parts."""
+    test = np.array([i for i, (part, _) in enumerate(parts) if part == "test"], dtype=np.int64)
+    numbers = {fold for part, fold in parts if part != "test"}
+    if not len(test):
+        raise TrainingDataError("the splits name no test image")
+    if None in numbers or not numbers <= set(range(1, folds + 1)):
+        raise TrainingDataError(f"the splits' validation folds are {sorted(numbers, key=str)}, not 1..{folds}")
+    pids = np.asarray(patient_ids, dtype=object)
+    plan = []
+    for k in range(1, folds + 1):
+        val = np.array([i for i, (part, fold) in enumerate(parts) if part != "test" and fold == k], dtype=np.int64)
+        train = np.array([i for i, (part, fold) in enumerate(parts) if part != "test" and fold != k],
+                         dtype=np.int64)
+        if not len(val) or not len(train):
+            raise TrainingDataError(f"fold {k} of the splits has no validation or no training image")
+        for a, b in ((train, val), (train, test), (val, test)):
+            assert_disjoint_patients(pids[a], pids[b])
+        plan.append((train, val))
+    return CrossValidation(test, plan)
+
+
 def patients_per_class(patient_ids: Sequence[str], labels: Sequence[str]) -> dict[str, int]:
     members: dict[str, set[str]] = defaultdict(set)
     for p, label in zip(patient_ids, labels):

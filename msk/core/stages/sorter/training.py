@@ -41,8 +41,9 @@ import numpy as np
 from pydantic import Field
 
 from msk.core.data.labelled import LabelledImages, ingest_info, load_labelled
-from msk.core.data.splits import CrossValidation, patients_per_class, plan_splits
+from msk.core.data.splits import CrossValidation, patients_per_class, plan_from_parts, plan_splits
 from msk.core.data.squaring import recorded_squaring
+from msk.core.errors import TrainingDataError
 from msk.core.io.checkpoint import CheckpointError
 from msk.core.models.metrics import softmax
 from msk.core.models.ood import FEATURE_SCORES, FeatureDensity, UnknownCalibration, calibrate
@@ -77,6 +78,10 @@ class SorterConfig(TrainConfig):
         "energy (mean log-sum-exp of the fold logits); see docs/sorter.md, 'Unknown inputs'")
     ood_keep: float = Field(0.95, gt=0, le=1, description="share of the out-of-fold validation "
                             "images scored at or above the 'unknown' threshold")
+    splits_from: Path | None = Field(None, description="an earlier run's splits.csv: reuse its test "
+                                     "set and folds (by image id) instead of drawing them, e.g. to "
+                                     "compare two label files on the same test patients; it must "
+                                     "name every image of this run, and may name more")
 
     def train_config(self) -> TrainConfig:
         """The :class:`TrainConfig` part, as each fold's run is given it."""
@@ -293,6 +298,26 @@ def _write_splits(out: Path, data: LabelledImages, plan: CrossValidation) -> Non
         csv.writer(f).writerows([header, *rows])
 
 
+def _read_splits(path: Path, data: LabelledImages, folds: int) -> CrossValidation:
+    """The test set and folds an earlier run's ``splits.csv`` (:func:`_write_splits`) gives the
+    images of ``data``, by image id; its labels and the images it names beyond ``data`` are ignored."""
+    try:
+        with Path(path).open(newline="") as f:
+            rows = {r["image_id"]: r for r in csv.DictReader(f)}
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError) as exc:
+        raise SorterError(f"splits_from {path}: not a readable splits.csv ({exc})") from exc
+    missing = [i for i in data.image_ids if i not in rows]
+    if missing:
+        raise SorterError(f"splits_from {path}: {len(missing)} of this run's {len(data)} images are not in it "
+                          f"(e.g. {missing[0]}); it must come from a run on the same images")
+    try:
+        parts = [(rows[i]["part"], int(rows[i]["val_fold"]) if rows[i]["val_fold"] else None)
+                 for i in data.image_ids]
+        return plan_from_parts(data.patient_ids, parts, folds)
+    except (KeyError, ValueError, TrainingDataError) as exc:
+        raise SorterError(f"splits_from {path}: {exc}") from exc
+
+
 def _train_fold(k: int, data: LabelledImages, y: np.ndarray, train: np.ndarray, val: np.ndarray,
                 classes: list[str], config: SorterConfig, out: Path,
                 extra: tuple[np.ndarray, np.ndarray] | None = None) -> FoldResult:
@@ -424,8 +449,11 @@ def prepare_sorter_data(data: LabelledImages, config: SorterConfig):
     data, dropped = _check_classes(data, config)
     classes = [c for c in entities.names if c in set(data.labels)]
     y = np.array([classes.index(c) for c in data.labels], dtype=np.int64)
-    plan = plan_splits(data.patient_ids, data.labels, folds=config.folds,
-                       test_size=config.test_size, seed=config.seed)
+    if config.splits_from is not None:
+        plan = _read_splits(config.splits_from, data, config.folds)
+    else:
+        plan = plan_splits(data.patient_ids, data.labels, folds=config.folds,
+                           test_size=config.test_size, seed=config.seed)
     return data, dropped, classes, y, plan
 
 
