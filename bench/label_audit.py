@@ -92,9 +92,9 @@ def score(args: argparse.Namespace) -> None:
     if args.key:  # an audit by item number: name its images by path
         audit = audit.merge(pd.read_csv(args.key), on="item")
     audit = audit[["path", args.column, "note"]].rename(columns={args.column: "audited"})
-    missing = set(audit["path"]) - set(frame["path"])
-    if missing:
-        sys.exit(f"{len(missing)} audited paths are not test images of this run, e.g. {sorted(missing)[0]}")
+    audit = audit[audit["path"].isin(frame["path"])]  # an audit of all images: its test images
+    if audit.empty:
+        sys.exit(f"{args.audit} names none of this run's test images")
     frame = frame.merge(audit, on="path", how="left")
     answer = frame["audited"].fillna("").astype(str)
     unsure = answer == "?"

@@ -21,6 +21,9 @@ Tables, one run:
    (no letterbox bars, so the aspect ratio of a source's files is gone) and on the six
    upper-limb regions alone, which all come from one source (roboflow-fracture), so the
    sorter there can only use anatomy. Per region: test images, top-1, top-2.
+   With ``--audit`` (default ``bench/data/real-xr-audit.csv``, a blind audit of the upper-limb
+   files): the real-only and upper-limb sorters scored against the audited labels, and sorters
+   trained on the audited labels with the same test set and folds.
 3. **DeepCluster** on all 9 regions and on the six upper-limb regions: NMI and purity against
    the true regions, per epoch.
 
@@ -169,6 +172,29 @@ def audited_truth(ingest: Path, audit: Path, data) -> list[str]:
     return [a if a not in ("", "?") else label for a, label in zip(named, data.labels)]
 
 
+def audited_columns(run: str, data, truth: list[str], regions: list[str], args, inits: list[str],
+                    column) -> dict[str, pd.DataFrame | None]:
+    """Two columns per start for the finished sorter column ``run`` (trained on ``data``'s given
+    labels): that sorter scored against the audited labels ``truth``, and a sorter trained on them
+    with the same test set and folds (``splits_from``). Images the audit names outside ``regions``
+    (hand, clavicle) are left out of both, so both are scored on the same images."""
+    from msk.core.data.labelled import LabelledImages
+
+    keep = [i for i, t in enumerate(truth) if t in regions]
+    audited = LabelledImages(data.images[keep], [truth[i] for i in keep], [data.patient_ids[i] for i in keep],
+                             [data.image_ids[i] for i in keep], data.source)
+    log(f"{run}: {len(data) - len(keep)} images the audit names outside the {len(regions)} regions left out")
+    tables: dict[str, pd.DataFrame | None] = {}
+    for init in inits:
+        name = run if init == "random" else f"{run}-{init}"
+        tables[column(f"{run}: given labels, scored against audited", init)] = score_run(
+            args.work / name, audited, audited.labels)
+        tables[column(f"{run}: audited labels (train and test)", init)] = sorter_run(
+            f"{run}-audited", audited, audited.labels, args, args.work, init=init,
+            splits_from=args.work / name / "splits.csv")
+    return tables
+
+
 # -- DeepCluster ---------------------------------------------------------------------------------
 
 
@@ -220,8 +246,8 @@ def main() -> None:
     parser.add_argument("--score-only", action="store_true",
                         help="train nothing: score the sorter runs already finished in --work, leave out the rest")
     parser.add_argument("--audit", type=Path, default=DEFAULT_AUDIT,
-                        help="blind label audit of real-xr (bench/label_audit.py): with the real column, the "
-                        "real-only sorter is also scored against the audited labels, and one is trained on them")
+                        help="blind label audit of real-xr (bench/label_audit.py): the real-only and upper-limb "
+                        "sorters are also scored against the audited labels, and trained on them (same test set)")
     parser.add_argument("--skip", default="", help="comma list of: synth, basic (its original-phantom column), "
                                                    "real, audit, mixed, weak, stretch, upper, dc")
     args = parser.parse_args()
@@ -260,23 +286,13 @@ def main() -> None:
         for init in inits:
             tables[column("real only (group-aware CV)", init)] = sorter_run("real", real, real.labels, args,
                                                                              args.work, init=init)
-    if "real" not in skip and "audit" not in skip and args.audit.is_file():
-        from msk.core.data.labelled import LabelledImages
-
-        truth = audited_truth(args.work / f"ingest-{args.image_size}", args.audit, real)
-        keep = [i for i, t in enumerate(truth) if t in regions]  # hand, clavicle: not one of the 9
-        audited = LabelledImages(real.images[keep], [truth[i] for i in keep], [real.patient_ids[i] for i in keep],
-                                 [real.image_ids[i] for i in keep], real.source)
+    audit = "audit" not in skip and args.audit.is_file()
+    truth = audited_truth(args.work / f"ingest-{args.image_size}", args.audit, real) if audit else real.labels
+    if audit:
         log(f"audit {args.audit.name}: {sum(t != g for t, g in zip(truth, real.labels))} of {len(real)} labels "
-            f"corrected, {len(real) - len(keep)} images outside the {len(regions)} regions left out")
-        for init in inits:
-            name = "real" if init == "random" else f"real-{init}"
-            # the same test images as the column below: those the audit names with one of the regions
-            tables[column("given labels, scored against audited", init)] = score_run(
-                args.work / name, audited, audited.labels)
-            tables[column("audited labels (train and test)", init)] = sorter_run(
-                "real-audited", audited, audited.labels, args, args.work, init=init,
-                splits_from=args.work / name / "splits.csv")
+            "corrected")
+    if audit and "real" not in skip:
+        tables.update(audited_columns("real", real, truth, regions, args, inits, column))
     if "mixed" not in skip:
         synth = synthetic(args.mixed_n, args.image_size, regions, args.style)
         for init in inits:
@@ -299,11 +315,15 @@ def main() -> None:
         for init in inits:
             tables[column("real only, stretched (no letterbox)", init)] = sorter_run(
                 "stretch", stretched, stretched.labels, args, args.work, init=init)
-    upper = real.subset([i for i, r in enumerate(real.labels) if r in UPPER_LIMB])
+    in_upper = [i for i, r in enumerate(real.labels) if r in UPPER_LIMB]
+    upper = real.subset(in_upper)
     if "upper" not in skip:
         for init in inits:
             tables[column("upper limb only (one source)", init)] = sorter_run("upper", upper, upper.labels, args,
                                                                               args.work, init=init)
+        if audit:
+            tables.update(audited_columns("upper", upper, [truth[i] for i in in_upper], list(UPPER_LIMB), args,
+                                          inits, column))
     if "dc" not in skip:
         history, _ = deepcluster_run("deepcluster-upper", upper, args, args.work)
         dc_tables["DeepCluster, 6 upper-limb regions (one source)"] = history

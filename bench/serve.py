@@ -235,6 +235,9 @@ def main() -> None:
     ap.add_argument("--pixel-scrub", choices=("auto", "always", "off"), default=None,
                     help="preprocess.pixel_scrub of both sides (default: the ingest's, else auto); the "
                          "scrub is part of decoding, about 15 ms of a 256 px upload here")
+    ap.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                    help="who answers the port: Serve's proxy, or the gateway replica (direct ingress); run the "
+                         "script once per value, alternating, to compare them")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the parts of a request (multipart parsing, decode, model, hops) at concurrency 1")
     args = ap.parse_args()
@@ -277,20 +280,25 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    serve_environment()  # as `msk serve` does: the proxy inherits it
+
+    def serve_config(batch: int) -> ServeConfig:
+        return ServeConfig.model_validate({
+            "port": port, "ingress": args.ingress, "request_timeout_s": 120, "call_timeout_s": 100,
+            "preprocess": preprocess.model_dump(mode="json"), "gateway": {"num_cpus": 0.5},
+            "sorter": {**sort, "max_batch_size": batch, "max_ongoing_requests": 2 * max(batch, args.concurrency),
+                       **({} if args.batch_wait is None else {"batch_wait_timeout_s": args.batch_wait})}})
+
+    serve_environment(serve_config(1))  # as `msk serve` does: the proxy and replicas inherit it
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": serve_config(1).serve_proxy_port,
+                                                         "request_timeout_s": 120})
     chunks = [bodies[r::args.rounds] for r in range(args.rounds)]
     concurrencies = sorted({1, args.concurrency})
     results: dict[tuple[int, str], Tally] = {}
     meter = CpuMeter()
     try:
         for batch in sorted({1, args.batch}):
-            config = ServeConfig.model_validate({
-                "port": port, "request_timeout_s": 120, "call_timeout_s": 100,
-                "preprocess": preprocess.model_dump(mode="json"), "gateway": {"num_cpus": 0.5},
-                "sorter": {**sort, "max_batch_size": batch, "max_ongoing_requests": 2 * max(batch, args.concurrency),
-                           **({} if args.batch_wait is None else {"batch_wait_timeout_s": args.batch_wait})}})
+            config = serve_config(batch)
             started = time.perf_counter()
             serve.run(application(config), name="msk", route_prefix="/")
             console.print(f"deployed with max_batch_size={batch} in {time.perf_counter() - started:.1f} s")
@@ -311,7 +319,8 @@ def main() -> None:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
 
-    table = Table(title=f"/v1/sort vs in-process: {args.encoder} at {args.image_size} px, {len(bodies)} requests "
+    table = Table(title=f"/v1/sort (ingress: {args.ingress}) vs in-process: {args.encoder} at {args.image_size} px, "
+                        f"{len(bodies)} requests "
                         f"per row in {args.rounds} interleaved rounds (mean ± sd over the rounds)",
                   title_justify="left")
     for name in ("path", "batching", "conc.", "p50 ms", "p99 ms", "req/s", "p50 vs in-process",

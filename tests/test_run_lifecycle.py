@@ -295,6 +295,16 @@ def _alive(processes: list) -> list:
     return alive
 
 
+def _listener(port: int) -> str:
+    """``ADDRESS COMMAND-LINE`` of the process listening on TCP ``port`` ('' if none)."""
+    import psutil
+
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return " ".join([conn.laddr.ip, *psutil.Process(conn.pid).cmdline()])
+    return ""
+
+
 def _stop_and_check(proc: subprocess.Popen, signum: int, expected_rc: int) -> dict:
     """Send ``signum``; the command exits with ``expected_rc`` and every process it started
     (snapshot just before the signal) is gone within 10 s."""
@@ -317,7 +327,10 @@ def _stop_and_check(proc: subprocess.Popen, signum: int, expected_rc: int) -> di
 
 
 @pytest.mark.slow
-def test_serve_stops_cleanly_on_sigterm_serving_a_moved_run_tree(tmp_path, one_torch_thread):
+@pytest.mark.parametrize("ingress", ["proxy", "direct"])
+def test_serve_stops_cleanly_on_sigterm_serving_a_moved_run_tree(tmp_path, one_torch_thread, ingress):
+    """``msk serve`` answers on its port and stops cleanly on SIGTERM; with ``ingress: direct`` the
+    port is held by the gateway replica itself, not by Serve's proxy (which moves to port + 1)."""
     import httpx
 
     (tmp_path / "run").mkdir()
@@ -327,7 +340,7 @@ def test_serve_stops_cleanly_on_sigterm_serving_a_moved_run_tree(tmp_path, one_t
     (tmp_path / "moved" / "token").write_text(token + "\n")
     port = _free_port()
     (tmp_path / "moved" / "serve.yaml").write_text(yaml.safe_dump({
-        "port": port, "token_file": "token", "preprocess": {"image_size": 32},
+        "port": port, "token_file": "token", "preprocess": {"image_size": 32}, "ingress": ingress,
         "gateway": {"num_cpus": 0.25}, "recommender": {"path": "rec", "num_cpus": 0.25}}))
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
     proc = subprocess.Popen([*MSK, "serve", "moved/serve.yaml"], cwd=tmp_path, text=True,
@@ -354,6 +367,11 @@ def test_serve_stops_cleanly_on_sigterm_serving_a_moved_run_tree(tmp_path, one_t
                             headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["neighbours"]) == 3
+        holder = _listener(port)
+        assert ("ServeReplica:msk:gateway" if ingress == "direct" else "ProxyActor") in holder, holder
+        assert holder.startswith("127.0.0.1 "), holder  # the config's host, not every interface
+        if ingress == "direct":
+            assert "ProxyActor" in _listener(port + 1)
         result = _stop_and_check(proc, signal.SIGTERM, 0)
         assert "stopped by SIGTERM; shutting down" in result["stderr"] and "stopped serving" in result["stdout"]
     finally:

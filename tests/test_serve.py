@@ -661,6 +661,14 @@ def test_config_validation(tmp_path):
         load_config(ServeConfig, None)
     with pytest.raises(ConfigError, match="call_timeout_s .* must be below request_timeout_s"):
         load_config(ServeConfig, None, sorter={"checkpoint": "x.pt"}, call_timeout_s=60, request_timeout_s=30)
+    with pytest.raises(ConfigError, match=r"ingress: direct serves host:port from one gateway replica; "
+                                          r"gateway.replicas is 2"):
+        load_config(ServeConfig, None, sorter={"checkpoint": "x.pt"}, ingress="direct", gateway={"replicas": 2})
+    with pytest.raises(ConfigError, match=r"proxy_port \(9000\) must differ from port \(9000\)"):
+        load_config(ServeConfig, None, sorter={"checkpoint": "x.pt"}, ingress="direct", port=9000, proxy_port=9000)
+    direct = load_config(ServeConfig, None, sorter={"checkpoint": "x.pt"}, ingress="direct", port=9000)
+    assert (direct.serve_proxy_port, load_config(ServeConfig, None, sorter={"checkpoint": "x.pt"},
+                                                 port=9000).serve_proxy_port) == (9001, 9000)
     ingest = tmp_path / "ingest"
     ingest.mkdir()
     (ingest / "ingest.json").write_text(json.dumps({"config": {"image_size": 128, "resize": "stretch",

@@ -81,7 +81,7 @@ from msk.serve.schemas import (
 )
 
 __all__ = ["API_VERSION", "PROXY_ENV", "REPLICA_ENV", "AccessLog", "Gateway", "ModelClients", "ServeError",
-           "application", "build_app", "create_api", "serve_environment", "serve_main"]
+           "application", "build_app", "create_api", "direct_ingress_environment", "serve_environment", "serve_main"]
 
 API_VERSION = "v1"
 #: Endpoint name (route and deployment method) -> the model's name (its config section).
@@ -162,11 +162,27 @@ def _direct(handle: Any) -> Any:
     return handle.options(_by_reference=False, request_serialization="pickle", response_serialization="pickle")
 
 
-def serve_environment() -> None:
+def serve_environment(config: ServeConfig | None = None) -> None:
     """Put :data:`PROXY_ENV` into this process's environment (unless set) before Ray starts here,
-    so that the Serve proxy Ray starts inherits it."""
+    so that the Serve proxy Ray starts inherits it; with ``ingress: direct``, also Serve's direct
+    ingress on ``config.host:config.port`` (the gateway replica's own HTTP server)."""
     for key, value in PROXY_ENV.items():
         os.environ.setdefault(key, value)
+    if config is not None and config.ingress == "direct":
+        os.environ.update(direct_ingress_environment(config))
+
+
+def direct_ingress_environment(config: ServeConfig) -> dict[str, str]:
+    """Ray Serve's direct ingress with its port range narrowed to ``config.port`` (the range's
+    upper end is exclusive), so the one gateway replica listens where the config says. Serve holds
+    a stopping direct-ingress replica open for 30 s so that a load balancer in front can
+    deregister it; with none in front (``msk serve`` on one node) that only delays the shutdown,
+    so the hold is 0: the replica still finishes its requests in flight
+    (``gateway.graceful_shutdown_timeout_s``)."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DEFAULT_HTTP_HOST": config.host,
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(config.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(config.port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 @serve.deployment(name="gateway")
@@ -531,12 +547,12 @@ def serve_main(config_path: str | PathLike | None, *, insecure: bool = False, ho
     """
     config = load_config(ServeConfig, config_path, host=host, port=port, insecure=True if insecure else None)
     app = application(config)
-    serve_environment()  # before Ray starts: the proxy inherits it
+    serve_environment(config)  # before Ray starts: the proxy and replicas inherit it
     start_ray(include_dashboard=False, configure_logging=False)  # quiet unless msk -v; keeps the SIGTERM handler
     url = f"http://{config.host}:{config.port}"
     try:  # a signal during start-up stops the server like one while it serves
         serve.start(proxy_location="HeadOnly", http_options={
-            "host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s})
+            "host": config.host, "port": config.serve_proxy_port, "request_timeout_s": config.request_timeout_s})
         started = time.perf_counter()
         try:
             serve.run(app, name=config.app_name, route_prefix="/", blocking=False)

@@ -122,8 +122,15 @@ class GatewayConfig(ReplicaConfig):
 class ServeConfig(MskConfig):
     """Options of ``msk serve`` (YAML keys of its config file)."""
 
-    host: str = Field("127.0.0.1", description="address the HTTP proxy listens on")
-    port: int = Field(8000, ge=1, le=65535, description="port the HTTP proxy listens on")
+    host: str = Field("127.0.0.1", description="address the HTTP server listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port the HTTP server listens on")
+    ingress: Literal["proxy", "direct"] = Field(
+        "proxy", description="who answers host:port. proxy: Serve's HTTP proxy, which forwards each request to a "
+        "gateway replica (any number of them). direct: the gateway replica itself (Serve's direct ingress, "
+        "experimental in Ray), one process hop and one body round trip fewer per request; needs "
+        "gateway.replicas: 1 (docs/serve.md, 'Direct ingress')")
+    proxy_port: int | None = Field(None, ge=1, le=65535, description="ingress: direct only: the port of Serve's "
+                                   "own proxy, which Serve still starts on host (default: port + 1)")
     request_timeout_s: float = Field(60.0, gt=0, description="Serve's end-to-end HTTP timeout (a backstop)")
     call_timeout_s: float = Field(30.0, gt=0, description="longest wait for a model's answer (504 after)")
     max_upload_bytes: int = Field(64 * MiB, ge=1024, description="larger request bodies are refused (413)")
@@ -145,10 +152,23 @@ class ServeConfig(MskConfig):
         if not self.models:
             raise ValueError("no model to serve: configure at least one of sorter, recommender, classifier, "
                              "segmenter")
+        if self.ingress == "direct" and self.gateway.replicas != 1:
+            raise ValueError(f"ingress: direct serves host:port from one gateway replica; gateway.replicas is "
+                             f"{self.gateway.replicas} (use ingress: proxy to run several)")
+        if self.ingress == "direct" and self.serve_proxy_port == self.port:
+            raise ValueError(f"proxy_port ({self.proxy_port}) must differ from port ({self.port})")
         if self.call_timeout_s >= self.request_timeout_s:
             raise ValueError(f"call_timeout_s ({self.call_timeout_s:g}) must be below request_timeout_s "
                              f"({self.request_timeout_s:g}), or Serve's timeout fires first")
         return self
+
+    @property
+    def serve_proxy_port(self) -> int:
+        """The port of Serve's HTTP proxy: ``port``, or with ``ingress: direct`` ``proxy_port``
+        (default ``port + 1``), the gateway replica holding ``port`` itself."""
+        if self.ingress == "proxy":
+            return self.port
+        return self.proxy_port or (self.port + 1 if self.port < 65535 else self.port - 1)
 
     @property
     def models(self) -> dict[str, ModelConfig]:
