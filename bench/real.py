@@ -21,9 +21,9 @@ Tables, one run:
    (no letterbox bars, so the aspect ratio of a source's files is gone) and on the six
    upper-limb regions alone, which all come from one source (roboflow-fracture), so the
    sorter there can only use anatomy. Per region: test images, top-1, top-2.
-   With ``--audit`` (default ``bench/data/real-xr-audit.csv``, a blind audit of the upper-limb
-   files): the real-only and upper-limb sorters scored against the audited labels, and sorters
-   trained on the audited labels with the same test set and folds.
+   With ``--audit bench/data/real-xr-audit.csv`` (a blind audit of the upper-limb files): the
+   real-only and upper-limb sorters scored against the audited labels, and sorters trained on
+   the audited labels with the same test set and folds.
 3. **DeepCluster** on all 9 regions and on the six upper-limb regions: NMI and purity against
    the true regions, per epoch.
 
@@ -245,8 +245,9 @@ def main() -> None:
                         help="comma list of sorter starts: random, imagenet (or any `pretrained` value)")
     parser.add_argument("--score-only", action="store_true",
                         help="train nothing: score the sorter runs already finished in --work, leave out the rest")
-    parser.add_argument("--audit", type=Path, default=DEFAULT_AUDIT,
-                        help="blind label audit of real-xr (bench/label_audit.py): the real-only and upper-limb "
+    parser.add_argument("--audit", type=Path, default=None,
+                        help=f"(e.g. {DEFAULT_AUDIT.relative_to(HERE.parent)}) "
+                        "blind label audit of real-xr (bench/label_audit.py): the real-only and upper-limb "
                         "sorters are also scored against the audited labels, and trained on them (same test set)")
     parser.add_argument("--skip", default="", help="comma list of: synth, basic (its original-phantom column), "
                                                    "real, audit, mixed, weak, stretch, upper, dc")
@@ -286,7 +287,9 @@ def main() -> None:
         for init in inits:
             tables[column("real only (group-aware CV)", init)] = sorter_run("real", real, real.labels, args,
                                                                              args.work, init=init)
-    audit = "audit" not in skip and args.audit.is_file()
+    if args.audit is not None and not args.audit.is_file():
+        sys.exit(f"--audit {args.audit}: no such file")
+    audit = args.audit is not None and "audit" not in skip
     truth = audited_truth(args.work / f"ingest-{args.image_size}", args.audit, real) if audit else real.labels
     if audit:
         log(f"audit {args.audit.name}: {sum(t != g for t, g in zip(truth, real.labels))} of {len(real)} labels "
