@@ -299,6 +299,8 @@ def main() -> None:
     try:
         for batch in sorted({1, args.batch}):
             config = serve_config(batch)
+            if args.ingress == "direct":  # the old gateway replica holds the port until it is gone
+                serve.delete("msk")
             started = time.perf_counter()
             serve.run(application(config), name="msk", route_prefix="/")
             console.print(f"deployed with max_batch_size={batch} in {time.perf_counter() - started:.1f} s")

@@ -178,11 +178,13 @@ def direct_ingress_environment(config: ServeConfig) -> dict[str, str]:
     a stopping direct-ingress replica open for 30 s so that a load balancer in front can
     deregister it; with none in front (``msk serve`` on one node) that only delays the shutdown,
     so the hold is 0: the replica still finishes its requests in flight
-    (``gateway.graceful_shutdown_timeout_s``)."""
+    (``gateway.graceful_shutdown_timeout_s``). For the same reason a released port is not
+    quarantined (Serve's default keeps it from the next replica for 30 s or more), so a
+    restarted or redeployed gateway replica takes the port back at once."""
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DEFAULT_HTTP_HOST": config.host,
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(config.port),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(config.port + 1),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
 @serve.deployment(name="gateway")
