@@ -989,3 +989,18 @@ def test_named_clients_are_logged_and_rotate_without_a_restart(tmp_path, caplog)
     with pytest.raises(ConfigError, match="already has a client 'alice'"):
         add_client("alice", clients)
     assert _main(["add", "dave", str(clients)]) == 0 and "dave" in read_clients(clients).values()
+
+
+def test_direct_ingress_start_check_sees_whether_the_port_listens():
+    """``msk serve`` with ``ingress: direct`` stops with a one-line error when nothing listens on
+    its port after the start (a Ray cluster started without the direct-ingress variables)."""
+    import socket
+
+    from msk.serve.app import _listening
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert _listening("127.0.0.1", port, timeout_s=1) and _listening("0.0.0.0", port, timeout_s=1)
+    assert not _listening("127.0.0.1", port, timeout_s=0.5)

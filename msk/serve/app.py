@@ -187,6 +187,22 @@ def direct_ingress_environment(config: ServeConfig) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
+def _listening(host: str, port: int, timeout_s: float = 10.0) -> bool:
+    """Whether a TCP connection to ``host:port`` succeeds within ``timeout_s``."""
+    import socket
+
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
 @serve.deployment(name="gateway")
 @serve.ingress()
 class Gateway:
@@ -561,6 +577,11 @@ def serve_main(config_path: str | PathLike | None, *, insecure: bool = False, ho
         except Exception as exc:  # noqa: BLE001 - Serve raises RuntimeError and others; say where to look
             raise ServeError(f"the {config.app_name!r} application did not start: {str(exc).splitlines()[0]} "
                              "(the replica logs under the Ray session's logs/serve/ say why)") from exc
+        if config.ingress == "direct" and not _listening(config.host, config.port):
+            raise ServeError(f"ingress: direct: nothing listens on {config.host}:{config.port} after the start; "
+                             "with a Ray cluster started elsewhere, export "
+                             f"{' '.join(f'{k}={v}' for k, v in direct_ingress_environment(config).items())} "
+                             "before `ray start`, or use ingress: proxy")
         logger.info("msk serve: %s ready in %.1f s", url, time.perf_counter() - started)
         if blocking:
             _console().print(f"[bold green]msk serve[/] on {url} ({', '.join(config.models)}); "
