@@ -41,10 +41,18 @@ def manifest_paths(ingest: Path) -> pd.DataFrame:
 def test_images(run: Path, ingest: Path, source: str | None, part: str = "test") -> pd.DataFrame:
     """The run's images of one part (``test``, ``dev`` or ``all``: ``image_id``, ``path``, ``label``,
     ``source``), of one source or all."""
+    for need in (run / "splits.csv", ingest / "labels.csv", ingest / "manifest"):
+        if not need.exists():
+            sys.exit(f"{need} not found: --run is a sorter run folder, --ingest the ingest it was trained on")
     splits = pd.read_csv(run / "splits.csv")
     test = splits[splits["part"] == part][["image_id"]] if part != "all" else splits[["image_id"]]
-    labels = pd.read_csv(ingest / "labels.csv")[["image_id", "label", "source"]]
-    frame = test.merge(labels, on="image_id").join(manifest_paths(ingest), on="image_id")
+    labels = pd.read_csv(ingest / "labels.csv")
+    if "source" not in labels.columns:
+        if source:
+            sys.exit(f"{ingest / 'labels.csv'} has no source column; pass --source ''")
+        labels["source"] = ""
+    frame = test.merge(labels[["image_id", "label", "source"]], on="image_id")
+    frame = frame.join(manifest_paths(ingest), on="image_id")
     if source:
         frame = frame[frame["source"] == source]
     return frame.reset_index(drop=True)
