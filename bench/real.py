@@ -164,9 +164,9 @@ def score_run(run: Path, data, truth: list[str]) -> pd.DataFrame:
 def audited_truth(ingest: Path, audit: Path, data) -> list[str]:
     """Per image of ``data``: its region as a blind audit names it (``bench/label_audit.py``,
     ``bench/data/real-xr-audit.csv``), or its given label where the audit has no answer or ``?``."""
-    parts = sorted((ingest / "manifest").glob("*.parquet"))
-    manifest = pd.concat([pd.read_parquet(p, columns=["image_id", "path", "status"]) for p in parts])
-    path_of = dict(zip(manifest["image_id"], manifest["path"]))
+    from label_audit import manifest_paths
+
+    path_of = manifest_paths(ingest)["path"].to_dict()
     answers = pd.read_csv(audit, keep_default_na=False).set_index("path")["audited"].to_dict()
     named = [answers.get(path_of.get(i, ""), "") for i in data.image_ids]
     return [a if a not in ("", "?") else label for a, label in zip(named, data.labels)]

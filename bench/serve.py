@@ -288,9 +288,10 @@ def main() -> None:
             "sorter": {**sort, "max_batch_size": batch, "max_ongoing_requests": 2 * max(batch, args.concurrency),
                        **({} if args.batch_wait is None else {"batch_wait_timeout_s": args.batch_wait})}})
 
-    serve_environment(serve_config(1))  # as `msk serve` does: the proxy and replicas inherit it
+    first = serve_config(1)
+    serve_environment(first)  # as `msk serve` does: the proxy and replicas inherit it
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": serve_config(1).serve_proxy_port,
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": first.serve_proxy_port,
                                                          "request_timeout_s": 120})
     chunks = [bodies[r::args.rounds] for r in range(args.rounds)]
     concurrencies = sorted({1, args.concurrency})

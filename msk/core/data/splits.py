@@ -145,18 +145,17 @@ def plan_from_parts(patient_ids: Sequence[str], parts: Sequence[tuple[str, int |
     fold it validates) describe, as an earlier run's ``splits.csv`` records them; each fold trains
     on the other folds' validation images. Raises :class:`TrainingDataError` when a fold or the test set
     is empty, a fold number is outside ``1..folds``, or a patient is in two parts."""
-    test = np.array([i for i, (part, _) in enumerate(parts) if part == "test"], dtype=np.int64)
-    numbers = {fold for part, fold in parts if part != "test"}
-    if not len(test):
+    if not any(part == "test" for part, _ in parts):
         raise TrainingDataError("the splits name no test image")
+    numbers = {fold for part, fold in parts if part != "test"}
     if None in numbers or not numbers <= set(range(1, folds + 1)):
         raise TrainingDataError(f"the splits' validation folds are {sorted(numbers, key=str)}, not 1..{folds}")
+    fold_of = np.array([0 if part == "test" else fold for part, fold in parts], dtype=np.int64)  # 0: test
+    test = np.flatnonzero(fold_of == 0)
     pids = np.asarray(patient_ids, dtype=object)
     plan = []
     for k in range(1, folds + 1):
-        val = np.array([i for i, (part, fold) in enumerate(parts) if part != "test" and fold == k], dtype=np.int64)
-        train = np.array([i for i, (part, fold) in enumerate(parts) if part != "test" and fold != k],
-                         dtype=np.int64)
+        val, train = np.flatnonzero(fold_of == k), np.flatnonzero((fold_of != 0) & (fold_of != k))
         if not len(val) or not len(train):
             raise TrainingDataError(f"fold {k} of the splits has no validation or no training image")
         for a, b in ((train, val), (train, test), (val, test)):
