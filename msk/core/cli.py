@@ -169,6 +169,9 @@ def ingest(
     pixel_scrub: Optional[str] = typer.Option(
         None, "--pixel-scrub", help="blank burned-in text: auto (BurnedInAnnotation YES or text "
         "detected), always or off \\[default: auto]"),
+    scrub_detector: Optional[str] = typer.Option(
+        None, "--scrub-detector", help="what finds burned-in text: learned (a small network shipped with msk) "
+        "or morphology (classical) \\[default: learned]"),
     config: ConfigFile = None,
 ) -> None:
     """Ingest DICOM/PNG/JPEG/BMP/TIFF into sharded Parquet with Ray Data; every input is accounted for.
@@ -186,7 +189,8 @@ def ingest(
     if not src.is_dir():
         raise MskError(f"source folder {src} does not exist")
     cfg = load_config(IngestConfig, config, image_size=image_size, key_file=key_file,
-                      modalities=modality.split(",") if modality is not None else None, pixel_scrub=pixel_scrub)
+                      modalities=modality.split(",") if modality is not None else None, pixel_scrub=pixel_scrub,
+                      scrub_detector=scrub_detector)
     report = run_ingest(src, out_dir, cfg)
     _print_ingest(report)
 

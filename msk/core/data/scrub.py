@@ -67,20 +67,28 @@ __all__ = [
     "NOISE_FACTOR",
     "WORK_SIDE",
     "Box",
+    "DEFAULT_DETECTOR",
     "SHARPNESS",
+    "ScrubDetector",
     "SUPPORT",
     "ScrubMode",
     "ScrubResult",
     "blank_boxes",
+    "detect_boxes",
     "detect_text",
     "scrub_fields",
     "scrub_text",
 ]
 
 ScrubMode = Literal["auto", "always", "off"]
+#: ``learned``: :mod:`msk.core.data.text_net` (a small network trained on synthetic burned-in
+#: text); ``morphology``: the classical detector of this module (:func:`detect_text`).
+ScrubDetector = Literal["learned", "morphology"]
 
-#: Name of the detector, recorded in the manifest's ``scrub`` column.
+#: Name of the classical detector, recorded in the manifest's ``scrub`` column.
 METHOD = "morphology"
+#: The detector ingest and serving use unless configured otherwise.
+DEFAULT_DETECTOR: ScrubDetector = "learned"
 #: Detection runs on the image reduced (block mean) so that its longer side is at most this.
 WORK_SIDE = 1024
 #: Top-hat contrast (display units, [0, 1]) a stroke needs to be ink.
@@ -124,13 +132,15 @@ CONFIDENT_GLYPHS = 3
 @dataclass(frozen=True)
 class Box:
     """A text box in source pixels: columns ``x0 .. x1 - 1``, rows ``y0 .. y1 - 1``; ``glyphs``
-    is the number of glyphs of its longest line."""
+    is the number of glyphs of its longest line (0 where the detector does not count them);
+    ``confident``: ``pixel_scrub: auto`` blanks it without a ``BurnedInAnnotation`` YES."""
 
     x0: int
     y0: int
     x1: int
     y1: int
     glyphs: int
+    confident: bool = True
 
 
 @dataclass(frozen=True)
@@ -138,12 +148,13 @@ class ScrubResult:
     """What :func:`scrub_text` did: the (possibly) blanked pixels, the boxes it blanked and why.
 
     ``trigger`` is ``None`` when nothing was blanked, else ``always``, ``burned_in_annotation``
-    (the header declared it) or ``text_detected``.
+    (the header declared it) or ``text_detected``; ``method`` is the detector's name.
     """
 
     pixels: np.ndarray
     boxes: tuple[Box, ...]
     trigger: str | None
+    method: str = METHOD
 
 
 def _reduce(pixels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -320,8 +331,21 @@ def detect_text(pixels: np.ndarray, *, min_glyphs: int = MIN_GLYPHS) -> list[Box
         margin = 2 + MARGIN * height
         boxes.append(Box(max(0, int((x0 - margin) * factor)), max(0, int((y0 - margin) * factor)),
                          min(pixels.shape[1], int(np.ceil((x1 + margin) * factor))),
-                         min(pixels.shape[0], int(np.ceil((y1 + margin) * factor))), run))
+                         min(pixels.shape[0], int(np.ceil((y1 + margin) * factor))), run,
+                         run >= CONFIDENT_GLYPHS))
     return _merge_overlapping(boxes)
+
+
+def detect_boxes(pixels: np.ndarray, detector: ScrubDetector = DEFAULT_DETECTOR) -> list[Box]:
+    """The text boxes ``detector`` finds in ``pixels`` (float in [0, 1], any size), overlapping
+    boxes merged. ``learned`` boxes are confident when the network's peak probability inside
+    them reaches :data:`msk.core.data.text_net.CONFIDENT`."""
+    if detector == "morphology":
+        return detect_text(pixels)
+    from msk.core.data.text_net import CONFIDENT, detect_text_learned
+
+    found = detect_text_learned(pixels)
+    return _merge_overlapping([Box(x0, y0, x1, y1, 0, score >= CONFIDENT) for x0, y0, x1, y1, score in found])
 
 
 def _complete(ink: np.ndarray, box: tuple[float, float, float, float], level: float, height: float,
@@ -417,7 +441,7 @@ def _merge_overlapping(boxes: list[Box]) -> list[Box]:
                 a, b = boxes[i], boxes[j]
                 if a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1:
                     boxes[i] = Box(min(a.x0, b.x0), min(a.y0, b.y0), max(a.x1, b.x1), max(a.y1, b.y1),
-                                   max(a.glyphs, b.glyphs))
+                                   max(a.glyphs, b.glyphs), a.confident or b.confident)
                     del boxes[j]
                     merged = True
                     break
@@ -435,25 +459,27 @@ def blank_boxes(pixels: np.ndarray, boxes: tuple[Box, ...] | list[Box]) -> np.nd
     return out
 
 
-def scrub_text(pixels: np.ndarray, mode: ScrubMode, *, burned_in: bool = False) -> ScrubResult:
-    """Blank the burned-in text of ``pixels`` according to ``mode`` (module docstring).
+def scrub_text(pixels: np.ndarray, mode: ScrubMode, *, burned_in: bool = False,
+               detector: ScrubDetector = DEFAULT_DETECTOR) -> ScrubResult:
+    """Blank the burned-in text of ``pixels`` according to ``mode`` (module docstring), with the
+    boxes of ``detector``.
 
     ``burned_in`` is the header's ``BurnedInAnnotation`` == YES. With ``off`` the same array
     is returned, untouched.
     """
     if mode == "off":
-        return ScrubResult(pixels, (), None)
-    boxes = tuple(detect_text(pixels))
+        return ScrubResult(pixels, (), None, detector)
+    boxes = tuple(detect_boxes(pixels, detector))
     if mode == "always":
         trigger = "always"
     elif burned_in:
         trigger = "burned_in_annotation"
     else:
-        boxes = tuple(b for b in boxes if b.glyphs >= CONFIDENT_GLYPHS)
+        boxes = tuple(b for b in boxes if b.confident)
         trigger = "text_detected"
     if not boxes:
-        return ScrubResult(pixels, (), None)
-    return ScrubResult(blank_boxes(pixels, boxes), boxes, trigger)
+        return ScrubResult(pixels, (), None, detector)
+    return ScrubResult(blank_boxes(pixels, boxes), boxes, trigger, detector)
 
 
 def scrub_fields(result: ScrubResult, mode: ScrubMode) -> dict[str, str | int | None]:
@@ -462,4 +488,4 @@ def scrub_fields(result: ScrubResult, mode: ScrubMode) -> dict[str, str | int | 
     the number of boxes blanked. Never the text itself: msk does not read it."""
     if mode == "off":
         return {"scrub": "off", "scrub_boxes": None}
-    return {"scrub": f"{METHOD}:{result.trigger or 'none'}", "scrub_boxes": len(result.boxes)}
+    return {"scrub": f"{result.method}:{result.trigger or 'none'}", "scrub_boxes": len(result.boxes)}

@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import Field
 
 from msk.core.config import MskConfig
-from msk.core.data.scrub import ScrubMode
+from msk.core.data.scrub import DEFAULT_DETECTOR, ScrubDetector, ScrubMode
 from msk.core.errors import ConfigError, MskError
 
 __all__ = ["INGEST_SQUARING", "SquaringConfig", "map_box_from_square", "map_box_to_square", "read_square",
@@ -100,12 +100,18 @@ def unsquare_image(square: np.ndarray, source_shape: tuple[int, int],
 #: The ingest options (in its ``ingest.json``) that decide the square image a model sees; a
 #: training run records them, and serving, ``msk sort`` and ``msk segment`` prepare new images
 #: with the same values.
-INGEST_SQUARING: tuple[str, ...] = ("image_size", "resize", "max_pixels", "pixel_scrub")
+INGEST_SQUARING: tuple[str, ...] = ("image_size", "resize", "max_pixels", "pixel_scrub", "scrub_detector")
 
 
 def recorded_squaring(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The :data:`INGEST_SQUARING` options among ``values`` (an ingest's config, a run's record)."""
-    return {k: values[k] for k in INGEST_SQUARING if k in values}
+    """The :data:`INGEST_SQUARING` options among ``values`` (an ingest's config, a run's record).
+
+    A record that scrubbed but names no ``scrub_detector`` was made before there was a choice:
+    its detector was ``morphology``."""
+    found = {k: values[k] for k in INGEST_SQUARING if k in values}
+    if found.get("pixel_scrub", "off") != "off" and "scrub_detector" not in found:
+        found["scrub_detector"] = "morphology"
+    return found
 
 
 class SquaringConfig(MskConfig):
@@ -119,7 +125,7 @@ class SquaringConfig(MskConfig):
 
     ingest: Path | None = Field(
         None, description="ingest output folder whose ingest.json gives image_size, resize, max_pixels, "
-        "pixel_scrub")
+        "pixel_scrub, scrub_detector")
     image_size: int = Field(256, ge=8, le=8192, description="side of the square image (the ingest's image_size)")
     resize: Literal["pad", "stretch"] = Field("pad", description="the ingest's resize mode")
     max_pixels: int = Field(50_000_000, gt=0, description="larger images are refused (422, reason too_large)")
@@ -127,6 +133,9 @@ class SquaringConfig(MskConfig):
         "auto", description="blank burned-in text before squaring, as the ingest does (msk.core.data.scrub): "
         "the models see what they were trained on and a Grad-CAM image shows no burned-in name; the "
         "ingest's value when `ingest` is set")
+    scrub_detector: ScrubDetector = Field(
+        DEFAULT_DETECTOR, description="the detector of burned-in text (learned or morphology); the ingest's "
+        "value when `ingest` is set")
 
     def resolved(self) -> SquaringConfig:
         """This config with the values of ``ingest``'s ``ingest.json`` filled in.
@@ -165,5 +174,6 @@ def read_square(data: bytes, config: SquaringConfig, source: str = "upload") -> 
     if config.pixel_scrub != "off":
         from msk.core.data.scrub import scrub_text
 
-        pixels = scrub_text(pixels, config.pixel_scrub, burned_in=decoded.meta.burned_in).pixels
+        pixels = scrub_text(pixels, config.pixel_scrub, burned_in=decoded.meta.burned_in,
+                            detector=config.scrub_detector).pixels
     return square_image(pixels, config.image_size, config.resize), tuple(decoded.pixels.shape)

@@ -60,7 +60,7 @@ from pydantic import Field, field_validator
 
 import msk
 from msk.core.config import MskConfig
-from msk.core.data.scrub import ScrubMode, scrub_fields, scrub_text
+from msk.core.data.scrub import DEFAULT_DETECTOR, ScrubDetector, ScrubMode, scrub_fields, scrub_text
 from msk.core.data.squaring import square_image
 from msk.core.errors import MskError, QuarantineError, QuarantineReason
 from msk.core.io.dicom import ImageMeta, read_image
@@ -122,6 +122,11 @@ class IngestConfig(MskConfig):
         "(msk.core.data.scrub): auto: when the DICOM header declares BurnedInAnnotation YES or a line "
         "of text is detected; always: every line of text detected; off: keep the pixels as decoded. "
         "A lone side marker (L/R) is kept"
+    )
+    scrub_detector: ScrubDetector = Field(
+        DEFAULT_DETECTOR, description="what finds the text pixel_scrub blanks: learned (a small network "
+        "shipped with msk, msk.core.data.text_net) or morphology (the classical detector of "
+        "msk.core.data.scrub); docs/ingest.md compares them"
     )
     dates: Literal["year", "shift"] = Field(
         "year", description="year: shards keep the study's year only (study_year); shift: they keep the "
@@ -298,7 +303,8 @@ def process_file(src: Path, rel: str, config: IngestConfig, pseudonymiser: Pseud
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every oddity; errors still raise
             decoded = read_image(data, source=rel, max_pixels=config.max_pixels, check=check)
-        scrubbed = scrub_text(decoded.pixels, config.pixel_scrub, burned_in=decoded.meta.burned_in)
+        scrubbed = scrub_text(decoded.pixels, config.pixel_scrub, burned_in=decoded.meta.burned_in,
+                              detector=config.scrub_detector)
         image = square_image(scrubbed.pixels, config.image_size, config.resize)
         meta = decoded.meta
         meta = dataclasses.replace(meta, warnings=meta.warnings + size_warnings(

@@ -1,0 +1,159 @@
+"""A small learned detector of text burned into radiographs (the ``learned`` scrub detector).
+
+:class:`TextNet` is a fully convolutional network (about 0.1 M parameters) that maps an image,
+reduced so that its longer side is at most :data:`WORK_SIDE`, to the probability that each pixel
+(at half that resolution) lies inside a line of burned-in text. :func:`detect_text_learned`
+turns the map into boxes in source pixels: connected regions above ``threshold``, their bounds
+plus a margin. A region whose highest probability reaches :data:`CONFIDENT` is *confident*
+(``pixel_scrub: auto`` blanks only those unless the header declares burned-in text).
+
+The weights shipped in ``msk/core/data/weights/text_net.pt`` were trained by
+``tools/train_text_net.py`` on msk's synthetic radiographs (:mod:`msk.core.synth`, drawn without
+their own text) with text burned in by the script: random names, dates and codes in the
+matplotlib fonts (DejaVu, STIX), 1-5 lines, glyphs 1.2-7 % of the longer side, bright, dark
+or mid-grey, on the collimator border, soft tissue or bone, sometimes on a label plate. Single
+glyphs (lead side markers) are neither text nor background in training: the loss ignores them.
+Pillow's default font, which :mod:`msk.core.synth` burns into its exports, is *not* among the
+training fonts, so ``bench/scrub.py`` scores the detector on a font it never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from msk.core.errors import MskError
+
+__all__ = ["CONFIDENT", "THRESHOLD", "WEIGHTS", "WORK_SIDE", "TextNet", "detect_text_learned",
+           "load_text_net", "reduce_for_net", "text_probability", "training_half"]
+
+#: The image is reduced (block mean, an integer factor) so that its longer side is at most this.
+WORK_SIDE = 512
+#: Probability above which a pixel (of the half-resolution map) is text.
+THRESHOLD = 0.5
+#: A region whose highest probability reaches this is confident text.
+CONFIDENT = 0.9
+#: A box is its region's bounds plus 2 source pixels and this share of the region's height above
+#: and below, and :data:`MARGIN_X` of it left and right (a line's last glyph fades out of the map).
+MARGIN = 0.3
+MARGIN_X = 0.3
+#: A box this many of its heights or less from the image's edge is extended to the edge (nothing to
+#: keep there; text running off the image is not cut short).
+EDGE = 1.0
+#: Regions smaller than this many map pixels are noise.
+MIN_AREA = 6
+#: The weights shipped with msk.
+WEIGHTS = Path(__file__).parent / "weights" / "text_net.pt"
+
+
+def training_half(rel: str) -> bool:
+    """Whether a real file (its path relative to its data folder, e.g. ``isbi-ceph/001.png``)
+    belongs to the half ``tools/train_text_net.py`` may draw backgrounds from; the other half is
+    kept for measuring the detector's false positives (``bench/scrub.py``)."""
+    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 2 == 0
+
+
+def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TextNet(nn.Module):
+    """Input ``[B, 1, H, W]`` (display units in [0, 1], H and W multiples of 8); output logits
+    ``[B, 1, H / 2, W / 2]``. An encoder to 1/8 with dilated convolutions (a receptive field of
+    a few glyph heights, enough to see a row of glyphs) and a light top-down path back to 1/2."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.s2 = nn.Sequential(_conv(1, w, 2), _conv(w, w))
+        self.s4 = nn.Sequential(_conv(w, 2 * w, 2), _conv(2 * w, 2 * w))
+        self.s8 = nn.Sequential(_conv(2 * w, 4 * w, 2), _conv(4 * w, 4 * w, dilation=2),
+                                _conv(4 * w, 4 * w, dilation=4))
+        self.up8 = nn.Conv2d(4 * w, 2 * w, 1)
+        self.fuse4 = _conv(2 * w, 2 * w)
+        self.up4 = nn.Conv2d(2 * w, w, 1)
+        self.fuse2 = _conv(w, w)
+        self.head = nn.Conv2d(w, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - 0.5) * 4.0
+        f2 = self.s2(x)
+        f4 = self.s4(f2)
+        f8 = self.s8(f4)
+        y = self.fuse4(f4 + nn.functional.interpolate(self.up8(f8), scale_factor=2.0, mode="nearest"))
+        y = self.fuse2(f2 + nn.functional.interpolate(self.up4(y), scale_factor=2.0, mode="nearest"))
+        return self.head(y)
+
+
+@lru_cache(maxsize=4)
+def load_text_net(path: Path = WEIGHTS) -> TextNet:
+    """The network with the weights in ``path`` (default: those shipped with msk), in eval mode."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net = TextNet(int(saved["width"]))
+        net.load_state_dict({k: v.float() for k, v in saved["state_dict"].items()})
+    except (OSError, EOFError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        raise MskError(f"text detector weights {path} are unreadable ({type(exc).__name__}: {exc})") from exc
+    return net.eval()
+
+
+def reduce_for_net(pixels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Block-mean ``pixels`` by the smallest integer factor that brings its longer side to at most
+    :data:`WORK_SIDE`, then pad (edge values) to multiples of 8; returns it and the factor."""
+    factor = max(1, -(-max(pixels.shape) // WORK_SIDE))
+    h, w = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
+    small = pixels[:h, :w].astype(np.float32, copy=False)
+    if factor > 1:
+        small = small.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+    ph, pw = -small.shape[0] % 8, -small.shape[1] % 8
+    if ph or pw:
+        small = np.pad(small, ((0, ph), (0, pw)), mode="edge")
+    return small, factor
+
+
+def text_probability(pixels: np.ndarray, net: TextNet | None = None) -> tuple[np.ndarray, int]:
+    """The text probability map of ``pixels`` (float, display units) and the source pixels per map
+    pixel (2 x the reduction factor). The map covers the reduced image's padding too."""
+    net = net or load_text_net()
+    small, factor = reduce_for_net(pixels)
+    with torch.inference_mode():
+        logits = net(torch.from_numpy(np.ascontiguousarray(small))[None, None])
+    return torch.sigmoid(logits)[0, 0].numpy(), 2 * factor
+
+
+def detect_text_learned(pixels: np.ndarray, *, threshold: float = THRESHOLD,
+                        net: TextNet | None = None) -> list[tuple[int, int, int, int, float]]:
+    """Boxes of text in ``pixels``: ``(x0, y0, x1, y1, score)`` in source pixels (x1, y1
+    exclusive), ``score`` the region's highest probability."""
+    if pixels.ndim != 2 or min(pixels.shape) < 8:
+        return []
+    prob, scale = text_probability(pixels, net)
+    labels, n = ndimage.label(prob > threshold)
+    if n == 0:
+        return []
+    h, w = pixels.shape
+    peaks = ndimage.maximum(prob, labels, np.arange(1, n + 1))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    boxes = []
+    for k, sl in enumerate(ndimage.find_objects(labels)):
+        if sl is None or sizes[k] < MIN_AREA:
+            continue
+        rows, cols = sl
+        height = (rows.stop - rows.start) * scale
+        my, mx = 2 + MARGIN * height, 2 + MARGIN_X * height
+        x0, y0 = cols.start * scale - mx, rows.start * scale - my
+        x1, y1 = cols.stop * scale + mx, rows.stop * scale + my
+        near = EDGE * height
+        x0, y0 = (0 if x0 <= near else x0), (0 if y0 <= near else y0)
+        x1, y1 = (w if w - x1 <= near else x1), (h if h - y1 <= near else y1)
+        boxes.append((max(0, int(x0)), max(0, int(y0)), min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1))),
+                      float(peaks[k])))
+    return [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
