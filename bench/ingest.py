@@ -20,7 +20,8 @@ plain loop of the same round, and the 1-minute load average before each run.
 
 ``--scrub auto,off`` runs the msk contestants with ``pixel_scrub`` auto (the default) and off:
 the plain loop does not look for burned-in text, so *off* is the like-for-like comparison and
-the difference is the price of the scrub.
+the difference is the price of the scrub. ``MODE/DETECTOR`` also sets ``scrub_detector``
+(``auto/morphology``: the classical detector; the default is ``learned``).
 
 "per core" divides files/s by the cores a contestant may use (1, or ``--cpus``). On a machine
 other jobs load, a contestant does not get the cores it may use, so the table also gives
@@ -108,12 +109,18 @@ def run_plain(src: Path, size: int, limit: int | None) -> list[dict]:
              "cpu_s": time.process_time() - cpu}]
 
 
+def _scrub_options(scrub: str) -> dict[str, str]:
+    """``auto`` -> pixel_scrub auto; ``auto/morphology`` -> and scrub_detector morphology."""
+    mode, _, detector = scrub.partition("/")
+    return {"pixel_scrub": mode} | ({"scrub_detector": detector} if detector else {})
+
+
 def run_serial(src: Path, size: int, limit: int | None, scrub: str) -> list[dict]:
     """msk's per-file work in a single-process loop: no Ray, nothing written."""
     from msk.core.io.pseudonym import Pseudonymiser
     from msk.core.stages.ingest.pipeline import IngestConfig, process_file
 
-    config = IngestConfig(image_size=size, pixel_scrub=scrub)
+    config = IngestConfig(image_size=size, **_scrub_options(scrub))  # type: ignore[arg-type]
     pseudonymiser = Pseudonymiser(b"bench-key-not-secret")
     files = _files(src, limit)
     started, cpu = time.perf_counter(), time.process_time()
@@ -147,12 +154,13 @@ def run_msk(src: Path, dst: Path, size: int, limit: int | None, scrub: str, cpus
     else:
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray_init = time.perf_counter() - started
-    config = IngestConfig(image_size=size, key_file=key_file, create_key=True, pixel_scrub=scrub)
+    config = IngestConfig(image_size=size, key_file=key_file, create_key=True,
+                          **_scrub_options(scrub))  # type: ignore[arg-type]
     paths = _files(src, limit) if limit else None
     runs = []
     names = ["cold", f"msk-{nodes}node[{scrub}]"] if nodes else [f"msk[{scrub}]", f"msk-warm[{scrub}]"]
     for name in names:
-        out = dst / name.replace("[", "-").rstrip("]")
+        out = dst / name.replace("[", "-").replace("/", "-").rstrip("]")
         shutil.rmtree(out, ignore_errors=True)
         cpu = tree_cpu_seconds()
         report = ingest(src, out, config, progress=False, paths=paths)

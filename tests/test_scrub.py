@@ -99,6 +99,15 @@ def test_the_learned_detector_leaves_a_plain_radiograph_alone():
         assert detect_boxes(img, "learned") == []
 
 
+def test_an_image_smaller_than_the_networks_training_images_goes_to_the_classical_detector():
+    # the network reads the noise of a 64 px image as glyphs; it was trained on 256-512 px images
+    noise = np.random.default_rng(5).random((64, 64)).astype(np.float32)
+    result = scrub_text(noise, "always", detector="learned")
+    assert result.method == "morphology" and result.boxes == tuple(detect_text(noise))
+    img = radiograph(np.random.default_rng(1))
+    assert scrub_text(img, "always", detector="learned").method == "learned"
+
+
 def test_unreadable_text_detector_weights_are_refused_with_the_path(tmp_path):
     from msk.core.data.text_net import load_text_net
 

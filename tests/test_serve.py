@@ -676,7 +676,8 @@ def test_config_validation(tmp_path):
     from msk.core.data.squaring import SquaringConfig
 
     assert SquaringConfig(ingest=ingest).resolved().model_dump(exclude={"ingest"}) == {
-        "image_size": 128, "resize": "stretch", "max_pixels": 1000, "pixel_scrub": "off"}
+        "image_size": 128, "resize": "stretch", "max_pixels": 1000, "pixel_scrub": "off",
+        "scrub_detector": "learned"}
     with pytest.raises(ConfigError, match="image_size: 256 here, 128 in"):
         SquaringConfig(ingest=ingest, image_size=256).resolved()
 

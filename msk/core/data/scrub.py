@@ -76,6 +76,7 @@ __all__ = [
     "blank_boxes",
     "detect_boxes",
     "detect_text",
+    "detector_for",
     "scrub_fields",
     "scrub_text",
 ]
@@ -336,11 +337,20 @@ def detect_text(pixels: np.ndarray, *, min_glyphs: int = MIN_GLYPHS) -> list[Box
     return _merge_overlapping(boxes)
 
 
+def detector_for(pixels: np.ndarray, detector: ScrubDetector) -> ScrubDetector:
+    """The detector that scans ``pixels``: ``learned`` hands an image whose longer side is below
+    :data:`msk.core.data.text_net.MIN_SIDE` (smaller than any it was trained on) to ``morphology``."""
+    from msk.core.data.text_net import MIN_SIDE
+
+    return "morphology" if detector == "learned" and max(pixels.shape, default=0) < MIN_SIDE else detector
+
+
 def detect_boxes(pixels: np.ndarray, detector: ScrubDetector = DEFAULT_DETECTOR) -> list[Box]:
     """The text boxes ``detector`` finds in ``pixels`` (float in [0, 1], any size), overlapping
     boxes merged. ``learned`` boxes are confident when the network's peak probability inside
-    them reaches :data:`msk.core.data.text_net.CONFIDENT`."""
-    if detector == "morphology":
+    them reaches :data:`msk.core.data.text_net.CONFIDENT`; a small image goes to the classical
+    detector (:func:`detector_for`)."""
+    if detector_for(pixels, detector) == "morphology":
         return detect_text(pixels)
     from msk.core.data.text_net import CONFIDENT, detect_text_learned
 
@@ -469,6 +479,7 @@ def scrub_text(pixels: np.ndarray, mode: ScrubMode, *, burned_in: bool = False,
     """
     if mode == "off":
         return ScrubResult(pixels, (), None, detector)
+    detector = detector_for(pixels, detector)
     boxes = tuple(detect_boxes(pixels, detector))
     if mode == "always":
         trigger = "always"

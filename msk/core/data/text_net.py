@@ -31,11 +31,15 @@ from torch import nn
 
 from msk.core.errors import MskError
 
-__all__ = ["CONFIDENT", "THRESHOLD", "WEIGHTS", "WORK_SIDE", "TextNet", "detect_text_learned",
+__all__ = ["CONFIDENT", "MIN_SIDE", "THRESHOLD", "WEIGHTS", "WORK_SIDE", "TextNet", "detect_text_learned",
            "load_text_net", "reduce_for_net", "text_probability", "training_half"]
 
 #: The image is reduced (block mean, an integer factor) so that its longer side is at most this.
 WORK_SIDE = 512
+#: The network was trained on images of 256-512 px (after reduction) and reads the noise and
+#: shapes of much smaller images as glyphs: :func:`msk.core.data.scrub.detect_boxes` hands an
+#: image whose longer side is below this to the classical detector.
+MIN_SIDE = 256
 #: Probability above which a pixel (of the half-resolution map) is text.
 THRESHOLD = 0.5
 #: A region whose highest probability reaches this is confident text.
@@ -125,7 +129,7 @@ def text_probability(pixels: np.ndarray, net: TextNet | None = None) -> tuple[np
     net = net or load_text_net()
     small, factor = reduce_for_net(pixels)
     with torch.inference_mode():
-        logits = net(torch.from_numpy(np.ascontiguousarray(small))[None, None])
+        logits = net(torch.from_numpy(np.array(small, np.float32))[None, None])
     return torch.sigmoid(logits)[0, 0].numpy(), 2 * factor
 
 
