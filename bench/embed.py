@@ -23,6 +23,12 @@ The contestants take turns ``--rounds`` times; mean ± sd over the rounds, with 
 
     OMP_NUM_THREADS=1 python bench/embed.py --sizes 2000 --image-size 64 --rounds 3
     OMP_NUM_THREADS=1 python bench/embed.py --sizes 2000,20000 --image-size 64 --rounds 1 --encoder tiny-cnn
+    OMP_NUM_THREADS=1 python bench/embed.py --sizes 2000 --image-size 128 --rounds 3 --cluster
+
+``--cluster`` runs ``engine: ray`` on a ``ray.cluster_utils.Cluster`` of one node of 2 CPUs and
+of two (two raylets and object stores on this 2-core machine, so the 2-node run shares its cores),
+one actor per node, the cluster started and stopped inside each timed call, against the same
+plain loop. Compare the images per CPU-s: the wall time of the 2-node run is not a speed-up here.
 """
 
 from __future__ import annotations
@@ -107,12 +113,31 @@ def plain(ingest: Path, checkpoint: Path, batch: int) -> int:
     return n
 
 
-def msk_embed(ingest: Path, checkpoint: Path, batch: int, out: Path, engine: str) -> int:
+def msk_embed(ingest: Path, checkpoint: Path, batch: int, out: Path, engine: str, **options: float) -> int:
     from msk.core.models.embed import EmbedConfig, embed
 
     shutil.rmtree(out, ignore_errors=True)
-    config = EmbedConfig.model_validate({"batch_size": batch, "engine": engine})
+    config = EmbedConfig.model_validate({"batch_size": batch, "engine": engine, **options})
     return embed(ingest, checkpoint, out, config, progress=False).n_images
+
+
+def msk_embed_on_nodes(ingest: Path, checkpoint: Path, batch: int, out: Path, nodes: int) -> int:
+    """``engine: ray`` on a fresh ``ray.cluster_utils.Cluster`` of ``nodes`` nodes of 2 CPUs, one
+    actor of 1 CPU per node (``concurrency`` = nodes; a Ray Data read task needs a whole CPU beside
+    it: on 1-CPU nodes the read never starts); the cluster's start and stop are timed too."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        return msk_embed(ingest, checkpoint, batch, out, "ray", concurrency=nodes)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 class TreeMeter:
@@ -171,6 +196,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engines", default="auto,ray", help="EmbedConfig.engine values to run, comma-separated")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="instead of --engines: engine ray on 1 node vs 2 nodes of 2 CPUs (ray.cluster_utils)")
     args = ap.parse_args()
 
     import torch
@@ -182,7 +209,7 @@ def main() -> None:
     checkpoint = make_checkpoint(work / "encoder.pt", args.encoder, args.image_size)
     print(f"{args.encoder} (random weights) at {args.image_size} px, batch {args.batch}, 1 torch thread; "
           f"{os.cpu_count()} CPUs; load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    engines = args.engines.split(",")
+    engines = [] if args.cluster else args.engines.split(",")
     if "ray" in engines:
         start_ray(include_dashboard=False, log_to_driver=False)  # as `msk embed` starts it; once, before the rounds
     meter = TreeMeter()
@@ -200,9 +227,13 @@ def main() -> None:
                 run = meter.run(msk_embed, ingest, checkpoint, args.batch, work / "out", engine)
                 results.setdefault(f"msk {engine}", []).append(run)
                 assert run[0] == n, (run, n)
+            for nodes in (1, 2) if args.cluster else ():
+                run = meter.run(msk_embed_on_nodes, ingest, checkpoint, args.batch, work / "out", nodes)
+                results.setdefault(f"msk ray, {nodes} node{'s' * (nodes > 1)}", []).append(run)
+                assert run[0] == n, (run, n)
         rows.append((n, results, loads))
 
-    print(f"\n{'N':>7} {'contestant':<10} {'img/s':>15} {'ratio':>13} {'img per CPU-s':>15} {'CPU ratio':>13} "
+    print(f"\n{'N':>7} {'contestant':<18} {'img/s':>15} {'ratio':>13} {'img per CPU-s':>15} {'CPU ratio':>13} "
           f"{'peak +RSS GiB':>13} {'load (1 min)':>13}")
     for n, results, loads in rows:
         base = results["plain"]
@@ -211,7 +242,7 @@ def main() -> None:
             per_cpu = [r[0] / r[2] for r in runs]
             ratio = [a / (b[0] / b[1]) for a, b in zip(rate, base)]
             cpu_ratio = [a / (b[0] / b[2]) for a, b in zip(per_cpu, base)]
-            print(f"{n:>7} {name:<10} {_pm(rate):>15} {_pm(ratio, 2):>13} {_pm(per_cpu):>15} "
+            print(f"{n:>7} {name:<18} {_pm(rate):>15} {_pm(ratio, 2):>13} {_pm(per_cpu):>15} "
                   f"{_pm(cpu_ratio, 2):>13} {max(r[3] for r in runs):>13.2f} "
                   f"{f'{min(loads):.1f}-{max(loads):.1f}':>13}")
     print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
