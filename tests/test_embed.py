@@ -280,6 +280,18 @@ def test_an_actor_pool_that_would_starve_the_reads_is_refused(archive, checkpoin
     assert not (tmp_path / EMBEDDINGS_FILE).exists()
 
 
+def test_an_actor_pool_must_leave_a_whole_cpu_for_the_reads():
+    # a Ray Data read task takes a whole CPU: half a CPU left over hangs the run (found with
+    # bench/embed.py --cluster on 1-CPU nodes), so it is refused before anything runs
+    from msk.core.models.embed import _check_resources
+
+    with pytest.raises(EmbedError, match="leave less than the whole CPU a read task needs"):
+        _check_resources(EmbedConfig(num_cpus=1.5, engine="ray"), {"CPU": 2.0})
+    with pytest.raises(EmbedError, match="reserve 0.5 of the cluster's 1 CPUs"):
+        _check_resources(EmbedConfig(num_cpus=0.5, engine="ray"), {"CPU": 1.0})
+    _check_resources(EmbedConfig(num_cpus=1.0, engine="ray"), {"CPU": 2.0})  # one CPU left: fine
+
+
 def test_read_rois(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("image_id,entity,x0,y0,x1,y1\nA,osteosarcoma,1,2,3,4\nB,enchondroma,,,,\n")

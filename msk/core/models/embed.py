@@ -590,17 +590,18 @@ def _ray_batches(ingest_dir: Path, source: Any, kwargs: dict[str, Any], config: 
 
 
 def _check_resources(config: EmbedConfig, resources: Mapping[str, float]) -> None:
-    """Refuse an actor pool that would leave the cluster no CPU to read shards (it would hang)."""
+    """Refuse an actor pool that would leave the cluster no whole CPU to read shards (it would hang).
+    Each node needs one too: docs/scale.md, "Checked against a 2-node run"."""
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     if config.use_gpu and gpus < config.concurrency:
         raise EmbedError(f"use_gpu with concurrency={config.concurrency} needs "
                          f"{config.concurrency} GPUs; the Ray cluster has {gpus:g}")
     reserved = config.concurrency * config.num_cpus
-    if reserved > cpus - 0.5:
+    if reserved > cpus - 1:  # a Ray Data read task takes a whole CPU (bench/embed.py --cluster hung without one)
         raise EmbedError(
             f"concurrency={config.concurrency} actors x num_cpus={config.num_cpus:g} reserve "
-            f"{reserved:g} of the cluster's {cpus:g} CPUs and leave too little to read the shards; "
-            f"lower concurrency or num_cpus (e.g. num_cpus=0.5)")
+            f"{reserved:g} of the cluster's {cpus:g} CPUs and leave less than the whole CPU a read "
+            f"task needs; lower concurrency or num_cpus (e.g. num_cpus=0.5)")
 
 
 def _progress(enabled: bool):
