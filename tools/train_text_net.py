@@ -186,8 +186,8 @@ def _render_real(job: tuple[str, int, str | None]) -> tuple[np.ndarray, np.ndarr
     path, seed, teacher = job
     import warnings
 
-    from msk.core.data.scrub import detect_text
-    from msk.core.data.text_net import detect_text_learned, load_text_net, reduce_for_net
+    from msk.core.data.scrub import block_reduce, detect_text
+    from msk.core.data.text_net import WORK_SIDE, detect_text_learned, load_text_net
     from msk.core.io.dicom import read_image
 
     rng = np.random.default_rng([seed, int(hashlib.sha256(path.encode()).hexdigest()[:8], 16), 11])
@@ -197,10 +197,8 @@ def _render_real(job: tuple[str, int, str | None]) -> tuple[np.ndarray, np.ndarr
             pixels = read_image(Path(path).read_bytes(), source=path).pixels
     except Exception:  # noqa: BLE001 - an unreadable file is no background
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.uint8)
-    small, factor = reduce_for_net(pixels)
-    h, w = pixels.shape[0] // factor, pixels.shape[1] // factor
-    img = np.ascontiguousarray(small[:h, :w])
-    label = np.zeros((h, w), np.uint8)
+    img, factor = block_reduce(pixels, WORK_SIDE)  # as the detector reduces it, without its padding
+    label = np.zeros(img.shape, np.uint8)
     boxes = [(b.x0, b.y0, b.x1, b.y1) for b in detect_text(pixels)]
     if teacher:
         edge = EDGE * max(pixels.shape)

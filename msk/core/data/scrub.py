@@ -74,6 +74,7 @@ __all__ = [
     "ScrubMode",
     "ScrubResult",
     "blank_boxes",
+    "block_reduce",
     "detect_boxes",
     "detect_text",
     "detector_for",
@@ -158,9 +159,10 @@ class ScrubResult:
     method: str = METHOD
 
 
-def _reduce(pixels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Block-mean the image so its longer side is at most :data:`WORK_SIDE`; returns it and the factor."""
-    factor = max(1, -(-max(pixels.shape) // WORK_SIDE))
+def block_reduce(pixels: np.ndarray, side: int = WORK_SIDE) -> tuple[np.ndarray, int]:
+    """Block-mean the image (float32) by the smallest integer factor that brings its longer side to
+    at most ``side`` (rows and columns beyond a whole block dropped); returns it and the factor."""
+    factor = max(1, -(-max(pixels.shape) // side))
     if factor == 1:
         return pixels.astype(np.float32, copy=False), 1
     h, w = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
@@ -297,7 +299,7 @@ def detect_text(pixels: np.ndarray, *, min_glyphs: int = MIN_GLYPHS) -> list[Box
     """
     if pixels.ndim != 2 or min(pixels.shape) < 8:
         return []
-    img, factor = _reduce(pixels)
+    img, factor = block_reduce(pixels)
     side = max(img.shape)
     min_h, max_h = 5, max(8, int(MAX_HEIGHT * side))
     size = max(5, int(0.025 * side)) | 1  # a few stroke widths of the largest text

@@ -110,13 +110,11 @@ def load_text_net(path: Path = WEIGHTS) -> TextNet:
 
 
 def reduce_for_net(pixels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Block-mean ``pixels`` by the smallest integer factor that brings its longer side to at most
-    :data:`WORK_SIDE`, then pad (edge values) to multiples of 8; returns it and the factor."""
-    factor = max(1, -(-max(pixels.shape) // WORK_SIDE))
-    h, w = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
-    small = pixels[:h, :w].astype(np.float32, copy=False)
-    if factor > 1:
-        small = small.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+    """:func:`msk.core.data.scrub.block_reduce` to :data:`WORK_SIDE`, then pad (edge values) to
+    multiples of 8; returns it and the factor."""
+    from msk.core.data.scrub import block_reduce
+
+    small, factor = block_reduce(pixels, WORK_SIDE)
     ph, pw = -small.shape[0] % 8, -small.shape[1] % 8
     if ph or pw:
         small = np.pad(small, ((0, ph), (0, pw)), mode="edge")
