@@ -200,6 +200,7 @@ class TreeMemory:
         self.root = psutil.Process(pid)
         self.interval = interval
         self.peak_tree = 0
+        self.peak_parts: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -217,14 +218,30 @@ class TreeMemory:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
-            total = 0
+            total, parts = 0, {}
             for p in procs:
                 try:
-                    total += p.memory_full_info().pss
+                    pss = p.memory_full_info().pss
+                    total += pss
+                    role = _role(p)
+                    parts[role] = parts.get(role, 0) + pss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-            self.peak_tree = max(self.peak_tree, total)
+            if total > self.peak_tree:
+                self.peak_tree, self.peak_parts = total, parts
             self._stop.wait(self.interval)
+
+
+def _role(p: psutil.Process) -> str:
+    """What a process of the tree is: the driver, a Ray service or a Ray worker (by its title)."""
+    name = p.name()
+    if name.startswith("ray::"):
+        return "ray workers"
+    cmd = " ".join(p.cmdline()[:3])
+    for service in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
+        if service in cmd or service in name:
+            return service
+    return "driver" if p.pid == psutil.Process().pid or "bench/ingest.py" in cmd else name
 
 
 def measure(child: list[str]) -> list[dict]:
@@ -238,7 +255,8 @@ def measure(child: list[str]) -> list[dict]:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(child)} failed (exit {proc.returncode})")
     results = json.loads(stdout.strip().splitlines()[-1])
-    return [r | {"peak_tree_mib": mem.peak_tree / 2**20, "load": load} for r in results]
+    parts = {k: round(v / 2**20) for k, v in sorted(mem.peak_parts.items(), key=lambda kv: -kv[1])}
+    return [r | {"peak_tree_mib": mem.peak_tree / 2**20, "peak_parts_mib": parts, "load": load} for r in results]
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +336,8 @@ def warm_page_cache(src: Path) -> None:
 
 
 def _ms(values: list[float], digits: int = 1) -> str:
+    if not values:  # e.g. a ratio to plain when plain did not run (--methods msk)
+        return "-"
     mean = statistics.fmean(values)
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
@@ -346,6 +366,10 @@ def print_table(name: str, rows: list[dict], size: int) -> None:
         print(f"| {method:<22} | {cores:>5} | {_ms(rate):>15} | {_ms([x / cores for x in rate]):>16} | "
               f"{_ms(ratio, 2):>14} | {_ms(per_core, 2):>14} | {_ms(per_cpu):>15} | {_ms(cpu_ratio, 2):>11} | "
               f"{_ms([r['peak_tree_mib'] for r in mine], 0):>13} | {_ms([r['load'] for r in mine]):>16} |")
+    print("peak memory by process (MiB of PSS, at the sample with the highest total, the highest round):")
+    for method in methods:
+        top = max((r for r in rows if r["method"] == method), key=lambda r: r["peak_tree_mib"])
+        print(f"  {method}: " + ", ".join(f"{k} {v}" for k, v in top.get("peak_parts_mib", {}).items()))
     extra = [r for r in rows if "ray_init" in r]
     if extra:
         print(f"ray.init (not included above): {_ms([r['ray_init'] for r in extra])} s; "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import string
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -111,10 +113,54 @@ def test_an_image_smaller_than_the_networks_training_images_goes_to_the_classica
 def test_unreadable_text_detector_weights_are_refused_with_the_path(tmp_path):
     from msk.core.data.text_net import load_text_net
 
-    bad = tmp_path / "text_net.pt"
-    bad.write_bytes(b"not a checkpoint")
+    bad = tmp_path / "text_net.onnx"
+    bad.write_bytes(b"not an onnx file")
     with pytest.raises(MskError, match=str(bad)):
         load_text_net(bad)
+
+
+def test_the_onnx_export_computes_what_the_torch_network_computes(tmp_path):
+    # msk trains TextNet in torch and runs the exported file: the two must agree, batch norms folded
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from msk.core.data.text_net import load_text_net, text_probability
+    from msk.core.models.text_detector import TextNet, export_onnx
+
+    torch.manual_seed(0)
+    net = TextNet(8)
+    for module in net.modules():  # running statistics other than the identity, so folding is tested
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    path = export_onnx(net, tmp_path / "net.onnx", {"trained_by": "test"})
+    session = load_text_net(path)
+    assert session.get_modelmeta().custom_metadata_map["trained_by"] == "test"
+    for h, w in ((64, 64), (96, 136)):  # any size, multiples of 8
+        x = np.random.default_rng(h).random((h, w)).astype(np.float32)
+        with torch.no_grad():
+            want = net(torch.from_numpy(x)[None, None])[0, 0].numpy()
+        got = session.run(None, {"image": x[None, None]})[0][0, 0]
+        assert got.shape == want.shape == (h // 2, w // 2)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    prob, scale = text_probability(np.random.default_rng(3).random((300, 260)), session)
+    assert scale == 2 and prob.shape == (152, 132) and 0 <= prob.min() and prob.max() <= 1
+
+
+def test_scrubbing_does_not_import_torch():
+    # torch costs ~300 MiB in every ingest worker and serving gateway: scrubbing runs ONNX Runtime
+    code = (
+        "import sys, numpy as np\n"
+        "from msk.core.data.scrub import scrub_text\n"
+        "img = np.random.default_rng(0).random((320, 320)).astype(np.float32)\n"
+        "for detector in ('learned', 'morphology'):\n"
+        "    assert scrub_text(img, 'always', detector=detector).method == detector\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_a_record_without_scrub_detector_was_made_with_morphology():

@@ -74,7 +74,13 @@ def _word(rng: np.random.Generator) -> str:
     return "".join(rng.choice(list(up + low + dig + " .-/:"), n)).strip() or "AB"
 
 
-def _value(rng: np.random.Generator, under: float) -> float:
+def _value(rng: np.random.Generator, under: float, faint: float = 0.0) -> float:
+    """The text's grey level on a region of median ``under``: bright, dark or mid-grey, and with
+    probability ``faint`` close to the region's own level (0.06-0.2 off it: barely legible text,
+    and text whose line runs onto a region where it cannot be seen)."""
+    if faint and rng.random() < faint:
+        v = under + float(rng.choice([-1.0, 1.0])) * float(rng.uniform(0.06, 0.2))
+        return float(np.clip(v if 0.0 <= v <= 1.0 else 2 * under - v, 0.0, 1.0))
     r = rng.random()
     if r < 0.45:
         return float(rng.uniform(0.6, 1.0))
@@ -84,7 +90,8 @@ def _value(rng: np.random.Generator, under: float) -> float:
     return v if abs(v - under) > 0.08 else float(np.clip(under + rng.choice([-0.15, 0.15]), 0, 1))
 
 
-def burn(img: np.ndarray, rng: np.random.Generator, fonts: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+def burn(img: np.ndarray, rng: np.random.Generator, fonts: list[Path], faint: float = 0.0,
+         ) -> tuple[np.ndarray, np.ndarray]:
     """Burn random text into ``img`` (display units); returns it and the label (0 background,
     1 a line of text, :data:`IGNORE` a lone glyph)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -135,7 +142,7 @@ def burn(img: np.ndarray, rng: np.random.Generator, fonts: list[Path]) -> tuple[
             region[:] = plate + rng.normal(0, 0.01, region.shape).astype(np.float32)
             value = float(np.clip(1.0 - plate + rng.uniform(-0.2, 0.2), 0, 1))
         else:
-            value = _value(rng, float(np.median(region)))
+            value = _value(rng, float(np.median(region)), faint)
         region += alpha * (value - region)
         ink = alpha > 0.25
         for t0, t1 in line_boxes:
@@ -149,10 +156,10 @@ def burn(img: np.ndarray, rng: np.random.Generator, fonts: list[Path]) -> tuple[
     return img, label
 
 
-def _render(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _render(job: tuple[int, int, int, float]) -> tuple[np.ndarray, np.ndarray]:
     """One training image: synthetic case ``index`` of an export of ``size`` px and ``seed``,
-    without its own text, with text burned in."""
-    index, size, seed = job
+    without its own text, with text burned in (``faint``: see :func:`_value`)."""
+    index, size, seed, faint = job
     from msk.core.synth import cases
     from msk.core.synth.config import SynthConfig
 
@@ -169,7 +176,7 @@ def _render(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.uint8)
     rng = np.random.default_rng([seed, index, 7])
     img = np.clip(captured[0], 0.0, 1.0).astype(np.float32)
-    img, label = burn(img, rng, _fonts())
+    img, label = burn(img, rng, _fonts(), faint)
     img = np.clip(img + rng.normal(0, rng.uniform(0.0, 0.01), img.shape).astype(np.float32), 0, 1)
     if rng.random() < 0.5:  # another window: gamma
         img = img ** float(rng.uniform(0.7, 1.4))
@@ -178,12 +185,12 @@ def _render(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return img.astype(np.float32), label
 
 
-def _render_real(job: tuple[str, int, str | None]) -> tuple[np.ndarray, np.ndarray]:
+def _render_real(job: tuple[str, int, str | None, float]) -> tuple[np.ndarray, np.ndarray]:
     """A real radiograph as a background: reduced like the detector reduces it, every pixel
     background except where the classical detector, or the teacher network near the image's edge
     (where films carry their labels and markers), finds text (ignored: the film may carry real
     text there), with text burned in."""
-    path, seed, teacher = job
+    path, seed, teacher, faint = job
     import warnings
 
     from msk.core.data.scrub import block_reduce, detect_text
@@ -207,17 +214,17 @@ def _render_real(job: tuple[str, int, str | None]) -> tuple[np.ndarray, np.ndarr
                 boxes.append((x0, y0, x1, y1))
     for x0, y0, x1, y1 in boxes:
         label[y0 // factor:-(-y1 // factor), x0 // factor:-(-x1 // factor)] = IGNORE
-    img, label = burn(img.copy(), rng, _fonts())
+    img, label = burn(img.copy(), rng, _fonts(), faint)
     return np.clip(img, 0, 1).astype(np.float32), label
 
 
 def make_set(n: int, seed: int, workers: int, real: list[str] = (), teacher: str | None = None,  # type: ignore[assignment]
-             ) -> list[tuple[np.ndarray, np.ndarray]]:
+             faint: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    jobs = [(int(i), int(rng.choice(SIZES)), seed) for i in rng.choice(100_000, n, replace=False)]
+    jobs = [(int(i), int(rng.choice(SIZES)), seed, faint) for i in rng.choice(100_000, n, replace=False)]
     with get_context("spawn").Pool(workers) as pool:
         out = [r for r in pool.imap(_render, jobs, chunksize=16) if r[0].size]
-        out += [r for r in pool.imap(_render_real, [(p, seed, teacher) for p in real], chunksize=8) if r[0].size]
+        out += [r for r in pool.imap(_render_real, [(p, seed, teacher, faint) for p in real], chunksize=8) if r[0].size]
     return out
 
 
@@ -262,7 +269,7 @@ def _half(label: np.ndarray) -> np.ndarray:
 def train(data, steps: int, batch: int, crop: int, seed: int, width: int):  # type: ignore[no-untyped-def]
     import torch
 
-    from msk.core.data.text_net import TextNet
+    from msk.core.models.text_detector import TextNet
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
@@ -299,7 +306,8 @@ def train(data, steps: int, batch: int, crop: int, seed: int, width: int):  # ty
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "msk" / "core" / "data" / "weights" / "text_net.pt")
+    parser.add_argument("--out", type=Path, default=REPO / "msk" / "core" / "data" / "weights" / "text_net.onnx",
+                        help="the ONNX file to write (msk.core.models.text_detector.export_onnx)")
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=16)
@@ -311,20 +319,21 @@ def main() -> None:
     parser.add_argument("--real", type=Path, default=REPO.parent / "shared" / "data" / "real-xr" / "images",
                         help="real radiographs whose training half (training_half) gives backgrounds")
     parser.add_argument("--real-images", type=int, default=0, help="real backgrounds (0: synthetic only)")
+    parser.add_argument("--faint", type=float, default=0.0,
+                        help="share of text blocks drawn close to their background's grey level (0.06-0.2 off)")
     parser.add_argument("--teacher", type=Path, default=None,
-                        help="weights of an earlier run: its boxes near a real background's edge are ignored")
+                        help="the ONNX file of an earlier run: its boxes near a real background's edge are ignored")
     args = parser.parse_args()
-    import torch
+    from msk.core.models.text_detector import export_onnx
 
     start = time.time()
     real = real_backgrounds(args.real, args.real_images, args.seed)
-    data = make_set(args.images, args.seed, args.workers, real, str(args.teacher) if args.teacher else None)
+    data = make_set(args.images, args.seed, args.workers, real, str(args.teacher) if args.teacher else None,
+                    args.faint)
     print(f"{len(data)} training images in {time.time() - start:.0f} s", flush=True)
     net = train(data, args.steps, args.batch, args.crop, args.seed, args.width)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
-    torch.save({"width": args.width, "state_dict": state, "trained_by": "tools/train_text_net.py",
-                "args": {k: str(v) for k, v in vars(args).items()}}, args.out)
+    export_onnx(net, args.out, {"trained_by": "tools/train_text_net.py"}
+                | {f"arg.{k}": str(v) for k, v in vars(args).items()})
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes) in {time.time() - start:.0f} s")
 
 

@@ -1,37 +1,42 @@
 """A small learned detector of text burned into radiographs (the ``learned`` scrub detector).
 
-:class:`TextNet` is a fully convolutional network (about 0.1 M parameters) that maps an image,
-reduced so that its longer side is at most :data:`WORK_SIDE`, to the probability that each pixel
-(at half that resolution) lies inside a line of burned-in text. :func:`detect_text_learned`
-turns the map into boxes in source pixels: connected regions above ``threshold``, their bounds
-plus a margin. A region whose highest probability reaches :data:`CONFIDENT` is *confident*
-(``pixel_scrub: auto`` blanks only those unless the header declares burned-in text).
+A fully convolutional network (about 0.1 M parameters; :class:`msk.core.models.text_detector.TextNet`)
+maps an image, reduced so that its longer side is at most :data:`WORK_SIDE`, to the probability
+that each pixel (at half that resolution) lies inside a line of burned-in text.
+:func:`detect_text_learned` turns the map into boxes in source pixels: connected regions above
+``threshold``, their bounds plus a margin. A region whose highest probability reaches
+:data:`CONFIDENT` is *confident* (``pixel_scrub: auto`` blanks only those unless the header
+declares burned-in text).
 
-The weights shipped in ``msk/core/data/weights/text_net.pt`` were trained by
-``tools/train_text_net.py`` on msk's synthetic radiographs (:mod:`msk.core.synth`, drawn without
-their own text) with text burned in by the script: random names, dates and codes in the
-matplotlib fonts (DejaVu, STIX), 1-5 lines, glyphs 1.2-7 % of the longer side, bright, dark
-or mid-grey, on the collimator border, soft tissue or bone, sometimes on a label plate. Single
-glyphs (lead side markers) are neither text nor background in training: the loss ignores them.
-Pillow's default font, which :mod:`msk.core.synth` burns into its exports, is *not* among the
-training fonts, so ``bench/scrub.py`` scores the detector on a font it never saw.
+msk ships the network as an ONNX file (``msk/core/data/weights/text_net.onnx``) and runs it with
+ONNX Runtime on one thread: ingest's decode workers and serving's gateway scrub without importing
+torch (about 300 MiB per process, against 55 MiB for ONNX Runtime).
+
+The weights were trained by ``tools/train_text_net.py`` on msk's synthetic radiographs
+(:mod:`msk.core.synth`, drawn without their own text) and real radiographs (the half of
+``real-xr`` that :func:`training_half` picks), with text burned in by the script: random names,
+dates and codes in the matplotlib fonts (DejaVu, STIX), 1-5 lines, glyphs 1.2-7 % of the longer
+side, bright, dark, mid-grey or close to their background's grey, on the collimator border,
+soft tissue or bone, sometimes on a label plate. Single glyphs (lead side markers) are neither
+text nor background in training: the loss ignores them. Pillow's default font, which
+:mod:`msk.core.synth` burns into its exports, is *not* among the training fonts, so
+``bench/scrub.py`` scores the detector on a font it never saw.
 """
 
 from __future__ import annotations
 
 import hashlib
-import pickle
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 from scipy import ndimage
-from torch import nn
+from scipy.special import expit
 
 from msk.core.errors import MskError
 
-__all__ = ["CONFIDENT", "MIN_SIDE", "THRESHOLD", "WEIGHTS", "WORK_SIDE", "TextNet", "detect_text_learned",
+__all__ = ["CONFIDENT", "MIN_SIDE", "THRESHOLD", "WEIGHTS", "WORK_SIDE", "detect_text_learned",
            "load_text_net", "reduce_for_net", "text_probability", "training_half"]
 
 #: The image is reduced (block mean, an integer factor) so that its longer side is at most this.
@@ -54,7 +59,7 @@ EDGE = 1.0
 #: Regions smaller than this many map pixels are noise.
 MIN_AREA = 6
 #: The weights shipped with msk.
-WEIGHTS = Path(__file__).parent / "weights" / "text_net.pt"
+WEIGHTS = Path(__file__).parent / "weights" / "text_net.onnx"
 
 
 def training_half(rel: str) -> bool:
@@ -64,49 +69,20 @@ def training_half(rel: str) -> bool:
     return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 2 == 0
 
 
-def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class TextNet(nn.Module):
-    """Input ``[B, 1, H, W]`` (display units in [0, 1], H and W multiples of 8); output logits
-    ``[B, 1, H / 2, W / 2]``. An encoder to 1/8 with dilated convolutions (a receptive field of
-    a few glyph heights, enough to see a row of glyphs) and a light top-down path back to 1/2."""
-
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        w = width
-        self.s2 = nn.Sequential(_conv(1, w, 2), _conv(w, w))
-        self.s4 = nn.Sequential(_conv(w, 2 * w, 2), _conv(2 * w, 2 * w))
-        self.s8 = nn.Sequential(_conv(2 * w, 4 * w, 2), _conv(4 * w, 4 * w, dilation=2),
-                                _conv(4 * w, 4 * w, dilation=4))
-        self.up8 = nn.Conv2d(4 * w, 2 * w, 1)
-        self.fuse4 = _conv(2 * w, 2 * w)
-        self.up4 = nn.Conv2d(2 * w, w, 1)
-        self.fuse2 = _conv(w, w)
-        self.head = nn.Conv2d(w, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - 0.5) * 4.0
-        f2 = self.s2(x)
-        f4 = self.s4(f2)
-        f8 = self.s8(f4)
-        y = self.fuse4(f4 + nn.functional.interpolate(self.up8(f8), scale_factor=2.0, mode="nearest"))
-        y = self.fuse2(f2 + nn.functional.interpolate(self.up4(y), scale_factor=2.0, mode="nearest"))
-        return self.head(y)
-
-
 @lru_cache(maxsize=4)
-def load_text_net(path: Path = WEIGHTS) -> TextNet:
-    """The network with the weights in ``path`` (default: those shipped with msk), in eval mode."""
+def load_text_net(path: Path = WEIGHTS) -> Any:
+    """An ONNX Runtime session of the network in ``path`` (default: the one shipped with msk), on
+    one thread (ingest runs one decode task per CPU; serving scrubs one upload at a time)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: a warning is no reason to talk during ingest
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        net = TextNet(int(saved["width"]))
-        net.load_state_dict({k: v.float() for k, v in saved["state_dict"].items()})
-    except (OSError, EOFError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
-        raise MskError(f"text detector weights {path} are unreadable ({type(exc).__name__}: {exc})") from exc
-    return net.eval()
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for bad files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MskError(f"text detector weights {path} are unreadable ({reason})") from exc
 
 
 def reduce_for_net(pixels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -121,18 +97,18 @@ def reduce_for_net(pixels: np.ndarray) -> tuple[np.ndarray, int]:
     return small, factor
 
 
-def text_probability(pixels: np.ndarray, net: TextNet | None = None) -> tuple[np.ndarray, int]:
+def text_probability(pixels: np.ndarray, net: Any = None) -> tuple[np.ndarray, int]:
     """The text probability map of ``pixels`` (float, display units) and the source pixels per map
-    pixel (2 x the reduction factor). The map covers the reduced image's padding too."""
+    pixel (2 x the reduction factor). The map covers the reduced image's padding too. ``net``: a
+    session of :func:`load_text_net` (default: the shipped weights)."""
     net = net or load_text_net()
     small, factor = reduce_for_net(pixels)
-    with torch.inference_mode():
-        logits = net(torch.from_numpy(np.array(small, np.float32))[None, None])
-    return torch.sigmoid(logits)[0, 0].numpy(), 2 * factor
+    (logits,) = net.run(None, {"image": np.asarray(small, np.float32)[None, None]})
+    return expit(logits[0, 0]), 2 * factor
 
 
 def detect_text_learned(pixels: np.ndarray, *, threshold: float = THRESHOLD,
-                        net: TextNet | None = None) -> list[tuple[int, int, int, int, float]]:
+                        net: Any = None) -> list[tuple[int, int, int, int, float]]:
     """Boxes of text in ``pixels``: ``(x0, y0, x1, y1, score)`` in source pixels (x1, y1
     exclusive), ``score`` the region's highest probability."""
     if pixels.ndim != 2 or min(pixels.shape) < 8:
