@@ -286,8 +286,17 @@ def main() -> None:
     parser.add_argument("--real-held-out", action="store_true",
                         help="real-xr: --real-limit files at random from the half tools/train_text_net.py never "
                         "drew backgrounds from, instead of the first ones")
+    parser.add_argument("--text-net", type=Path, default=None,
+                        help="ONNX file of other weights for the learned contestants (e.g. a new run of "
+                        "tools/train_text_net.py), instead of the shipped ones")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.text_net is not None:
+        from msk.core.data import text_net
+
+        shipped = text_net.load_text_net
+        text_net.load_text_net = lambda path=args.text_net: shipped(path)  # type: ignore[assignment,misc]
+        print(f"learned contestants: weights {args.text_net}")
     contestants: dict[str, Detector | None] = {"none": None}
     for detector in ("morphology", "learned"):
         contestants |= {detector: _msk(detector, "always"), f"{detector}-auto": _msk(detector, "auto")}

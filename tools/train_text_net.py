@@ -10,7 +10,13 @@ box (its ink's bounds) at half resolution; a lone glyph (a side marker) is ignor
 
 Usage (about 25 minutes on 2 CPU cores)::
 
-    OMP_NUM_THREADS=2 python tools/train_text_net.py --out msk/core/data/weights/text_net.pt
+    OMP_NUM_THREADS=2 python tools/train_text_net.py --out text_net_v1.onnx
+    OMP_NUM_THREADS=2 python tools/train_text_net.py --real-images 600 --teacher text_net_v1.onnx \
+        --out msk/core/data/weights/text_net.onnx
+
+(the two runs behind the shipped weights: docs/ingest.md, "How the learned detector was trained").
+The network is trained in torch (:class:`msk.core.models.text_detector.TextNet`) and written as
+ONNX (:func:`msk.core.models.text_detector.export_onnx`, needs the ``onnx`` package).
 
 The run is seeded: the same arguments give the same weights on the same torch build.
 """

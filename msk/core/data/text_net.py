@@ -16,7 +16,7 @@ The weights were trained by ``tools/train_text_net.py`` on msk's synthetic radio
 (:mod:`msk.core.synth`, drawn without their own text) and real radiographs (the half of
 ``real-xr`` that :func:`training_half` picks), with text burned in by the script: random names,
 dates and codes in the matplotlib fonts (DejaVu, STIX), 1-5 lines, glyphs 1.2-7 % of the longer
-side, bright, dark, mid-grey or close to their background's grey, on the collimator border,
+side, bright, dark or mid-grey, on the collimator border,
 soft tissue or bone, sometimes on a label plate. Single glyphs (lead side markers) are neither
 text nor background in training: the loss ignores them. Pillow's default font, which
 :mod:`msk.core.synth` burns into its exports, is *not* among the training fonts, so
