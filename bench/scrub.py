@@ -23,8 +23,11 @@ ground truth's ``text_boxes`` says where text was burned in; each case is re-ren
   the *legible* ones (contrast >= 0.1; fainter text, e.g. black on a black border, is not
   readable), and over the text boxes with *visible* ink: a box is then found when 99 % of the
   glyph pixels that burning the text changed by at least :data:`VISIBLE` are blanked (where a
-  line runs onto a region of its own grey level, that part cannot be seen); side markers (``marker``
-  boxes, allowed to stay) are counted separately;
+  line runs onto a region of its own grey level, that part cannot be seen); and with *no readable
+  remnant*: no visible part left unblanked is half a glyph tall or more (a line that runs along
+  the edge of a black border can leave a 1-3 px sliver of its glyphs' tops in view, which
+  counts against visible-ink recall but cannot be read); side markers (``marker`` boxes, allowed
+  to stay) are counted separately;
 * bone wrongly blanked: bone pixels blanked outside every truth box, over all bone pixels
   (pooled), and the worst image;
 * time per image (detection + blanking, one thread), and the load average during the run.
@@ -50,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MSK_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -114,6 +118,22 @@ def synth_export(out: Path, n: int, size: int, seed: int) -> Path:
 
 #: A glyph pixel is *visible* when burning the text changed it by at least this (display units).
 VISIBLE = 0.1
+#: A visible part of a block left unblanked is a *readable remnant* when it is at least this share
+#: of the block's glyph height tall; a sliver of the top or bottom rows of a line is not.
+READABLE = 0.5
+
+
+def _no_readable_remnant(ink: np.ndarray, left: np.ndarray) -> bool:
+    """Whether no part of a block's visible ink that was left unblanked (``left``) is a readable
+    remnant: every 8-connected part is shorter than :data:`READABLE` of the glyph height (the
+    median height of the block's ink components)."""
+    if not left.any():
+        return True
+    eight = np.ones((3, 3), bool)
+    glyphs = ndimage.find_objects(ndimage.label(ink, eight)[0])
+    height = float(np.median([sl[0].stop - sl[0].start for sl in glyphs if sl is not None]))
+    parts = ndimage.find_objects(ndimage.label(left, eight)[0])
+    return max(sl[0].stop - sl[0].start for sl in parts if sl is not None) < READABLE * height
 
 
 def _render_with_burn(index: int, config):  # type: ignore[no-untyped-def]
@@ -148,9 +168,8 @@ def bench_synth(folder: Path, contestants: dict[str, Detector | None], craft_lim
 
     config = SynthConfig(**yaml.safe_load((folder / "synth.yaml").read_text()))
     truth = pd.read_csv(folder / "ground_truth.csv", dtype=str, keep_default_na=False)
-    stats: dict[str, dict[str, list[float]]] = {name: {"t": [], "found": [], "legible": [], "visible": [],
-                                                       "marker": [], "bone_wrong": [], "bone": [], "worst": []}
-                                                for name in contestants}
+    keys = ("t", "found", "legible", "visible", "readable", "marker", "bone_wrong", "bone", "worst")
+    stats: dict[str, dict[str, list[float]]] = {name: {k: [] for k in keys} for name in contestants}
     for index, row in truth.iterrows():
         if row["expected_status"] != "ok":
             continue
@@ -185,6 +204,7 @@ def bench_synth(folder: Path, contestants: dict[str, Detector | None], craft_lim
                     seen = ink & (change >= VISIBLE) if change is not None else ink
                     if seen.any():
                         s["visible"].append(bool(blanked[seen].mean() >= 0.99))
+                        s["readable"].append(_no_readable_remnant(ink, seen & ~blanked))
             wrong = int((blanked & bone & ~truth_mask).sum())
             s["bone_wrong"].append(wrong)
             s["bone"].append(int(bone.sum()))
@@ -197,6 +217,7 @@ def bench_synth(folder: Path, contestants: dict[str, Detector | None], craft_lim
             "recall %": 100 * np.mean(s["found"]) if s["found"] else float("nan"),
             "legible recall %": 100 * np.mean(s["legible"]) if s["legible"] else float("nan"),
             "visible-ink recall %": 100 * np.mean(s["visible"]) if s["visible"] else float("nan"),
+            "no readable remnant %": 100 * np.mean(s["readable"]) if s["readable"] else float("nan"),
             "markers blanked %": 100 * np.mean(s["marker"]) if s["marker"] else float("nan"),
             "bone wrongly blanked %": 100 * sum(s["bone_wrong"]) / max(1, sum(s["bone"])),
             "worst image %": 100 * max(s["worst"]),
